@@ -1,0 +1,46 @@
+"""Typed errors. Each one also inherits the builtin a caller would naturally catch."""
+
+from __future__ import annotations
+
+__all__ = [
+    "EngramError",
+    "SpecError",
+    "SpecMismatchError",
+    "InputError",
+    "TokenIdError",
+    "TableNotFoundError",
+    "TableExistsError",
+    "CorruptTableError",
+]
+
+
+class EngramError(Exception):
+    """Base class of every error engram raises on purpose."""
+
+
+class SpecError(EngramError, ValueError):
+    """A TableSpec field (or a spec dictionary) is invalid."""
+
+
+class SpecMismatchError(EngramError, ValueError):
+    """Two things that must agree do not: a table and the spec or compression it is used with."""
+
+
+class InputError(EngramError, ValueError):
+    """A call argument has the wrong shape, dtype, device or value."""
+
+
+class TokenIdError(InputError):
+    """A token id is outside the vocabulary it is looked up in."""
+
+
+class TableNotFoundError(EngramError, FileNotFoundError):
+    """No table at the given path."""
+
+
+class TableExistsError(EngramError, FileExistsError):
+    """A table already exists where a new one would be written."""
+
+
+class CorruptTableError(EngramError, OSError):
+    """A table on disk is damaged: missing, truncated or altered files."""

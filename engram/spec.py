@@ -1,0 +1,209 @@
+"""TableSpec: everything that fixes row addressing and the bytes on disk.
+
+Frozen and validated; saved with every table (see `to_dict`). Field names follow the reference
+`EngramConfig` where one exists.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import numbers
+from collections.abc import Mapping
+from typing import Any
+
+from .errors import SpecError
+from .primes import assign_primes
+
+__all__ = ["TableSpec", "HASH_FAMILIES", "DTYPES", "SPEC_FORMAT_VERSION"]
+
+SPEC_FORMAT_VERSION = 1
+HASH_FAMILIES = ("multiplicative-xor", "xxh64", "murmur3")
+# Logical row dtype -> bytes per stored value (quantized dtypes store scales beside the values).
+DTYPES = {"float32": 4, "bfloat16": 2, "float16": 2, "int8": 1, "float8_e4m3": 1}
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+@dataclasses.dataclass(frozen=True)
+class TableSpec:
+    """The addressing and storage of one set of Engram tables (one table per layer).
+
+    Args:
+        engram_vocab_size: per n-gram order 2..N, the base table size; each head gets the next
+            unused prime at or above it (so N-1 entries).
+        max_ngram_size: N, the largest n-gram order (>= 2).
+        n_head_per_ngram: K, hash heads per order.
+        n_embed_per_ngram: K*D, the row width summed over one order's heads.
+        layer_ids: the model layers that carry a table; primes are assigned in this order.
+        pad_id: the raw token id used left of position 0 (compressed before use).
+        seed: seeds the hash multipliers / hash seeds, per layer `seed + 10007*layer_id`.
+        compressed_vocab_size: size of the compressed vocabulary (the multipliers depend on it).
+        hash: "multiplicative-xor" (the reference), "xxh64" or "murmur3".
+        dtype: stored row dtype: "float32", "bfloat16", "float16", "int8", "float8_e4m3".
+
+    Example:
+        >>> spec = TableSpec(engram_vocab_size=(1000, 1000), max_ngram_size=3, n_head_per_ngram=2,
+        ...                  n_embed_per_ngram=32, layer_ids=(1,), compressed_vocab_size=500)
+        >>> spec.table_sizes(1)
+        (1009, 1013, 1019, 1021)
+    """
+
+    engram_vocab_size: tuple[int, ...]
+    max_ngram_size: int
+    n_head_per_ngram: int
+    n_embed_per_ngram: int
+    layer_ids: tuple[int, ...]
+    compressed_vocab_size: int
+    pad_id: int = 2
+    seed: int = 0
+    hash: str = "multiplicative-xor"
+    dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        # Accept lists (JSON, the reference config) but store tuples so the spec is hashable.
+        for name in ("engram_vocab_size", "layer_ids"):
+            value = getattr(self, name)
+            if isinstance(value, (list, tuple)):
+                object.__setattr__(self, name, tuple(value))
+        self._validate()
+
+    # -- validation -------------------------------------------------------------------------
+    def _validate(self) -> None:
+        def need(ok: bool, field: str, fix: str) -> None:
+            if not ok:
+                raise SpecError(f"TableSpec.{field}={getattr(self, field)!r} is invalid: {fix}")
+
+        need(_is_int(self.max_ngram_size) and self.max_ngram_size >= 2,
+             "max_ngram_size", "expected an int >= 2 (the largest n-gram order N)")
+        n_orders = self.max_ngram_size - 1
+        need(isinstance(self.engram_vocab_size, tuple) and len(self.engram_vocab_size) == n_orders
+             and all(_is_int(v) and v >= 2 for v in self.engram_vocab_size),
+             "engram_vocab_size",
+             f"expected {n_orders} ints >= 2, one base table size per n-gram order 2..{self.max_ngram_size}")
+        need(_is_int(self.n_head_per_ngram) and self.n_head_per_ngram >= 1,
+             "n_head_per_ngram", "expected an int >= 1 (hash heads per n-gram order)")
+        need(_is_int(self.n_embed_per_ngram) and self.n_embed_per_ngram >= 1
+             and self.n_embed_per_ngram % self.n_head_per_ngram == 0,
+             "n_embed_per_ngram",
+             f"expected a positive multiple of n_head_per_ngram={self.n_head_per_ngram} (K*D)")
+        need(isinstance(self.layer_ids, tuple) and len(self.layer_ids) >= 1
+             and all(_is_int(v) and v >= 0 for v in self.layer_ids)
+             and len(set(self.layer_ids)) == len(self.layer_ids),
+             "layer_ids", "expected a non-empty sequence of distinct ints >= 0")
+        need(_is_int(self.compressed_vocab_size) and self.compressed_vocab_size >= 1,
+             "compressed_vocab_size", "expected an int >= 1: use comp.compressed_vocab_size")
+        need(_is_int(self.pad_id) and self.pad_id >= 0,
+             "pad_id", "expected a raw token id >= 0")
+        need(_is_int(self.seed) and self.seed >= 0, "seed", "expected an int >= 0")
+        need(self.hash in HASH_FAMILIES, "hash", f"expected one of {HASH_FAMILIES}")
+        need(self.dtype in DTYPES, "dtype", f"expected one of {tuple(DTYPES)}")
+
+    # -- derived sizes ----------------------------------------------------------------------
+    @property
+    def n_orders(self) -> int:
+        """N-1: the n-gram orders 2..N."""
+        return self.max_ngram_size - 1
+
+    @property
+    def heads_per_layer(self) -> int:
+        """H = (N-1)*K."""
+        return self.n_orders * self.n_head_per_ngram
+
+    @property
+    def head_dim(self) -> int:
+        """D: values per row (one head's row)."""
+        return self.n_embed_per_ngram // self.n_head_per_ngram
+
+    @property
+    def embed_dim(self) -> int:
+        """E = H*D: width of one position's concatenated rows."""
+        return self.heads_per_layer * self.head_dim
+
+    @functools.cached_property
+    def _primes(self) -> dict[int, tuple[tuple[int, ...], ...]]:
+        return assign_primes(self.layer_ids, self.engram_vocab_size, self.n_head_per_ngram)
+
+    def check_layer(self, layer_id: int) -> int:
+        """Return `layer_id` if this spec has a table for it, else raise InputError."""
+        from .errors import InputError
+
+        if not _is_int(layer_id) or layer_id not in self.layer_ids:
+            raise InputError(
+                f"layer_id={layer_id!r} has no table: this spec has layer_ids={self.layer_ids}"
+            )
+        return int(layer_id)
+
+    def table_sizes(self, layer_id: int) -> tuple[int, ...]:
+        """The H prime head sizes of one layer, order-major (order 2 heads first)."""
+        return tuple(p for order in self._primes[self.check_layer(layer_id)] for p in order)
+
+    def head_offsets(self, layer_id: int) -> tuple[int, ...]:
+        """Global row offset of each head inside the layer's table (prefix sums of the sizes)."""
+        offsets, total = [], 0
+        for size in self.table_sizes(layer_id):
+            offsets.append(total)
+            total += size
+        return tuple(offsets)
+
+    def rows(self, layer_id: int) -> int:
+        """Rows in one layer's table: the sum of its head sizes."""
+        return sum(self.table_sizes(layer_id))
+
+    @property
+    def total_rows(self) -> int:
+        return sum(self.rows(layer_id) for layer_id in self.layer_ids)
+
+    @property
+    def value_bytes(self) -> int:
+        """Bytes per stored value of `dtype`."""
+        return DTYPES[self.dtype]
+
+    @property
+    def row_bytes(self) -> int:
+        """Bytes of one stored row's values (scales of quantized dtypes not included)."""
+        return self.head_dim * self.value_bytes
+
+    def layer_bytes(self, layer_id: int) -> int:
+        return self.rows(layer_id) * self.row_bytes
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.layer_bytes(layer_id) for layer_id in self.layer_ids)
+
+    # -- serialization ----------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dictionary with a format version; `from_dict` reads it back."""
+        d: dict[str, Any] = {"format_version": SPEC_FORMAT_VERSION}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            d[f.name] = list(value) if isinstance(value, tuple) else value
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> TableSpec:
+        """Inverse of `to_dict`; refuses unknown versions, unknown and missing fields."""
+        if not isinstance(d, Mapping):
+            raise SpecError(f"TableSpec.from_dict expected a mapping, got {type(d).__name__}")
+        d = dict(d)
+        version = d.pop("format_version", SPEC_FORMAT_VERSION)
+        if version != SPEC_FORMAT_VERSION:
+            raise SpecError(
+                f"spec format_version={version!r} is not supported: this engram reads version "
+                f"{SPEC_FORMAT_VERSION}; upgrade engram to read newer tables"
+            )
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise SpecError(f"spec has unknown fields {unknown}: expected only {sorted(names)}")
+        required = {f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING}
+        missing = sorted(required - set(d))
+        if missing:
+            raise SpecError(f"spec is missing required fields {missing}")
+        return cls(**d)
+
+    def replace(self, **changes: Any) -> TableSpec:
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
