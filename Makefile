@@ -12,13 +12,12 @@ setup: $(STAMP)
 # Torch first: its CPU wheel is pinned so the project's `torch>=2.4` installs nothing more.
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH)
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m engram.demo
+	$(PY) tools/demo.py
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -1,0 +1,27 @@
+"""Shared test fixtures and hypothesis profiles."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+from hypothesis import settings
+
+settings.register_profile("default", max_examples=60, deadline=None)
+settings.register_profile("ci", max_examples=60, deadline=None, derandomize=True)
+settings.load_profile("ci" if os.environ.get("CI") else "default")
+
+GOLDEN = Path(__file__).parent / "golden"
+
+
+@pytest.fixture(scope="session")
+def golden():
+    """Load a golden JSON file by stem: golden("hash_deepseek_default")."""
+
+    def load(stem: str) -> dict:
+        with open(GOLDEN / f"{stem}.json") as f:
+            return json.load(f)
+
+    return load

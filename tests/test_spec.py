@@ -1,0 +1,94 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from engram import SpecError, TableSpec
+
+BASE = dict(engram_vocab_size=(646400, 646400), max_ngram_size=3, n_head_per_ngram=8,
+            n_embed_per_ngram=512, layer_ids=(1, 15), compressed_vocab_size=129280)
+
+
+def make(**changes):
+    return TableSpec(**{**BASE, **changes})
+
+
+def test_defaults_and_derived_sizes(golden):
+    spec = make()
+    g = golden("hash_deepseek_default")
+    assert spec.pad_id == 2 and spec.seed == 0 and spec.hash == "multiplicative-xor"
+    assert spec.n_orders == 2 and spec.heads_per_layer == 16
+    assert spec.head_dim == 64 and spec.embed_dim == 1024
+    for layer_id in (1, 15):
+        sizes = [p for order in g["table_sizes"][str(layer_id)] for p in order]
+        assert spec.table_sizes(layer_id) == tuple(sizes)
+        assert spec.rows(layer_id) == sum(sizes)
+        assert spec.head_offsets(layer_id)[1] == sizes[0]
+        assert spec.layer_bytes(layer_id) == sum(sizes) * 64 * 4
+    assert spec.total_rows == spec.rows(1) + spec.rows(15)
+    assert make(dtype="bfloat16").row_bytes == 128
+
+
+def test_frozen_and_hashable():
+    spec = make()
+    with pytest.raises(AttributeError):
+        spec.seed = 3
+    assert hash(spec) == hash(make(engram_vocab_size=[646400, 646400], layer_ids=[1, 15]))
+
+
+def test_dict_round_trip_through_json():
+    spec = make(hash="xxh64", dtype="bfloat16", seed=9)
+    d = json.loads(json.dumps(spec.to_dict()))
+    assert d["format_version"] == 1
+    assert TableSpec.from_dict(d) == spec
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("max_ngram_size", 1, r"TableSpec.max_ngram_size=1 is invalid: expected an int >= 2"),
+        ("max_ngram_size", True, r"max_ngram_size=True is invalid"),
+        ("engram_vocab_size", (646400,), r"engram_vocab_size=\(646400,\) is invalid: expected 2 ints >= 2"),
+        ("engram_vocab_size", (646400, 1), r"engram_vocab_size=\(646400, 1\) is invalid"),
+        ("n_head_per_ngram", 0, r"n_head_per_ngram=0 is invalid: expected an int >= 1"),
+        ("n_embed_per_ngram", 500, r"n_embed_per_ngram=500 is invalid: expected a positive multiple "
+                                   r"of n_head_per_ngram=8"),
+        ("layer_ids", (), r"layer_ids=\(\) is invalid: expected a non-empty sequence of distinct ints"),
+        ("layer_ids", (1, 1), r"layer_ids=\(1, 1\) is invalid"),
+        ("layer_ids", (-1,), r"layer_ids=\(-1,\) is invalid"),
+        ("compressed_vocab_size", 0, r"compressed_vocab_size=0 is invalid: .*comp.compressed_vocab_size"),
+        ("pad_id", -1, r"pad_id=-1 is invalid: expected a raw token id >= 0"),
+        ("seed", -5, r"seed=-5 is invalid: expected an int >= 0"),
+        ("hash", "crc32", r"hash='crc32' is invalid: expected one of \('multiplicative-xor', 'xxh64', 'murmur3'\)"),
+        ("dtype", "float64", r"dtype='float64' is invalid: expected one of"),
+    ],
+)
+def test_bad_fields_name_field_value_and_fix(field, value, message):
+    with pytest.raises(SpecError, match=message):
+        make(**{field: value})
+
+
+def test_spec_error_is_a_value_error():
+    with pytest.raises(ValueError):
+        make(seed=-1)
+
+
+def test_from_dict_refuses_unknown_version_and_fields():
+    d = make().to_dict()
+    with pytest.raises(SpecError, match=r"format_version=99 is not supported: this engram reads version 1"):
+        TableSpec.from_dict({**d, "format_version": 99})
+    with pytest.raises(SpecError, match=r"unknown fields \['colour'\]"):
+        TableSpec.from_dict({**d, "colour": "red"})
+    del d["layer_ids"]
+    with pytest.raises(SpecError, match=r"missing required fields \['layer_ids'\]"):
+        TableSpec.from_dict(d)
+    with pytest.raises(SpecError, match="expected a mapping, got list"):
+        TableSpec.from_dict([1, 2])
+
+
+def test_unknown_layer_is_an_input_error():
+    from engram import InputError
+
+    with pytest.raises(InputError, match=r"layer_id=2 has no table: this spec has layer_ids=\(1, 15\)"):
+        make().table_sizes(2)
