@@ -1,0 +1,260 @@
+"""EngramMemory: one Engram layer. Looks up hashed n-gram rows and gates them into hidden states.
+
+Per branch g of the hidden states h [B,T,G,C], with e [B,T,E] the concatenated rows of the
+position's n-grams (arXiv 2601.07372; DESIGN.md "The algorithm"):
+
+    k_g = RMSNorm(W_K,g e),  q_g = RMSNorm(h_g),  s = <k_g, q_g> / sqrt(C)
+    alpha_g = sigmoid(sign(s) * sqrt(max(|s|, 1e-6))),   u_g = alpha_g * (W_V e)
+    output = u + ShortConv(u)           (the branch the caller adds to the residual)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .compression import Compression
+from .errors import InputError, SpecMismatchError
+from .hashing import NgramHasher
+from .norm import BranchRMSNorm
+from .shortconv import ShortConv
+from .spec import TableSpec
+from .tensors import check_ids_2d, is_torch, to_numpy_ids
+
+__all__ = ["EngramMemory"]
+
+_GATE_FLOOR = 1e-6  # |s| is clamped to this before the square root (keeps the gradient finite)
+
+
+class EngramMemory(nn.Module):
+    """One Engram layer: hashed n-gram rows, a context-aware gate and a short causal convolution.
+
+    Rows live either inside the module (`table=None`: one trainable `rows` parameter
+    [spec.rows(layer_id), D], all heads stacked at `spec.head_offsets(layer_id)`, initialized
+    from N(0, init_std^2)) or in a table on disk (`table=engram.open(...)`: read with
+    `table.lookup`, no gradient, no `rows` parameter). Same rows give the same output either way.
+    The ShortConv weight starts at zero, so a fresh module outputs the gated value alone.
+
+    Args:
+        spec: the table spec; `layer_id` must be one of `spec.layer_ids`.
+        comp: the token-id compression the spec was built for.
+        layer_id: which of the spec's tables this layer reads.
+        hidden_size: C, the model width.
+        hc_mult: G, hyper-connection branches of the hidden states (1 for a dense model).
+        kernel_size: taps of the ShortConv (its dilation is spec.max_ngram_size).
+        table: an open `engram.Table` built for `spec` and `comp`, or None for in-module rows.
+        init_std: standard deviation of the initial in-module rows (build_table's default).
+
+    Example:
+        >>> comp = Compression.identity(100)
+        >>> spec = TableSpec(engram_vocab_size=(50, 50), max_ngram_size=3, n_head_per_ngram=2,
+        ...                  n_embed_per_ngram=16, layer_ids=(0,), compressed_vocab_size=100)
+        >>> mem = EngramMemory(spec, comp, layer_id=0, hidden_size=32, hc_mult=1)
+        >>> h = torch.randn(2, 5, 32)
+        >>> y = mem(h.unsqueeze(2), torch.randint(0, 100, (2, 5)))   # [B, T, 1, C]
+        >>> (h + y.squeeze(2)).shape                                   # residual add
+        torch.Size([2, 5, 32])
+    """
+
+    def __init__(self, spec: TableSpec, comp: Compression, *, layer_id: int, hidden_size: int,
+                 hc_mult: int = 1, kernel_size: int = 4, table: Any = None,
+                 init_std: float = 0.02) -> None:
+        super().__init__()
+        self.hasher = NgramHasher(spec, comp)   # validates spec and comp
+        self.layer_id = spec.check_layer(layer_id)
+        self.hidden_size = _positive_int("hidden_size", hidden_size)
+        self.hc_mult = _positive_int("hc_mult", hc_mult)
+        self.kernel_size = _positive_int("kernel_size", kernel_size)
+        if isinstance(init_std, bool) or not isinstance(init_std, numbers.Real) or not init_std >= 0:
+            raise InputError(f"init_std={init_std!r} is invalid: expected a float >= 0 (e.g. 0.02)")
+        self.init_std = float(init_std)
+        self.spec, self.comp, self.table = spec, comp, table
+        if table is not None:
+            _check_table(table, spec, comp)
+        self._offsets = np.asarray(spec.head_offsets(self.layer_id), dtype=np.int64)   # [H]
+
+        E, C, G = spec.embed_dim, self.hidden_size, self.hc_mult
+        if table is None:
+            self.rows = nn.Parameter(torch.empty(spec.rows(self.layer_id), spec.head_dim))
+        else:
+            self.register_parameter("rows", None)
+        self.key_proj = nn.Linear(E, G * C)      # the G per-branch key projections, stacked
+        self.key_norm = BranchRMSNorm(G, C)
+        self.query_norm = BranchRMSNorm(G, C)
+        self.value_proj = nn.Linear(E, C)        # one value, shared by the branches
+        self.short_conv = ShortConv(C, G, kernel_size=self.kernel_size, dilation=spec.max_ngram_size)
+        self.reset_parameters()
+
+    @classmethod
+    def from_table(cls, table: Any, *, layer_id: int, hidden_size: int, hc_mult: int = 1,
+                   kernel_size: int = 4) -> EngramMemory:
+        """A module that reads its rows from `table`, with the table's own spec and compression.
+
+        Example:
+            >>> mem = EngramMemory.from_table(engram.open(path), layer_id=1, hidden_size=C)
+        """
+        return cls(table.spec, table.compression, layer_id=layer_id, hidden_size=hidden_size,
+                   hc_mult=hc_mult, kernel_size=kernel_size, table=table)
+
+    def reset_parameters(self) -> None:
+        """Rows ~ N(0, init_std^2); projections as nn.Linear; norms to one; ShortConv to zero."""
+        if self.rows is not None:
+            nn.init.normal_(self.rows, mean=0.0, std=self.init_std)
+        self.key_proj.reset_parameters()
+        self.value_proj.reset_parameters()
+        self.key_norm.reset_parameters()
+        self.query_norm.reset_parameters()
+        self.short_conv.reset_parameters()
+
+    @property
+    def embed_dim(self) -> int:
+        """E: width of one position's concatenated rows."""
+        return self.spec.embed_dim
+
+    # -- forward ----------------------------------------------------------------------------
+    def forward(self, hidden_states: torch.Tensor, token_ids: Any) -> torch.Tensor:
+        """The Engram branch for `hidden_states` [B,T,G,C] at positions holding `token_ids` [B,T].
+
+        Args:
+            hidden_states: [B, T, G, C] floating tensor on the module's device.
+            token_ids: [B, T] raw (uncompressed) token ids: numpy, or a torch tensor on the CPU
+                or on the hidden states' device (ids are hashed on the host either way).
+
+        Returns:
+            [B, T, G, C]: add it to the residual stream (before the block's attention).
+        """
+        B, T, G, C = self._check_inputs(hidden_states, token_ids)
+        e = self.lookup(token_ids, device=hidden_states.device)       # [B, T, E] rows of all heads
+        k = self.key_norm(self.key_proj(e).view(B, T, G, C))           # [B, T, G, C] key per branch
+        q = self.query_norm(hidden_states)                             # [B, T, G, C]
+        s = (k * q).sum(dim=-1) / math.sqrt(C)                         # [B, T, G]
+        gate = torch.sigmoid(s.sign() * s.abs().clamp_min(_GATE_FLOOR).sqrt())   # [B, T, G]
+        v = self.value_proj(e)                                         # [B, T, C] shared value
+        u = gate.unsqueeze(-1) * v.unsqueeze(2)                        # [B, T, G, C]
+        return u + self.short_conv(u)                                  # [B, T, G, C]
+
+    def lookup(self, token_ids: Any, device: torch.device | str | None = None) -> torch.Tensor:
+        """The rows that `token_ids` [B,T] address, heads concatenated: [B, T, E].
+
+        Hashes on the host (NgramHasher), then gathers from the in-module rows (differentiable)
+        or reads the table (no gradient). The result is on `device` (default: the module's) in
+        the module's dtype.
+        """
+        dtype = self.value_proj.weight.dtype
+        device = self.value_proj.weight.device if device is None else device
+        if self.table is not None:
+            return self.table.lookup(token_ids, self.layer_id).to(device=device, dtype=dtype)
+        head_rows = self.hasher.hash(to_numpy_ids(token_ids), self.layer_id)   # [B, T, H] per head
+        idx = np.add(head_rows, self._offsets, out=np.empty(head_rows.shape, np.int64))   # global rows
+        idx = torch.from_numpy(idx).to(self.rows.device)
+        return F.embedding(idx, self.rows).flatten(2).to(device=device, dtype=dtype)   # [B, T, H*D]
+
+    def _check_inputs(self, hidden_states: Any, token_ids: Any) -> tuple[int, int, int, int]:
+        if not isinstance(hidden_states, torch.Tensor) or not hidden_states.is_floating_point():
+            is_tensor = isinstance(hidden_states, torch.Tensor)
+            got = hidden_states.dtype if is_tensor else type(hidden_states).__name__
+            raise InputError(f"hidden_states must be a floating-point torch.Tensor, got {got}: "
+                             "pass the model's hidden states")
+        shape = tuple(hidden_states.shape)
+        if len(shape) != 4:
+            raise InputError(
+                f"hidden_states must be shaped [B, T, G, C] (batch, positions, hc_mult, hidden_size), "
+                f"got shape {shape}: for a dense model (hc_mult=1) pass hidden.unsqueeze(2)")
+        B, T, G, C = shape
+        if (G, C) != (self.hc_mult, self.hidden_size):
+            raise InputError(
+                f"hidden_states has shape {shape} (hc_mult G={G}, hidden_size C={C}) but this "
+                f"EngramMemory has hc_mult={self.hc_mult}, hidden_size={self.hidden_size}: pass "
+                f"hidden states shaped [B, T, {self.hc_mult}, {self.hidden_size}] or build the module "
+                f"with hc_mult={G}, hidden_size={C}")
+        param_device = self.value_proj.weight.device
+        if hidden_states.device != param_device:
+            raise InputError(
+                f"hidden_states is on device {hidden_states.device} but this EngramMemory is on "
+                f"{param_device}: move the module with mem.to({str(hidden_states.device)!r})")
+        if is_torch(token_ids) and token_ids.device.type != "cpu" and token_ids.device != param_device:
+            raise InputError(
+                f"token_ids is on device {token_ids.device} but hidden_states is on "
+                f"{hidden_states.device}: pass the ids on {hidden_states.device} or on the CPU "
+                "(hashing runs on the host)")
+        if not hasattr(token_ids, "shape"):
+            token_ids = np.asarray(token_ids)
+        check_ids_2d(token_ids)
+        if tuple(token_ids.shape) != (B, T):
+            raise InputError(
+                f"token_ids has shape {tuple(token_ids.shape)} but hidden_states has [B, T] = {(B, T)}: "
+                "pass the token ids of the same batch and positions as the hidden states")
+        return B, T, G, C
+
+    # -- rows and checkpoints ---------------------------------------------------------------
+    def export_rows(self) -> torch.Tensor:
+        """A CPU copy of the trained rows [spec.rows(layer_id), D], ready for build_table.
+
+        Example:
+            >>> engram.build_table(path, mem.spec, mem.comp, weights={mem.layer_id: mem.export_rows()})
+        """
+        if self.rows is None:
+            raise InputError(
+                f"this EngramMemory reads its rows from the table at {getattr(self.table, 'path', None)!r}: "
+                "there are no in-module rows to export; copy the table instead")
+        return self.rows.detach().to("cpu", copy=True)
+
+    def load_reference_state_dict(self, state_dict: Any) -> None:
+        """Load weights saved under the reference's names (deepseek-ai/Engram `Engram` module).
+
+        Keys: multi_head_embedding.embedding.weight, multi_head_embedding.offsets,
+        short_conv.conv.weight, short_conv.norms.{g}.weight, value_proj.{weight,bias},
+        key_projs.{g}.{weight,bias}, norm1.{g}.weight, norm2.{g}.weight. Shapes and the offsets
+        buffer are checked against this module; a table-backed module takes no embedding key.
+
+        Raises:
+            InputError: keys missing or unexpected (all of them are named).
+            SpecMismatchError: a shape differs, or the offsets differ from spec.head_offsets.
+        """
+        from .reference import load_reference_state_dict
+
+        load_reference_state_dict(self, state_dict)
+
+    def reference_state_dict(self) -> dict[str, torch.Tensor]:
+        """This module's weights under the reference's names (detached CPU copies)."""
+        from .reference import reference_state_dict
+
+        return reference_state_dict(self)
+
+    def extra_repr(self) -> str:
+        rows = f"table={getattr(self.table, 'path', self.table)!r}" if self.table is not None else (
+            f"rows={self.spec.rows(self.layer_id)}x{self.spec.head_dim}")
+        return (f"layer_id={self.layer_id}, embed_dim={self.embed_dim}, hidden_size={self.hidden_size}, "
+                f"hc_mult={self.hc_mult}, {rows}")
+
+
+def _positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise InputError(f"{name}={value!r} is invalid: expected an int >= 1")
+    return int(value)
+
+
+def _check_table(table: Any, spec: TableSpec, comp: Compression) -> None:
+    """Raise unless `table` was built for `spec` (its row dtype aside) and `comp`."""
+    if not (hasattr(table, "lookup") and isinstance(getattr(table, "spec", None), TableSpec)):
+        raise InputError(f"table={table!r} is not an engram table: pass engram.open(path) or None")
+    path = getattr(table, "path", None)
+    differ = [f.name for f in dataclasses.fields(TableSpec)
+              if f.name != "dtype" and getattr(table.spec, f.name) != getattr(spec, f.name)]
+    if differ:
+        fields = ", ".join(f"{n}={getattr(table.spec, n)!r} (module: {getattr(spec, n)!r})" for n in differ)
+        raise SpecMismatchError(
+            f"table at {path!r} was built for another spec: {fields}: build the module with "
+            "spec=table.spec (EngramMemory.from_table) or open the table built for this spec")
+    if table.compression != comp:
+        raise SpecMismatchError(
+            f"table at {path!r} was built with another compression (fingerprint "
+            f"{table.compression.fingerprint!r}, module: {comp.fingerprint!r}): build the module with "
+            "comp=table.compression (EngramMemory.from_table) or open the table built for this tokenizer")

@@ -1,0 +1,55 @@
+"""ShortConv: the causal depthwise convolution that follows the Engram gate."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .norm import BranchRMSNorm
+
+__all__ = ["ShortConv"]
+
+
+class ShortConv(nn.Module):
+    """Per-branch RMSNorm, then a causal depthwise Conv1d over all G*C channels, then SiLU.
+
+    Position t sees positions t, t-d, ..., t-(k-1)*d (d = dilation; the reference uses d = N,
+    the largest n-gram order). The weight starts at zero, so a fresh ShortConv outputs zeros
+    and the Engram branch starts as the gated value alone.
+
+    Args:
+        hidden_size: C, the model width.
+        hc_mult: G, the hyper-connection branches.
+        kernel_size: k, taps per channel.
+        dilation: d, the distance between taps.
+        eps: epsilon of the per-branch RMSNorm (1e-5 as in the reference).
+
+    Example:
+        >>> conv = ShortConv(hidden_size=8, hc_mult=2, kernel_size=4, dilation=3)
+        >>> conv(torch.randn(1, 5, 2, 8)).abs().max().item()   # zero weight: zero output
+        0.0
+    """
+
+    def __init__(self, hidden_size: int, hc_mult: int = 1, kernel_size: int = 4, dilation: int = 1,
+                 eps: float = 1e-5) -> None:
+        super().__init__()
+        self.kernel_size = kernel_size
+        self.dilation = dilation
+        self.norm = BranchRMSNorm(hc_mult, hidden_size, eps=eps)
+        # Conv1d's weight layout for a depthwise convolution: [channels, 1, k].
+        self.weight = nn.Parameter(torch.zeros(hc_mult * hidden_size, 1, kernel_size))
+
+    def reset_parameters(self) -> None:
+        self.norm.reset_parameters()
+        nn.init.zeros_(self.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, G, C = x.shape
+        x = self.norm(x).reshape(B, T, G * C).transpose(1, 2)                # [B, G*C, T]
+        x = F.pad(x, ((self.kernel_size - 1) * self.dilation, 0))            # [B, G*C, pad+T], causal
+        y = F.conv1d(x, self.weight, dilation=self.dilation, groups=G * C)   # [B, G*C, T]
+        return F.silu(y).transpose(1, 2).reshape(B, T, G, C)                 # [B, T, G, C]
+
+    def extra_repr(self) -> str:
+        return f"channels={self.weight.shape[0]}, kernel_size={self.kernel_size}, dilation={self.dilation}"
