@@ -1,0 +1,243 @@
+"""The `engram` command line: parse arguments, call the library, print.
+
+Every subcommand prints a human summary by default and one JSON object with `--json`.
+
+Exit codes:
+    0  success
+    1  a check failed (`verify` found a damaged chunk)
+    2  bad arguments (usage error)
+    3  engram refused the input (missing table, mismatched spec, bad ids, ...)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from .compression import Compression
+from .errors import EngramError, SpecError
+from .spec import HASH_FAMILIES, TableSpec
+
+__all__ = ["main"]
+
+EXIT_OK, EXIT_CHECK_FAILED, EXIT_USAGE, EXIT_REFUSED = 0, 1, 2, 3
+
+
+class Output:
+    """What a command hands back: a JSON-ready payload and the human text for it."""
+
+    def __init__(self, payload: dict[str, Any], text: str, code: int = EXIT_OK) -> None:
+        self.payload, self.text, self.code = payload, text, code
+
+
+# -- shared argument handling ----------------------------------------------------------------
+def _load_compression(args: argparse.Namespace) -> Compression:
+    if getattr(args, "tokenizer", None):
+        return Compression.from_tokenizer_file(args.tokenizer)
+    return Compression.identity(args.vocab_size)
+
+
+def _load_spec(path: str, comp: Compression | None) -> TableSpec:
+    """A spec from JSON; `compressed_vocab_size` may be left out and is then taken from `comp`."""
+    if not os.path.isfile(path):
+        raise SpecError(f"--spec file {path!r} does not exist: pass a JSON file of TableSpec fields")
+    try:
+        with open(path) as f:
+            d = json.load(f)
+    except json.JSONDecodeError as exc:
+        raise SpecError(f"--spec file {path!r} is not valid JSON: {exc}") from exc
+    if isinstance(d, dict) and "compressed_vocab_size" not in d and comp is not None:
+        d["compressed_vocab_size"] = comp.compressed_vocab_size
+    return TableSpec.from_dict(d)
+
+
+def _spec_and_compression(args: argparse.Namespace) -> tuple[TableSpec, Compression]:
+    """From --table PATH, or from --spec plus --tokenizer/--vocab-size."""
+    if getattr(args, "table", None):
+        from . import open as open_table
+
+        with open_table(args.table) as table:
+            return table.spec, table.compression
+    comp = _load_compression(args)
+    return _load_spec(args.spec, comp), comp
+
+
+def _add_source(p: argparse.ArgumentParser, table_ok: bool = True) -> None:
+    src = p.add_mutually_exclusive_group(required=True)
+    if table_ok:
+        src.add_argument("--table", metavar="PATH", help="take spec and compression from this table")
+    src.add_argument("--spec", metavar="SPEC.json", help="TableSpec fields as JSON")
+
+
+def _add_vocab(p: argparse.ArgumentParser, required: bool) -> None:
+    vocab = p.add_mutually_exclusive_group(required=required)
+    vocab.add_argument("--tokenizer", metavar="TOKENIZER.json", help="Hugging Face tokenizers file")
+    vocab.add_argument("--vocab-size", type=int, metavar="V", help="identity compression over V ids")
+
+
+def _fmt_int(n: int) -> str:
+    return f"{n:,}"
+
+
+# -- engram hash -------------------------------------------------------------------------------
+def cmd_hash(args: argparse.Namespace) -> Output:
+    from tokenizers import Tokenizer
+
+    from .hashing import NgramHasher
+
+    spec, comp = _spec_and_compression(args)
+    tokenizer = Tokenizer.from_file(args.tokenizer)
+    encoding = tokenizer.encode(args.text, add_special_tokens=False)
+    ids = np.array([encoding.ids], dtype=np.int64)
+    hasher = NgramHasher(spec, comp)
+    K = spec.n_head_per_ngram
+    layers = {}
+    lines = [f"{len(encoding.ids)} tokens: " + " ".join(f"{t!r}" for t in encoding.tokens),
+             "raw ids:        " + " ".join(map(str, ids[0])),
+             "compressed ids: " + " ".join(map(str, comp(ids)[0]))]
+    for layer_id in spec.layer_ids:
+        rows = hasher.hash(ids, layer_id)[0]  # [T, H]
+        offsets = np.array(spec.head_offsets(layer_id))
+        heads = [{"order": 2 + h // K, "head": h % K, "size": spec.table_sizes(layer_id)[h],
+                  "rows": rows[:, h].tolist(), "global_rows": (rows[:, h] + offsets[h]).tolist()}
+                 for h in range(spec.heads_per_layer)]
+        layers[layer_id] = heads
+        lines.append(f"\nlayer {layer_id} (row in each head's table; global row = + head offset)")
+        for head in heads:
+            lines.append(f"  n={head['order']} k={head['head']} (size {head['size']:>9}): "
+                         + " ".join(map(str, head["rows"])))
+    payload = {"tokens": encoding.tokens, "ids": ids[0].tolist(), "compressed_ids": comp(ids)[0].tolist(),
+               "hash": spec.hash, "layers": layers}
+    return Output(payload, "\n".join(lines))
+
+
+# -- engram stats ------------------------------------------------------------------------------
+def _plot_coverage(stats: Any, path: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:  # pragma: no cover - matplotlib is in the dev and plot extras
+        raise SpecError("--plot needs matplotlib: pip install 'engram[plot]'") from exc
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for layer_id, (_, lookups) in stats.layer_rows.items():
+        share = np.cumsum(lookups) / max(1, lookups.sum())
+        ax.plot(np.arange(1, share.size + 1), share, label=f"layer {layer_id}")
+    ax.set_xscale("log")
+    ax.set_xlabel("rows, most used first")
+    ax.set_ylabel("share of lookups served")
+    ax.set_title(f"row coverage over {stats.tokens:,} tokens ({stats.spec.hash})")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def cmd_stats(args: argparse.Namespace) -> Output:
+    from .corpus import corpus_stats, tokenize_files
+
+    spec, comp = _spec_and_compression(args)
+    sequences = tokenize_files(args.corpus, args.tokenizer, progress=None if not args.json else False)
+    families = HASH_FAMILIES if args.all_families else None
+    stats = corpus_stats(sequences, spec, comp, families=families)
+    payload = stats.to_dict()
+    if args.hot_rows:
+        stats.hot_row_plan().save(args.hot_rows)
+        payload["hot_rows_file"] = args.hot_rows
+    if args.plot:
+        _plot_coverage(stats, args.plot)
+        payload["plot_file"] = args.plot
+    lines = [f"{_fmt_int(payload['tokens'])} tokens in {len(args.corpus)} file(s)"]
+    for n, o in payload["orders"].items():
+        lines.append(f"  order {n}: {_fmt_int(o['distinct'])} distinct n-grams, Zipf exponent "
+                     f"{o['zipf_exponent']:.3f}")
+    for layer_id, layer in payload["layers"].items():
+        cov = ", ".join(f"{level:.0%}: {_fmt_int(rows)}" for level, rows in layer["coverage"].items())
+        lines.append(f"layer {layer_id}: {_fmt_int(layer['rows_touched'])} of {_fmt_int(layer['rows'])} rows "
+                     f"touched; rows serving {cov} of lookups")
+        for family, fam in layer["families"].items():
+            touched = np.mean([h["share_touched"] for h in fam["heads"]])
+            lines.append(f"  {family:18s} collision rate {fam['collision_rate']:.4f}, "
+                         f"mean share of head rows touched {touched:.4f}")
+    if args.hot_rows:
+        lines.append(f"hot-row plan written to {args.hot_rows}")
+    if args.plot:
+        lines.append(f"coverage plot written to {args.plot}")
+    return Output(payload, "\n".join(lines))
+
+
+# -- parser ------------------------------------------------------------------------------------
+class _Parser(argparse.ArgumentParser):
+    def __init__(self, *a: Any, **kw: Any) -> None:
+        kw.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        super().__init__(*a, **kw)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="engram", description="Build, check and measure Engram memory tables.",
+                     epilog="exit codes: 0 ok, 1 a check failed, 2 bad arguments, 3 input refused")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
+
+    p = sub.add_parser("hash", help="show the rows a text addresses")
+    _add_source(p)
+    p.add_argument("--tokenizer", required=True, metavar="TOKENIZER.json", help="tokenizer of the table")
+    p.add_argument("--text", required=True, help="text to tokenize and hash")
+    p.set_defaults(func=cmd_hash)
+
+    p = sub.add_parser("stats", help="n-gram and row statistics of a corpus")
+    _add_source(p)
+    p.add_argument("--tokenizer", required=True, metavar="TOKENIZER.json", help="tokenizer of the table")
+    p.add_argument("corpus", nargs="+", metavar="CORPUS_FILE", help="text files")
+    p.add_argument("--all-families", action="store_true", help="compare collision rates of all hash families")
+    p.add_argument("--plot", metavar="FILE.png", help="draw the row coverage curve (matplotlib)")
+    p.add_argument("--hot-rows", metavar="FILE", help="write the hot-row plan (.npz) for the lookup cache")
+    p.set_defaults(func=cmd_stats)
+
+    for p in sub.choices.values():
+        p.add_argument("--json", action="store_true", help="print one JSON object instead of a summary")
+    return parser
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, np.generic):
+        return x.item()
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return x
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit code (the console script exits with it)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help (0) or a usage error (2)
+        return int(exc.code or 0)
+    func: Callable[[argparse.Namespace], Output] = args.func
+    try:
+        out = func(args)
+    except EngramError as exc:
+        print(f"engram {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_REFUSED
+    if args.json:
+        print(json.dumps(_jsonable(out.payload), indent=2))
+    else:
+        print(out.text)
+    return out.code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
