@@ -1,6 +1,12 @@
 """engram: hashed N-gram memory tables on DRAM and SSD for PyTorch models. This is the public API."""
 
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from .compression import Compression as Compression
+from .corpus import CorpusStats as CorpusStats
+from .corpus import corpus_stats as corpus_stats
+from .corpus import tokenize_files as tokenize_files
 from .errors import CorruptTableError as CorruptTableError
 from .errors import EngramError as EngramError
 from .errors import InputError as InputError
@@ -10,14 +16,35 @@ from .errors import TableExistsError as TableExistsError
 from .errors import TableNotFoundError as TableNotFoundError
 from .errors import TokenIdError as TokenIdError
 from .hashing import NgramHasher as NgramHasher
+from .hotrows import HotRowPlan as HotRowPlan
 from .spec import TableSpec as TableSpec
+
+if TYPE_CHECKING:
+    from .memory import EngramMemory as EngramMemory
+    from .training import export_rows as export_rows
+    from .training import param_groups as param_groups
+
+# Names whose modules import torch load on first use, so `import engram` stays fast.
+_LAZY = {"EngramMemory": ".memory", "export_rows": ".training", "param_groups": ".training"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'engram' has no attribute {name!r}")
+
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Compression",
+    "CorpusStats",
     "CorruptTableError",
     "EngramError",
+    "EngramMemory",
+    "HotRowPlan",
     "InputError",
     "NgramHasher",
     "SpecError",
@@ -26,4 +53,8 @@ __all__ = [
     "TableNotFoundError",
     "TableSpec",
     "TokenIdError",
+    "corpus_stats",
+    "export_rows",
+    "param_groups",
+    "tokenize_files",
 ]
