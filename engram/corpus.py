@@ -234,7 +234,7 @@ def tokenize_files(paths: Sequence[str | os.PathLike[str]], tokenizer_path: str 
     pieces is counted as two padded n-grams, which moves counts by well under 0.1% at the default.
     """
     from tokenizers import Tokenizer
-    from tqdm.auto import tqdm
+    from tqdm import tqdm
 
     from .errors import TableNotFoundError
 
