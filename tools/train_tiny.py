@@ -1,0 +1,171 @@
+"""Train a tiny causal transformer with Engram layers on CPU and show the loss falling.
+
+    python tools/train_tiny.py                          # stdlib sources, Engram at block 1
+    python tools/train_tiny.py --engram-layers none     # the same model without Engram
+    python tools/train_tiny.py --data notes/ --steps 500 --engram-layers 1,3 --json
+
+Text: the Python standard library's .py files by default, or any files given with --data,
+tokenized with the shipped 4k byte-level BPE; files are read in a fixed random order up to
+--max-chars, and every k-th file (k = 1/--val-fraction) is held out for the validation loss.
+Engram rows train inside the model with Adam at 5x the base learning rate (engram.param_groups).
+Reported: the training loss every --log-every steps, the final validation loss, tokens/s and
+the share of step time spent in the Engram lookup (host hashing + row gather, forward only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from tiny_data import TOKENIZER, expand, random_batch, read_texts, split_tokens, stdlib_files  # noqa: E402
+from tiny_lm import TinyLM, TinyLMConfig  # noqa: E402
+
+import engram  # noqa: E402
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--steps", type=int, default=300, help="training steps")
+    p.add_argument("--seed", type=int, default=0, help="seed of weights and batches")
+    p.add_argument("--engram-layers", default="1",
+                   help="comma-separated blocks that carry Engram; 'none' for a plain transformer")
+    p.add_argument("--data", nargs="+", default=None,
+                   help="text files or directories (default: the standard library's .py files)")
+    p.add_argument("--max-chars", type=int, default=3_000_000, help="characters of text to read")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="held-out share of the tokens")
+    p.add_argument("--batch-size", type=int, default=16, help="sequences per step")
+    p.add_argument("--block-size", type=int, default=128, help="tokens per sequence")
+    p.add_argument("--n-layer", type=int, default=4, help="transformer blocks")
+    p.add_argument("--n-head", type=int, default=4, help="attention heads")
+    p.add_argument("--n-embd", type=int, default=128, help="model width")
+    p.add_argument("--engram-vocab", type=int, default=20_000, help="base table size per head")
+    p.add_argument("--lr", type=float, default=2e-3, help="base learning rate (Engram rows: 5x)")
+    p.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay")
+    p.add_argument("--warmup", type=int, default=20, help="linear warmup steps")
+    p.add_argument("--log-every", type=int, default=25, help="print the training loss every N steps")
+    p.add_argument("--eval-batches", type=int, default=20, help="batches of the validation loss")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a log")
+    args = p.parse_args(argv)
+    spec = args.engram_layers.strip().lower()
+    args.engram_layers = () if spec in ("", "none") else tuple(int(v) for v in spec.split(","))
+    return args
+
+
+class LookupTimer:
+    """Wraps each EngramMemory's lookup (and its hasher) to add up the seconds spent in them."""
+
+    def __init__(self, model: TinyLM) -> None:
+        self.lookup_s = self.hash_s = 0.0
+        for mem in model.engram_modules():
+            mem.lookup = self._timed(mem.lookup, "lookup_s")
+            mem.hasher.hash = self._timed(mem.hasher.hash, "hash_s")
+
+    def _timed(self, fn: Any, counter: str) -> Any:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                setattr(self, counter, getattr(self, counter) + time.perf_counter() - start)
+        return timed
+
+
+def load_tokens(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray]:
+    files = expand(args.data) if args.data else stdlib_files()
+    train, val = split_tokens(read_texts(files, args.max_chars), args.val_fraction)
+    if min(len(train), len(val)) < args.block_size + 2:
+        raise SystemExit(f"only {len(train)} training and {len(val)} validation tokens: give more --data, "
+                         "a larger --val-fraction or a smaller --block-size")
+    return train, val
+
+
+def learning_rate(step: int, args: argparse.Namespace) -> float:
+    """Linear warmup, then cosine decay to a tenth of the base rate."""
+    if step < args.warmup:
+        return args.lr * (step + 1) / args.warmup
+    progress = (step - args.warmup) / max(1, args.steps - args.warmup)
+    return args.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * progress)))
+
+
+@torch.no_grad()
+def evaluate(model: TinyLM, tokens: np.ndarray, args: argparse.Namespace) -> float:
+    model.eval()
+    rng = np.random.default_rng(args.seed + 1)     # the same windows every time
+    losses = [model(*random_batch(tokens, args.batch_size, args.block_size, rng))[1].item()
+              for _ in range(args.eval_batches)]
+    model.train()
+    return float(np.mean(losses))
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    rng = np.random.default_rng(args.seed)
+    log = (lambda *a: None) if args.json else print
+
+    train, val = load_tokens(args)
+    comp = engram.Compression.from_tokenizer_file(TOKENIZER)
+    config = TinyLMConfig(vocab_size=comp.vocab_size, block_size=args.block_size, n_layer=args.n_layer,
+                          n_head=args.n_head, n_embd=args.n_embd, engram_layers=args.engram_layers,
+                          engram_vocab_size=args.engram_vocab)
+    model = TinyLM(config, comp)
+    groups = engram.param_groups(model, lr=args.lr, weight_decay=args.weight_decay)
+    optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.95))
+    base_lrs = [g["lr"] / args.lr for g in optimizer.param_groups]
+    timer = LookupTimer(model)
+    n_params = {g["name"]: sum(p.numel() for p in g["params"]) for g in groups}
+    log(f"text: {len(train):,} training tokens, {len(val):,} validation tokens; engram layers "
+        f"{list(args.engram_layers) or 'none'}; parameters {n_params}")
+
+    curve, step_s, window = [], 0.0, []
+    for step in range(args.steps):
+        for group, mult in zip(optimizer.param_groups, base_lrs, strict=True):
+            group["lr"] = learning_rate(step, args) * mult
+        x, y = random_batch(train, args.batch_size, args.block_size, rng)
+        start = time.perf_counter()
+        _, loss = model(x, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        step_s += time.perf_counter() - start
+        curve.append(loss.item())
+        window.append(curve[-1])
+        if (step + 1) % args.log_every == 0 or step + 1 == args.steps:
+            log(f"step {step + 1:>5}/{args.steps}  loss {np.mean(window):.3f}  "
+                f"{(step + 1) * x.numel() / step_s:,.0f} tokens/s")
+            window = []
+
+    result = {
+        "steps": args.steps, "seed": args.seed, "engram_layers": list(args.engram_layers),
+        "parameters": n_params, "train_tokens": len(train), "val_tokens": len(val),
+        "loss_first": curve[0], "loss_last": float(np.mean(curve[-min(len(curve), args.log_every):])),
+        "val_loss": evaluate(model, val, args),
+        "tokens_per_s": args.steps * args.batch_size * args.block_size / step_s,
+        "lookup_share": timer.lookup_s / step_s, "hash_share": timer.hash_s / step_s,
+        "loss_curve": curve,
+    }
+    if args.json:
+        print(json.dumps(result))
+    else:
+        log(f"validation loss {result['val_loss']:.3f}; {result['tokens_per_s']:,.0f} tokens/s; "
+            f"Engram lookup {result['lookup_share']:.1%} of step time "
+            f"(hashing {result['hash_share']:.1%})")
+    return result
+
+
+if __name__ == "__main__":
+    main()
