@@ -1,0 +1,319 @@
+"""The on-disk layout of a table: a zarr v3 group of plain-bytes chunk files, plus metadata.
+
+A table is a directory::
+
+    table.engram/
+      zarr.json                    group; attributes["engram"] = the metadata below
+      compression/zarr.json        int64 [vocab_size], one chunk: the compression lookup
+      compression/c/0
+      layer_1/zarr.json            storage dtype [spec.rows(1), D], chunks [chunk_rows, D]
+      layer_1/c/0/0 ... c/{n-1}/0  chunk files: chunk_rows*D values each, row-major, little-endian
+      layer_15/...
+
+Every array uses the `bytes` codec (little-endian) with no compressor, filter or sharding, so a
+chunk file is exactly the row-major bytes of its `chunk_rows` rows; the last chunk is padded with
+zero rows to full size, as zarr writes edge chunks. Chunk files are whole multiples of
+`CHUNK_ALIGN` bytes, so the chunk files of one layer can be mapped back to back into one
+contiguous address range. Every chunk file exists (a missing one is corruption, never "fill
+value"), and its xxh3-64 digest is recorded in the metadata.
+
+The group attribute "engram" holds::
+
+    {"format_version": 1, "spec": spec.to_dict(),
+     "compression": {"array": "compression", "xxh3": comp.fingerprint},
+     "layers": [{"layer_id": 1, "array": "layer_1", "chunk_rows": 262144,
+                 "checksums": ["<xxh3-64 hex of chunk 0>", ...]}, ...]}
+
+bfloat16 rows are stored as their uint16 bits (zarr has no bfloat16); the logical dtype lives in
+the spec. Reading the metadata needs only `json`: zarr is imported when a table is written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import xxhash
+
+from .compression import Compression
+from .errors import CorruptTableError, SpecError, TableNotFoundError
+from .spec import TableSpec
+
+__all__ = [
+    "FORMAT_VERSION",
+    "CHUNK_ALIGN",
+    "STORAGE_DTYPES",
+    "LayerLayout",
+    "TableMeta",
+    "checksum",
+    "check_dtype_supported",
+    "chunk_error",
+    "is_table",
+    "read_metadata",
+    "write_attributes",
+    "write_metadata",
+]
+
+FORMAT_VERSION = 1
+# Chunk files are whole multiples of this many bytes: they then start at page boundaries inside
+# one stitched mapping on systems with 4, 16 or 64 KiB pages, and suit O_DIRECT reads.
+CHUNK_ALIGN = 1 << 16
+COMPRESSION_ARRAY = "compression"
+# Logical row dtype -> zarr data_type of the stored values.
+STORAGE_DTYPES = {"float32": "float32", "float16": "float16", "bfloat16": "uint16"}
+_BYTES_CODEC = [{"name": "bytes", "configuration": {"endian": "little"}}]
+_CHUNK_KEY_ENCODING = {"name": "default", "configuration": {"separator": "/"}}
+
+
+def checksum(data: Any) -> str:
+    """xxh3-64 hex digest of a bytes-like object (the per-chunk checksum)."""
+    return xxhash.xxh3_64_hexdigest(data)
+
+
+def check_dtype_supported(spec: TableSpec) -> None:
+    """Raise SpecError for row dtypes that tables cannot store yet (int8, float8_e4m3)."""
+    if spec.dtype not in STORAGE_DTYPES:
+        raise SpecError(
+            f"TableSpec.dtype={spec.dtype!r} is not supported by tables yet: quantized rows "
+            f"(int8, float8_e4m3) need per-row scales, which this version does not store; build "
+            f"the table with dtype one of {tuple(STORAGE_DTYPES)} (spec.replace(dtype='bfloat16'))"
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerLayout:
+    """Where one layer's rows live: a zarr array of `rows` x D split into row-block chunk files.
+
+    Attributes:
+        layer_id: the model layer.
+        array: the zarr array's name inside the table's group.
+        rows: rows in the layer's table (`spec.rows(layer_id)`).
+        row_bytes: bytes of one stored row.
+        chunk_rows: rows per chunk file (the last file is zero-padded to full size).
+        checksums: xxh3-64 hex digest per chunk file, in chunk order.
+    """
+
+    layer_id: int
+    array: str
+    rows: int
+    row_bytes: int
+    chunk_rows: int
+    checksums: tuple[str, ...] = ()
+
+    @property
+    def n_chunks(self) -> int:
+        return -(-self.rows // self.chunk_rows)
+
+    @property
+    def chunk_bytes(self) -> int:
+        """Size of every chunk file."""
+        return self.chunk_rows * self.row_bytes
+
+    def chunk_key(self, index: int) -> str:
+        """The zarr chunk key of chunk `index`, relative to the array: "c/{index}/0"."""
+        return f"c/{index}/0"
+
+    def chunk_path(self, root: str | os.PathLike[str], index: int) -> Path:
+        """The chunk file of chunk `index` inside the table directory `root`."""
+        return Path(root, self.array, self.chunk_key(index))
+
+    def chunk_span(self, index: int) -> tuple[int, int]:
+        """The [start, stop) rows of the layer held by chunk `index` (padding excluded)."""
+        start = index * self.chunk_rows
+        return start, min(start + self.chunk_rows, self.rows)
+
+
+@dataclasses.dataclass(frozen=True)
+class TableMeta:
+    """Everything stored beside the rows: format version, spec, compression, chunk layouts."""
+
+    format_version: int
+    spec: TableSpec
+    compression: Compression
+    layers: dict[int, LayerLayout]
+
+    def to_attributes(self) -> dict[str, Any]:
+        """The group attribute "engram" (JSON-ready)."""
+        return {
+            "format_version": self.format_version,
+            "spec": self.spec.to_dict(),
+            "compression": {"array": COMPRESSION_ARRAY, "xxh3": self.compression.fingerprint},
+            "layers": [
+                {"layer_id": lay.layer_id, "array": lay.array, "chunk_rows": lay.chunk_rows,
+                 "checksums": list(lay.checksums)}
+                for lay in self.layers.values()
+            ],
+        }
+
+
+# ------------------------------------------------------------------------------------------
+# writing
+# ------------------------------------------------------------------------------------------
+def write_metadata(root: str | os.PathLike[str], meta: TableMeta) -> None:
+    """Write the zarr group, one array per layer, the compression array and its chunk file.
+
+    Layer chunk files are written by the caller (see `engram.build`); the metadata's checksums
+    may still be empty here and are written with `write_attributes` once known.
+    """
+    import zarr
+    from zarr.codecs import BytesCodec
+
+    spec = meta.spec
+    group = zarr.open_group(os.fspath(root), mode="w-", zarr_format=3)   # never clears the directory
+    plain = {"compressors": None, "filters": None, "serializer": BytesCodec(endian="little"),
+             "fill_value": 0}
+    for lay in meta.layers.values():
+        group.create_array(lay.array, shape=(lay.rows, spec.head_dim), chunks=(lay.chunk_rows, spec.head_dim),
+                           dtype=STORAGE_DTYPES[spec.dtype], attributes={"dtype": spec.dtype}, **plain)
+    lookup = meta.compression.lookup
+    group.create_array(COMPRESSION_ARRAY, shape=lookup.shape, chunks=lookup.shape, dtype="int64", **plain)
+    comp_file = Path(root, COMPRESSION_ARRAY, "c", "0")
+    comp_file.parent.mkdir(parents=True, exist_ok=True)
+    comp_file.write_bytes(lookup.astype("<i8").tobytes())
+    write_attributes(root, meta)
+
+
+def write_attributes(root: str | os.PathLike[str], meta: TableMeta) -> None:
+    """(Re)write the group's zarr.json with the engram metadata as its attributes."""
+    doc = {"attributes": {"engram": meta.to_attributes()}, "zarr_format": 3, "node_type": "group"}
+    Path(root, "zarr.json").write_text(json.dumps(doc, indent=1))
+
+
+# ------------------------------------------------------------------------------------------
+# reading
+# ------------------------------------------------------------------------------------------
+def _load_json(path: Path, what: str) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            doc = json.load(f)
+    except FileNotFoundError:
+        raise CorruptTableError(f"{what} metadata {os.fspath(path)!r} is missing: the table is "
+                                "incomplete; rebuild it") from None
+    except (OSError, ValueError) as exc:
+        raise CorruptTableError(f"{what} metadata {os.fspath(path)!r} is unreadable ({exc}): "
+                                "rebuild the table") from exc
+    if not isinstance(doc, dict):
+        raise CorruptTableError(f"{what} metadata {os.fspath(path)!r} is not a JSON object: rebuild the table")
+    return doc
+
+
+def _engram_attributes(root: Path) -> dict[str, Any]:
+    if not root.exists():
+        raise TableNotFoundError(f"no table at path={os.fspath(root)!r}: build one with engram.build_table")
+    group_file = root / "zarr.json"
+    if not root.is_dir() or not group_file.is_file():
+        raise TableNotFoundError(
+            f"path={os.fspath(root)!r} is not an engram table (no zarr.json group inside): pass the "
+            "directory that engram.build_table wrote")
+    doc = _load_json(group_file, "group")
+    attrs = doc.get("attributes", {}).get("engram") if isinstance(doc.get("attributes"), dict) else None
+    if doc.get("zarr_format") != 3 or doc.get("node_type") != "group" or not isinstance(attrs, dict):
+        raise TableNotFoundError(
+            f"path={os.fspath(root)!r} holds zarr metadata but no engram table (no zarr v3 group with "
+            "an 'engram' attribute): pass the directory that engram.build_table wrote")
+    return attrs
+
+
+def is_table(path: str | os.PathLike[str]) -> bool:
+    """True if `path` is a directory whose zarr group carries engram metadata (valid or not)."""
+    try:
+        _engram_attributes(Path(path))
+    except (TableNotFoundError, CorruptTableError):
+        return False
+    return True
+
+
+def read_metadata(root: str | os.PathLike[str]) -> TableMeta:
+    """Read and validate a table's metadata (no chunk data is read).
+
+    Raises:
+        TableNotFoundError: nothing, or no engram table, at `root`.
+        CorruptTableError: unknown format version, malformed or inconsistent metadata, a
+            compression array that does not match its recorded digest.
+    """
+    root = Path(root)
+    attrs = _engram_attributes(root)
+    version = attrs.get("format_version")
+    if version != FORMAT_VERSION:
+        raise CorruptTableError(
+            f"table at {os.fspath(root)!r} has format_version={version!r}, but this engram reads only "
+            f"format_version={FORMAT_VERSION}: upgrade engram to open newer tables, or rebuild the table")
+    try:
+        spec = TableSpec.from_dict(attrs["spec"])
+        check_dtype_supported(spec)
+        comp = _read_compression(root, attrs["compression"])
+        layers = {lay.layer_id: lay for lay in (_read_layer(root, spec, d) for d in attrs["layers"])}
+    except (KeyError, TypeError, SpecError) as exc:
+        raise CorruptTableError(
+            f"table at {os.fspath(root)!r} has invalid metadata ({type(exc).__name__}: {exc}): rebuild "
+            "the table") from exc
+    if tuple(layers) != spec.layer_ids:
+        raise CorruptTableError(
+            f"table at {os.fspath(root)!r} stores layers {tuple(layers)} but its spec has layer_ids="
+            f"{spec.layer_ids}: rebuild the table")
+    if comp.compressed_vocab_size != spec.compressed_vocab_size:
+        raise CorruptTableError(
+            f"table at {os.fspath(root)!r} stores a compression with compressed_vocab_size="
+            f"{comp.compressed_vocab_size} but its spec says {spec.compressed_vocab_size}: rebuild the table")
+    return TableMeta(version, spec, comp, layers)
+
+
+def _read_compression(root: Path, entry: dict[str, Any]) -> Compression:
+    path = root / entry["array"] / "c" / "0"
+    try:
+        lookup = np.fromfile(path, dtype="<i8")
+    except OSError as exc:
+        raise CorruptTableError(f"compression chunk {os.fspath(path)!r} is unreadable ({exc}): "
+                                "rebuild the table or restore the file") from exc
+    comp = Compression(lookup) if lookup.size else None
+    if comp is None or comp.fingerprint != entry["xxh3"]:
+        raise CorruptTableError(
+            f"compression chunk {os.fspath(path)!r} does not match its recorded xxh3 {entry['xxh3']!r}: "
+            "the file is damaged; rebuild the table or restore the file")
+    return comp
+
+
+def _read_layer(root: Path, spec: TableSpec, entry: dict[str, Any]) -> LayerLayout:
+    layer_id, name, chunk_rows = entry["layer_id"], entry["array"], entry["chunk_rows"]
+    where = f"table at {os.fspath(root)!r}, layer {layer_id!r}"
+    if layer_id not in spec.layer_ids:
+        raise CorruptTableError(f"{where}: the spec has no such layer (layer_ids={spec.layer_ids}); "
+                                "rebuild the table")
+    if not isinstance(chunk_rows, int) or chunk_rows < 1 or (chunk_rows * spec.row_bytes) % CHUNK_ALIGN:
+        raise CorruptTableError(
+            f"{where}: chunk_rows={chunk_rows!r} does not give chunk files a multiple of {CHUNK_ALIGN} "
+            "bytes: rebuild the table with engram.build_table")
+    array = _load_json(root / name / "zarr.json", f"layer {layer_id} array")
+    expected = {
+        "zarr_format": 3, "node_type": "array",
+        "shape": [spec.rows(layer_id), spec.head_dim],
+        "data_type": STORAGE_DTYPES[spec.dtype],
+        "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [chunk_rows, spec.head_dim]}},
+        "chunk_key_encoding": _CHUNK_KEY_ENCODING,
+        "codecs": _BYTES_CODEC,
+    }
+    for key, want in expected.items():
+        if array.get(key) != want:
+            raise CorruptTableError(
+                f"{where}: array {name!r} has {key}={array.get(key)!r}, expected {want!r} (engram maps "
+                "plain little-endian row-block chunks): rebuild the table with engram.build_table")
+    if array.get("storage_transformers") not in (None, []):
+        raise CorruptTableError(f"{where}: array {name!r} uses storage transformers; rebuild the table")
+    layout = LayerLayout(layer_id, name, spec.rows(layer_id), spec.row_bytes, chunk_rows,
+                         tuple(str(c) for c in entry["checksums"]))
+    if len(layout.checksums) != layout.n_chunks:
+        raise CorruptTableError(
+            f"{where}: {len(layout.checksums)} chunk checksums recorded for {layout.n_chunks} chunks: "
+            "the metadata is damaged; rebuild the table")
+    return layout
+
+
+def chunk_error(layout: LayerLayout, index: int, path: str | os.PathLike[str], problem: str) -> CorruptTableError:
+    """The CorruptTableError for one damaged chunk file, naming layer, chunk and file."""
+    return CorruptTableError(
+        f"layer {layout.layer_id} chunk {index} ({os.fspath(path)!r}) {problem}: the table is damaged; "
+        "rebuild it or restore the file (engram verify checks every chunk)")

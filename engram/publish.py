@@ -1,0 +1,164 @@
+"""Atomic publication of a table directory: build beside the target, fsync, rename.
+
+A table is written into `.{name}.partial-XXXX` in the target's parent directory. The builder
+holds an exclusive `flock` on that directory for as long as it works on it, so a process killed
+at any point leaves only an unlocked partial directory behind, which the next build of the same
+target removes (`clean_stale`); partial directories of builds still running are left alone.
+Publishing is one `rename` (or, to replace an existing table, one `renameat2(RENAME_EXCHANGE)`
+swap): readers see the old table or the new one, never a mix, and files of the old table are
+unlinked, never truncated, so processes that still map them keep valid pages.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import fcntl
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from .errors import TableExistsError
+
+__all__ = ["partial_dir", "publish", "clean_stale", "fsync_tree", "fsync_path"]
+
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2
+
+
+def _partial_prefix(target: Path) -> str:
+    return f".{target.name}.partial-"
+
+
+def fsync_path(path: str | os.PathLike[str]) -> None:
+    """fsync one file or directory by path."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: str | os.PathLike[str]) -> None:
+    """fsync every file and directory under `root` (directories after their entries)."""
+    for dirpath, _, filenames in os.walk(root, topdown=False):
+        for name in filenames:
+            fsync_path(os.path.join(dirpath, name))
+        fsync_path(dirpath)
+
+
+def _try_lock(fd: int) -> bool:
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
+def clean_stale(target: str | os.PathLike[str]) -> list[Path]:
+    """Remove partial directories of `target` left by builds that died; return what was removed.
+
+    A partial directory whose lock can be taken has no live builder: nothing else holds it.
+    """
+    target = Path(target)
+    parent = target.parent
+    removed = []
+    try:
+        entries = list(os.scandir(parent))
+    except FileNotFoundError:
+        return removed
+    for entry in entries:
+        if not entry.name.startswith(_partial_prefix(target)) or not entry.is_dir(follow_symlinks=False):
+            continue
+        try:
+            fd = os.open(entry.path, os.O_RDONLY | os.O_DIRECTORY)
+        except FileNotFoundError:
+            continue
+        try:
+            if _try_lock(fd):
+                shutil.rmtree(entry.path, ignore_errors=True)
+                removed.append(Path(entry.path))
+        finally:
+            os.close(fd)
+    return removed
+
+
+@contextlib.contextmanager
+def partial_dir(target: str | os.PathLike[str]) -> Iterator[Path]:
+    """A fresh, locked, empty directory beside `target`; removed if the block raises.
+
+    The lock is held until the block ends (after `publish`, it then guards the published
+    directory's inode, which is harmless).
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        path = Path(tempfile.mkdtemp(prefix=_partial_prefix(target), dir=target.parent))
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        # A concurrent clean_stale may have removed the directory before we locked it: retry.
+        if _try_lock(fd) and _same_inode(fd, path):
+            break
+        os.close(fd)
+    try:
+        yield path
+    except BaseException:
+        shutil.rmtree(path, ignore_errors=True)
+        raise
+    finally:
+        os.close(fd)
+
+
+def _same_inode(fd: int, path: Path) -> bool:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return False
+    fst = os.fstat(fd)
+    return (st.st_dev, st.st_ino) == (fst.st_dev, fst.st_ino)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths with renameat2(RENAME_EXCHANGE); False where unsupported."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except AttributeError:
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    renameat2.restype = ctypes.c_int
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, f"renameat2({os.fspath(a)!r}, {os.fspath(b)!r}, RENAME_EXCHANGE): {os.strerror(err)}")
+
+
+def publish(partial: Path, target: str | os.PathLike[str], overwrite: bool) -> None:
+    """Move the finished (fsynced) `partial` directory to `target` atomically.
+
+    Without `overwrite`, an existing non-empty `target` raises TableExistsError. With it, the
+    old directory is swapped out in one step (or, where the filesystem cannot swap, renamed
+    aside first) and then deleted.
+    """
+    target = Path(target)
+    if overwrite and target.exists():
+        if not _exchange(partial, target):
+            aside = Path(tempfile.mkdtemp(prefix=_partial_prefix(target), dir=target.parent))
+            os.rename(target, aside / "old")
+            os.rename(partial, target)
+            partial = aside
+        fsync_path(target.parent)
+        shutil.rmtree(partial, ignore_errors=True)   # the old table
+        return
+    try:
+        os.rename(partial, target)
+    except OSError as exc:
+        if exc.errno in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR, errno.EISDIR):
+            raise TableExistsError(
+                f"path={os.fspath(target)!r} already exists: pass overwrite=True to replace the table "
+                "there, or choose another path") from exc
+        raise
+    fsync_path(target.parent)
