@@ -1,0 +1,230 @@
+"""Direct row reads: `pread` from a thread pool into aligned buffers, bypassing the page cache.
+
+One gather of n rows: deduplicate and sort the rows, turn them into block-aligned extents of
+their chunk files (rows sharing or bordering a 4 KiB block are read together, extents never
+cross a `EXTENT_BYTES` boundary), read the extents with many `preadv` calls in flight from a
+thread pool (the GIL is released during each call), then copy every row out of the staging
+buffer and expand the unique rows back to the requested order.
+
+Files are opened with O_DIRECT where the filesystem allows it (reads go straight to the device;
+buffers, offsets and lengths are 4 KiB-aligned). Elsewhere (tmpfs, some network filesystems)
+they are read through the page cache with readahead off (POSIX_FADV_RANDOM), and the ranges
+read are dropped from the cache again (POSIX_FADV_DONTNEED) so the tier never relies on it.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import errno
+import math
+import os
+import threading
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .format import LayerLayout, chunk_error
+from .mapping import MAP_PRIVATE, PROT_READ, PROT_WRITE, Region
+
+__all__ = ["DirectReader", "BLOCK", "EXTENT_BYTES"]
+
+BLOCK = 4096                # alignment of O_DIRECT offsets, lengths and buffers
+EXTENT_BYTES = 128 << 10    # extents never cross a multiple of this (bounds one read)
+STAGE_BYTES = 32 << 20      # staging buffer per window of extents (bounds memory per call)
+_O_DIRECT = getattr(os, "O_DIRECT", 0)
+
+
+class DirectReader:
+    """Reads rows of a table's layers straight from its chunk files.
+
+    Args:
+        root: the table directory.
+        layouts: the chunk layout of every layer.
+        io_threads: reads kept in flight (thread-pool size).
+        o_direct: True to require O_DIRECT, False to read through the page cache (dropping what
+            was read), None to use O_DIRECT where the filesystem supports it.
+    """
+
+    def __init__(self, root: Path, layouts: dict[int, LayerLayout], io_threads: int = 32,
+                 o_direct: bool | None = None) -> None:
+        self._root = root
+        self._layouts = layouts
+        self._io_threads = io_threads
+        self._fds: dict[int, list[int]] = {}
+        self._local = threading.local()
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._pool_pid = -1
+        self._pool_lock = threading.Lock()
+        try:
+            self.o_direct = self._open_all(root, o_direct)
+        except BaseException:
+            self.close()
+            raise
+
+    # -- files ------------------------------------------------------------------------------
+    def _open_all(self, root: Path, o_direct: bool | None) -> bool:
+        use_direct = bool(_O_DIRECT) and o_direct is not False
+        for layer_id, lay in self._layouts.items():
+            fds = self._fds.setdefault(layer_id, [])
+            for index in range(lay.n_chunks):
+                path = lay.chunk_path(root, index)
+                try:
+                    fd = self._open_one(path, use_direct)
+                except FileNotFoundError:
+                    raise chunk_error(lay, index, path, "is missing") from None
+                if fd is None:          # the filesystem refuses O_DIRECT: read through the cache
+                    if o_direct:
+                        raise OSError(errno.EINVAL, f"O_DIRECT is not supported for {os.fspath(path)!r}")
+                    self._close_fds()
+                    return self._open_all(root, False)
+                fds.append(fd)
+                if os.fstat(fd).st_size != lay.chunk_bytes:
+                    raise chunk_error(lay, index, path, f"has {os.fstat(fd).st_size} bytes, expected "
+                                      f"{lay.chunk_bytes}")
+                if not use_direct:
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+        return use_direct
+
+    @staticmethod
+    def _open_one(path: Path, use_direct: bool) -> int | None:
+        try:
+            fd = os.open(path, os.O_RDONLY | (_O_DIRECT if use_direct else 0))
+        except FileNotFoundError:
+            raise
+        except OSError as exc:
+            if use_direct and exc.errno == errno.EINVAL:
+                return None
+            raise
+        if use_direct:   # some filesystems accept the flag but fail the first read
+            probe = Region(BLOCK, PROT_READ | PROT_WRITE, MAP_PRIVATE)
+            try:
+                os.preadv(fd, [memoryview(probe.array(np.uint8, (BLOCK,), writable=True))], 0)
+            except OSError as exc:
+                os.close(fd)
+                if exc.errno == errno.EINVAL:
+                    return None
+                raise
+        return fd
+
+    def _close_fds(self) -> None:
+        for fds in self._fds.values():
+            for fd in fds:
+                os.close(fd)
+        self._fds.clear()
+
+    def close(self) -> None:
+        """Close the files and stop the thread pool (callers make sure no gather is running)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+        self._close_fds()
+        self._local = threading.local()   # drops every thread's staging buffer
+
+    def _executor(self) -> concurrent.futures.ThreadPoolExecutor:
+        with self._pool_lock:   # threads do not survive fork: a forked child makes its own pool
+            if self._pool is None or self._pool_pid != os.getpid():
+                self._pool = concurrent.futures.ThreadPoolExecutor(self._io_threads, "engram-io")
+                self._pool_pid = os.getpid()
+            return self._pool
+
+    def _staging(self, nbytes: int) -> np.ndarray:
+        """A per-thread, page-aligned staging buffer of at least `nbytes` (reused across calls)."""
+        buf = getattr(self._local, "staging", None)
+        if buf is None or buf.size < nbytes:
+            buf = Region(nbytes, PROT_READ | PROT_WRITE, MAP_PRIVATE).array(np.uint8, (nbytes,), writable=True)
+            self._local.staging = buf
+        return buf
+
+    # -- gather -----------------------------------------------------------------------------
+    def gather(self, layer_id: int, rows: np.ndarray, out: torch.Tensor) -> None:
+        """out[i] = row rows[i] of the layer; `rows` int64 [n] in range, `out` [n, D] contiguous."""
+        lay = self._layouts[layer_id]
+        if rows.size == 0:
+            return
+        uniq, inverse = np.unique(rows, return_inverse=True)
+        unique_rows = np.empty((uniq.size, lay.row_bytes), np.uint8)
+        plan = _plan_extents(uniq, lay)
+        for window in _windows(plan, STAGE_BYTES):
+            self._read_window(lay, self._fds[layer_id], plan, window, unique_rows)
+        # Expand the unique rows to the requested order, byte for byte: [n, row_bytes].
+        out_bytes = out.view(torch.uint8)
+        torch.index_select(torch.from_numpy(unique_rows), 0, torch.from_numpy(inverse.reshape(-1)), out=out_bytes)
+
+    def _read_window(self, lay: LayerLayout, fds: list[int], plan: dict[str, np.ndarray],
+                     window: tuple[int, int, int, int], unique_rows: np.ndarray) -> None:
+        first_ext, stop_ext, first_row, stop_row = window
+        ext_start = plan["ext_start"][first_ext:stop_ext]
+        ext_len = plan["ext_len"][first_ext:stop_ext]
+        ext_chunk = plan["ext_chunk"][first_ext:stop_ext]
+        stage_off = np.zeros(ext_len.size, np.int64)
+        np.cumsum(ext_len[:-1], out=stage_off[1:])
+        staging = self._staging(int(stage_off[-1] + ext_len[-1]))
+        jobs = list(zip(ext_chunk.tolist(), ext_start.tolist(), ext_len.tolist(), stage_off.tolist(), strict=True))
+        n_tasks = min(self._io_threads, len(jobs))
+        view = memoryview(staging)
+        tasks = [self._executor().submit(_read_extents, fds, jobs[t::n_tasks], view) for t in range(n_tasks)]
+        concurrent.futures.wait(tasks)      # every read has landed (or failed) before we go on
+        for task in tasks:
+            bad = task.result()
+            if bad is not None:
+                chunk, got, want = bad
+                raise chunk_error(lay, chunk, lay.chunk_path(self._root, chunk),
+                                  f"returned {got} of {want} bytes (truncated after the table was opened?)")
+        if not self.o_direct:
+            for chunk in np.unique(ext_chunk).tolist():
+                os.posix_fadvise(fds[chunk], 0, 0, os.POSIX_FADV_DONTNEED)
+        # Each row's bytes sit at stage_off[extent] + (its file offset - extent start). Staging and
+        # file offsets of an extent agree modulo BLOCK, so every row starts at a multiple of
+        # g = gcd(row_bytes, BLOCK): copy each row as row_bytes/g units of g bytes.
+        ext_of_row = plan["row_ext"][first_row:stop_row] - first_ext
+        pos = stage_off[ext_of_row] + plan["row_byte"][first_row:stop_row] - ext_start[ext_of_row]
+        g = math.gcd(lay.row_bytes, BLOCK)
+        units = torch.from_numpy(staging[: staging.size // g * g]).view(-1, g)              # [*, g]
+        index = (pos // g)[:, None] + np.arange(lay.row_bytes // g)                         # [rows, row_bytes/g]
+        dest = torch.from_numpy(unique_rows[first_row:stop_row]).view(-1, g)               # [rows*row_bytes/g, g]
+        torch.index_select(units, 0, torch.from_numpy(index.reshape(-1)), out=dest)
+
+
+def _read_extents(fds: list[int], jobs: list[tuple[int, int, int, int]], view: memoryview) -> tuple | None:
+    """Read each (chunk, file offset, length, staging offset); return the first short read, if any."""
+    preadv = os.preadv
+    for chunk, start, length, stage in jobs:
+        got = preadv(fds[chunk], [view[stage: stage + length]], start)
+        if got != length:
+            return chunk, got, length
+    return None
+
+
+def _plan_extents(uniq: np.ndarray, lay: LayerLayout) -> dict[str, np.ndarray]:
+    """Block-aligned read extents covering the sorted unique rows `uniq` of one layer."""
+    chunk = uniq // lay.chunk_rows
+    row_byte = (uniq - chunk * lay.chunk_rows) * lay.row_bytes          # offset inside the chunk file
+    first = row_byte // BLOCK * BLOCK
+    last = -(-(row_byte + lay.row_bytes) // BLOCK) * BLOCK              # block-aligned end
+    new = np.ones(uniq.size, bool)
+    # A new extent starts at a new chunk file, after a gap, or across an EXTENT_BYTES boundary.
+    new[1:] = ((chunk[1:] != chunk[:-1]) | (first[1:] > last[:-1])
+               | (first[1:] // EXTENT_BYTES != first[:-1] // EXTENT_BYTES))
+    starts = np.flatnonzero(new)
+    ends = np.append(starts[1:], uniq.size) - 1        # the last row of each extent
+    ext_start = first[starts]
+    return {
+        "ext_start": ext_start,
+        "ext_len": last[ends] - ext_start,               # `last` never decreases inside an extent
+        "ext_chunk": chunk[starts],
+        "row_ext": np.cumsum(new) - 1,
+        "row_byte": row_byte,
+    }
+
+
+def _windows(plan: dict[str, np.ndarray], budget: int) -> list[tuple[int, int, int, int]]:
+    """Split the extents into runs of about `budget` staging bytes: (ext range, row range)."""
+    ext_len = plan["ext_len"]
+    if ext_len.size == 0:
+        return []
+    window_of_ext = np.cumsum(ext_len) // budget        # a window ends past each budget multiple
+    bounds = np.flatnonzero(np.diff(window_of_ext)) + 1
+    ext_edges = [0, *bounds.tolist(), ext_len.size]
+    row_edges = np.searchsorted(plan["row_ext"], ext_edges).tolist()
+    return [(ext_edges[i], ext_edges[i + 1], row_edges[i], row_edges[i + 1]) for i in range(len(ext_edges) - 1)]

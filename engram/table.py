@@ -1,0 +1,361 @@
+"""Table: an open, read-only engram table and its lookups.
+
+    table = engram.open(path, tier="mmap")
+    e = table.lookup(token_ids, layer_id)     # [B, T] ids -> torch [B, T, E], heads concatenated
+
+A lookup validates and compresses the ids, hashes them (NgramHasher), adds each head's row
+offset while transposing the hasher's head-major [H, B, T] rows to [B, T, H], and gathers those
+rows from the tier in one call (`Table._gather`, the single place every row read goes through).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+import weakref
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .buffers import OutputPool, Scratch
+from .compression import Compression
+from .errors import CorruptTableError, InputError, SpecMismatchError
+from .format import LayerLayout, TableMeta, chunk_error, read_metadata
+from .hashing import NgramHasher
+from .spec import TableSpec
+from .tensors import check_ids_2d, is_torch, to_numpy_ids
+from .tiers import TIERS, open_tier, torch_dtype
+
+__all__ = ["Table", "open", "lookup"]
+
+_VERIFY_READ = 8 << 20
+
+
+class Table:
+    """An open engram table: one row table per layer, read-only. Make one with `engram.open`.
+
+    A Table is a context manager; it can be used from several threads at once, and it pickles
+    by path and tier (the receiving process opens the table itself, nothing is copied).
+    """
+
+    def __init__(self, path: Path, meta: TableMeta, tier: str, prefault: bool, io_threads: int) -> None:
+        self._path, self._meta, self._tier_name = path, meta, tier
+        self._prefault, self._io_threads = prefault, io_threads
+        self._hasher = NgramHasher(meta.spec, meta.compression)
+        self._offsets = {lid: np.asarray(meta.spec.head_offsets(lid), np.int64) for lid in meta.spec.layer_ids}
+        self._dtype = torch_dtype(meta.spec.dtype)
+        self._outputs = OutputPool()
+        self._scratch = Scratch()
+        self._state = threading.Condition()
+        self._active = 0
+        self._closed = False
+        self._tier = open_tier(tier, path, meta, prefault, io_threads)
+        self._finalizer = weakref.finalize(self, self._tier.close)
+
+    # -- what the table is ------------------------------------------------------------------
+    @property
+    def path(self) -> Path:
+        """The table directory."""
+        return self._path
+
+    @property
+    def spec(self) -> TableSpec:
+        """The spec the table was built with."""
+        return self._meta.spec
+
+    @property
+    def compression(self) -> Compression:
+        """The token-id compression the table was built with."""
+        return self._meta.compression
+
+    @property
+    def tier(self) -> str:
+        """Where rows are read from: "ram", "mmap" or "direct"."""
+        return self._tier_name
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The rows' torch dtype (bfloat16 tables: torch.bfloat16)."""
+        return self._dtype
+
+    @property
+    def format_version(self) -> int:
+        """The on-disk format version of the table."""
+        return self._meta.format_version
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of rows over all layers (chunk padding excluded)."""
+        return self.spec.total_bytes
+
+    def layout(self, layer_id: int) -> LayerLayout:
+        """How one layer is stored: zarr array name, rows, chunk rows, chunk count, checksums."""
+        return self._meta.layers[self.spec.check_layer(layer_id)]
+
+    def chunk_files(self, layer_id: int) -> list[Path]:
+        """The chunk files of one layer, in row order."""
+        lay = self.layout(layer_id)
+        return [lay.chunk_path(self._path, i) for i in range(lay.n_chunks)]
+
+    def checksums(self, layer_id: int) -> tuple[str, ...]:
+        """The recorded xxh3-64 hex digest of each chunk file of one layer."""
+        return self.layout(layer_id).checksums
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else f"tier={self._tier_name!r}"
+        return (f"Table(path={os.fspath(self._path)!r}, {state}, layer_ids={self.spec.layer_ids}, "
+                f"dtype={self.spec.dtype!r}, rows={self.spec.total_rows}x{self.spec.head_dim})")
+
+    # -- lifetime ---------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _in_use(self) -> Iterator[None]:
+        with self._state:
+            if self._closed:
+                raise InputError(
+                    f"table at {os.fspath(self._path)!r} is closed: open it again with "
+                    f"engram.open({os.fspath(self._path)!r})")
+            self._active += 1
+        try:
+            yield
+        finally:
+            with self._state:
+                self._active -= 1
+                self._state.notify_all()
+
+    def close(self) -> None:
+        """Release the rows (mapping, memory, files); waits for lookups in flight. Idempotent."""
+        with self._state:
+            self._closed = True
+            self._state.wait_for(lambda: self._active == 0)
+        self._finalizer()
+        self._outputs.clear()
+
+    def __enter__(self) -> Table:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        # By path and tier, never by content: the receiving process opens the table itself.
+        return _reopen, (os.fspath(self._path), self._tier_name, self._prefault, self._io_threads)
+
+    # -- lookups ----------------------------------------------------------------------------
+    def lookup(self, token_ids: Any, layer_id: int | None, out: torch.Tensor | None = None,
+               dtype: torch.dtype | None = None) -> torch.Tensor | dict[int, torch.Tensor]:
+        """The rows that `token_ids` address in one layer, heads concatenated in hash order.
+
+        Args:
+            token_ids: raw token ids [B, T] (numpy or torch, any integer dtype and device).
+            layer_id: one of `spec.layer_ids`, or None for every layer.
+            out: optional contiguous CPU tensor [B, T, E] of the result dtype to write into.
+            dtype: result dtype (default: the table's dtype).
+
+        Returns:
+            A CPU tensor [B, T, E] (E = spec.embed_dim) whatever the ids' device, or
+            {layer_id: tensor} for None. Without
+            `out` the result is a tensor of its own: its memory is recycled by a later lookup
+            only after every reference to it (views and autograd included) is gone.
+
+        Example:
+            >>> with engram.open("table.engram") as table:
+            ...     e = table.lookup(np.array([[5, 17, 42]]), layer_id=1)   # [1, 3, E]
+        """
+        with self._in_use():
+            x = self._compress(token_ids)                                # compressed ids [B, T]
+            if layer_id is None:
+                if out is not None:
+                    raise InputError("out= needs one layer_id, got layer_id=None: pass a layer_id, "
+                                     "or drop out= to get {layer_id: tensor}")
+                return {lid: self._lookup_layer(x, lid, None, dtype) for lid in self.spec.layer_ids}
+            return self._lookup_layer(x, self.spec.check_layer(layer_id), out, dtype)
+
+    def _compress(self, token_ids: Any) -> np.ndarray:
+        if is_torch(token_ids):
+            check_ids_2d(token_ids)
+        ids = to_numpy_ids(token_ids)
+        check_ids_2d(ids)
+        self.compression.check_ids(ids)
+        return self.compression.lookup[ids]
+
+    def _lookup_layer(self, x: np.ndarray, layer_id: int, out: torch.Tensor | None,
+                      dtype: torch.dtype | None) -> torch.Tensor:
+        B, T = x.shape
+        H, D = self.spec.heads_per_layer, self.spec.head_dim
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise InputError(f"dtype={dtype!r} is invalid: expected a floating-point torch.dtype or None")
+        want = self._dtype if dtype is None else dtype
+        if out is not None:
+            _check_out(out, (B, T, H * D), want)
+        heads_buf, rows = self._scratch.get(H, B, T)
+        heads = self._hasher.hash_compressed(x, layer_id, out=heads_buf)          # [B, T, H] view of [H, B, T]
+        np.add(heads, self._offsets[layer_id], out=rows)                         # [B, T, H] global rows
+        if out is not None and want == self._dtype:
+            result = out
+        else:
+            result = self._outputs.take((B, T, H * D), self._dtype)
+        self._gather(layer_id, rows.reshape(-1), result.view(B * T * H, D))      # [B*T*H, D]
+        if want == self._dtype:
+            return result
+        return result.to(want) if out is None else out.copy_(result)
+
+    def _gather(self, layer_id: int, rows: np.ndarray, out: torch.Tensor) -> None:
+        """out[i] = row rows[i] of the layer's table. Every row read of the table passes here."""
+        self._tier.gather(layer_id, rows, out)
+
+    def rows(self, layer_id: int, row_indices: Any) -> torch.Tensor:
+        """Raw rows by global row index: [n] ints -> a new tensor [n, D] in the table's dtype.
+
+        Example:
+            >>> table.rows(1, [0, table.spec.rows(1) - 1])     # first and last row of layer 1
+        """
+        with self._in_use():
+            layer_id = self.spec.check_layer(layer_id)
+            if isinstance(row_indices, (list, tuple)) and not row_indices:
+                row_indices = np.empty(0, np.int64)              # np.asarray([]) is float64
+            idx = to_numpy_ids(row_indices, name="row_indices")
+            n_rows = self.spec.rows(layer_id)
+            if idx.ndim != 1:
+                raise InputError(f"row_indices must be 1-D, got shape {idx.shape}: flatten them first")
+            if idx.size and (idx.min() < 0 or idx.max() >= n_rows):
+                bad = int(idx.min()) if idx.min() < 0 else int(idx.max())
+                raise InputError(f"row_indices holds {bad}, outside [0, {n_rows}) for layer {layer_id}: "
+                                 f"use global rows 0 <= row < spec.rows({layer_id})")
+            out = torch.empty((idx.size, self.spec.head_dim), dtype=self._dtype)
+            self._gather(layer_id, np.ascontiguousarray(idx), out)
+            return out
+
+    # -- integrity --------------------------------------------------------------------------
+    def verify(self, progress: bool | None = None) -> None:
+        """Check every chunk file on disk against its recorded xxh3-64 checksum.
+
+        Args:
+            progress: show a progress bar (None: only on a terminal, after a second).
+
+        Raises:
+            CorruptTableError: naming the first bad chunk (layer, chunk, file) and how many
+                chunks are bad in all.
+        """
+        from tqdm.auto import tqdm
+
+        with self._in_use():
+            bad: list[CorruptTableError] = []
+            total = sum(lay.n_chunks * lay.chunk_bytes for lay in self._meta.layers.values())
+            with tqdm(total=total, unit="B", unit_scale=True, desc="verify", delay=1.0, mininterval=0.5,
+                      disable=None if progress is None else not progress) as bar:
+                for lay in self._meta.layers.values():
+                    for index in range(lay.n_chunks):
+                        problem = _check_chunk(self._path, lay, index)
+                        if problem is not None:
+                            bad.append(problem)
+                        bar.update(lay.chunk_bytes)
+            if bad:
+                more = f" ({len(bad) - 1} more bad chunks)" if len(bad) > 1 else ""
+                raise CorruptTableError(f"{bad[0]}{more}") from bad[0]
+
+
+def _check_chunk(root: Path, lay: LayerLayout, index: int) -> CorruptTableError | None:
+    """The problem with one chunk file, if any: missing, wrong size or wrong checksum."""
+    import xxhash
+
+    path = lay.chunk_path(root, index)
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return chunk_error(lay, index, path, "is missing")
+    try:
+        size = os.fstat(fd).st_size
+        if size != lay.chunk_bytes:
+            return chunk_error(lay, index, path, f"has {size} bytes, expected {lay.chunk_bytes}")
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+        digest = xxhash.xxh3_64()
+        while block := os.read(fd, _VERIFY_READ):
+            digest.update(block)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)   # a full check should not flush the cache
+    finally:
+        os.close(fd)
+    if digest.hexdigest() != lay.checksums[index]:
+        return chunk_error(lay, index, path, f"has xxh3 {digest.hexdigest()}, recorded {lay.checksums[index]} "
+                           "(its contents changed)")
+    return None
+
+
+def _check_out(out: Any, shape: tuple[int, int, int], dtype: torch.dtype) -> None:
+    if not isinstance(out, torch.Tensor):
+        raise InputError(f"out must be a torch.Tensor, got {type(out).__name__}: pass torch.empty({shape})")
+    if tuple(out.shape) != shape or out.dtype != dtype or out.device.type != "cpu" or not out.is_contiguous():
+        raise InputError(
+            f"out has shape {tuple(out.shape)}, dtype {out.dtype}, device {out.device} (contiguous="
+            f"{out.is_contiguous()}), expected a contiguous CPU tensor of shape {shape} and dtype {dtype}: "
+            f"pass torch.empty({shape}, dtype={dtype})")
+
+
+def open(path: str | os.PathLike[str], tier: str = "mmap", *, prefault: bool = False,
+         compression: Compression | None = None, spec: TableSpec | None = None, io_threads: int = 32) -> Table:
+    """Open a table read-only.
+
+    Args:
+        path: the table directory written by `engram.build_table`.
+        tier: where rows are read from: "ram" (loaded into hugepage-backed memory, checksums
+            verified while loading), "mmap" (chunk files mapped into one address range), or
+            "direct" (pread from a thread pool, bypassing the page cache; for cold tables).
+        prefault: "mmap" only: fault every page in at open (MAP_POPULATE), so the first
+            lookups do not pay for page faults.
+        compression: if given, the compression the caller expects the table to use.
+        spec: if given, the spec the caller expects the table to be built with.
+        io_threads: "direct" only: reads kept in flight.
+
+    Returns:
+        The open Table (a context manager).
+
+    Raises:
+        TableNotFoundError: no table at `path`.
+        CorruptTableError: unknown format version, damaged metadata, missing or short chunk files.
+        SpecMismatchError: the table was built with another spec or compression.
+
+    Example:
+        >>> with engram.open("table.engram", tier="ram") as table:
+        ...     e = table.lookup(token_ids, layer_id=1)
+    """
+    if tier not in TIERS:
+        raise InputError(f"tier={tier!r} is not a storage tier: expected one of {TIERS}")
+    if not isinstance(io_threads, int) or isinstance(io_threads, bool) or io_threads < 1:
+        raise InputError(f"io_threads={io_threads!r} is invalid: expected an int >= 1")
+    root = Path(path)
+    meta = read_metadata(root)
+    if spec is not None and spec != meta.spec:
+        differ = [k for k, v in spec.to_dict().items() if meta.spec.to_dict().get(k) != v]
+        fields = ", ".join(f"{k}={getattr(meta.spec, k)!r} (expected {getattr(spec, k)!r})" for k in differ)
+        raise SpecMismatchError(
+            f"table at {os.fspath(root)!r} was built for another spec: {fields}: open the table built for "
+            "this spec, or use table.spec")
+    if compression is not None and compression != meta.compression:
+        raise SpecMismatchError(
+            f"table at {os.fspath(root)!r} was built with another compression (fingerprint "
+            f"{meta.compression.fingerprint!r}, expected {compression.fingerprint!r}): open the table built "
+            "with this tokenizer's compression, or use table.compression")
+    return Table(root, meta, tier, prefault, io_threads)
+
+
+def _reopen(path: str, tier: str, prefault: bool, io_threads: int) -> Table:
+    return open(path, tier, prefault=prefault, io_threads=io_threads)
+
+
+def lookup(token_ids: Any, table: Table, layer_id: int | None, out: torch.Tensor | None = None,
+           dtype: torch.dtype | None = None) -> torch.Tensor | dict[int, torch.Tensor]:
+    """The rows `token_ids` address in `table`: the same as `table.lookup(token_ids, layer_id)`.
+
+    Example:
+        >>> e = engram.lookup(token_ids, engram.open("table.engram"), layer_id=1)   # [B, T, E]
+    """
+    if not isinstance(table, Table):
+        raise InputError(f"table must be an engram.Table, got {type(table).__name__}: pass engram.open(path)")
+    return table.lookup(token_ids, layer_id, out=out, dtype=dtype)
