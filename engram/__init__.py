@@ -20,12 +20,17 @@ from .hotrows import HotRowPlan as HotRowPlan
 from .spec import TableSpec as TableSpec
 
 if TYPE_CHECKING:
+    from .build import build_table as build_table
     from .memory import EngramMemory as EngramMemory
+    from .table import Table as Table
+    from .table import lookup as lookup
+    from .table import open as open
     from .training import export_rows as export_rows
     from .training import param_groups as param_groups
 
 # Names whose modules import torch load on first use, so `import engram` stays fast.
-_LAZY = {"EngramMemory": ".memory", "export_rows": ".training", "param_groups": ".training"}
+_LAZY = {"EngramMemory": ".memory", "Table": ".table", "build_table": ".build", "lookup": ".table", "open": ".table",
+         "export_rows": ".training", "param_groups": ".training"}
 
 
 def __getattr__(name: str) -> Any:
@@ -49,12 +54,16 @@ __all__ = [
     "NgramHasher",
     "SpecError",
     "SpecMismatchError",
+    "Table",
     "TableExistsError",
     "TableNotFoundError",
     "TableSpec",
     "TokenIdError",
+    "build_table",
     "corpus_stats",
     "export_rows",
+    "lookup",
+    "open",
     "param_groups",
     "tokenize_files",
 ]

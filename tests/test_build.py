@@ -1,0 +1,314 @@
+"""build_table: seeded and imported rows, streaming memory, atomic publication."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+import engram
+from engram import build, publish
+from engram.build import INIT_BLOCK_ROWS
+
+VOCAB = 600
+COMP = engram.Compression(np.arange(VOCAB) // 2)
+
+
+def make_spec(dtype: str = "float32", **changes) -> engram.TableSpec:
+    spec = engram.TableSpec(engram_vocab_size=(2000, 2100), max_ngram_size=3, n_head_per_ngram=2,
+                            n_embed_per_ngram=32, layer_ids=(1, 5),
+                            compressed_vocab_size=COMP.compressed_vocab_size, dtype=dtype)
+    return spec.replace(**changes) if changes else spec
+
+
+def all_rows(table, layer_id: int) -> torch.Tensor:
+    return table.rows(layer_id, np.arange(table.spec.rows(layer_id)))
+
+
+def leftovers(directory) -> list[str]:
+    return sorted(p.name for p in directory.iterdir() if ".partial-" in p.name)
+
+
+# -- rows ---------------------------------------------------------------------------------
+def test_returns_the_open_table(tmp_path):
+    with engram.build_table(tmp_path / "t", make_spec(), COMP) as table:
+        assert isinstance(table, engram.Table) and table.tier == "mmap" and not table.closed
+        assert table.spec == make_spec() and table.compression == COMP
+    assert leftovers(tmp_path) == []
+
+
+def test_normal_init_follows_the_documented_formula(tmp_path):
+    spec = make_spec()
+    with engram.build_table(tmp_path / "t", spec, COMP, std=0.5, seed=11, chunk_rows=1024) as table:
+        for layer_id in spec.layer_ids:
+            rows = all_rows(table, layer_id).numpy()
+            for r in (0, 1, 1023, 1024, 5000, spec.rows(layer_id) - 1):
+                z = np.random.default_rng([11, layer_id, r // INIT_BLOCK_ROWS]).standard_normal(
+                    (INIT_BLOCK_ROWS, spec.head_dim), dtype=np.float32)
+                np.testing.assert_array_equal(rows[r], np.float32(0.5) * z[r % INIT_BLOCK_ROWS])
+        assert 0.45 < float(rows.std()) < 0.55
+
+
+def test_rows_depend_on_seed_only_not_on_chunking(tmp_path):
+    spec = make_spec()
+    a = engram.build_table(tmp_path / "a", spec, COMP, seed=1, chunk_rows=1024)
+    b = engram.build_table(tmp_path / "b", spec, COMP, seed=1, chunk_rows=3072)
+    c = engram.build_table(tmp_path / "c", spec, COMP, seed=2, chunk_rows=1024)
+    d = engram.build_table(tmp_path / "d", spec, COMP, seed=1, chunk_rows=1024)
+    with a, b, c, d:
+        assert a.checksums(1) == d.checksums(1) and a.checksums(5) == d.checksums(5)
+        assert torch.equal(all_rows(a, 1), all_rows(b, 1))
+        assert not torch.equal(all_rows(a, 1), all_rows(c, 1))
+        assert not torch.equal(all_rows(a, 1)[:100], all_rows(a, 5)[:100])   # layers differ
+
+
+def test_bf16_init_rounds_the_float32_draws(tmp_path):
+    with engram.build_table(tmp_path / "f32", make_spec(), COMP, seed=4) as f32, \
+            engram.build_table(tmp_path / "bf16", make_spec("bfloat16"), COMP, seed=4) as bf16:
+        assert bf16.dtype == torch.bfloat16
+        assert torch.equal(all_rows(bf16, 5), all_rows(f32, 5).to(torch.bfloat16))
+
+
+def test_zeros_init(tmp_path):
+    with engram.build_table(tmp_path / "t", make_spec("float16"), COMP, init="zeros") as table:
+        assert not all_rows(table, 1).any()
+
+
+@pytest.mark.parametrize("kind", ["numpy-f64", "torch-bf16", "torch-f32-grad", "memmap"])
+def test_weights_import(tmp_path, kind):
+    spec = make_spec("bfloat16" if kind == "torch-f32-grad" else "float32")
+    rows = torch.randn(spec.rows(1), spec.head_dim, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    if kind == "numpy-f64":
+        source = rows.numpy()
+    elif kind == "torch-bf16":
+        source = rows.to(torch.bfloat16)
+    elif kind == "torch-f32-grad":
+        source = rows.float().requires_grad_()
+    else:
+        np.save(tmp_path / "rows.npy", rows.float().numpy())
+        source = np.load(tmp_path / "rows.npy", mmap_mode="r")      # read-only np.memmap
+    with engram.build_table(tmp_path / "t", spec, COMP, weights={1: source}, seed=9, chunk_rows=4096) as table:
+        expected = (source.detach() if isinstance(source, torch.Tensor) else torch.from_numpy(np.array(source)))
+        assert torch.equal(all_rows(table, 1), expected.to(table.dtype))
+        with engram.build_table(tmp_path / "init", spec, COMP, seed=9) as init_only:   # layer 5: the init
+            assert torch.equal(all_rows(table, 5), all_rows(init_only, 5))
+
+
+def test_weights_are_checked(tmp_path):
+    spec = make_spec()
+    good = np.zeros((spec.rows(1), 16), np.float32)
+    with pytest.raises(engram.InputError, match=r"weights\[1\] has shape \(10, 16\), expected \(8238, 16\) = "
+                       r"\(spec.rows\(1\), spec.head_dim\) for layer 1"):
+        engram.build_table(tmp_path / "t", spec, COMP, weights={1: good[:10]})
+    with pytest.raises(engram.InputError, match=r"weights has layer_id=2, but the spec's layer_ids are \(1, 5\)"):
+        engram.build_table(tmp_path / "t", spec, COMP, weights={2: good})
+    with pytest.raises(engram.InputError, match=r"weights\[1\] has dtype int32, expected floating point"):
+        engram.build_table(tmp_path / "t", spec, COMP, weights={1: good.astype(np.int32)})
+    with pytest.raises(engram.InputError, match=r"weights\[1\] must be a numpy array or torch tensor, got list"):
+        engram.build_table(tmp_path / "t", spec, COMP, weights={1: good.tolist()})
+    with pytest.raises(engram.InputError, match="weights must be a mapping"):
+        engram.build_table(tmp_path / "t", spec, COMP, weights=[good])
+    assert not (tmp_path / "t").exists()
+
+
+@pytest.mark.parametrize("dtype", ["int8", "float8_e4m3"])
+def test_quantized_dtypes_are_not_supported_yet(tmp_path, dtype):
+    with pytest.raises(engram.SpecError, match=rf"TableSpec.dtype='{dtype}' is not supported by tables yet"):
+        engram.build_table(tmp_path / "t", make_spec(dtype), COMP)
+    assert not (tmp_path / "t").exists()
+
+
+def test_bad_arguments(tmp_path):
+    path = tmp_path / "t"
+    with pytest.raises(engram.InputError, match=r"chunk_rows=1000 is invalid: .* use a positive multiple of 1024"):
+        engram.build_table(path, make_spec(), COMP, chunk_rows=1000)
+    with pytest.raises(engram.InputError, match=r"init='uniform' is not an initializer: expected one of "
+                       r"\('normal', 'zeros'\)"):
+        engram.build_table(path, make_spec(), COMP, init="uniform")
+    with pytest.raises(engram.InputError, match="std=-1.0 is invalid"):
+        engram.build_table(path, make_spec(), COMP, std=-1.0)
+    with pytest.raises(engram.InputError, match="seed=-3 is invalid"):
+        engram.build_table(path, make_spec(), COMP, seed=-3)
+    with pytest.raises(engram.InputError, match="comp must be an engram.Compression, got ndarray"):
+        engram.build_table(path, make_spec(), COMP.lookup)
+    with pytest.raises(engram.SpecMismatchError, match="compressed_vocab_size=600 but spec.compressed_vocab_size=300"):
+        engram.build_table(path, make_spec(), engram.Compression.identity(600))
+    assert not path.exists()
+
+
+def test_no_progress_output_off_a_terminal(tmp_path, capsys):
+    engram.build_table(tmp_path / "t", make_spec(), COMP).close()
+    assert capsys.readouterr() == ("", "")
+
+
+# -- publication --------------------------------------------------------------------------
+def test_existing_tables_are_replaced_only_with_overwrite(tmp_path):
+    path = tmp_path / "t"
+    old = engram.build_table(path, make_spec(), COMP, seed=1)
+    old_rows = all_rows(old, 1)
+    with pytest.raises(engram.TableExistsError, match=r"path=.* already exists: pass overwrite=True"):
+        engram.build_table(path, make_spec(), COMP, seed=2)
+    with engram.build_table(path, make_spec(), COMP, seed=2, overwrite=True) as new:
+        assert not torch.equal(all_rows(new, 1), old_rows)
+        assert torch.equal(all_rows(old, 1), old_rows)     # the old mapping still reads the old rows
+    old.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t"]
+
+
+def test_overwrite_without_renameat2(tmp_path, monkeypatch):
+    monkeypatch.setattr(publish, "_exchange", lambda a, b: False)
+    path = tmp_path / "t"
+    engram.build_table(path, make_spec(), COMP, seed=1).close()
+    engram.build_table(path, make_spec(), COMP, seed=2, overwrite=True).close()
+    with engram.build_table(tmp_path / "ref", make_spec(), COMP, seed=2) as ref, engram.open(path) as table:
+        assert table.checksums(1) == ref.checksums(1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ref", "t"]
+
+
+def test_overwrite_replaces_only_tables(tmp_path):
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "keep.txt").write_text("mine")
+    (tmp_path / "file").write_text("mine")
+    for name in ("notes", "file"):
+        with pytest.raises(engram.TableExistsError, match="exists and is not an engram table"):
+            engram.build_table(tmp_path / name, make_spec(), COMP, overwrite=True)
+    assert (tmp_path / "notes" / "keep.txt").read_text() == "mine"
+    (tmp_path / "empty").mkdir()
+    engram.build_table(tmp_path / "empty", make_spec(), COMP).close()    # an empty directory is taken
+
+
+def test_a_failed_build_leaves_nothing(tmp_path, monkeypatch):
+    real, calls = build._write_chunk, []
+
+    def failing(path, block, bar):
+        calls.append(path)
+        if len(calls) == 3:
+            raise OSError(28, "No space left on device")
+        return real(path, block, bar)
+
+    monkeypatch.setattr(build, "_write_chunk", failing)
+    with pytest.raises(OSError, match="No space left"):
+        engram.build_table(tmp_path / "t", make_spec(), COMP, chunk_rows=1024)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_stale_partials_are_removed_but_live_ones_kept(tmp_path):
+    target = tmp_path / "t"
+    stale = tmp_path / ".t.partial-dead"
+    stale.mkdir()
+    (stale / "zarr.json").write_text("{}")
+    with publish.partial_dir(target) as live:
+        assert publish.clean_stale(target) == [stale]
+        assert live.exists() and not stale.exists()
+
+
+CHILD = textwrap.dedent("""
+    import sys, time
+    import numpy as np
+    import engram
+    from engram import build
+
+    real = build._write_chunk
+    def slow(path, block, bar):
+        digest = real(path, block, bar)
+        print("chunk", flush=True)
+        time.sleep(0.2)
+        return digest
+    build._write_chunk = slow
+    comp = engram.Compression(np.arange(600) // 2)
+    spec = engram.TableSpec(engram_vocab_size=(2000, 2100), max_ngram_size=3, n_head_per_ngram=2,
+                            n_embed_per_ngram=32, layer_ids=(1, 5), compressed_vocab_size=300)
+    engram.build_table(sys.argv[1], spec, comp, seed=int(sys.argv[2]), chunk_rows=4096,
+                       overwrite=sys.argv[3] == "1").close()
+    print("done", flush=True)
+""")
+CHUNKS = 6   # 2 layers x 3 chunks of 4096 rows
+
+
+def build_and_kill(path, seed: int, overwrite: bool, after_chunks: int) -> None:
+    """Run a build in a child process and SIGKILL it once `after_chunks` chunk files are written."""
+    child = subprocess.Popen([sys.executable, "-c", CHILD, str(path), str(seed), "1" if overwrite else "0"],
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        for _ in range(after_chunks):
+            assert child.stdout.readline() == "chunk\n"
+        os.kill(child.pid, signal.SIGKILL)
+    finally:
+        child.wait()
+        child.stdout.close()
+    assert child.returncode == -signal.SIGKILL
+
+
+@pytest.mark.parametrize("after_chunks", [1, CHUNKS])
+def test_a_killed_build_leaves_nothing_and_the_next_build_cleans_up(tmp_path, after_chunks):
+    path = tmp_path / "t"
+    build_and_kill(path, seed=1, overwrite=False, after_chunks=after_chunks)
+    assert not path.exists() and len(leftovers(tmp_path)) == 1
+    with engram.build_table(path, make_spec(), COMP, seed=1, chunk_rows=4096) as table:
+        table.verify()
+    assert leftovers(tmp_path) == []
+
+
+def test_a_killed_overwrite_keeps_the_old_table(tmp_path):
+    path = tmp_path / "t"
+    with engram.build_table(path, make_spec(), COMP, seed=1, chunk_rows=4096) as table:
+        before = all_rows(table, 5)
+    build_and_kill(path, seed=2, overwrite=True, after_chunks=CHUNKS)
+    with engram.open(path) as table:
+        table.verify()
+        assert torch.equal(all_rows(table, 5), before)
+
+
+# -- memory -------------------------------------------------------------------------------
+RSS_CHILD = textwrap.dedent("""
+    import sys
+    import numpy as np
+    import engram
+
+    def status(key):   # kB values of /proc/self/status
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key + ":"))
+
+    comp = engram.Compression.identity(1000)
+    def spec(base):
+        return engram.TableSpec(engram_vocab_size=(base, base), max_ngram_size=3, n_head_per_ngram=8,
+                                n_embed_per_ngram=512, layer_ids=(1,), compressed_vocab_size=1000)
+    big = spec(8192)      # 16 heads x ~8192 rows x 256 B = 32 MiB, 128 chunks of 256 KiB
+    source = None
+    if sys.argv[2] == "memmap":
+        source = {1: np.load(sys.argv[1] + "/rows.npy", mmap_mode="r")}
+    engram.build_table(sys.argv[1] + "/warm", spec(600), comp, chunk_rows=1024).close()   # imports, caches
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")                      # reset the peak (VmHWM) to the current resident set
+    before = status("VmRSS")
+    with engram.build_table(sys.argv[1] + "/big", big, comp, chunk_rows=int(sys.argv[3]), weights=source) as table:
+        peak = status("VmHWM")
+        assert big.total_bytes > 32 << 20 and table.layout(1).n_chunks > 100
+        if source is not None:
+            rows = [0, 70000, big.rows(1) - 1]
+            assert np.array_equal(table.rows(1, rows).numpy(), source[1][rows])
+    print(peak - before)
+""")
+
+
+@pytest.mark.parametrize("source", ["init", "memmap"])
+def test_memory_does_not_grow_with_the_table(tmp_path, source):
+    if source == "memmap":   # 32 MiB of trained rows in a .npy file, written in pieces
+        rows = engram.TableSpec(engram_vocab_size=(8192, 8192), max_ngram_size=3, n_head_per_ngram=8,
+                                n_embed_per_ngram=512, layer_ids=(1,), compressed_vocab_size=1000).rows(1)
+        out = np.lib.format.open_memmap(tmp_path / "rows.npy", mode="w+", dtype=np.float32, shape=(rows, 64))
+        for start in range(0, rows, 8192):
+            out[start: start + 8192] = start
+        out.flush()
+        del out
+    result = subprocess.run([sys.executable, "-c", RSS_CHILD, str(tmp_path), source, "1024"],
+                            capture_output=True, text=True, check=True)
+    growth = int(result.stdout.split()[-1])
+    print(f"peak RSS growth {growth / 2**20:.2f} MiB")
+    assert growth < 8 << 20, f"peak RSS grew by {growth / 2**20:.1f} MiB while building a 32 MiB table"

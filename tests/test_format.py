@@ -1,0 +1,167 @@
+"""The on-disk format: a zarr v3 group of plain-bytes chunk files any zarr reader can open."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+import xxhash
+import zarr
+
+import engram
+from engram.format import CHUNK_ALIGN, FORMAT_VERSION, read_metadata
+
+VOCAB = 600
+# Merges id pairs, so compression is not the identity.
+COMP = engram.Compression(np.arange(VOCAB) // 2)
+
+
+def make_spec(dtype: str = "float32", head_dim: int = 16, layer_ids=(1, 5)) -> engram.TableSpec:
+    return engram.TableSpec(engram_vocab_size=(2000, 2100), max_ngram_size=3, n_head_per_ngram=2,
+                            n_embed_per_ngram=2 * head_dim, layer_ids=layer_ids,
+                            compressed_vocab_size=COMP.compressed_vocab_size, dtype=dtype)
+
+
+@pytest.fixture(scope="module")
+def table_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("format") / "t.engram"
+    engram.build_table(path, make_spec(), COMP, seed=3, chunk_rows=4096).close()
+    return path
+
+
+def engram_attrs(path) -> dict:
+    return json.loads((path / "zarr.json").read_text())["attributes"]["engram"]
+
+
+def test_group_attributes_hold_version_spec_compression_and_checksums(table_dir):
+    attrs = engram_attrs(table_dir)
+    assert attrs["format_version"] == FORMAT_VERSION == 1
+    assert attrs["spec"] == make_spec().to_dict()
+    assert attrs["compression"] == {"array": "compression", "xxh3": COMP.fingerprint}
+    assert [layer["layer_id"] for layer in attrs["layers"]] == [1, 5]
+    layer = attrs["layers"][0]
+    assert layer["array"] == "layer_1" and layer["chunk_rows"] == 4096
+    assert len(layer["checksums"]) == -(-make_spec().rows(1) // 4096) == 3
+
+
+def test_zarr_reads_every_row_and_the_compression(table_dir):
+    spec = make_spec()
+    group = zarr.open_group(table_dir, mode="r")
+    with engram.open(table_dir) as table:
+        for layer_id in spec.layer_ids:
+            array = group[f"layer_{layer_id}"]
+            assert array.shape == (spec.rows(layer_id), spec.head_dim)
+            assert array.chunks == (4096, spec.head_dim)
+            assert array.dtype == np.float32
+            rows = array[:]
+            np.testing.assert_array_equal(rows, table.rows(layer_id, np.arange(spec.rows(layer_id))).numpy())
+            np.testing.assert_array_equal(array[100:103], rows[100:103])
+    np.testing.assert_array_equal(group["compression"][:], COMP.lookup)
+
+
+def test_chunk_files_are_plain_little_endian_row_major_bytes(table_dir):
+    spec = make_spec()
+    rows = zarr.open_group(table_dir, mode="r")["layer_1"][:]
+    attrs = engram_attrs(table_dir)["layers"][0]
+    n_chunks = len(attrs["checksums"])
+    for index in range(n_chunks):
+        path = table_dir / "layer_1" / "c" / str(index) / "0"
+        data = path.read_bytes()
+        assert len(data) == 4096 * spec.row_bytes and len(data) % CHUNK_ALIGN == 0
+        assert xxhash.xxh3_64_hexdigest(data) == attrs["checksums"][index]
+        block = np.frombuffer(data, "<f4").reshape(4096, spec.head_dim)
+        start, stop = index * 4096, min((index + 1) * 4096, spec.rows(1))
+        np.testing.assert_array_equal(block[: stop - start], rows[start:stop])
+        assert not block[stop - start:].any()     # the last chunk is zero-padded to full size
+
+
+@pytest.mark.parametrize(("dtype", "zarr_dtype", "torch_dtype"), [
+    ("bfloat16", np.uint16, torch.bfloat16), ("float16", np.float16, torch.float16)])
+def test_half_dtypes_are_stored_natively_or_as_bf16_bits(tmp_path, dtype, zarr_dtype, torch_dtype):
+    spec = make_spec(dtype, head_dim=32, layer_ids=(2,))
+    weights = torch.randn(spec.rows(2), 32, generator=torch.Generator().manual_seed(0))
+    with engram.build_table(tmp_path / "t", spec, COMP, weights={2: weights}) as table:
+        stored = zarr.open_group(tmp_path / "t", mode="r")["layer_2"][:]
+        assert stored.dtype == zarr_dtype
+        assert engram_attrs(tmp_path / "t")["spec"]["dtype"] == dtype
+        expected = weights.to(torch_dtype)
+        assert torch.equal(torch.from_numpy(stored).view(torch_dtype), expected)
+        assert torch.equal(table.rows(2, np.arange(spec.rows(2))), expected)
+
+
+def test_metadata_reads_back_as_written(table_dir):
+    meta = read_metadata(table_dir)
+    assert meta.spec == make_spec() and meta.compression == COMP
+    lay = meta.layers[5]
+    assert (lay.rows, lay.row_bytes, lay.chunk_rows) == (make_spec().rows(5), 64, 4096)
+    assert lay.chunk_path(table_dir, 2) == table_dir / "layer_5" / "c" / "2" / "0"
+    assert lay.chunk_span(lay.n_chunks - 1) == ((lay.n_chunks - 1) * 4096, lay.rows)
+
+
+# -- refusals -----------------------------------------------------------------------------
+@pytest.fixture
+def copy(table_dir, tmp_path):
+    dest = tmp_path / "copy.engram"
+    shutil.copytree(table_dir, dest)
+    return dest
+
+
+def rewrite_json(path, edit) -> None:
+    doc = json.loads(path.read_text())
+    edit(doc)
+    path.write_text(json.dumps(doc))
+
+
+def test_missing_path_is_table_not_found(tmp_path):
+    with pytest.raises(engram.TableNotFoundError, match=r"no table at path=.*nope.*build one with engram.build_table"):
+        engram.open(tmp_path / "nope")
+
+
+def test_directory_without_a_table_is_table_not_found(tmp_path):
+    with pytest.raises(engram.TableNotFoundError, match="is not an engram table"):
+        engram.open(tmp_path)
+    zarr.open_group(tmp_path / "plain", mode="w", zarr_format=3)
+    with pytest.raises(engram.TableNotFoundError, match="holds zarr metadata but no engram table"):
+        engram.open(tmp_path / "plain")
+
+
+def test_unknown_format_version_is_refused(copy):
+    rewrite_json(copy / "zarr.json", lambda d: d["attributes"]["engram"].update(format_version=2))
+    with pytest.raises(engram.CorruptTableError, match=r"format_version=2, but this engram reads only "
+                       r"format_version=1: upgrade engram"):
+        engram.open(copy)
+
+
+def test_compressed_chunks_are_refused(copy):
+    rewrite_json(copy / "layer_1" / "zarr.json",
+                 lambda d: d["codecs"].append({"name": "gzip", "configuration": {"level": 1}}))
+    with pytest.raises(engram.CorruptTableError, match=r"layer 1: array 'layer_1' has codecs=.*gzip.*expected"):
+        engram.open(copy)
+
+
+def test_checksum_count_must_match_chunks(copy):
+    rewrite_json(copy / "zarr.json", lambda d: d["attributes"]["engram"]["layers"][1]["checksums"].pop())
+    with pytest.raises(engram.CorruptTableError, match="layer 5: 2 chunk checksums recorded for 3 chunks"):
+        engram.open(copy)
+
+
+def test_damaged_compression_is_refused(copy):
+    path = copy / "compression" / "c" / "0"
+    lookup = np.fromfile(path, "<i8")
+    lookup[[0, 2]] = lookup[[2, 0]]
+    lookup.tofile(path)
+    with pytest.raises(engram.CorruptTableError, match=r"compression chunk .* does not match its recorded xxh3"):
+        engram.open(copy)
+
+
+def test_unreadable_metadata_is_corrupt(copy):
+    (copy / "layer_5" / "zarr.json").write_text("{not json")
+    with pytest.raises(engram.CorruptTableError, match=r"layer 5 array metadata .* is unreadable"):
+        engram.open(copy)
+    os.remove(copy / "layer_5" / "zarr.json")
+    with pytest.raises(engram.CorruptTableError, match=r"layer 5 array metadata .* is missing"):
+        engram.open(copy)
