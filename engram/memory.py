@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
+import os
 from typing import Any
 
 import numpy as np
@@ -150,7 +151,7 @@ class EngramMemory(nn.Module):
         dtype = self.value_proj.weight.dtype
         device = self.value_proj.weight.device if device is None else device
         if self.table is not None:
-            return self.table.lookup(token_ids, self.layer_id).to(device=device, dtype=dtype)
+            return self.table.lookup(token_ids, self.layer_id, dtype=dtype).to(device)
         head_rows = self.hasher.hash(to_numpy_ids(token_ids), self.layer_id)   # [B, T, H] per head
         idx = np.add(head_rows, self._offsets, out=np.empty(head_rows.shape, np.int64))   # global rows
         idx = torch.from_numpy(idx).to(self.rows.device)
@@ -202,7 +203,7 @@ class EngramMemory(nn.Module):
         """
         if self.rows is None:
             raise InputError(
-                f"this EngramMemory reads its rows from the table at {getattr(self.table, 'path', None)!r}: "
+                f"this EngramMemory reads its rows from the table at {_table_path(self.table)!r}: "
                 "there are no in-module rows to export; copy the table instead")
         return self.rows.detach().to("cpu", copy=True)
 
@@ -229,7 +230,7 @@ class EngramMemory(nn.Module):
         return reference_state_dict(self)
 
     def extra_repr(self) -> str:
-        rows = f"table={getattr(self.table, 'path', self.table)!r}" if self.table is not None else (
+        rows = f"table={_table_path(self.table)!r}" if self.table is not None else (
             f"rows={self.spec.rows(self.layer_id)}x{self.spec.head_dim}")
         return (f"layer_id={self.layer_id}, embed_dim={self.embed_dim}, hidden_size={self.hidden_size}, "
                 f"hc_mult={self.hc_mult}, {rows}")
@@ -241,11 +242,16 @@ def _positive_int(name: str, value: Any) -> int:
     return int(value)
 
 
+def _table_path(table: Any) -> str | None:
+    path = getattr(table, "path", None)
+    return None if path is None else os.fspath(path)
+
+
 def _check_table(table: Any, spec: TableSpec, comp: Compression) -> None:
     """Raise unless `table` was built for `spec` (its row dtype aside) and `comp`."""
     if not (hasattr(table, "lookup") and isinstance(getattr(table, "spec", None), TableSpec)):
         raise InputError(f"table={table!r} is not an engram table: pass engram.open(path) or None")
-    path = getattr(table, "path", None)
+    path = _table_path(table)
     differ = [f.name for f in dataclasses.fields(TableSpec)
               if f.name != "dtype" and getattr(table.spec, f.name) != getattr(spec, f.name)]
     if differ:
