@@ -298,3 +298,108 @@ def test_hash_ids_follow_numpy_and_torch_alike():
         assert torch.equal(mem(hidden, ids), mem(hidden, ids.numpy()))
         assert torch.equal(mem(hidden, ids), mem(hidden, ids.int()))
     assert np.array_equal(mem.lookup(ids).detach().numpy(), mem.lookup(ids.numpy()).detach().numpy())
+
+
+# -- rows from a table ----------------------------------------------------------------------------
+TIERS = ("ram", "mmap", "direct")
+
+
+@pytest.fixture
+def mem_and_table_path(tmp_path):
+    import engram
+
+    mem = small()
+    randomize(mem)
+    path = tmp_path / "rows.engram"
+    engram.build_table(path, mem.spec, mem.comp, weights={3: mem.export_rows()}).close()
+    return mem, path
+
+
+def without_rows(state_dict):
+    return {k: v for k, v in state_dict.items() if k != "rows"}
+
+
+@pytest.mark.parametrize("tier", TIERS)
+def test_table_rows_give_the_same_output_on_every_tier(mem_and_table_path, tier):
+    import engram
+
+    mem, path = mem_and_table_path
+    hidden, ids = inputs(mem, T=9)
+    with engram.open(path, tier=tier) as table:
+        backed = EngramMemory(mem.spec, mem.comp, layer_id=3, hidden_size=16, hc_mult=2, table=table)
+        assert backed.rows is None and "rows" not in backed.state_dict()
+        assert all(p.shape != mem.rows.shape for p in backed.parameters())
+        backed.load_state_dict(without_rows(mem.state_dict()))
+        with torch.no_grad():
+            assert torch.equal(backed(hidden, ids), mem(hidden, ids))
+            assert torch.equal(backed(hidden, ids.numpy()), mem(hidden, ids))
+
+
+def test_table_backed_module_trains_everything_but_rows(mem_and_table_path):
+    import engram
+
+    mem, path = mem_and_table_path
+    hidden, ids = inputs(mem)
+    with engram.open(path) as table:
+        backed = EngramMemory.from_table(table, layer_id=3, hidden_size=16, hc_mult=2)
+        assert backed.spec == mem.spec and backed.comp == mem.comp
+        assert not backed.lookup(ids).requires_grad
+        backed(hidden.requires_grad_(), ids).sum().backward()
+        assert all(p.grad is not None for p in backed.parameters())
+        assert hidden.grad is not None
+        assert "table=" in repr(backed) and str(path) in repr(backed)
+        with pytest.raises(InputError, match=r"reads its rows from the table at '.*rows.engram': there are no "
+                                             r"in-module rows to export"):
+            backed.export_rows()
+
+
+def test_table_backed_module_loads_reference_weights_without_rows(mem_and_table_path):
+    import engram
+
+    mem, path = mem_and_table_path
+    ref = mem.reference_state_dict()
+    hidden, ids = inputs(mem)
+    with engram.open(path) as table:
+        backed = EngramMemory.from_table(table, layer_id=3, hidden_size=16, hc_mult=2)
+        with pytest.raises(InputError, match=r"unexpected keys \['multi_head_embedding.embedding.weight'\]: "
+                                             r"this module reads rows from a table: build one with "
+                                             r"engram.build_table\(path, spec, comp, weights=\{3: "):
+            backed.load_reference_state_dict(ref)
+        ref.pop("multi_head_embedding.embedding.weight")
+        backed.load_reference_state_dict(ref)
+        assert set(backed.reference_state_dict()) == set(ref)
+        with torch.no_grad():
+            assert torch.equal(backed(hidden, ids), mem(hidden, ids))
+
+
+def test_bfloat16_table_serves_a_float32_module(tmp_path):
+    import engram
+
+    mem = small()
+    randomize(mem)
+    spec16 = mem.spec.replace(dtype="bfloat16")
+    hidden, ids = inputs(mem)
+    with engram.build_table(tmp_path / "bf16.engram", spec16, mem.comp, weights={3: mem.export_rows()}) as table:
+        backed = EngramMemory(mem.spec, mem.comp, layer_id=3, hidden_size=16, hc_mult=2, table=table)
+        backed.load_state_dict(without_rows(mem.state_dict()))
+        assert backed.lookup(ids).dtype == torch.float32
+        with torch.no_grad():
+            torch.testing.assert_close(backed(hidden, ids), mem(hidden, ids), rtol=2e-2, atol=2e-2)
+
+
+def test_table_of_another_spec_or_compression_is_refused(tmp_path):
+    import engram
+
+    mem = small()
+    other_spec = mem.spec.replace(seed=1, engram_vocab_size=(101, 107))
+    with engram.build_table(tmp_path / "a.engram", other_spec, mem.comp) as table:
+        with pytest.raises(SpecMismatchError, match=r"table at '.*a.engram' was built for another spec: "
+                                                    r"engram_vocab_size=\(101, 107\) \(module: \(101, 103\)\), "
+                                                    r"seed=1 \(module: 0\): build the module with spec=table.spec"):
+            EngramMemory(mem.spec, mem.comp, layer_id=3, hidden_size=16, table=table)
+    merged = Compression(list(range(50)) + [7])           # 51 raw ids, 50 compressed: fits the spec
+    with engram.build_table(tmp_path / "b.engram", mem.spec, merged) as table:
+        with pytest.raises(SpecMismatchError, match=r"table at '.*b.engram' was built with another compression "
+                                                    r"\(fingerprint '[0-9a-f]+', module: '[0-9a-f]+'\): build the "
+                                                    r"module with comp=table.compression"):
+            EngramMemory(mem.spec, mem.comp, layer_id=3, hidden_size=16, table=table)

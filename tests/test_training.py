@@ -20,11 +20,12 @@ COMP = Compression.identity(50)
 class TwoLayer(nn.Module):
     """A toy model: embedding, two Engram layers, a LayerNorm and a head."""
 
-    def __init__(self) -> None:
+    def __init__(self, table=None) -> None:
         super().__init__()
         torch.manual_seed(0)
         self.emb = nn.Embedding(50, 16)
-        self.mems = nn.ModuleList([EngramMemory(SPEC, COMP, layer_id=i, hidden_size=16) for i in (0, 2)])
+        self.mems = nn.ModuleList([EngramMemory(SPEC, COMP, layer_id=i, hidden_size=16, table=table)
+                                   for i in (0, 2)])
         self.norm = nn.LayerNorm(16)
         self.head = nn.Linear(16, 50)
 
@@ -78,19 +79,38 @@ def test_shared_and_frozen_parameters():
     assert [g["name"] for g in no_rows] == ["decay", "no_decay"]
 
 
-def test_adamw_trains_rows_at_their_rate():
-    model = TwoLayer()
+def train(model, steps, ids):
     optimizer = torch.optim.AdamW(engram.param_groups(model, lr=1e-2, weight_decay=0.1))
-    ids = torch.randint(0, 50, (4, 12), generator=torch.Generator().manual_seed(0))
     losses = []
-    for _ in range(30):
+    for _ in range(steps):
         loss = nn.functional.cross_entropy(model(ids[:, :-1]).flatten(0, 1), ids[:, 1:].flatten())
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
+    return losses
+
+
+def test_adamw_trains_rows_at_their_rate():
+    model = TwoLayer()
+    ids = torch.randint(0, 50, (4, 12), generator=torch.Generator().manual_seed(0))
+    losses = train(model, 30, ids)
     assert losses[-1] < losses[0] - 1.0
     assert torch.count_nonzero(model.mems[0].short_conv.weight) > 0   # the conv leaves zero
+
+
+@pytest.mark.parametrize("tier", ["ram", "mmap", "direct"])
+def test_trained_rows_exported_to_a_table_reload_to_identical_outputs(tmp_path, tier):
+    model = TwoLayer()
+    ids = torch.randint(0, 50, (4, 12), generator=torch.Generator().manual_seed(0))
+    train(model, 5, ids)
+    engram.build_table(tmp_path / "trained.engram", SPEC, COMP, weights=engram.export_rows(model)).close()
+    with engram.open(tmp_path / "trained.engram", tier=tier) as table:
+        served = TwoLayer(table=table)
+        served.load_state_dict({k: v for k, v in model.state_dict().items() if not k.endswith(".rows")})
+        assert not any(k.endswith(".rows") for k in served.state_dict())
+        with torch.no_grad():
+            assert torch.equal(served(ids), model(ids))
 
 
 @pytest.mark.parametrize("kwargs, match", [
@@ -132,3 +152,27 @@ def test_example_model_loss_falls_on_repeated_text(tmp_path, monkeypatch, capsys
     assert result["loss_last"] < result["loss_first"] - 1.0
     assert result["val_loss"] < result["loss_first"]
     assert 0.0 < result["lookup_share"] < 1.0
+
+
+def test_example_model_serves_exported_rows_from_a_table(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(TOOLS))
+    from tiny_lm import TinyLM, TinyLMConfig, engram_spec
+
+    comp = Compression.identity(300)
+    config = TinyLMConfig(vocab_size=300, block_size=16, n_layer=2, n_head=2, n_embd=16,
+                          engram_layers=(0, 1), engram_vocab_size=200)
+    torch.manual_seed(0)
+    model = TinyLM(config, comp)
+    ids = torch.randint(0, 300, (3, 16), generator=torch.Generator().manual_seed(1))
+    optimizer = torch.optim.AdamW(engram.param_groups(model, lr=1e-2))
+    for _ in range(3):
+        optimizer.zero_grad()
+        model(ids[:, :-1], ids[:, 1:])[1].backward()
+        optimizer.step()
+    path = tmp_path / "tiny.engram"
+    engram.build_table(path, engram_spec(config, comp), comp, weights=engram.export_rows(model)).close()
+    with engram.open(path) as table:
+        served = TinyLM(config, comp, table=table)
+        served.load_state_dict({k: v for k, v in model.state_dict().items() if not k.endswith(".rows")})
+        with torch.no_grad():
+            assert torch.equal(served(ids)[0], model(ids)[0])
