@@ -403,3 +403,23 @@ def test_table_of_another_spec_or_compression_is_refused(tmp_path):
                                                     r"\(fingerprint '[0-9a-f]+', module: '[0-9a-f]+'\): build the "
                                                     r"module with comp=table.compression"):
             EngramMemory(mem.spec, mem.comp, layer_id=3, hidden_size=16, table=table)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.cuda
+def test_cuda_module_takes_host_or_device_ids(golden_case, golden_mem, tmp_path):
+    import engram
+
+    spec, comp, kwargs, sd, hidden, ids, expected = golden_case
+    mem = golden_mem.cuda()
+    with torch.no_grad():
+        for token_ids in (ids, ids.cuda(), ids.numpy()):
+            out = mem(hidden.cuda(), token_ids)
+            assert out.device.type == "cuda"
+            torch.testing.assert_close(out.cpu(), expected, rtol=1e-4, atol=1e-5)
+    with engram.build_table(tmp_path / "t.engram", spec, comp,
+                            weights={kwargs["layer_id"]: mem.export_rows()}) as table:
+        backed = EngramMemory.from_table(table, **kwargs).cuda()
+        backed.load_state_dict({k: v for k, v in mem.state_dict().items() if k != "rows"})
+        with torch.no_grad():
+            torch.testing.assert_close(backed(hidden.cuda(), ids.cuda()).cpu(), expected, rtol=1e-4, atol=1e-5)
