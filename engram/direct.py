@@ -19,12 +19,11 @@ import errno
 import math
 import os
 import threading
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from .format import LayerLayout, chunk_error
+from .format import LayerLayout, TableDir, chunk_error
 from .mapping import MAP_PRIVATE, PROT_READ, PROT_WRITE, Region
 
 __all__ = ["DirectReader", "BLOCK", "EXTENT_BYTES"]
@@ -39,16 +38,16 @@ class DirectReader:
     """Reads rows of a table's layers straight from its chunk files.
 
     Args:
-        root: the table directory.
+        tdir: the open table directory.
         layouts: the chunk layout of every layer.
         io_threads: reads kept in flight (thread-pool size).
         o_direct: True to require O_DIRECT, False to read through the page cache (dropping what
             was read), None to use O_DIRECT where the filesystem supports it.
     """
 
-    def __init__(self, root: Path, layouts: dict[int, LayerLayout], io_threads: int = 32,
+    def __init__(self, tdir: TableDir, layouts: dict[int, LayerLayout], io_threads: int = 32,
                  o_direct: bool | None = None) -> None:
-        self._root = root
+        self._root = tdir.path
         self._layouts = layouts
         self._io_threads = io_threads
         self._fds: dict[int, list[int]] = {}
@@ -57,27 +56,27 @@ class DirectReader:
         self._pool_pid = -1
         self._pool_lock = threading.Lock()
         try:
-            self.o_direct = self._open_all(root, o_direct)
+            self.o_direct = self._open_all(tdir, o_direct)
         except BaseException:
             self.close()
             raise
 
     # -- files ------------------------------------------------------------------------------
-    def _open_all(self, root: Path, o_direct: bool | None) -> bool:
+    def _open_all(self, tdir: TableDir, o_direct: bool | None) -> bool:
         use_direct = bool(_O_DIRECT) and o_direct is not False
         for layer_id, lay in self._layouts.items():
             fds = self._fds.setdefault(layer_id, [])
             for index in range(lay.n_chunks):
-                path = lay.chunk_path(root, index)
+                path = lay.chunk_path(tdir.path, index)
                 try:
-                    fd = self._open_one(path, use_direct)
+                    fd = self._open_one(tdir, lay.chunk_relpath(index), use_direct)
                 except FileNotFoundError:
                     raise chunk_error(lay, index, path, "is missing") from None
                 if fd is None:          # the filesystem refuses O_DIRECT: read through the cache
                     if o_direct:
                         raise OSError(errno.EINVAL, f"O_DIRECT is not supported for {os.fspath(path)!r}")
                     self._close_fds()
-                    return self._open_all(root, False)
+                    return self._open_all(tdir, False)
                 fds.append(fd)
                 if os.fstat(fd).st_size != lay.chunk_bytes:
                     raise chunk_error(lay, index, path, f"has {os.fstat(fd).st_size} bytes, expected "
@@ -87,9 +86,9 @@ class DirectReader:
         return use_direct
 
     @staticmethod
-    def _open_one(path: Path, use_direct: bool) -> int | None:
+    def _open_one(tdir: TableDir, relpath: str, use_direct: bool) -> int | None:
         try:
-            fd = os.open(path, os.O_RDONLY | (_O_DIRECT if use_direct else 0))
+            fd = tdir.open(relpath, os.O_RDONLY | (_O_DIRECT if use_direct else 0))
         except FileNotFoundError:
             raise
         except OSError as exc:

@@ -48,6 +48,7 @@ __all__ = [
     "CHUNK_ALIGN",
     "STORAGE_DTYPES",
     "LayerLayout",
+    "TableDir",
     "TableMeta",
     "checksum",
     "check_dtype_supported",
@@ -117,9 +118,13 @@ class LayerLayout:
         """The zarr chunk key of chunk `index`, relative to the array: "c/{index}/0"."""
         return f"c/{index}/0"
 
+    def chunk_relpath(self, index: int) -> str:
+        """The chunk file of chunk `index`, relative to the table directory."""
+        return f"{self.array}/{self.chunk_key(index)}"
+
     def chunk_path(self, root: str | os.PathLike[str], index: int) -> Path:
         """The chunk file of chunk `index` inside the table directory `root`."""
-        return Path(root, self.array, self.chunk_key(index))
+        return Path(root, self.chunk_relpath(index))
 
     def chunk_span(self, index: int) -> tuple[int, int]:
         """The [start, stop) rows of the layer held by chunk `index` (padding excluded)."""
@@ -186,100 +191,152 @@ def write_attributes(root: str | os.PathLike[str], meta: TableMeta) -> None:
 # ------------------------------------------------------------------------------------------
 # reading
 # ------------------------------------------------------------------------------------------
-def _load_json(path: Path, what: str) -> dict[str, Any]:
+class TableDir:
+    """An open table directory: every file is opened relative to one directory handle.
+
+    All reads of one open table then come from the same table, even if `build_table(...,
+    overwrite=True)` swaps another one in at the same path meanwhile.
+
+    Raises:
+        TableNotFoundError: nothing, or no directory, at `path`.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        try:
+            self.fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY)
+        except FileNotFoundError:
+            raise TableNotFoundError(f"no table at path={os.fspath(path)!r}: build one with "
+                                     "engram.build_table") from None
+        except NotADirectoryError:
+            raise TableNotFoundError(f"path={os.fspath(path)!r} is not an engram table (not a directory): "
+                                     "pass the directory that engram.build_table wrote") from None
+
+    def open(self, relpath: str, flags: int = os.O_RDONLY) -> int:
+        """A file descriptor for `relpath` inside the table (raises FileNotFoundError)."""
+        return os.open(relpath, flags, dir_fd=self.fd)
+
+    def read_bytes(self, relpath: str) -> bytes:
+        fd = self.open(relpath)
+        try:
+            with os.fdopen(fd, "rb", closefd=False) as f:
+                return f.read()
+        finally:
+            os.close(fd)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> TableDir:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _load_json(tdir: TableDir, relpath: str, what: str) -> dict[str, Any]:
+    path = os.fspath(tdir.path / relpath)
     try:
-        with open(path, "rb") as f:
-            doc = json.load(f)
+        doc = json.loads(tdir.read_bytes(relpath))
     except FileNotFoundError:
-        raise CorruptTableError(f"{what} metadata {os.fspath(path)!r} is missing: the table is "
-                                "incomplete; rebuild it") from None
+        raise CorruptTableError(f"{what} metadata {path!r} is missing: the table is incomplete; "
+                                "rebuild it") from None
     except (OSError, ValueError) as exc:
-        raise CorruptTableError(f"{what} metadata {os.fspath(path)!r} is unreadable ({exc}): "
-                                "rebuild the table") from exc
+        raise CorruptTableError(f"{what} metadata {path!r} is unreadable ({exc}): rebuild the table") from exc
     if not isinstance(doc, dict):
-        raise CorruptTableError(f"{what} metadata {os.fspath(path)!r} is not a JSON object: rebuild the table")
+        raise CorruptTableError(f"{what} metadata {path!r} is not a JSON object: rebuild the table")
     return doc
 
 
-def _engram_attributes(root: Path) -> dict[str, Any]:
-    if not root.exists():
-        raise TableNotFoundError(f"no table at path={os.fspath(root)!r}: build one with engram.build_table")
-    group_file = root / "zarr.json"
-    if not root.is_dir() or not group_file.is_file():
+def _engram_attributes(tdir: TableDir) -> dict[str, Any]:
+    where = os.fspath(tdir.path)
+    try:
+        doc = json.loads(tdir.read_bytes("zarr.json"))
+    except FileNotFoundError:
+        raise TableNotFoundError(f"path={where!r} is not an engram table (no zarr.json group inside): pass "
+                                 "the directory that engram.build_table wrote") from None
+    except (OSError, ValueError) as exc:
+        raise CorruptTableError(f"group metadata {os.fspath(tdir.path / 'zarr.json')!r} is unreadable ({exc}): "
+                                "rebuild the table") from exc
+    attrs = doc.get("attributes") if isinstance(doc, dict) else None
+    attrs = attrs.get("engram") if isinstance(attrs, dict) else None
+    if not isinstance(attrs, dict) or doc.get("zarr_format") != 3 or doc.get("node_type") != "group":
         raise TableNotFoundError(
-            f"path={os.fspath(root)!r} is not an engram table (no zarr.json group inside): pass the "
-            "directory that engram.build_table wrote")
-    doc = _load_json(group_file, "group")
-    attrs = doc.get("attributes", {}).get("engram") if isinstance(doc.get("attributes"), dict) else None
-    if doc.get("zarr_format") != 3 or doc.get("node_type") != "group" or not isinstance(attrs, dict):
-        raise TableNotFoundError(
-            f"path={os.fspath(root)!r} holds zarr metadata but no engram table (no zarr v3 group with "
-            "an 'engram' attribute): pass the directory that engram.build_table wrote")
+            f"path={where!r} holds zarr metadata but no engram table (no zarr v3 group with an 'engram' "
+            "attribute): pass the directory that engram.build_table wrote")
     return attrs
 
 
 def is_table(path: str | os.PathLike[str]) -> bool:
     """True if `path` is a directory whose zarr group carries engram metadata (valid or not)."""
     try:
-        _engram_attributes(Path(path))
+        with TableDir(path) as tdir:
+            _engram_attributes(tdir)
     except (TableNotFoundError, CorruptTableError):
         return False
     return True
 
 
-def read_metadata(root: str | os.PathLike[str]) -> TableMeta:
+def read_metadata(table: TableDir | str | os.PathLike[str]) -> TableMeta:
     """Read and validate a table's metadata (no chunk data is read).
 
+    Args:
+        table: an open TableDir, or the table's path.
+
     Raises:
-        TableNotFoundError: nothing, or no engram table, at `root`.
+        TableNotFoundError: nothing, or no engram table, at the path.
         CorruptTableError: unknown format version, malformed or inconsistent metadata, a
             compression array that does not match its recorded digest.
     """
-    root = Path(root)
-    attrs = _engram_attributes(root)
+    if not isinstance(table, TableDir):
+        with TableDir(table) as tdir:
+            return read_metadata(tdir)
+    where = f"table at {os.fspath(table.path)!r}"
+    attrs = _engram_attributes(table)
     version = attrs.get("format_version")
     if version != FORMAT_VERSION:
         raise CorruptTableError(
-            f"table at {os.fspath(root)!r} has format_version={version!r}, but this engram reads only "
-            f"format_version={FORMAT_VERSION}: upgrade engram to open newer tables, or rebuild the table")
+            f"{where} has format_version={version!r}, but this engram reads only format_version="
+            f"{FORMAT_VERSION}: upgrade engram to open newer tables, or rebuild the table")
     try:
         spec = TableSpec.from_dict(attrs["spec"])
         check_dtype_supported(spec)
-        comp = _read_compression(root, attrs["compression"])
-        layers = {lay.layer_id: lay for lay in (_read_layer(root, spec, d) for d in attrs["layers"])}
+        comp = _read_compression(table, attrs["compression"])
+        layers = {lay.layer_id: lay for lay in (_read_layer(table, spec, d) for d in attrs["layers"])}
     except (KeyError, TypeError, SpecError) as exc:
         raise CorruptTableError(
-            f"table at {os.fspath(root)!r} has invalid metadata ({type(exc).__name__}: {exc}): rebuild "
-            "the table") from exc
+            f"{where} has invalid metadata ({type(exc).__name__}: {exc}): rebuild the table") from exc
     if tuple(layers) != spec.layer_ids:
         raise CorruptTableError(
-            f"table at {os.fspath(root)!r} stores layers {tuple(layers)} but its spec has layer_ids="
-            f"{spec.layer_ids}: rebuild the table")
+            f"{where} stores layers {tuple(layers)} but its spec has layer_ids={spec.layer_ids}: rebuild the table")
     if comp.compressed_vocab_size != spec.compressed_vocab_size:
         raise CorruptTableError(
-            f"table at {os.fspath(root)!r} stores a compression with compressed_vocab_size="
-            f"{comp.compressed_vocab_size} but its spec says {spec.compressed_vocab_size}: rebuild the table")
+            f"{where} stores a compression with compressed_vocab_size={comp.compressed_vocab_size} but its "
+            f"spec says {spec.compressed_vocab_size}: rebuild the table")
     return TableMeta(version, spec, comp, layers)
 
 
-def _read_compression(root: Path, entry: dict[str, Any]) -> Compression:
-    path = root / entry["array"] / "c" / "0"
+def _read_compression(tdir: TableDir, entry: dict[str, Any]) -> Compression:
+    relpath = f"{entry['array']}/c/0"
+    path = os.fspath(tdir.path / relpath)
     try:
-        lookup = np.fromfile(path, dtype="<i8")
-    except OSError as exc:
-        raise CorruptTableError(f"compression chunk {os.fspath(path)!r} is unreadable ({exc}): "
-                                "rebuild the table or restore the file") from exc
+        lookup = np.frombuffer(tdir.read_bytes(relpath), dtype="<i8")
+    except (OSError, ValueError) as exc:
+        raise CorruptTableError(f"compression chunk {path!r} is unreadable ({exc}): rebuild the table or "
+                                "restore the file") from exc
     comp = Compression(lookup) if lookup.size else None
     if comp is None or comp.fingerprint != entry["xxh3"]:
         raise CorruptTableError(
-            f"compression chunk {os.fspath(path)!r} does not match its recorded xxh3 {entry['xxh3']!r}: "
-            "the file is damaged; rebuild the table or restore the file")
+            f"compression chunk {path!r} does not match its recorded xxh3 {entry['xxh3']!r}: the file is "
+            "damaged; rebuild the table or restore the file")
     return comp
 
 
-def _read_layer(root: Path, spec: TableSpec, entry: dict[str, Any]) -> LayerLayout:
+def _read_layer(tdir: TableDir, spec: TableSpec, entry: dict[str, Any]) -> LayerLayout:
     layer_id, name, chunk_rows = entry["layer_id"], entry["array"], entry["chunk_rows"]
-    where = f"table at {os.fspath(root)!r}, layer {layer_id!r}"
+    where = f"table at {os.fspath(tdir.path)!r}, layer {layer_id!r}"
     if layer_id not in spec.layer_ids:
         raise CorruptTableError(f"{where}: the spec has no such layer (layer_ids={spec.layer_ids}); "
                                 "rebuild the table")
@@ -287,7 +344,7 @@ def _read_layer(root: Path, spec: TableSpec, entry: dict[str, Any]) -> LayerLayo
         raise CorruptTableError(
             f"{where}: chunk_rows={chunk_rows!r} does not give chunk files a multiple of {CHUNK_ALIGN} "
             "bytes: rebuild the table with engram.build_table")
-    array = _load_json(root / name / "zarr.json", f"layer {layer_id} array")
+    array = _load_json(tdir, f"{name}/zarr.json", f"layer {layer_id} array")
     expected = {
         "zarr_format": 3, "node_type": "array",
         "shape": [spec.rows(layer_id), spec.head_dim],

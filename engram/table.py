@@ -24,7 +24,7 @@ import torch
 from .buffers import OutputPool, Scratch
 from .compression import Compression
 from .errors import CorruptTableError, InputError, SpecMismatchError
-from .format import LayerLayout, TableMeta, chunk_error, read_metadata
+from .format import LayerLayout, TableDir, TableMeta, chunk_error, read_metadata
 from .hashing import NgramHasher
 from .spec import TableSpec
 from .tensors import check_ids_2d, is_torch, to_numpy_ids
@@ -42,8 +42,8 @@ class Table:
     by path and tier (the receiving process opens the table itself, nothing is copied).
     """
 
-    def __init__(self, path: Path, meta: TableMeta, tier: str, prefault: bool, io_threads: int) -> None:
-        self._path, self._meta, self._tier_name = path, meta, tier
+    def __init__(self, tdir: TableDir, meta: TableMeta, tier: str, prefault: bool, io_threads: int) -> None:
+        self._tdir, self._path, self._meta, self._tier_name = tdir, tdir.path, meta, tier
         self._prefault, self._io_threads = prefault, io_threads
         self._hasher = NgramHasher(meta.spec, meta.compression)
         self._offsets = {lid: np.asarray(meta.spec.head_offsets(lid), np.int64) for lid in meta.spec.layer_ids}
@@ -53,8 +53,8 @@ class Table:
         self._state = threading.Condition()
         self._active = 0
         self._closed = False
-        self._tier = open_tier(tier, path, meta, prefault, io_threads)
-        self._finalizer = weakref.finalize(self, self._tier.close)
+        self._tier = open_tier(tier, tdir, meta, prefault, io_threads)
+        self._finalizer = weakref.finalize(self, _release, self._tier, tdir)
 
     # -- what the table is ------------------------------------------------------------------
     @property
@@ -253,7 +253,7 @@ class Table:
                       disable=None if progress is None else not progress) as bar:
                 for lay in self._meta.layers.values():
                     for index in range(lay.n_chunks):
-                        problem = _check_chunk(self._path, lay, index)
+                        problem = _check_chunk(self._tdir, lay, index)
                         if problem is not None:
                             bad.append(problem)
                         bar.update(lay.chunk_bytes)
@@ -262,13 +262,18 @@ class Table:
                 raise CorruptTableError(f"{bad[0]}{more}") from bad[0]
 
 
-def _check_chunk(root: Path, lay: LayerLayout, index: int) -> CorruptTableError | None:
+def _release(tier: Any, tdir: TableDir) -> None:
+    tier.close()
+    tdir.close()
+
+
+def _check_chunk(tdir: TableDir, lay: LayerLayout, index: int) -> CorruptTableError | None:
     """The problem with one chunk file, if any: missing, wrong size or wrong checksum."""
     import xxhash
 
-    path = lay.chunk_path(root, index)
+    path = lay.chunk_path(tdir.path, index)
     try:
-        fd = os.open(path, os.O_RDONLY)
+        fd = tdir.open(lay.chunk_relpath(index))
     except FileNotFoundError:
         return chunk_error(lay, index, path, "is missing")
     try:
@@ -329,8 +334,21 @@ def open(path: str | os.PathLike[str], tier: str = "mmap", *, prefault: bool = F
         raise InputError(f"tier={tier!r} is not a storage tier: expected one of {TIERS}")
     if not isinstance(io_threads, int) or isinstance(io_threads, bool) or io_threads < 1:
         raise InputError(f"io_threads={io_threads!r} is invalid: expected an int >= 1")
-    root = Path(path)
-    meta = read_metadata(root)
+    tdir = TableDir(path)   # every file of this table is opened relative to this directory handle
+    try:
+        meta = read_metadata(tdir)
+        _check_expected(tdir.path, meta, spec, compression)
+        return Table(tdir, meta, tier, prefault, io_threads)
+    except BaseException:
+        tdir.close()
+        raise
+
+
+def _check_expected(root: Path, meta: TableMeta, spec: TableSpec | None, compression: Compression | None) -> None:
+    if spec is not None and not isinstance(spec, TableSpec):
+        raise InputError(f"spec must be an engram.TableSpec or None, got {type(spec).__name__}")
+    if compression is not None and not isinstance(compression, Compression):
+        raise InputError(f"compression must be an engram.Compression or None, got {type(compression).__name__}")
     if spec is not None and spec != meta.spec:
         differ = [k for k, v in spec.to_dict().items() if meta.spec.to_dict().get(k) != v]
         fields = ", ".join(f"{k}={getattr(meta.spec, k)!r} (expected {getattr(spec, k)!r})" for k in differ)
@@ -342,7 +360,6 @@ def open(path: str | os.PathLike[str], tier: str = "mmap", *, prefault: bool = F
             f"table at {os.fspath(root)!r} was built with another compression (fingerprint "
             f"{meta.compression.fingerprint!r}, expected {compression.fingerprint!r}): open the table built "
             "with this tokenizer's compression, or use table.compression")
-    return Table(root, meta, tier, prefault, io_threads)
 
 
 def _reopen(path: str, tier: str, prefault: bool, io_threads: int) -> Table:

@@ -13,14 +13,13 @@ Every tier answers `gather(layer_id, rows, out)`: out[i] = row rows[i] of the la
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 import torch
 
 from .direct import DirectReader
-from .format import LayerLayout, TableMeta, checksum, chunk_error
+from .format import LayerLayout, TableDir, TableMeta, checksum, chunk_error
 from .mapping import PROT_READ, Region, anonymous, stitch_files
 
 __all__ = ["TIERS", "Tier", "open_tier", "torch_dtype", "storage_dtype"]
@@ -75,7 +74,7 @@ class _InAddressSpace:
 class RamTier(_InAddressSpace):
     name = "ram"
 
-    def __init__(self, root: Path, meta: TableMeta) -> None:
+    def __init__(self, tdir: TableDir, meta: TableMeta) -> None:
         from tqdm.auto import tqdm
 
         super().__init__()
@@ -86,17 +85,17 @@ class RamTier(_InAddressSpace):
                 region = anonymous(lay.n_chunks * lay.chunk_bytes)
                 data = region.array(np.uint8, (region.length,), writable=True)
                 for index in range(lay.n_chunks):
-                    _load_chunk(root, lay, index, data[index * lay.chunk_bytes: (index + 1) * lay.chunk_bytes])
+                    _load_chunk(tdir, lay, index, data[index * lay.chunk_bytes: (index + 1) * lay.chunk_bytes])
                     bar.update(lay.chunk_bytes)
                 region.protect(PROT_READ)
                 self.weights[lay.layer_id] = _rows_tensor(region, lay, meta.spec.dtype, meta.spec.head_dim)
 
 
-def _load_chunk(root: Path, lay: LayerLayout, index: int, dest: np.ndarray) -> None:
+def _load_chunk(tdir: TableDir, lay: LayerLayout, index: int, dest: np.ndarray) -> None:
     """Read one chunk file into `dest` and check its size and checksum."""
-    path = lay.chunk_path(root, index)
+    path = lay.chunk_path(tdir.path, index)
     try:
-        fd = os.open(path, os.O_RDONLY)
+        fd = tdir.open(lay.chunk_relpath(index))
     except FileNotFoundError:
         raise chunk_error(lay, index, path, "is missing") from None
     try:
@@ -119,15 +118,15 @@ def _load_chunk(root: Path, lay: LayerLayout, index: int, dest: np.ndarray) -> N
 class MmapTier(_InAddressSpace):
     name = "mmap"
 
-    def __init__(self, root: Path, meta: TableMeta, prefault: bool = False) -> None:
+    def __init__(self, tdir: TableDir, meta: TableMeta, prefault: bool = False) -> None:
         super().__init__()
         for lay in meta.layers.values():
             fds: list[int] = []
             try:
                 for index in range(lay.n_chunks):
-                    path = lay.chunk_path(root, index)
+                    path = lay.chunk_path(tdir.path, index)
                     try:
-                        fds.append(os.open(path, os.O_RDONLY))
+                        fds.append(tdir.open(lay.chunk_relpath(index)))
                     except FileNotFoundError:
                         raise chunk_error(lay, index, path, "is missing") from None
                     size = os.fstat(fds[-1]).st_size   # a short file would raise SIGBUS when read
@@ -143,8 +142,8 @@ class MmapTier(_InAddressSpace):
 class DirectTier:
     name = "direct"
 
-    def __init__(self, root: Path, meta: TableMeta, io_threads: int = 32, o_direct: bool | None = None) -> None:
-        self.reader = DirectReader(root, meta.layers, io_threads=io_threads, o_direct=o_direct)
+    def __init__(self, tdir: TableDir, meta: TableMeta, io_threads: int = 32, o_direct: bool | None = None) -> None:
+        self.reader = DirectReader(tdir, meta.layers, io_threads=io_threads, o_direct=o_direct)
 
     def gather(self, layer_id: int, rows: np.ndarray, out: torch.Tensor) -> None:
         self.reader.gather(layer_id, rows, out)
@@ -153,10 +152,10 @@ class DirectTier:
         self.reader.close()
 
 
-def open_tier(tier: str, root: Path, meta: TableMeta, prefault: bool, io_threads: int) -> Tier:
-    """Open the rows of the table at `root` in one of TIERS."""
+def open_tier(tier: str, tdir: TableDir, meta: TableMeta, prefault: bool, io_threads: int) -> Tier:
+    """Open the rows of the table in `tdir` in one of TIERS."""
     if tier == "ram":
-        return RamTier(root, meta)
+        return RamTier(tdir, meta)
     if tier == "mmap":
-        return MmapTier(root, meta, prefault=prefault)
-    return DirectTier(root, meta, io_threads=io_threads)
+        return MmapTier(tdir, meta, prefault=prefault)
+    return DirectTier(tdir, meta, io_threads=io_threads)

@@ -283,6 +283,25 @@ def test_direct_reads_split_into_small_extents_and_windows(paths, monkeypatch):
         assert torch.equal(table.rows(5, np.arange(spec.rows(5))), reference_rows(paths["float16"], 5))
 
 
+def test_open_reads_one_table_even_if_the_path_is_swapped_meanwhile(paths, tmp_path, monkeypatch):
+    # Another table replaces the path between reading the metadata and opening the chunk files.
+    path, other = tmp_path / "t.engram", tmp_path / "other.engram"
+    shutil.copytree(paths["float32"], path)
+    engram.build_table(other, make_spec(), COMP, seed=99, chunk_rows=2048).close()
+    expected = reference_rows(paths["float32"], 1)
+    real = engram.table.read_metadata
+
+    def read_then_swap(tdir):
+        meta = real(tdir)
+        os.rename(path, tmp_path / "old.engram")
+        os.rename(other, path)
+        return meta
+
+    monkeypatch.setattr(engram.table, "read_metadata", read_then_swap)
+    with engram.open(path, tier="ram") as table:     # "ram" checks every chunk against the metadata
+        assert torch.equal(table.rows(1, np.arange(table.spec.rows(1))), expected)
+
+
 # -- refusals -----------------------------------------------------------------------------
 def test_open_checks_the_expected_spec_and_compression(paths):
     path = paths["float32"]
