@@ -59,7 +59,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a log")
     args = p.parse_args(argv)
     spec = args.engram_layers.strip().lower()
-    args.engram_layers = () if spec in ("", "none") else tuple(int(v) for v in spec.split(","))
+    try:
+        args.engram_layers = () if spec in ("", "none") else tuple(int(v) for v in spec.split(","))
+    except ValueError:
+        p.error(f"--engram-layers {spec!r}: expected comma-separated block numbers, e.g. 1 or 1,3, or none")
+    layers = args.engram_layers
+    if len(set(layers)) != len(layers) or any(not 0 <= i < args.n_layer for i in layers):
+        p.error(f"--engram-layers {spec!r}: expected distinct blocks in 0..{args.n_layer - 1} (--n-layer)")
     return args
 
 
