@@ -37,7 +37,7 @@ from .table import Table
 from .table import open as open_table
 from .tiers import storage_dtype, torch_dtype
 
-__all__ = ["build_table", "INITS", "INIT_BLOCK_ROWS", "DEFAULT_CHUNK_BYTES"]
+__all__ = ["build_table", "plan_layout", "INITS", "INIT_BLOCK_ROWS", "DEFAULT_CHUNK_BYTES"]
 
 INITS = ("normal", "zeros")
 INIT_BLOCK_ROWS = 1024          # rows drawn from one seeded generator (independent of chunking)
@@ -90,7 +90,7 @@ def build_table(path: str | os.PathLike[str], spec: TableSpec, comp: Compression
     _check_args(spec, comp, init, std, seed, overwrite)
     NgramHasher(spec, comp)                     # spec and compression must fit together
     sources = _check_weights(weights, spec)
-    layouts = {lid: _plan_layer(spec, lid, chunk_rows) for lid in spec.layer_ids}
+    layouts = plan_layout(spec, chunk_rows)
     target = Path(path)
     _check_target(target, overwrite)
     clean_stale(target)
@@ -126,6 +126,23 @@ def _check_args(spec: Any, comp: Any, init: Any, std: Any, seed: Any, overwrite:
         raise InputError(f"seed={seed!r} is invalid: expected an int >= 0")
     if not isinstance(overwrite, bool):
         raise InputError(f"overwrite={overwrite!r} is invalid: expected True or False")
+
+
+def plan_layout(spec: TableSpec, chunk_rows: int | None = None) -> dict[int, LayerLayout]:
+    """How `build_table` would split each layer into chunk files (checksums still empty).
+
+    Args:
+        spec: the table spec.
+        chunk_rows: as for build_table (None: about 64 MiB chunks, split evenly).
+
+    Returns:
+        {layer_id: LayerLayout}; disk use is sum(lay.n_chunks * lay.chunk_bytes).
+
+    Example:
+        >>> {lid: lay.n_chunks for lid, lay in plan_layout(spec).items()}
+        {1: 5, 15: 5}
+    """
+    return {lid: _plan_layer(spec, lid, chunk_rows) for lid in spec.layer_ids}
 
 
 def _plan_layer(spec: TableSpec, layer_id: int, chunk_rows: int | None) -> LayerLayout:

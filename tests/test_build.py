@@ -43,6 +43,15 @@ def test_returns_the_open_table(tmp_path):
     assert leftovers(tmp_path) == []
 
 
+def test_plan_layout_is_what_gets_built(tmp_path):
+    spec = make_spec()
+    plan = build.plan_layout(spec, chunk_rows=2048)
+    assert [(lay.rows, lay.chunk_rows, lay.n_chunks) for lay in plan.values()] == [(8238, 2048, 5), (8304, 2048, 5)]
+    assert build.plan_layout(spec)[1].n_chunks == 1          # a small layer: one chunk, little padding
+    with engram.build_table(tmp_path / "t", spec, COMP, chunk_rows=2048) as table:
+        assert [table.layout(lid).n_chunks for lid in spec.layer_ids] == [5, 5]
+
+
 def test_normal_init_follows_the_documented_formula(tmp_path):
     spec = make_spec()
     with engram.build_table(tmp_path / "t", spec, COMP, std=0.5, seed=11, chunk_rows=1024) as table:
