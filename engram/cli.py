@@ -16,6 +16,7 @@ import json
 import math
 import os
 import sys
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -23,7 +24,7 @@ import numpy as np
 
 from .compression import Compression
 from .errors import EngramError, SpecError
-from .spec import HASH_FAMILIES, TableSpec
+from .spec import DTYPES, HASH_FAMILIES, TableSpec
 
 __all__ = ["main"]
 
@@ -61,7 +62,7 @@ def _load_spec(path: str, comp: Compression | None) -> TableSpec:
 def _spec_and_compression(args: argparse.Namespace) -> tuple[TableSpec, Compression]:
     """From --table PATH, or from --spec plus --tokenizer/--vocab-size."""
     if getattr(args, "table", None):
-        from . import open as open_table
+        from .table import open as open_table
 
         with open_table(args.table) as table:
             return table.spec, table.compression
@@ -175,6 +176,147 @@ def cmd_stats(args: argparse.Namespace) -> Output:
     return Output(payload, "\n".join(lines))
 
 
+# -- engram build ------------------------------------------------------------------------------
+def _layer_plan(spec: TableSpec, chunk_rows: int | None) -> dict[int, dict[str, int]]:
+    from .build import plan_layout
+
+    return {lid: {"rows": lay.rows, "bytes": lay.rows * lay.row_bytes, "chunks": lay.n_chunks,
+                  "chunk_rows": lay.chunk_rows, "disk_bytes": lay.n_chunks * lay.chunk_bytes}
+            for lid, lay in plan_layout(spec, chunk_rows).items()}
+
+
+def _free_bytes(path: str) -> int:
+    import shutil
+
+    parent = os.path.dirname(os.path.abspath(path)) or "."
+    return shutil.disk_usage(parent).free
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def _plan_text(plan: dict[int, dict[str, int]]) -> list[str]:
+    return [f"  layer {lid}: {_fmt_int(p['rows'])} rows, {_human_bytes(p['bytes'])}, {p['chunks']} chunk(s) "
+            f"of {_fmt_int(p['chunk_rows'])} rows" for lid, p in plan.items()]
+
+
+def _check_disk(path: str, needed: int, free: int) -> None:
+    if needed > free:
+        raise SpecError(
+            f"the table needs {_human_bytes(needed)} on disk but only {_human_bytes(free)} is free beside "
+            f"{path!r}: free space, build elsewhere, or pick a smaller spec / dtype")
+
+
+def cmd_build(args: argparse.Namespace) -> Output:
+    from .build import build_table
+
+    comp = _load_compression(args)
+    spec = _load_spec(args.spec, comp)
+    if args.dtype:
+        spec = spec.replace(dtype=args.dtype)
+    plan = _layer_plan(spec, args.chunk_rows)
+    needed, free = sum(p["disk_bytes"] for p in plan.values()), _free_bytes(args.path)
+    payload: dict[str, Any] = {"path": args.path, "spec": spec.to_dict(), "layers": plan, "disk_bytes": needed,
+                               "free_bytes": free, "dry_run": args.dry_run}
+    head = [f"{'would build' if args.dry_run else 'built'} {args.path}: {spec.dtype} rows of {spec.head_dim} "
+            f"values, {spec.heads_per_layer} heads per layer, {spec.hash} hash"]
+    head += _plan_text(plan)
+    head.append(f"  disk: {_human_bytes(needed)} needed, {_human_bytes(free)} free")
+    if args.dry_run:
+        payload["fits"] = needed <= free
+        if needed > free:
+            head.append("  it would NOT fit on this disk")
+        return Output(payload, "\n".join(head))
+    _check_disk(args.path, needed, free)
+    start = time.perf_counter()
+    table = build_table(args.path, spec, comp, init=args.init, std=args.std, seed=args.seed,
+                        overwrite=args.overwrite, chunk_rows=args.chunk_rows,
+                        progress=None if not args.json else False)
+    table.close()
+    payload["seconds"] = time.perf_counter() - start
+    head.append(f"  written in {payload['seconds']:.1f} s")
+    return Output(payload, "\n".join(head))
+
+
+# -- engram inspect ------------------------------------------------------------------------------
+def cmd_inspect(args: argparse.Namespace) -> Output:
+    from .hashing import NgramHasher
+    from .table import open as open_table
+
+    with open_table(args.path) as table:
+        spec = table.spec
+        hasher = NgramHasher(spec, table.compression)
+        rng = np.random.default_rng(0)
+        layers = {}
+        for lid in spec.layer_ids:
+            lay = table.layout(lid)
+            entry: dict[str, Any] = {
+                "array": lay.array, "rows": lay.rows, "bytes": lay.rows * lay.row_bytes, "chunks": lay.n_chunks,
+                "chunk_rows": lay.chunk_rows, "checksums": len([c for c in lay.checksums if c]),
+                "table_sizes": list(spec.table_sizes(lid)),
+            }
+            if spec.hash == "multiplicative-xor":
+                entry["multipliers"] = hasher.multipliers(lid).tolist()
+            if args.sample_rows:
+                n = min(args.sample_rows, lay.rows)
+                idx = np.sort(rng.choice(lay.rows, size=n, replace=False))
+                rows = table.rows(lid, idx).float()
+                norms = rows.norm(dim=1)
+                entry["sample"] = {
+                    "rows": n, "norm_mean": float(norms.mean()), "norm_std": float(norms.std()) if n > 1 else 0.0,
+                    "norm_min": float(norms.min()), "norm_max": float(norms.max()),
+                    "all_zero_rows": int((rows == 0).all(dim=1).sum()),
+                    "value_mean": float(rows.mean()), "value_std": float(rows.std()) if rows.numel() > 1 else 0.0,
+                }
+            layers[lid] = entry
+        payload = {"path": args.path, "format_version": table.format_version, "spec": spec.to_dict(),
+                   "compression": {"vocab_size": table.compression.vocab_size,
+                                   "compressed_vocab_size": table.compression.compressed_vocab_size,
+                                   "fingerprint": table.compression.fingerprint},
+                   "bytes": spec.total_bytes, "layers": layers}
+    lines = [f"{args.path}: engram table, format version {payload['format_version']}",
+             f"  {spec.dtype} rows of D={spec.head_dim}; N={spec.max_ngram_size}, K={spec.n_head_per_ngram} "
+             f"({spec.heads_per_layer} heads/layer, E={spec.embed_dim}); hash {spec.hash}, seed {spec.seed}, "
+             f"pad_id {spec.pad_id}",
+             f"  compression: {table.compression.vocab_size:,} raw ids -> "
+             f"{table.compression.compressed_vocab_size:,} (fingerprint {table.compression.fingerprint})",
+             f"  {_human_bytes(spec.total_bytes)} of rows in {len(layers)} layer(s)"]
+    for lid, e in layers.items():
+        lines.append(f"  layer {lid}: {_fmt_int(e['rows'])} rows, {_human_bytes(e['bytes'])}, {e['chunks']} chunk(s) "
+                     f"of {_fmt_int(e['chunk_rows'])} rows, {e['checksums']}/{e['chunks']} checksums")
+        lines.append(f"    head sizes: {e['table_sizes']}")
+        if "multipliers" in e:
+            lines.append(f"    multipliers: {e['multipliers']}")
+        if "sample" in e:
+            sm = e["sample"]
+            lines.append(f"    sample of {sm['rows']} rows: norm {sm['norm_mean']:.4g} +- {sm['norm_std']:.3g} "
+                         f"[{sm['norm_min']:.4g}, {sm['norm_max']:.4g}], {sm['all_zero_rows']} all-zero")
+    return Output(payload, "\n".join(lines))
+
+
+# -- engram verify -------------------------------------------------------------------------------
+def cmd_verify(args: argparse.Namespace) -> Output:
+    from .errors import CorruptTableError
+    from .table import open as open_table
+
+    start = time.perf_counter()
+    try:
+        with open_table(args.path) as table:
+            chunks = sum(table.layout(lid).n_chunks for lid in table.spec.layer_ids)
+            table.verify(progress=None if not args.json else False)
+    except CorruptTableError as exc:
+        payload = {"path": args.path, "ok": False, "error": str(exc)}
+        return Output(payload, f"{args.path}: CORRUPT: {exc}", EXIT_CHECK_FAILED)
+    seconds = time.perf_counter() - start
+    payload = {"path": args.path, "ok": True, "chunks": chunks, "seconds": seconds}
+    return Output(payload, f"{args.path}: ok, {chunks} chunk(s) match their checksums ({seconds:.1f} s)")
+
+
 # -- parser ------------------------------------------------------------------------------------
 class _Parser(argparse.ArgumentParser):
     def __init__(self, *a: Any, **kw: Any) -> None:
@@ -186,6 +328,30 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="engram", description="Build, check and measure Engram memory tables.",
                      epilog="exit codes: 0 ok, 1 a check failed, 2 bad arguments, 3 input refused")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
+
+    p = sub.add_parser("build", help="build a table with seeded rows")
+    p.add_argument("path", metavar="PATH", help="table directory to create")
+    p.add_argument("--spec", required=True, metavar="SPEC.json",
+                   help="TableSpec fields as JSON (compressed_vocab_size may be left out)")
+    _add_vocab(p, required=True)
+    p.add_argument("--init", default="normal", choices=("normal", "zeros"), help="initial rows")
+    p.add_argument("--std", type=float, default=0.02, help="standard deviation of --init normal")
+    p.add_argument("--seed", type=int, default=0, help="seed of the initial rows")
+    p.add_argument("--dtype", choices=tuple(DTYPES), help="row dtype (overrides the spec's)")
+    p.add_argument("--chunk-rows", type=int, metavar="ROWS", help="rows per chunk file (default: ~64 MiB chunks)")
+    p.add_argument("--dry-run", action="store_true", help="print what would be written; write nothing")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing table at PATH")
+    p.set_defaults(func=cmd_build)
+
+    p = sub.add_parser("inspect", help="describe a table")
+    p.add_argument("path", metavar="PATH", help="table directory")
+    p.add_argument("--sample-rows", type=int, default=1000, metavar="N",
+                   help="rows sampled per layer for norm statistics (0: none)")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("verify", help="check every chunk of a table against its checksum")
+    p.add_argument("path", metavar="PATH", help="table directory")
+    p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("hash", help="show the rows a text addresses")
     _add_source(p)

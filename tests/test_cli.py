@@ -96,3 +96,97 @@ def test_refused_input_exits_3_with_the_reason(capsys, tmp_path):
     bad.write_text("{not json")
     code, _, err = run(capsys, "hash", "--spec", str(bad), "--tokenizer", TOKENIZER, "--text", "x")
     assert code == 3 and "is not valid JSON" in err
+
+
+@pytest.fixture
+def built(capsys, spec_file, tmp_path):
+    path = str(tmp_path / "t.engram")
+    code, out, err = run(capsys, "build", path, "--spec", spec_file, "--vocab-size", "300", "--seed", "3",
+                         "--chunk-rows", "4096", "--json")
+    assert code == 0, err
+    return path, json.loads(out)
+
+
+def test_build_writes_the_table_the_library_would(built, tmp_path):
+    path, payload = built
+    assert payload["dry_run"] is False and payload["disk_bytes"] > 0
+    comp = engram.Compression.identity(300)
+    spec = engram.TableSpec.from_dict({**SPEC, "compressed_vocab_size": 300})
+    same = engram.build_table(tmp_path / "lib.engram", spec, comp, seed=3, chunk_rows=4096)
+    with engram.open(path) as table, same:
+        assert table.spec == spec and table.compression == comp
+        ids = np.array([[1, 2, 3, 299]])
+        assert table.lookup(ids, 4).equal(same.lookup(ids, 4))
+        assert payload["layers"]["1"]["chunks"] == table.layout(1).n_chunks
+        assert payload["layers"]["1"]["rows"] == spec.rows(1)
+
+
+def test_build_dry_run_writes_nothing(capsys, spec_file, tmp_path):
+    path = tmp_path / "dry.engram"
+    code, out, _ = run(capsys, "build", str(path), "--spec", spec_file, "--vocab-size", "300", "--dry-run",
+                       "--dtype", "bfloat16")
+    assert code == 0 and not path.exists()
+    assert "would build" in out and "bfloat16" in out and "chunk(s)" in out and "free" in out
+    code, out, _ = run(capsys, "build", str(path), "--spec", spec_file, "--vocab-size", "300", "--dry-run", "--json")
+    payload = json.loads(out)
+    spec = engram.TableSpec.from_dict({**SPEC, "compressed_vocab_size": 300})
+    assert payload["fits"] is True and payload["layers"]["4"]["bytes"] == spec.layer_bytes(4)
+    assert payload["disk_bytes"] >= spec.total_bytes
+
+
+def test_build_refuses_a_table_that_would_not_fit(capsys, tmp_path, monkeypatch):
+    big = tmp_path / "big.json"
+    big.write_text(json.dumps({**SPEC, "engram_vocab_size": [10**9, 10**9], "n_embed_per_ngram": 4096}))
+    import engram.cli as cli
+
+    monkeypatch.setattr(cli, "_free_bytes", lambda path: 10 << 30)
+    code, out, _ = run(capsys, "build", str(tmp_path / "x"), "--spec", str(big), "--vocab-size", "10", "--dry-run")
+    assert code == 0 and "would NOT fit" in out
+    code, _, err = run(capsys, "build", str(tmp_path / "x"), "--spec", str(big), "--vocab-size", "10")
+    assert code == 3 and "only 10.0 GiB is free" in err
+    assert not (tmp_path / "x").exists()
+
+
+def test_build_refuses_to_replace_without_overwrite(capsys, built, spec_file):
+    path, _ = built
+    code, _, err = run(capsys, "build", path, "--spec", spec_file, "--vocab-size", "300")
+    assert code == 3 and "already exists: pass overwrite=True" in err
+    code, _, _ = run(capsys, "build", path, "--spec", spec_file, "--vocab-size", "300", "--overwrite", "--seed", "4")
+    assert code == 0
+
+
+def test_inspect(capsys, built):
+    path, _ = built
+    code, out, _ = run(capsys, "inspect", path, "--json", "--sample-rows", "500")
+    assert code == 0
+    payload = json.loads(out)
+    spec = engram.TableSpec.from_dict(payload["spec"])
+    layer = payload["layers"]["1"]
+    assert layer["table_sizes"] == list(spec.table_sizes(1)) and layer["checksums"] == layer["chunks"]
+    assert len(layer["multipliers"]) == 3
+    sample = layer["sample"]
+    # rows are N(0, 0.02^2) over D=8 values: the norm is about 0.02*sqrt(8)
+    assert sample["rows"] == 500 and sample["all_zero_rows"] == 0
+    assert 0.03 < sample["norm_mean"] < 0.08 and abs(sample["value_std"] - 0.02) < 0.003
+    code, out, _ = run(capsys, "inspect", path)
+    assert code == 0 and "format version 1" in out and "multipliers" in out and "all-zero" in out
+
+
+def test_verify_ok_and_corrupt(capsys, built):
+    path, _ = built
+    code, out, _ = run(capsys, "verify", path)
+    assert code == 0 and "ok" in out
+    with engram.open(path) as table:
+        chunk = table.chunk_files(4)[1]
+    data = bytearray(chunk.read_bytes())
+    data[100] ^= 0xFF
+    chunk.write_bytes(bytes(data))
+    code, out, _ = run(capsys, "verify", path, "--json")
+    payload = json.loads(out)
+    assert code == 1 and payload["ok"] is False
+    assert "layer 4" in payload["error"] and "chunk 1" in payload["error"]
+
+
+def test_missing_table_exits_3(capsys, tmp_path):
+    code, _, err = run(capsys, "inspect", str(tmp_path / "nope"))
+    assert code == 3 and "nope" in err
