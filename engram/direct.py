@@ -26,12 +26,18 @@ import torch
 from .format import LayerLayout, TableDir, chunk_error
 from .mapping import MAP_PRIVATE, PROT_READ, PROT_WRITE, Region
 
-__all__ = ["DirectReader", "BLOCK", "EXTENT_BYTES"]
+__all__ = ["DirectReader", "BLOCK", "EXTENT_BYTES", "fadvise"]
 
 BLOCK = 4096                # alignment of O_DIRECT offsets, lengths and buffers
 EXTENT_BYTES = 128 << 10    # extents never cross a multiple of this (bounds one read)
 STAGE_BYTES = 32 << 20      # staging buffer per window of extents (bounds memory per call)
 _O_DIRECT = getattr(os, "O_DIRECT", 0)
+
+
+def fadvise(fd: int, advice: str) -> None:
+    """posix_fadvise(fd, 0, 0, POSIX_FADV_<advice>) over the whole file, where the OS has it."""
+    if hasattr(os, "posix_fadvise"):
+        os.posix_fadvise(fd, 0, 0, getattr(os, f"POSIX_FADV_{advice}"))
 
 
 class DirectReader:
@@ -82,7 +88,7 @@ class DirectReader:
                     raise chunk_error(lay, index, path, f"has {os.fstat(fd).st_size} bytes, expected "
                                       f"{lay.chunk_bytes}")
                 if not use_direct:
-                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+                    fadvise(fd, "RANDOM")
         return use_direct
 
     @staticmethod
@@ -172,7 +178,7 @@ class DirectReader:
                                   f"returned {got} of {want} bytes (truncated after the table was opened?)")
         if not self.o_direct:
             for chunk in np.unique(ext_chunk).tolist():
-                os.posix_fadvise(fds[chunk], 0, 0, os.POSIX_FADV_DONTNEED)
+                fadvise(fds[chunk], "DONTNEED")
         # Each row's bytes sit at stage_off[extent] + (its file offset - extent start). Staging and
         # file offsets of an extent agree modulo BLOCK, so every row starts at a multiple of
         # g = gcd(row_bytes, BLOCK): copy each row as row_bytes/g units of g bytes.

@@ -23,6 +23,7 @@ import torch
 
 from .buffers import OutputPool, Scratch
 from .compression import Compression
+from .direct import fadvise
 from .errors import CorruptTableError, InputError, SpecMismatchError
 from .format import LayerLayout, TableDir, TableMeta, chunk_error, read_metadata
 from .hashing import NgramHasher
@@ -280,11 +281,11 @@ def _check_chunk(tdir: TableDir, lay: LayerLayout, index: int) -> CorruptTableEr
         size = os.fstat(fd).st_size
         if size != lay.chunk_bytes:
             return chunk_error(lay, index, path, f"has {size} bytes, expected {lay.chunk_bytes}")
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+        fadvise(fd, "SEQUENTIAL")
         digest = xxhash.xxh3_64()
         while block := os.read(fd, _VERIFY_READ):
             digest.update(block)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)   # a full check should not flush the cache
+        fadvise(fd, "DONTNEED")   # a full check should not flush the page cache
     finally:
         os.close(fd)
     if digest.hexdigest() != lay.checksums[index]:

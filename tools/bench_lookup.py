@@ -68,6 +68,15 @@ def best_time(fn, repeats: int, before=None) -> float:
     return best
 
 
+def anon_hugepage_bytes() -> int:
+    """Bytes of this process's memory backed by transparent hugepages (0 where unknown)."""
+    try:
+        with open("/proc/self/smaps_rollup") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("AnonHugePages:"))
+    except (OSError, StopIteration):
+        return 0
+
+
 def drop_caches() -> bool:
     try:
         subprocess.run(["sync"], check=True)
@@ -119,7 +128,9 @@ def make_table(args, comp: engram.Compression) -> Path:
 def hot(args, path: Path, ids: np.ndarray, comp: engram.Compression) -> dict:
     layer = args.layers[0]
     results = {}
+    before = anon_hugepage_bytes()
     with open_table(path, tier="ram") as ram, open_table(path, tier="mmap", prefault=True) as mapped:
+        results["ram_hugepage_bytes"] = anon_hugepage_bytes() - before
         spec = ram.spec
         H, D, E = spec.heads_per_layer, spec.head_dim, spec.embed_dim
         B, T = ids.shape
@@ -218,6 +229,7 @@ def report(r: dict) -> None:
     print(f"B={r['batch']} T={r['seq']} H={r['heads']} D={r['head_dim']} float32, table "
           f"{r['table_bytes'] / 2**30:.2f} GiB, torch threads=1 (one layer per lookup)")
     hot = r["hot"]
+    print(f"ram tier: {hot['ram_hugepage_bytes'] / 2**20:.0f} MiB in transparent hugepages")
     print(f"\n{'hot':<24}{'tokens/s':>12}{'out= tok/s':>12}{'bare gather':>13}{'x baseline':>12}"
           f"{'x bare':>9}{'x bare out=':>12}")
     print(f"{'baseline nn.Embedding':<24}{hot['baseline_nn_embedding']['tokens_per_s']:>12.3e}")
