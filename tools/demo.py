@@ -1,57 +1,102 @@
-"""The engram demo: tokenize a sentence with the shipped tokenizer and show the rows it addresses.
+"""The engram demo: the main job end to end on a small built-in example, in well under a minute.
 
-    python tools/demo.py ["some text"]
+1. `engram build`: a bfloat16 table (two layers, ~256 MiB) from tools/demo_spec.json and the
+   tokenizer shipped in the package.
+2. `engram stats`: n-gram statistics of Python standard-library sources against that table, and
+   the hot-row plan.
+3. `engram hash`: the rows one sentence addresses.
+4. Python: `table.lookup` on every storage tier, and `EngramMemory` reading its rows from the table.
+
+    python tools/demo.py [--out out/demo] [--files 200]
 """
 
 from __future__ import annotations
 
+import argparse
+import shlex
 import sys
+import sysconfig
 import time
 from pathlib import Path
 
 import numpy as np
+import torch
 from tokenizers import Tokenizer
 
 import engram
+from engram.cli import main as engram_cli
 
+HERE = Path(__file__).parent
 TOKENIZER = Path(engram.__file__).parent / "data" / "bpe_bytelevel_4k.tokenizer.json"
+SPEC = HERE / "demo_spec.json"
 TEXT = "Only Alexander the Great could tame the horse Bucephalus."
 
 
-def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    text = argv[0] if argv else TEXT
-    tokenizer = Tokenizer.from_file(str(TOKENIZER))
-    comp = engram.Compression.from_tokenizer_file(TOKENIZER)
-    spec = engram.TableSpec(engram_vocab_size=(20_000, 20_000), max_ngram_size=3, n_head_per_ngram=4,
-                            n_embed_per_ngram=64, layer_ids=(1, 6),
-                            compressed_vocab_size=comp.compressed_vocab_size)
-    hasher = engram.NgramHasher(spec, comp)
+def step(title: str) -> None:
+    print(f"\n=== {title}")
 
-    encoding = tokenizer.encode(text)
-    ids = np.array([encoding.ids])
-    print(f"text: {text!r}")
-    print(f"compression: {comp.vocab_size} raw ids -> {comp.compressed_vocab_size} canonical ids "
-          f"({1 - comp.compressed_vocab_size / comp.vocab_size:.0%} fewer)")
-    print(f"{'pos':>3} {'token':>12} {'raw':>5} {'comp':>5}")
-    for t, (token, raw, c) in enumerate(zip(encoding.tokens, ids[0], comp(ids)[0], strict=True)):
-        print(f"{t:>3} {token!r:>12} {raw:>5} {c:>5}")
-    K = spec.n_head_per_ngram
-    for layer_id in spec.layer_ids:
-        rows = hasher.hash(ids, layer_id)[0]  # [T, H]
-        sizes = spec.table_sizes(layer_id)
-        print(f"\nlayer {layer_id}: rows addressed per position (head table sizes {sizes})")
-        header = "  ".join(f"n={2 + h // K} k={h % K}" for h in range(spec.heads_per_layer))
-        print(f"{'pos':>3}  {header}")
-        for t in range(rows.shape[0]):
-            print(f"{t:>3}  " + "  ".join(f"{r:>9}" for r in rows[t]))
 
-    big = np.random.default_rng(0).integers(0, comp.vocab_size, (8, 4096))
+def cli(*argv: str) -> None:
+    print("$ engram " + " ".join(shlex.quote(a) for a in argv), flush=True)
     start = time.perf_counter()
-    hasher.hash(big, spec.layer_ids[0])
-    seconds = time.perf_counter() - start
-    print(f"\nhashed {big.size:,} tokens into {spec.heads_per_layer} heads in {seconds * 1e3:.1f} ms "
-          f"({big.size / seconds / 1e6:.1f} M tokens/s)")
+    code = engram_cli(list(argv))
+    print(f"[exit {code}, {time.perf_counter() - start:.1f} s]")
+    if code != 0:
+        sys.exit(code)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="out/demo", help="folder for the demo's table and files")
+    parser.add_argument("--files", type=int, default=200, help="standard-library files in the corpus")
+    parser.add_argument("--spec", default=str(SPEC), help="TableSpec JSON of the demo table")
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    table_path = str(out / "demo.engram")
+    corpus = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))[: args.files]
+    torch.set_num_threads(1)
+    started = time.perf_counter()
+
+    step("1. build a table")
+    cli("build", table_path, "--spec", args.spec, "--tokenizer", str(TOKENIZER), "--seed", "0", "--overwrite")
+
+    step(f"2. corpus statistics over {len(corpus)} standard-library files")
+    hot = str(out / "hot_rows.npz")
+    cli("stats", "--table", table_path, "--tokenizer", str(TOKENIZER), "--hot-rows", hot,
+        "--plot", str(out / "coverage.png"), *map(str, corpus))
+
+    step("3. the rows a sentence addresses")
+    cli("hash", "--table", table_path, "--tokenizer", str(TOKENIZER), "--text", TEXT)
+
+    step("4. lookups and the Engram layer, from Python")
+    ids = torch.tensor([Tokenizer.from_file(str(TOKENIZER)).encode(TEXT).ids])
+    batch = torch.from_numpy(np.random.default_rng(0).integers(0, 4000, (8, 4096)))
+    reference = None
+    for tier in ("ram", "mmap", "direct"):
+        with engram.open(table_path, tier=tier) as table:
+            e = table.lookup(ids, layer_id=1)                        # [1, T, E]
+            if reference is None:
+                reference = e
+            assert torch.equal(e, reference), f"tier {tier} returned other rows"
+            table.lookup(batch, layer_id=1)                          # warm up
+            start = time.perf_counter()
+            table.lookup(batch, layer_id=1)
+            seconds = time.perf_counter() - start
+            print(f"  {tier:6s}: sentence -> {tuple(e.shape)} {e.dtype}; batch of {batch.numel():,} tokens "
+                  f"in {seconds * 1e3:6.1f} ms ({batch.numel() / seconds / 1e6:.2f} M tokens/s, one thread)")
+    print("  every tier returned identical rows")
+
+    with engram.open(table_path, tier="mmap") as table:
+        torch.manual_seed(0)
+        mem = engram.EngramMemory.from_table(table, layer_id=1, hidden_size=128, hc_mult=2)
+        hidden = torch.randn(1, ids.shape[1], 2, 128)                # [B, T, G, C]
+        start = time.perf_counter()
+        y = mem(hidden, ids)                                         # [B, T, G, C]
+        seconds = time.perf_counter() - start
+        print(f"  EngramMemory(layer 1, C=128, G=2) on {ids.shape[1]} tokens: output {tuple(y.shape)}, "
+              f"|output|/|hidden| = {(y.norm() / hidden.norm()).item():.3f}, {seconds * 1e3:.1f} ms")
+    print(f"\ndemo finished in {time.perf_counter() - started:.1f} s; files in {out}/")
 
 
 if __name__ == "__main__":
