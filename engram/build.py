@@ -97,7 +97,7 @@ def build_table(path: str | os.PathLike[str], spec: TableSpec, comp: Compression
     meta = TableMeta(FORMAT_VERSION, spec, comp, layouts)
     with partial_dir(target) as tmp:
         write_metadata(tmp, meta)
-        with _progress_bar(spec, layouts, progress) as bar:
+        with _progress_bar(layouts, progress) as bar:
             for lid, lay in layouts.items():
                 chunks = _source_chunks(sources[lid], lay, spec) if lid in sources else \
                     _init_chunks(lay, spec, init, std, seed)
@@ -258,7 +258,7 @@ def _source_chunks(src: Any, lay: LayerLayout, spec: TableSpec) -> Iterator[np.n
         start, stop = lay.chunk_span(index)
         piece = src[start:stop]
         _store(piece, block[: stop - start], spec.dtype)
-        if isinstance(src, np.memmap) and getattr(src, "mode", "c") in ("r", "r+"):
+        if isinstance(src, np.memmap) and getattr(src, "mode", "c") in ("r", "r+") and piece.flags.c_contiguous:
             release_pages(piece)   # a shared mapping: the rows stay in the file
         block[stop - start:] = 0
         yield block
@@ -280,7 +280,7 @@ def _write_chunk(path: Path, block: np.ndarray, bar: Any) -> str:
     return checksum(data)
 
 
-def _progress_bar(spec: TableSpec, layouts: dict[int, LayerLayout], progress: bool | None) -> Any:
+def _progress_bar(layouts: dict[int, LayerLayout], progress: bool | None) -> Any:
     from tqdm.auto import tqdm
 
     total = sum(lay.n_chunks * lay.chunk_bytes for lay in layouts.values())

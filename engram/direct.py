@@ -95,8 +95,6 @@ class DirectReader:
     def _open_one(tdir: TableDir, relpath: str, use_direct: bool) -> int | None:
         try:
             fd = tdir.open(relpath, os.O_RDONLY | (_O_DIRECT if use_direct else 0))
-        except FileNotFoundError:
-            raise
         except OSError as exc:
             if use_direct and exc.errno == errno.EINVAL:
                 return None

@@ -138,8 +138,12 @@ def release_pages(arr: np.ndarray) -> None:
     """Drop the resident pages of a read-only shared file mapping under `arr` (data stays in the file).
 
     Used on np.memmap sources after their rows are copied, so reading a large file does not
-    grow the process's resident set. Whole pages inside the array only.
+    grow the process's resident set. Whole pages inside the array only; the caller guarantees
+    `arr` is a C-contiguous view of a MAP_SHARED file mapping (MADV_DONTNEED on private memory
+    would discard it).
     """
+    if not arr.flags.c_contiguous:
+        raise ValueError("release_pages needs a C-contiguous array")
     start = arr.ctypes.data
     first = start + (-start) % mmap.PAGESIZE
     last = (start + arr.nbytes) // mmap.PAGESIZE * mmap.PAGESIZE
