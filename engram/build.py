@@ -61,7 +61,9 @@ def build_table(path: str | os.PathLike[str], spec: TableSpec, comp: Compression
             every value from N(0, std^2): row r of layer L is `std * z[r % 1024]` with
             `z = numpy.random.default_rng([seed, L, r // 1024]).standard_normal((1024, D),
             dtype=numpy.float32)`, rounded to the table's dtype; "zeros" writes zeros. Rows
-            depend only on (seed, layer, row), never on `chunk_rows`.
+            depend only on (seed, layer, row), never on `chunk_rows`. (NumPy keeps Generator
+            streams stable in practice but does not promise it across releases; the tests pin
+            the chunk digests of seeded tables.)
         std: standard deviation of "normal".
         seed: seed of "normal" (independent of `spec.seed`, which seeds the hash).
         weights: {layer_id: rows [spec.rows(layer_id), D]} to import: numpy arrays (np.memmap
