@@ -36,6 +36,7 @@ import torch
 
 import engram
 from engram.build import build_table
+from engram.format import read_metadata
 from engram.table import open as open_table
 
 
@@ -211,8 +212,7 @@ def main(argv: list[str] | None = None) -> dict:
     rng = np.random.default_rng(0)
     ids = rng.integers(0, args.vocab, (args.batch, args.seq))
     results: dict = {"batch": args.batch, "seq": args.seq, "heads": (args.max_ngram - 1) * args.heads,
-                     "head_dim": args.head_dim, "table_bytes": engram.TableSpec.from_dict(
-                         json.loads((path / "zarr.json").read_text())["attributes"]["engram"]["spec"]).total_bytes,
+                     "head_dim": args.head_dim, "table_bytes": read_metadata(path).spec.total_bytes,
                      "torch_threads": 1}
     results["hot"] = hot(args, path, ids, comp)
     if not args.no_cold and drop_caches():
