@@ -147,7 +147,7 @@ class Table:
 
     def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
         # By path and tier, never by content: the receiving process opens the table itself.
-        return _reopen, (os.fspath(self._path), self._tier_name, self._prefault, self._io_threads)
+        return _reopen, (os.path.abspath(self._path), self._tier_name, self._prefault, self._io_threads)
 
     # -- lookups ----------------------------------------------------------------------------
     def lookup(self, token_ids: Any, layer_id: int | None, out: torch.Tensor | None = None,
