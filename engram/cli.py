@@ -317,6 +317,27 @@ def cmd_verify(args: argparse.Namespace) -> Output:
     return Output(payload, f"{args.path}: ok, {chunks} chunk(s) match their checksums ({seconds:.1f} s)")
 
 
+# -- engram bench -------------------------------------------------------------------------------
+def cmd_bench(args: argparse.Namespace) -> Output:
+    from .benchmark import bench_table
+
+    r = bench_table(args.path, tiers=args.tier, batch=args.batch, seq=args.seq, layer_id=args.layer,
+                    repeats=args.repeats, cold=args.cold)
+    w = r["workload"]
+    lines = [f"lookup of B={w['batch']} x T={w['seq']} tokens, layer {w['layer_id']}, {w['heads']} heads x "
+             f"{w['row_bytes']} B rows ({w['dtype']}), one thread"]
+    for name, rate in r["baselines"].items():
+        lines.append(f"  baseline {name:13s} {rate / 1e6:8.3f} M tokens/s")
+    if not r["baselines"]:
+        lines.append("  (baselines skipped: the layer is larger than their in-RAM budget)")
+    for tier, e in r["tiers"].items():
+        ratios = ", ".join(f"{e[k]:.2f}x {k[3:]}" for k in e if k.startswith("vs_"))
+        state = "cold" if e["cold"] else "hot"
+        lines.append(f"  {tier:6s} ({state:4s})         {e['tokens_per_s'] / 1e6:8.3f} M tokens/s"
+                     + (f"  ({ratios})" if ratios else ""))
+    return Output(r, "\n".join(lines))
+
+
 # -- parser ------------------------------------------------------------------------------------
 class _Parser(argparse.ArgumentParser):
     def __init__(self, *a: Any, **kw: Any) -> None:
@@ -352,6 +373,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("verify", help="check every chunk of a table against its checksum")
     p.add_argument("path", metavar="PATH", help="table directory")
     p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("bench", help="lookup throughput of a table on this machine, with baselines")
+    p.add_argument("path", metavar="PATH", help="table directory")
+    p.add_argument("--tier", nargs="+", default=["ram", "mmap", "direct"], choices=("ram", "mmap", "direct"),
+                   help="tiers to measure")
+    p.add_argument("--batch", type=int, default=8, metavar="B", help="sequences per lookup")
+    p.add_argument("--seq", type=int, default=4096, metavar="T", help="tokens per sequence")
+    p.add_argument("--layer", type=int, metavar="LAYER_ID", help="layer to look up (default: the first)")
+    p.add_argument("--repeats", type=int, default=5, help="best of this many lookups")
+    p.add_argument("--cold", action="store_true", help="drop the page cache before each mmap/direct lookup (root)")
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("hash", help="show the rows a text addresses")
     _add_source(p)

@@ -190,3 +190,21 @@ def test_verify_ok_and_corrupt(capsys, built):
 def test_missing_table_exits_3(capsys, tmp_path):
     code, _, err = run(capsys, "inspect", str(tmp_path / "nope"))
     assert code == 3 and "nope" in err
+
+
+def test_bench_reports_tiers_and_baselines(capsys, built):
+    path, _ = built
+    code, out, _ = run(capsys, "bench", path, "--tier", "ram", "mmap", "--batch", "2", "--seq", "64",
+                       "--repeats", "2", "--json")
+    assert code == 0
+    r = json.loads(out)
+    assert r["workload"]["batch"] == 2 and r["workload"]["layer_id"] == 1
+    assert set(r["baselines"]) == {"index_select", "embedding"} and set(r["tiers"]) == {"ram", "mmap"}
+    for entry in r["tiers"].values():
+        assert entry["tokens_per_s"] > 0 and entry["cold"] is False
+        assert entry["vs_index_select"] == pytest.approx(entry["tokens_per_s"] / r["baselines"]["index_select"])
+    code, out, _ = run(capsys, "bench", path, "--tier", "direct", "--batch", "1", "--seq", "16", "--repeats", "1",
+                       "--layer", "4")
+    assert code == 0 and "direct" in out and "baseline index_select" in out
+    code, _, err = run(capsys, "bench", path, "--layer", "2")
+    assert code == 3 and "layer_id=2 has no table" in err
