@@ -11,36 +11,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import numpy as np
 
 import engram
-
-
-def reference_hash(x: np.ndarray, multipliers: np.ndarray, sizes: list[list[int]], pad: int) -> np.ndarray:
-    """The reference algorithm as written in numpy: shift with np.pad, mix per order, % per head."""
-    B, T = x.shape
-    N = len(multipliers)
-    shifts = [x] + [np.pad(x, ((0, 0), (k, 0)), constant_values=pad)[:, :T] for k in range(1, N)]
-    heads = []
-    for n in range(2, N + 1):
-        mix = shifts[0] * multipliers[0]
-        for k in range(1, n):
-            mix = np.bitwise_xor(mix, shifts[k] * multipliers[k])
-        for size in sizes[n - 2]:
-            heads.append(mix % size)
-    return np.stack(heads, axis=2)
-
-
-def best_time(fn, repeats: int) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
+from engram.benchmark import best_time, reference_hash
 
 
 def main(argv: list[str] | None = None) -> dict:
