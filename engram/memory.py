@@ -1,11 +1,20 @@
-"""EngramMemory: one Engram layer. Looks up hashed n-gram rows and gates them into hidden states.
+"""Engram layers: look up hashed n-gram rows and gate them into hidden states.
 
-Per branch g of the hidden states h [B,T,G,C], with e [B,T,E] the concatenated rows of the
-position's n-grams (arXiv 2601.07372; DESIGN.md "The algorithm"):
+Two variants share the hashing, the row lookup (in-module rows or a table), the input checks and
+the gate; they differ in how rows become keys and a value, and in what follows the gate. Per
+branch g of the hidden states h [B,T,G,C], with e [B,T,E] the concatenated rows of the position's
+n-grams, and gate(q, k) = sigmoid(sign(s) * sqrt(max(|s|, 1e-6))) with s = <q, k> / sqrt(C):
 
-    k_g = RMSNorm(W_K,g e),  q_g = RMSNorm(h_g),  s = <k_g, q_g> / sqrt(C)
-    alpha_g = sigmoid(sign(s) * sqrt(max(|s|, 1e-6))),   u_g = alpha_g * (W_V e)
-    output = u + ShortConv(u)           (the branch the caller adds to the residual)
+EngramMemory, the reference layer (arXiv 2601.07372; DESIGN.md "The algorithm"):
+
+    k_g = RMSNorm(W_K,g e),  q_g = RMSNorm(h_g),  u_g = gate(q_g, k_g) * (W_V e)
+    output = u + ShortConv(u)
+
+EngramMemoryV41, the DeepSeek-V4.1 layer (DESIGN.md item 8): one fused projection, no ShortConv:
+
+    [k_0; ...; k_{G-1}; v] = W_KV e,  output_g = gate(w_g * rms(h_g), rms(k_g)) * v
+
+where rms normalizes without a weight and w_g is a learned vector of C gate weights.
 """
 
 from __future__ import annotations
@@ -14,7 +23,7 @@ import dataclasses
 import math
 import numbers
 import os
-from typing import Any
+from typing import Any, ClassVar, Self
 
 import numpy as np
 import torch
@@ -29,19 +38,34 @@ from .shortconv import ShortConv
 from .spec import TableSpec
 from .tensors import check_ids_2d, is_torch, to_numpy_ids
 
-__all__ = ["EngramMemory"]
+__all__ = ["EngramMemoryBase", "EngramMemory", "EngramMemoryV41", "signed_sqrt_gate"]
 
 _GATE_FLOOR = 1e-6  # |s| is clamped to this before the square root (keeps the gradient finite)
 
 
-class EngramMemory(nn.Module):
-    """One Engram layer: hashed n-gram rows, a context-aware gate and a short causal convolution.
+def signed_sqrt_gate(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """The Engram gate of queries and keys [..., G, C]: one value in (0, 1) per branch, [..., G].
+
+    `sigmoid(sign(s) * sqrt(max(|s|, 1e-6)))` with `s = <q, k> / sqrt(C)` over the last dimension.
+    """
+    s = (k * q).sum(dim=-1) / math.sqrt(q.shape[-1])                        # [..., G]
+    return torch.sigmoid(s.sign() * s.abs().clamp_min(_GATE_FLOOR).sqrt())   # [..., G]
+
+
+class EngramMemoryBase(nn.Module):
+    """What every Engram layer variant shares; a variant adds its projections and `forward`.
 
     Rows live either inside the module (`table=None`: one trainable `rows` parameter
     [spec.rows(layer_id), D], all heads stacked at `spec.head_offsets(layer_id)`, initialized
     from N(0, init_std^2)) or in a table on disk (`table=engram.open(...)`: read with
-    `table.lookup`, no gradient, no `rows` parameter). Same rows give the same output either way.
-    The ShortConv weight starts at zero, so a fresh module outputs the gated value alone.
+    `table.lookup(..., dtype=<the module's dtype>)`, so rows stored in any dtype arrive in the
+    module's; no gradient, no `rows` parameter). Same rows give the same output either way.
+    `param_groups` and `export_rows` treat the `rows` of every variant alike.
+
+    A variant sets `_weight` (the parameter whose dtype and device the module computes in) and
+    `scale_names` (parameters that scale rather than project, like norm weights: `param_groups`
+    keeps them out of weight decay), builds its parts after `super().__init__`, then calls
+    `reset_parameters()`.
 
     Args:
         spec: the table spec; `layer_id` must be one of `spec.layer_ids`.
@@ -49,97 +73,58 @@ class EngramMemory(nn.Module):
         layer_id: which of the spec's tables this layer reads.
         hidden_size: C, the model width.
         hc_mult: G, hyper-connection branches of the hidden states (1 for a dense model).
-        kernel_size: taps of the ShortConv (its dilation is spec.max_ngram_size).
         table: an open `engram.Table` built for `spec` and `comp`, or None for in-module rows.
         init_std: standard deviation of the initial in-module rows (build_table's default).
-
-    Example:
-        >>> comp = Compression.identity(100)
-        >>> spec = TableSpec(engram_vocab_size=(50, 50), max_ngram_size=3, n_head_per_ngram=2,
-        ...                  n_embed_per_ngram=16, layer_ids=(0,), compressed_vocab_size=100)
-        >>> mem = EngramMemory(spec, comp, layer_id=0, hidden_size=32, hc_mult=1)
-        >>> h = torch.randn(2, 5, 32)
-        >>> y = mem(h.unsqueeze(2), torch.randint(0, 100, (2, 5)))   # [B, T, 1, C]
-        >>> (h + y.squeeze(2)).shape                                   # residual add
-        torch.Size([2, 5, 32])
     """
 
+    scale_names: ClassVar[tuple[str, ...]] = ()
+
     def __init__(self, spec: TableSpec, comp: Compression, *, layer_id: int, hidden_size: int,
-                 hc_mult: int = 1, kernel_size: int = 4, table: Any = None,
-                 init_std: float = 0.02) -> None:
+                 hc_mult: int = 1, table: Any = None, init_std: float = 0.02) -> None:
         super().__init__()
         self.hasher = NgramHasher(spec, comp)   # validates spec and comp
         self.layer_id = spec.check_layer(layer_id)
         self.hidden_size = _positive_int("hidden_size", hidden_size)
         self.hc_mult = _positive_int("hc_mult", hc_mult)
-        self.kernel_size = _positive_int("kernel_size", kernel_size)
         if isinstance(init_std, bool) or not isinstance(init_std, numbers.Real) or not init_std >= 0:
             raise InputError(f"init_std={init_std!r} is invalid: expected a float >= 0 (e.g. 0.02)")
         self.init_std = float(init_std)
         self.spec, self.comp, self.table = spec, comp, table
         if table is not None:
-            _check_table(table, spec, comp)
+            _check_table(table, spec, comp, type(self).__name__)
         self._offsets = np.asarray(spec.head_offsets(self.layer_id), dtype=np.int64)   # [H]
-
-        E, C, G = spec.embed_dim, self.hidden_size, self.hc_mult
         if table is None:
             self.rows = nn.Parameter(torch.empty(spec.rows(self.layer_id), spec.head_dim))
         else:
             self.register_parameter("rows", None)
-        self.key_proj = nn.Linear(E, G * C)      # the G per-branch key projections, stacked
-        self.key_norm = BranchRMSNorm(G, C)
-        self.query_norm = BranchRMSNorm(G, C)
-        self.value_proj = nn.Linear(E, C)        # one value, shared by the branches
-        self.short_conv = ShortConv(C, G, kernel_size=self.kernel_size, dilation=spec.max_ngram_size)
-        self.reset_parameters()
 
     @classmethod
     def from_table(cls, table: Any, *, layer_id: int, hidden_size: int, hc_mult: int = 1,
-                   kernel_size: int = 4) -> EngramMemory:
+                   **kwargs: Any) -> Self:
         """A module that reads its rows from `table`, with the table's own spec and compression.
+
+        Other keyword arguments go to the constructor (e.g. EngramMemory's `kernel_size`).
 
         Example:
             >>> mem = EngramMemory.from_table(engram.open(path), layer_id=1, hidden_size=C)
         """
         return cls(table.spec, table.compression, layer_id=layer_id, hidden_size=hidden_size,
-                   hc_mult=hc_mult, kernel_size=kernel_size, table=table)
+                   hc_mult=hc_mult, table=table, **kwargs)
 
     def reset_parameters(self) -> None:
-        """Rows ~ N(0, init_std^2); projections as nn.Linear; norms to one; ShortConv to zero."""
+        """Rows ~ N(0, init_std^2); a variant resets its own parts after this."""
         if self.rows is not None:
             nn.init.normal_(self.rows, mean=0.0, std=self.init_std)
-        self.key_proj.reset_parameters()
-        self.value_proj.reset_parameters()
-        self.key_norm.reset_parameters()
-        self.query_norm.reset_parameters()
-        self.short_conv.reset_parameters()
+
+    @property
+    def _weight(self) -> torch.Tensor:
+        """A projection weight of the variant: the module computes in its dtype, on its device."""
+        raise NotImplementedError
 
     @property
     def embed_dim(self) -> int:
         """E: width of one position's concatenated rows."""
         return self.spec.embed_dim
-
-    # -- forward ----------------------------------------------------------------------------
-    def forward(self, hidden_states: torch.Tensor, token_ids: Any) -> torch.Tensor:
-        """The Engram branch for `hidden_states` [B,T,G,C] at positions holding `token_ids` [B,T].
-
-        Args:
-            hidden_states: [B, T, G, C] floating tensor on the module's device.
-            token_ids: [B, T] raw (uncompressed) token ids: numpy, or a torch tensor on the CPU
-                or on the hidden states' device (ids are hashed on the host either way).
-
-        Returns:
-            [B, T, G, C]: add it to the residual stream (before the block's attention).
-        """
-        B, T, G, C = self._check_inputs(hidden_states, token_ids)
-        e = self.lookup(token_ids, device=hidden_states.device)       # [B, T, E] rows of all heads
-        k = self.key_norm(self.key_proj(e).view(B, T, G, C))           # [B, T, G, C] key per branch
-        q = self.query_norm(hidden_states)                             # [B, T, G, C]
-        s = (k * q).sum(dim=-1) / math.sqrt(C)                         # [B, T, G]
-        gate = torch.sigmoid(s.sign() * s.abs().clamp_min(_GATE_FLOOR).sqrt())   # [B, T, G]
-        v = self.value_proj(e)                                         # [B, T, C] shared value
-        u = gate.unsqueeze(-1) * v.unsqueeze(2)                        # [B, T, G, C]
-        return u + self.short_conv(u)                                  # [B, T, G, C]
 
     def lookup(self, token_ids: Any, device: torch.device | str | None = None) -> torch.Tensor:
         """The rows that `token_ids` [B,T] address, heads concatenated: [B, T, E].
@@ -148,8 +133,8 @@ class EngramMemory(nn.Module):
         or reads the table (no gradient). The result is on `device` (default: the module's) in
         the module's dtype.
         """
-        dtype = self.value_proj.weight.dtype
-        device = self.value_proj.weight.device if device is None else device
+        dtype = self._weight.dtype
+        device = self._weight.device if device is None else device
         if self.table is not None:
             return self.table.lookup(token_ids, self.layer_id, dtype=dtype).to(device)
         head_rows = self.hasher.hash(to_numpy_ids(token_ids), self.layer_id)   # [B, T, H] per head
@@ -158,6 +143,8 @@ class EngramMemory(nn.Module):
         return F.embedding(idx, self.rows).flatten(2).to(device=device, dtype=dtype)   # [B, T, H*D]
 
     def _check_inputs(self, hidden_states: Any, token_ids: Any) -> tuple[int, int, int, int]:
+        """Raise InputError unless forward's arguments fit this module; return (B, T, G, C)."""
+        name = type(self).__name__
         if not isinstance(hidden_states, torch.Tensor) or not hidden_states.is_floating_point():
             is_tensor = isinstance(hidden_states, torch.Tensor)
             got = hidden_states.dtype if is_tensor else type(hidden_states).__name__
@@ -172,13 +159,13 @@ class EngramMemory(nn.Module):
         if (G, C) != (self.hc_mult, self.hidden_size):
             raise InputError(
                 f"hidden_states has shape {shape} (hc_mult G={G}, hidden_size C={C}) but this "
-                f"EngramMemory has hc_mult={self.hc_mult}, hidden_size={self.hidden_size}: pass "
+                f"{name} has hc_mult={self.hc_mult}, hidden_size={self.hidden_size}: pass "
                 f"hidden states shaped [B, T, {self.hc_mult}, {self.hidden_size}] or build the module "
                 f"with hc_mult={G}, hidden_size={C}")
-        param_device = self.value_proj.weight.device
+        param_device = self._weight.device
         if hidden_states.device != param_device:
             raise InputError(
-                f"hidden_states is on device {hidden_states.device} but this EngramMemory is on "
+                f"hidden_states is on device {hidden_states.device} but this {name} is on "
                 f"{param_device}: move the module with mem.to({str(hidden_states.device)!r})")
         if is_torch(token_ids) and token_ids.device.type != "cpu" and token_ids.device != param_device:
             raise InputError(
@@ -194,7 +181,6 @@ class EngramMemory(nn.Module):
                 "pass the token ids of the same batch and positions as the hidden states")
         return B, T, G, C
 
-    # -- rows and checkpoints ---------------------------------------------------------------
     def export_rows(self) -> torch.Tensor:
         """A CPU copy of the trained rows [spec.rows(layer_id), D], ready for build_table.
 
@@ -203,9 +189,91 @@ class EngramMemory(nn.Module):
         """
         if self.rows is None:
             raise InputError(
-                f"this EngramMemory reads its rows from the table at {_table_path(self.table)!r}: "
+                f"this {type(self).__name__} reads its rows from the table at {_table_path(self.table)!r}: "
                 "there are no in-module rows to export; copy the table instead")
         return self.rows.detach().to("cpu", copy=True)
+
+    def extra_repr(self) -> str:
+        rows = f"table={_table_path(self.table)!r}" if self.table is not None else (
+            f"rows={self.spec.rows(self.layer_id)}x{self.spec.head_dim}")
+        return (f"layer_id={self.layer_id}, embed_dim={self.embed_dim}, hidden_size={self.hidden_size}, "
+                f"hc_mult={self.hc_mult}, {rows}")
+
+
+class EngramMemory(EngramMemoryBase):
+    """One Engram layer as in the reference: per-branch keys, a shared value, a gate and a ShortConv.
+
+    Rows as in EngramMemoryBase: in the module (trainable) or read from a table. The ShortConv
+    weight starts at zero, so a fresh module outputs the gated value alone.
+
+    State dict: rows [spec.rows(layer_id), D] (in-module rows only), key_proj.{weight,bias}
+    (the G key projections stacked row-wise, [G*C, E] and [G*C]), key_norm.weight and
+    query_norm.weight [G, C], value_proj.{weight,bias} ([C, E], [C]), short_conv.norm.weight
+    [G, C], short_conv.weight [G*C, 1, kernel_size]. `reference_state_dict` and
+    `load_reference_state_dict` use the reference's own names instead.
+
+    Args:
+        spec, comp, layer_id, hidden_size, hc_mult, table, init_std: as EngramMemoryBase.
+        kernel_size: taps of the ShortConv (its dilation is spec.max_ngram_size).
+
+    Example:
+        >>> comp = Compression.identity(100)
+        >>> spec = TableSpec(engram_vocab_size=(50, 50), max_ngram_size=3, n_head_per_ngram=2,
+        ...                  n_embed_per_ngram=16, layer_ids=(0,), compressed_vocab_size=100)
+        >>> mem = EngramMemory(spec, comp, layer_id=0, hidden_size=32, hc_mult=1)
+        >>> h = torch.randn(2, 5, 32)
+        >>> y = mem(h.unsqueeze(2), torch.randint(0, 100, (2, 5)))   # [B, T, 1, C]
+        >>> (h + y.squeeze(2)).shape                                   # residual add
+        torch.Size([2, 5, 32])
+    """
+
+    def __init__(self, spec: TableSpec, comp: Compression, *, layer_id: int, hidden_size: int,
+                 hc_mult: int = 1, kernel_size: int = 4, table: Any = None,
+                 init_std: float = 0.02) -> None:
+        kernel_size = _positive_int("kernel_size", kernel_size)
+        super().__init__(spec, comp, layer_id=layer_id, hidden_size=hidden_size, hc_mult=hc_mult,
+                         table=table, init_std=init_std)
+        self.kernel_size = kernel_size
+        E, C, G = spec.embed_dim, self.hidden_size, self.hc_mult
+        self.key_proj = nn.Linear(E, G * C)      # the G per-branch key projections, stacked
+        self.key_norm = BranchRMSNorm(G, C)
+        self.query_norm = BranchRMSNorm(G, C)
+        self.value_proj = nn.Linear(E, C)        # one value, shared by the branches
+        self.short_conv = ShortConv(C, G, kernel_size=self.kernel_size, dilation=spec.max_ngram_size)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Rows ~ N(0, init_std^2); projections as nn.Linear; norms to one; ShortConv to zero."""
+        super().reset_parameters()
+        self.key_proj.reset_parameters()
+        self.value_proj.reset_parameters()
+        self.key_norm.reset_parameters()
+        self.query_norm.reset_parameters()
+        self.short_conv.reset_parameters()
+
+    @property
+    def _weight(self) -> torch.Tensor:
+        return self.value_proj.weight
+
+    def forward(self, hidden_states: torch.Tensor, token_ids: Any) -> torch.Tensor:
+        """The Engram branch for `hidden_states` [B,T,G,C] at positions holding `token_ids` [B,T].
+
+        Args:
+            hidden_states: [B, T, G, C] floating tensor on the module's device.
+            token_ids: [B, T] raw (uncompressed) token ids: numpy, or a torch tensor on the CPU
+                or on the hidden states' device (ids are hashed on the host either way).
+
+        Returns:
+            [B, T, G, C]: add it to the residual stream (before the block's attention).
+        """
+        B, T, G, C = self._check_inputs(hidden_states, token_ids)
+        e = self.lookup(token_ids, device=hidden_states.device)       # [B, T, E] rows of all heads
+        k = self.key_norm(self.key_proj(e).view(B, T, G, C))           # [B, T, G, C] key per branch
+        q = self.query_norm(hidden_states)                             # [B, T, G, C]
+        gate = signed_sqrt_gate(q, k)                                  # [B, T, G]
+        v = self.value_proj(e)                                         # [B, T, C] shared value
+        u = gate.unsqueeze(-1) * v.unsqueeze(2)                        # [B, T, G, C]
+        return u + self.short_conv(u)                                  # [B, T, G, C]
 
     def load_reference_state_dict(self, state_dict: Any) -> None:
         """Load weights saved under the reference's names (deepseek-ai/Engram `Engram` module).
@@ -229,11 +297,81 @@ class EngramMemory(nn.Module):
 
         return reference_state_dict(self)
 
-    def extra_repr(self) -> str:
-        rows = f"table={_table_path(self.table)!r}" if self.table is not None else (
-            f"rows={self.spec.rows(self.layer_id)}x{self.spec.head_dim}")
-        return (f"layer_id={self.layer_id}, embed_dim={self.embed_dim}, hidden_size={self.hidden_size}, "
-                f"hc_mult={self.hc_mult}, {rows}")
+
+class EngramMemoryV41(EngramMemoryBase):
+    """One Engram layer as in DeepSeek-V4.1-Flash: one fused key/value projection, no ShortConv.
+
+    Per branch g, with e [B,T,E] the position's rows and h [B,T,G,C] the hidden states:
+
+        [k_0; ...; k_{G-1}; v] = W_KV e + b_KV      one Linear(E -> (G+1)*C)
+        q_g = w_g * rms(h_g),   s_g = <q_g, rms(k_g)> / sqrt(C)
+        output_g = sigmoid(sign(s_g) * sqrt(max(|s_g|, 1e-6))) * v
+
+    The output is the gated value itself (no ShortConv); add it to the residual stream.
+
+    Split of the fused projection's (G+1)*C output features: [g*C, (g+1)*C) is branch g's key
+    for g < G, and the last C, [G*C, (G+1)*C), are the value shared by the branches.
+
+    Gate weights: `rms(x) = x / sqrt(mean(x^2) + eps)` has no weight (eps = torch.finfo(dtype).eps,
+    nn.RMSNorm's default). The reference scales the normalized key and the normalized query each
+    by a learned vector (its norm1 and norm2 weights); the two meet only in the dot product s, so
+    only their elementwise product matters. This layer learns that product directly: one vector
+    w_g of C weights per branch (`gate_weight` [G, C], starting at one), applied to the query.
+    A reference layer maps onto this one exactly: W_KV stacks the G key projections, then the
+    value projection, and w_g = norm1.{g}.weight * norm2.{g}.weight; with a zero ShortConv (as a
+    fresh reference layer has) both give the same output.
+
+    Rows as in EngramMemoryBase: in the module (trainable) or read from a table; a quantized table
+    (e.g. FP8 E4M3 rows with E8M0 scales) dequantizes in `table.lookup` to the module's dtype.
+
+    State dict (engram's own names: DeepSeek's names for V4.1 weights are not public):
+        rows                   [spec.rows(layer_id), D]   in-module rows only
+        key_value_proj.weight  [(G+1)*C, E]               split as above
+        key_value_proj.bias    [(G+1)*C]
+        gate_weight            [G, C]
+
+    Args:
+        spec, comp, layer_id, hidden_size, hc_mult, table, init_std: as EngramMemoryBase.
+
+    Example:
+        >>> mem = EngramMemoryV41(spec, comp, layer_id=0, hidden_size=32, hc_mult=4)
+        >>> mem(torch.randn(2, 5, 4, 32), torch.randint(0, 100, (2, 5))).shape   # [B, T, G, C]
+        torch.Size([2, 5, 4, 32])
+    """
+
+    scale_names = ("gate_weight",)
+
+    def __init__(self, spec: TableSpec, comp: Compression, *, layer_id: int, hidden_size: int,
+                 hc_mult: int = 1, table: Any = None, init_std: float = 0.02) -> None:
+        super().__init__(spec, comp, layer_id=layer_id, hidden_size=hidden_size, hc_mult=hc_mult,
+                         table=table, init_std=init_std)
+        E, C, G = spec.embed_dim, self.hidden_size, self.hc_mult
+        self.key_value_proj = nn.Linear(E, (G + 1) * C)      # G keys, then the value
+        self.gate_weight = nn.Parameter(torch.empty(G, C))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Rows ~ N(0, init_std^2); the projection as nn.Linear; gate weights to one."""
+        super().reset_parameters()
+        self.key_value_proj.reset_parameters()
+        nn.init.ones_(self.gate_weight)
+
+    @property
+    def _weight(self) -> torch.Tensor:
+        return self.key_value_proj.weight
+
+    def forward(self, hidden_states: torch.Tensor, token_ids: Any) -> torch.Tensor:
+        """The Engram branch for `hidden_states` [B,T,G,C] at positions holding `token_ids` [B,T].
+
+        Arguments and result as EngramMemory.forward: add the [B, T, G, C] result to the residual.
+        """
+        B, T, G, C = self._check_inputs(hidden_states, token_ids)
+        e = self.lookup(token_ids, device=hidden_states.device)       # [B, T, E] rows of all heads
+        kv = self.key_value_proj(e).view(B, T, G + 1, C)               # [B, T, G+1, C]: G keys, value
+        k, v = F.rms_norm(kv[:, :, :G], (C,)), kv[:, :, G]             # [B, T, G, C], [B, T, C]
+        q = F.rms_norm(hidden_states, (C,)) * self.gate_weight         # [B, T, G, C]
+        gate = signed_sqrt_gate(q, k)                                  # [B, T, G]
+        return gate.unsqueeze(-1) * v.unsqueeze(2)                     # [B, T, G, C]
 
 
 def _positive_int(name: str, value: Any) -> int:
@@ -247,7 +385,7 @@ def _table_path(table: Any) -> str | None:
     return None if path is None else os.fspath(path)
 
 
-def _check_table(table: Any, spec: TableSpec, comp: Compression) -> None:
+def _check_table(table: Any, spec: TableSpec, comp: Compression, owner: str) -> None:
     """Raise unless `table` was built for `spec` (its row dtype aside) and `comp`."""
     if not (hasattr(table, "lookup") and isinstance(getattr(table, "spec", None), TableSpec)):
         raise InputError(f"table={table!r} is not an engram table: pass engram.open(path) or None")
@@ -258,9 +396,9 @@ def _check_table(table: Any, spec: TableSpec, comp: Compression) -> None:
         fields = ", ".join(f"{n}={getattr(table.spec, n)!r} (module: {getattr(spec, n)!r})" for n in differ)
         raise SpecMismatchError(
             f"table at {path!r} was built for another spec: {fields}: build the module with "
-            "spec=table.spec (EngramMemory.from_table) or open the table built for this spec")
+            f"spec=table.spec ({owner}.from_table) or open the table built for this spec")
     if table.compression != comp:
         raise SpecMismatchError(
             f"table at {path!r} was built with another compression (fingerprint "
             f"{table.compression.fingerprint!r}, module: {comp.fingerprint!r}): build the module with "
-            "comp=table.compression (EngramMemory.from_table) or open the table built for this tokenizer")
+            f"comp=table.compression ({owner}.from_table) or open the table built for this tokenizer")

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .errors import InputError
-from .memory import EngramMemory
+from .memory import EngramMemoryBase
 
 __all__ = ["param_groups", "export_rows", "ENGRAM_LR_MULT"]
 
@@ -30,15 +30,16 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float = 0.0, *,
     """Optimizer parameter groups with Engram rows apart, for torch.optim.Adam / AdamW.
 
     Groups (each a dict with "name", "params", "lr", "weight_decay"; empty groups left out):
-    - "engram_rows": the `rows` of every EngramMemory in `model`: lr * engram_lr_mult, no decay.
+    - "engram_rows": the `rows` of every Engram layer in `model` (EngramMemory, EngramMemoryV41):
+      lr * engram_lr_mult, no decay.
     - "decay": every other trainable parameter: lr, weight_decay.
     - "no_decay": biases and normalization weights (nn.LayerNorm, nn.RMSNorm, GroupNorm,
-      BatchNorm and Engram's own norms): lr, no decay (as nanoGPT/GPT-2). With
+      BatchNorm, Engram's own norms and gate weights): lr, no decay (as nanoGPT/GPT-2). With
       `decay_norms_and_biases=True` they join "decay" instead.
     Frozen parameters (requires_grad=False) are left out; shared parameters appear once.
 
     Args:
-        model: any nn.Module holding zero or more EngramMemory modules.
+        model: any nn.Module holding zero or more Engram layers.
         lr: the base learning rate.
         weight_decay: decoupled weight decay of the "decay" group (AdamW's meaning).
         engram_lr_mult: learning-rate multiplier of the Engram rows (5 in the paper).
@@ -60,9 +61,11 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float = 0.0, *,
             if not p.requires_grad or id(p) in seen:
                 continue
             seen.add(id(p))
-            if isinstance(module, EngramMemory) and pname == "rows":
+            is_engram = isinstance(module, EngramMemoryBase)
+            if is_engram and pname == "rows":
                 groups["engram_rows"].append(p)
-            elif not decay_norms_and_biases and (pname == "bias" or _is_norm(module)):
+            elif not decay_norms_and_biases and (pname == "bias" or _is_norm(module) or
+                                                 (is_engram and pname in module.scale_names)):
                 groups["no_decay"].append(p)
             else:
                 groups["decay"].append(p)
@@ -78,7 +81,7 @@ def _is_norm(module: nn.Module) -> bool:
 
 
 def export_rows(model: nn.Module) -> dict[int, torch.Tensor]:
-    """The trained rows of every in-module EngramMemory in `model`, by layer id (CPU copies).
+    """The trained rows of every in-module Engram layer in `model`, by layer id (CPU copies).
 
     All of them must share one spec; pass the result to build_table to get one table for all.
 
@@ -88,7 +91,7 @@ def export_rows(model: nn.Module) -> dict[int, torch.Tensor]:
     """
     if not isinstance(model, nn.Module):
         raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    mems = [m for m in model.modules() if isinstance(m, EngramMemory) and m.rows is not None]
+    mems = [m for m in model.modules() if isinstance(m, EngramMemoryBase) and m.rows is not None]
     rows: dict[int, torch.Tensor] = {}
     for mem in mems:
         if mem.spec != mems[0].spec or mem.comp != mems[0].comp:

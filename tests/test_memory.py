@@ -12,7 +12,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from engram import Compression, InputError, SpecMismatchError, TableSpec, TokenIdError
-from engram.memory import EngramMemory
+from engram.memory import EngramMemory, EngramMemoryV41
 from engram.shortconv import ShortConv
 
 GOLDEN = Path(__file__).parent / "golden" / "module_small.safetensors"
@@ -44,12 +44,12 @@ def golden_mem(golden_case):
     return mem
 
 
-def small(hc_mult=2, hidden_size=16, seed=0, **kw):
+def small(hc_mult=2, hidden_size=16, seed=0, cls=EngramMemory, **kw):
     torch.manual_seed(seed)
     comp = Compression.identity(50)
     spec = TableSpec(engram_vocab_size=(101, 103), max_ngram_size=3, n_head_per_ngram=2,
                      n_embed_per_ngram=8, layer_ids=(0, 3), compressed_vocab_size=50)
-    return EngramMemory(spec, comp, layer_id=3, hidden_size=hidden_size, hc_mult=hc_mult, **kw)
+    return cls(spec, comp, layer_id=3, hidden_size=hidden_size, hc_mult=hc_mult, **kw)
 
 
 def inputs(mem, B=2, T=7, seed=1):
@@ -209,13 +209,16 @@ def test_export_rows_is_a_cpu_copy():
     assert not rows.requires_grad
 
 
-# -- bad input ----------------------------------------------------------------------------------
+# -- bad input (the same typed errors and messages from every variant) ---------------------------
+VARIANTS = [EngramMemory, EngramMemoryV41]
+
+
 @pytest.mark.parametrize("make_hidden, make_ids, error, match", [
     (lambda h: h[:, :, 0], None, InputError,
      r"hidden_states must be shaped \[B, T, G, C\] .* got shape \(2, 7, 16\): for a dense model "
      r"\(hc_mult=1\) pass hidden.unsqueeze\(2\)"),
     (lambda h: torch.cat([h, h[:, :, :1]], 2), None, InputError,
-     r"hidden_states has shape \(2, 7, 3, 16\) \(hc_mult G=3, hidden_size C=16\) but this EngramMemory "
+     r"hidden_states has shape \(2, 7, 3, 16\) \(hc_mult G=3, hidden_size C=16\) but this {name} "
      r"has hc_mult=2, hidden_size=16: pass hidden states shaped \[B, T, 2, 16\] or build the module "
      r"with hc_mult=3, hidden_size=16"),
     (lambda h: h[..., :8], None, InputError, r"\(hc_mult G=2, hidden_size C=8\) but .* hidden_size=16"),
@@ -234,19 +237,20 @@ def test_export_rows_is_a_cpu_copy():
     (None, lambda i: i.to("meta"), InputError,
      r"token_ids is on device meta but hidden_states is on cpu: pass the ids on cpu or on the CPU"),
     (lambda h: h.to("meta"), None, InputError,
-     r"hidden_states is on device meta but this EngramMemory is on cpu: move the module with "
+     r"hidden_states is on device meta but this {name} is on cpu: move the module with "
      r"mem.to\('meta'\)"),
 ])
-def test_bad_inputs_name_argument_value_and_fix(make_hidden, make_ids, error, match):
-    mem = small()
+@pytest.mark.parametrize("cls", VARIANTS)
+def test_bad_inputs_name_argument_value_and_fix(cls, make_hidden, make_ids, error, match):
+    mem = small(cls=cls)
     hidden, ids = inputs(mem)
     hidden = make_hidden(hidden) if make_hidden else hidden
     ids = make_ids(ids) if make_ids else ids
-    with pytest.raises(error, match=match):
+    with pytest.raises(error, match=match.replace("{name}", cls.__name__)):
         mem(hidden, ids)
 
 
-@pytest.mark.parametrize("kwargs, match", [
+BAD_CONSTRUCTOR_ARGUMENTS = [
     (dict(layer_id=1), r"layer_id=1 has no table: this spec has layer_ids=\(0, 3\)"),
     (dict(hidden_size=0), r"hidden_size=0 is invalid: expected an int >= 1"),
     (dict(hc_mult=2.0), r"hc_mult=2.0 is invalid: expected an int >= 1"),
@@ -254,19 +258,25 @@ def test_bad_inputs_name_argument_value_and_fix(make_hidden, make_ids, error, ma
     (dict(init_std=-1.0), r"init_std=-1.0 is invalid: expected a float >= 0"),
     (dict(table=object()),
      r"table=<object object .*> is not an engram table: pass engram.open\(path\) or None"),
-])
-def test_bad_constructor_arguments(kwargs, match):
+]
+
+
+@pytest.mark.parametrize("cls, kwargs, match", [
+    (cls, kwargs, match) for cls in VARIANTS for kwargs, match in BAD_CONSTRUCTOR_ARGUMENTS
+    if cls is EngramMemory or "kernel_size" not in kwargs])   # kernel_size: the ShortConv's only
+def test_bad_constructor_arguments(cls, kwargs, match):
     mem = small()
     args = {**dict(layer_id=3, hidden_size=16, hc_mult=2), **kwargs}
     with pytest.raises(InputError, match=match):
-        EngramMemory(mem.spec, mem.comp, **args)
+        cls(mem.spec, mem.comp, **args)
 
 
-def test_compression_of_another_vocabulary_is_refused():
+@pytest.mark.parametrize("cls", VARIANTS)
+def test_compression_of_another_vocabulary_is_refused(cls):
     mem = small()
     with pytest.raises(SpecMismatchError,
                        match=r"compressed_vocab_size=49 but spec.compressed_vocab_size=50"):
-        EngramMemory(mem.spec, Compression.identity(49), layer_id=3, hidden_size=16)
+        cls(mem.spec, Compression.identity(49), layer_id=3, hidden_size=16)
 
 
 def test_reference_state_dict_keys_are_checked(golden_case):
@@ -387,7 +397,8 @@ def test_bfloat16_table_serves_a_float32_module(tmp_path):
             torch.testing.assert_close(backed(hidden, ids), mem(hidden, ids), rtol=2e-2, atol=2e-2)
 
 
-def test_table_of_another_spec_or_compression_is_refused(tmp_path):
+@pytest.mark.parametrize("cls", VARIANTS)
+def test_table_of_another_spec_or_compression_is_refused(tmp_path, cls):
     import engram
 
     mem = small()
@@ -395,14 +406,16 @@ def test_table_of_another_spec_or_compression_is_refused(tmp_path):
     with engram.build_table(tmp_path / "a.engram", other_spec, mem.comp) as table:
         with pytest.raises(SpecMismatchError, match=r"table at '.*a.engram' was built for another spec: "
                                                     r"engram_vocab_size=\(101, 107\) \(module: \(101, 103\)\), "
-                                                    r"seed=1 \(module: 0\): build the module with spec=table.spec"):
-            EngramMemory(mem.spec, mem.comp, layer_id=3, hidden_size=16, table=table)
+                                                    r"seed=1 \(module: 0\): build the module with spec=table.spec "
+                                                    rf"\({cls.__name__}.from_table\)"):
+            cls(mem.spec, mem.comp, layer_id=3, hidden_size=16, table=table)
     merged = Compression(list(range(50)) + [7])           # 51 raw ids, 50 compressed: fits the spec
     with engram.build_table(tmp_path / "b.engram", mem.spec, merged) as table:
         with pytest.raises(SpecMismatchError, match=r"table at '.*b.engram' was built with another compression "
                                                     r"\(fingerprint '[0-9a-f]+', module: '[0-9a-f]+'\): build the "
-                                                    r"module with comp=table.compression"):
-            EngramMemory(mem.spec, mem.comp, layer_id=3, hidden_size=16, table=table)
+                                                    r"module with comp=table.compression "
+                                                    rf"\({cls.__name__}.from_table\)"):
+            cls(mem.spec, mem.comp, layer_id=3, hidden_size=16, table=table)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
