@@ -1,0 +1,270 @@
+"""EngramMemoryV41: the DeepSeek-V4.1 Engram layer (fused key/value projection, no ShortConv).
+
+Bad-input errors are tested with the reference layer's in test_memory.py (one table, both variants).
+"""
+
+from __future__ import annotations
+
+import io
+import math
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+import engram
+from engram import Compression, NgramHasher, TableSpec
+from engram.memory import EngramMemory, EngramMemoryV41
+from engram.norm import BranchRMSNorm
+from engram.shortconv import ShortConv
+from engram.training import param_groups
+
+SPEC = TableSpec(engram_vocab_size=(101, 103), max_ngram_size=3, n_head_per_ngram=2,
+                 n_embed_per_ngram=8, layer_ids=(0, 3), compressed_vocab_size=50)
+COMP = Compression.identity(50)
+KEYS = {"rows", "key_value_proj.weight", "key_value_proj.bias", "gate_weight"}
+
+
+def make(hc_mult=2, hidden_size=16, seed=0, spec=SPEC, cls=EngramMemoryV41, **kw):
+    torch.manual_seed(seed)
+    return cls(spec, COMP, layer_id=3, hidden_size=hidden_size, hc_mult=hc_mult, **kw)
+
+
+def inputs(mem, B=2, T=7, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(B, T, mem.hc_mult, mem.hidden_size, generator=g)
+    ids = torch.randint(0, COMP.vocab_size, (B, T), generator=g)
+    return hidden, ids
+
+
+def randomize(mem, seed=2):
+    """Non-trivial weights everywhere (a fresh module has unit gate weights)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in mem.named_parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.5 + (1.0 if name == "gate_weight" else 0.0))
+
+
+def per_branch_forward(mem, hidden, ids):
+    """The V4.1 layer written out branch by branch, as the class docstring states it."""
+    C, G = mem.hidden_size, mem.hc_mult
+    W, b = mem.key_value_proj.weight.detach(), mem.key_value_proj.bias.detach()
+    rows = mem.hasher.hash(ids.numpy(), mem.layer_id) + np.asarray(mem.spec.head_offsets(mem.layer_id))
+    e = mem.rows.detach()[torch.from_numpy(rows)].flatten(2)          # [B, T, H*D]
+    eps = torch.finfo(e.dtype).eps
+
+    def rms(x):
+        return x / torch.sqrt(x.square().mean(-1, keepdim=True) + eps)
+
+    v = e @ W[G * C:].T + b[G * C:]                                     # the last C outputs
+    branches = []
+    for g in range(G):
+        k = e @ W[g * C:(g + 1) * C].T + b[g * C:(g + 1) * C]
+        q = rms(hidden[:, :, g]) * mem.gate_weight.detach()[g]
+        s = (q * rms(k)).sum(-1, keepdim=True) / math.sqrt(C)
+        branches.append(torch.sigmoid(torch.sign(s) * torch.sqrt(s.abs().clamp_min(1e-6))) * v)
+    return torch.stack(branches, dim=2)
+
+
+# -- the computation ------------------------------------------------------------------------------
+@pytest.mark.parametrize("hc_mult, hidden_size", [(1, 16), (2, 16), (4, 8)])
+def test_matches_per_branch_formula(hc_mult, hidden_size):
+    mem = make(hc_mult=hc_mult, hidden_size=hidden_size)
+    randomize(mem)
+    hidden, ids = inputs(mem, T=11)
+    with torch.no_grad():
+        out = mem(hidden, ids)
+    assert out.shape == hidden.shape
+    torch.testing.assert_close(out, per_branch_forward(mem, hidden, ids))
+
+
+def test_no_shortconv_and_the_documented_state_dict():
+    mem = make(hc_mult=2, hidden_size=16)
+    E, G, C = SPEC.embed_dim, 2, 16
+    assert set(mem.state_dict()) == KEYS
+    shapes = {k: tuple(v.shape) for k, v in mem.state_dict().items()}
+    assert shapes == {"rows": (SPEC.rows(3), SPEC.head_dim), "key_value_proj.weight": ((G + 1) * C, E),
+                      "key_value_proj.bias": ((G + 1) * C,), "gate_weight": (G, C)}
+    assert not any(isinstance(m, (ShortConv, BranchRMSNorm, nn.Conv1d)) for m in mem.modules())
+    assert not any("conv" in name or "norm" in name for name, _ in mem.named_parameters())
+    assert torch.equal(mem.gate_weight, torch.ones(G, C))
+    with pytest.raises(TypeError, match="kernel_size"):
+        make(kernel_size=4)
+
+
+def test_fused_projection_splits_into_keys_then_the_value():
+    mem = make(hc_mult=3)
+    randomize(mem)
+    hidden, ids = inputs(mem)
+    G, C = 3, 16
+    with torch.no_grad():
+        base, weight = mem(hidden, ids), mem.key_value_proj.weight.clone()
+        for g in range(G):                        # key block g moves branch g's gate only
+            mem.key_value_proj.weight[g * C:(g + 1) * C] += 1.0
+            out = mem(hidden, ids)
+            mem.key_value_proj.weight.copy_(weight)
+            changed = (out != base).flatten(0, 1).any(-1).any(0)        # [G]
+            assert changed.tolist() == [h == g for h in range(G)]
+        mem.gate_weight.zero_()                   # s = 0: every gate is sigmoid(0) = 1/2
+        v = mem.lookup(ids) @ mem.key_value_proj.weight[G * C:].T + mem.key_value_proj.bias[G * C:]
+        torch.testing.assert_close(mem(hidden, ids), 0.5 * v.unsqueeze(2).expand(-1, -1, G, -1))
+
+
+@pytest.mark.parametrize("hc_mult", [1, 2])
+def test_a_reference_layer_with_a_zero_shortconv_maps_onto_it(hc_mult):
+    ref = make(hc_mult=hc_mult, cls=EngramMemory)
+    randomize_ref = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(torch.randn(p.shape, generator=randomize_ref) * 0.5)
+        ref.short_conv.weight.zero_()
+    mem = make(hc_mult=hc_mult)
+    mem.load_state_dict({
+        "rows": ref.rows,
+        "key_value_proj.weight": torch.cat([ref.key_proj.weight, ref.value_proj.weight]),
+        "key_value_proj.bias": torch.cat([ref.key_proj.bias, ref.value_proj.bias]),
+        "gate_weight": ref.key_norm.weight * ref.query_norm.weight})
+    hidden, ids = inputs(mem, T=9)
+    with torch.no_grad():
+        torch.testing.assert_close(mem(hidden, ids), ref(hidden, ids))
+
+
+def test_causal_in_hidden_states_and_ids():
+    mem = make()
+    randomize(mem)
+    hidden, ids = inputs(mem, T=12)
+    hidden2, ids2 = hidden.clone(), ids.clone()
+    hidden2[:, 6:] += 1.0
+    ids2[:, 6:] = (ids2[:, 6:] + 1) % COMP.vocab_size
+    with torch.no_grad():
+        a, b = mem(hidden, ids), mem(hidden2, ids2)
+    assert torch.equal(a[:, :6], b[:, :6]) and not torch.equal(a[:, 6:], b[:, 6:])
+
+
+def test_dtypes_and_numpy_ids():
+    mem = make(hc_mult=1).to(torch.bfloat16)
+    hidden, ids = inputs(mem)
+    out = mem(hidden.bfloat16(), ids.numpy())
+    assert out.shape == hidden.shape and out.dtype == torch.bfloat16
+    assert mem.lookup(ids).dtype == torch.bfloat16
+
+
+# -- training -------------------------------------------------------------------------------------
+def test_training_steps_decrease_the_loss_and_touch_only_addressed_rows():
+    teacher, student = make(seed=5), make(seed=6)
+    randomize(teacher, seed=7)
+    hidden, ids = inputs(student, B=4, T=12)
+    with torch.no_grad():
+        target = teacher(hidden, ids)
+    groups = {g["name"]: g for g in param_groups(student, lr=1e-2, weight_decay=0.1)}
+    assert [id(p) for p in groups["engram_rows"]["params"]] == [id(student.rows)]
+    assert groups["engram_rows"]["lr"] == pytest.approx(5e-2)
+    assert {id(p) for p in groups["no_decay"]["params"]} == {id(student.gate_weight),
+                                                             id(student.key_value_proj.bias)}
+    assert [id(p) for p in groups["decay"]["params"]] == [id(student.key_value_proj.weight)]
+    rows_before = student.rows.detach().clone()
+    optimizer = torch.optim.AdamW(list(groups.values()))
+    losses = []
+    for _ in range(40):
+        loss = nn.functional.mse_loss(student(hidden, ids), target)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+    touched = np.unique(student.hasher.hash(ids.numpy(), 3) + student._offsets)
+    moved = torch.nonzero((student.rows.detach() != rows_before).any(1)).flatten().numpy()
+    assert np.array_equal(moved, touched)
+    assert not torch.equal(student.gate_weight, torch.ones_like(student.gate_weight))
+
+
+def test_state_dict_round_trip_gives_identical_outputs(tmp_path):
+    mem = make()
+    randomize(mem)
+    hidden, ids = inputs(mem)
+    buffer = io.BytesIO()
+    torch.save(mem.state_dict(), buffer)
+    save_file(mem.state_dict(), tmp_path / "v41.safetensors")
+    for sd in (torch.load(io.BytesIO(buffer.getvalue()), weights_only=True),
+               load_file(tmp_path / "v41.safetensors")):
+        assert set(sd) == KEYS
+        fresh = make(seed=9)
+        fresh.load_state_dict(sd)
+        with torch.no_grad():
+            assert torch.equal(fresh(hidden, ids), mem(hidden, ids))
+    with pytest.raises(RuntimeError, match="Missing key"):     # not interchangeable with the reference's
+        make(cls=EngramMemory).load_state_dict(mem.state_dict())
+
+
+# -- rows from a table ----------------------------------------------------------------------------
+def without_rows(state_dict):
+    return {k: v for k, v in state_dict.items() if k != "rows"}
+
+
+@pytest.mark.parametrize("tier", ["ram", "mmap", "direct"])
+def test_exported_rows_in_a_table_give_identical_outputs(tmp_path, tier):
+    mem = make()
+    randomize(mem)
+    hidden, ids = inputs(mem, T=9)
+    path = tmp_path / "v41.engram"
+    engram.build_table(path, SPEC, COMP, weights=engram.export_rows(mem)).close()
+    with engram.open(path, tier=tier) as table:
+        backed = EngramMemoryV41.from_table(table, layer_id=3, hidden_size=16, hc_mult=2)
+        assert backed.rows is None and set(backed.state_dict()) == KEYS - {"rows"}
+        backed.load_state_dict(without_rows(mem.state_dict()))
+        assert not backed.lookup(ids).requires_grad
+        with torch.no_grad():
+            assert torch.equal(backed(hidden, ids), mem(hidden, ids))
+        backed(hidden, ids).sum().backward()
+        assert all(p.grad is not None for p in backed.parameters())
+        with pytest.raises(engram.InputError, match=r"this EngramMemoryV41 reads its rows from the table"):
+            backed.export_rows()
+
+
+def fp8_e8m0(rows, block=32):
+    """Rows [R, D] as FP8 E4M3 values and one E8M0 scale (a biased power-of-two exponent) per block."""
+    blocks = rows.reshape(rows.shape[0], -1, block)                                  # [R, D/32, 32]
+    amax = blocks.abs().amax(-1, keepdim=True).clamp_min(2.0 ** -126)
+    exponent = torch.ceil(torch.log2(amax / torch.finfo(torch.float8_e4m3fn).max))   # value <= 448
+    values = (blocks / torch.exp2(exponent)).to(torch.float8_e4m3fn)
+    return values.reshape(rows.shape), (exponent.squeeze(-1) + 127).to(torch.uint8)  # [R, D], [R, D/32]
+
+
+def dequantize(values, scales, dtype, block=32):
+    exponent = scales.to(torch.float32).sub(127).repeat_interleave(block, -1)
+    return (values.to(torch.float32) * torch.exp2(exponent)).to(dtype)
+
+
+class Fp8Table:
+    """A table of FP8 E4M3 rows with E8M0 scales per 32 values; lookup dequantizes to `dtype`."""
+
+    def __init__(self, spec, comp, layer_id, rows):
+        self.spec, self.compression, self.path = spec, comp, None
+        self.values, self.scales = fp8_e8m0(rows)
+        self.hasher, self.offsets = NgramHasher(spec, comp), np.asarray(spec.head_offsets(layer_id))
+        self.dtypes = []
+
+    def lookup(self, token_ids, layer_id, dtype=None):
+        self.dtypes.append(dtype)
+        idx = torch.from_numpy(self.hasher.hash(np.asarray(token_ids), layer_id) + self.offsets)   # [B, T, H]
+        return dequantize(self.values[idx], self.scales[idx], dtype).flatten(2)                    # [B, T, H*D]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_quantized_table_rows_arrive_in_the_module_dtype(dtype):
+    spec = SPEC.replace(n_embed_per_ngram=128)                 # D = 64: two scales per row
+    mem = make(spec=spec)
+    randomize(mem)
+    hidden, ids = inputs(mem)
+    table = Fp8Table(spec, COMP, 3, mem.export_rows())
+    with torch.no_grad():                                      # the in-module rows, rounded alike
+        mem.rows.copy_(dequantize(table.values, table.scales, torch.float32))
+    mem, hidden = mem.to(dtype), hidden.to(dtype)
+    backed = EngramMemoryV41(spec, COMP, layer_id=3, hidden_size=16, hc_mult=2, table=table).to(dtype)
+    backed.load_state_dict(without_rows(mem.state_dict()))
+    with torch.no_grad():
+        out = backed(hidden, ids)
+        assert out.dtype == dtype and torch.equal(out, mem(hidden, ids))
+    assert table.dtypes == [dtype]
