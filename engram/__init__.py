@@ -22,6 +22,7 @@ from .spec import TableSpec as TableSpec
 if TYPE_CHECKING:
     from .build import build_table as build_table
     from .memory import EngramMemory as EngramMemory
+    from .memory import EngramMemoryV41 as EngramMemoryV41
     from .table import Table as Table
     from .table import lookup as lookup
     from .table import open as open
@@ -29,8 +30,8 @@ if TYPE_CHECKING:
     from .training import param_groups as param_groups
 
 # Names whose modules import torch load on first use, so `import engram` stays fast.
-_LAZY = {"EngramMemory": ".memory", "Table": ".table", "build_table": ".build", "lookup": ".table", "open": ".table",
-         "export_rows": ".training", "param_groups": ".training"}
+_LAZY = {"EngramMemory": ".memory", "EngramMemoryV41": ".memory", "Table": ".table", "build_table": ".build",
+         "lookup": ".table", "open": ".table", "export_rows": ".training", "param_groups": ".training"}
 
 
 def __getattr__(name: str) -> Any:
@@ -49,6 +50,7 @@ __all__ = [
     "CorruptTableError",
     "EngramError",
     "EngramMemory",
+    "EngramMemoryV41",
     "HotRowPlan",
     "InputError",
     "NgramHasher",
