@@ -268,3 +268,18 @@ def test_quantized_table_rows_arrive_in_the_module_dtype(dtype):
         out = backed(hidden, ids)
         assert out.dtype == dtype and torch.equal(out, mem(hidden, ids))
     assert table.dtypes == [dtype]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.cuda
+def test_cuda_module_takes_host_or_device_ids():
+    mem = make()
+    randomize(mem)
+    hidden, ids = inputs(mem)
+    with torch.no_grad():
+        expected = mem(hidden, ids)
+        mem = mem.cuda()
+        for token_ids in (ids, ids.cuda(), ids.numpy()):
+            out = mem(hidden.cuda(), token_ids)
+            assert out.device.type == "cuda"
+            torch.testing.assert_close(out.cpu(), expected, rtol=1e-4, atol=1e-5)
