@@ -20,7 +20,9 @@ block (relative error up to 12.5%) and this rule takes the next larger scale, so
 ever clipped and every value in E4M3's normal range keeps a relative error <= 2**-4; it costs one
 binade at the small end of the block. Encoding here picks this rule for that error bound.
 Values are then rounded to nearest-even E4M3 and saturated to +-448 (with this rule the
-saturation never triggers for finite input; it is there for the rounding helper itself).
+saturation never triggers for finite input; it is there for the rounding helper itself). Encoded
+rows always decode to finite float32: the rare value that would round up past float32's max
+(block max above 248 * 2**120) keeps the largest finite neighbour instead; likewise int8 scales.
 
 Decoding runs on every lookup, so it is a few whole-tensor torch passes without Python loops
 over rows: the E4M3 bytes are turned into float32/bfloat16 bit patterns with integer shifts (an
@@ -61,6 +63,7 @@ STORAGE_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(np.uint1
 # Quantized row dtype -> numpy dtype of the stored scales (float32 per row; E8M0 exponent bytes).
 SCALE_DTYPES = {"int8": np.dtype(np.float32), "float8_e4m3": np.dtype(np.uint8)}
 _OUT_DTYPES = (torch.float32, torch.bfloat16)
+_CHUNK_VALUES = 1 << 19  # values decoded per pass on CPU (2 MiB of float32)
 
 # E4M3 byte -> float bits with the same value times 2**-120: the sign goes to the top bit, the 7
 # exponent+mantissa bits land at the bottom of the 8-bit exponent field (bias 127 instead of 7),
@@ -203,12 +206,18 @@ def _encode_fp8(x: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor
     m, k = torch.frexp(amax)
     s = k - 9 + (m > 0.875).to(torch.int32)
     s = torch.where(amax > 0, s, -127).clamp(min=-127)      # amax <= float32 max keeps s <= 120
-    values = _round_e4m3(xb * _pow2_float32(-s).unsqueeze(2)).view(R, D)
-    return values, (s + 127).to(torch.uint8)
+    values = _round_e4m3(xb * _pow2_float32(-s).unsqueeze(2))  # [R, nb, block]
+    # Only with s = 120 can rounding up overflow float32 on decode (256 * 2**120 = 2**128): step
+    # those values down to 240, the largest finite neighbour.
+    top = (values.bitwise_and(0x7F) == 0x78) & (s == 120).unsqueeze(2)
+    values = torch.where(top, values - 1, values)
+    return values.view(R, D), (s + 127).to(torch.uint8)
 
 
 def _encode_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     scale = x.abs().amax(dim=1, keepdim=True) / 127         # [R, 1] float32
+    # near float32's max, a scale rounded up would decode 127 * scale to inf: take the one below
+    scale = torch.where(torch.isinf(scale * 127), torch.nextafter(scale, torch.zeros_like(scale)), scale)
     q = (x / torch.where(scale > 0, scale, 1.0)).round().clamp(-127, 127)  # round half to even
     return q.to(torch.int8), scale
 
@@ -336,9 +345,9 @@ def decode(
 ) -> torch.Tensor:
     """Decode stored rows to float32 or bfloat16, exactly (one rounding, to the output dtype).
 
-    Vectorized over all rows; pass `out` to reuse a buffer across lookups (a fresh buffer costs
-    page faults). Read-only numpy inputs (memory maps) are copied first; the lookup path passes
-    gathered torch tensors.
+    Vectorized: a few whole-tensor passes per chunk of ~512K values (no Python loop over rows);
+    pass `out` to reuse a buffer across lookups (a fresh buffer costs page faults). Read-only
+    numpy inputs (memory maps) are copied first; the lookup path passes gathered torch tensors.
 
     Args:
         values: [R, D] stored values (`STORAGE_DTYPES[dtype]`; torch.float8_e4m3fn and
@@ -366,15 +375,23 @@ def decode(
     scales = None if scales is None else _as_tensor(scales, "scales")
     _check_decode_args(values, scales, dtype, block)
     out = _output(values, out, out_dtype)
-    if values.shape[0] == 0:
-        return out
-    if dtype == "float8_e4m3":
-        assert scales is not None
-        _decode_fp8(values, scales, out, block)
-    elif dtype == "int8":
-        torch.mul(values, scales, out=out)                    # computed in float32, rounded once into out
-    elif dtype == "bfloat16":
-        out.copy_(values.view(torch.bfloat16))
-    else:
-        out.copy_(values)
+    R, D = values.shape
+    if dtype == "bfloat16":
+        return out.copy_(values.view(torch.bfloat16))
+    if dtype not in QUANTIZED_DTYPES:
+        return out.copy_(values)
+    assert scales is not None
+    # Quantized rows decode in chunks of ~_CHUNK_VALUES values: each pass then runs in cache.
+    step = R if values.device.type != "cpu" else max(1, _CHUNK_VALUES // D)
+    scratch = None
+    if dtype == "int8" and out.dtype != torch.float32:
+        scratch = torch.empty((min(R, step), D), dtype=torch.float32, device=values.device)
+    for start in range(0, R, step):
+        v, s, o = values[start:start + step], scales[start:start + step], out[start:start + step]
+        if dtype == "float8_e4m3":
+            _decode_fp8(v, s, o, block)
+        elif scratch is None:
+            o.copy_(v).mul_(s)                                # float32(v) * scale
+        else:                                                 # float32 product, rounded once into out
+            o.copy_(scratch[: len(v)].copy_(v).mul_(s))
     return out

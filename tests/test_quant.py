@@ -117,6 +117,23 @@ def test_int8_decode_exact():
     assert_same(decode(values, scales, "int8", out_dtype=torch.bfloat16), bf16_rne(want))
 
 
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+def test_decode_in_several_chunks(monkeypatch, out_dtype):
+    monkeypatch.setattr(quant, "_CHUNK_VALUES", 3 * 64 + 5)  # 3 rows of 64 per chunk, a short last one
+    rng = np.random.default_rng(8)
+    values = rng.integers(0, 256, size=(10, 64), dtype=np.uint8)
+    values[values & 0x7F == 0x7F] = 0
+    values[7, 3] = 0xFF  # NaN in one chunk only
+    scales = rng.integers(100, 140, size=(10, 2), dtype=np.uint8)
+    scales[4] = 250  # an exponent needing the two-step scaling, in another chunk
+    want = ref_decode_fp8(values, scales, 32)
+    round_ = bf16_rne if out_dtype == torch.bfloat16 else (lambda a: a)
+    assert_same(decode(values, scales, "float8_e4m3", out_dtype=out_dtype), round_(want))
+    ints = rng.integers(-127, 128, size=(10, 64), dtype=np.int8)
+    int_scales = rng.random((10, 1), dtype=np.float32)
+    assert_same(decode(ints, int_scales, "int8", out_dtype=out_dtype), round_(ints.astype(np.float32) * int_scales))
+
+
 def test_float_dtypes_decode():
     x = np.random.default_rng(3).standard_normal((20, 16)).astype(np.float32)
     for dtype in ("float32", "float16", "bfloat16"):
@@ -188,6 +205,19 @@ def check_fp8_bounds(x: np.ndarray, y: np.ndarray, scales: np.ndarray, block: in
     assert np.all(err[~normal] <= 2.0**-10 * s[~normal])  # half the subnormal spacing 2**-9
 
 
+@pytest.mark.parametrize("dtype", ["int8", "float8_e4m3"])
+def test_rows_near_float32_max_decode_finite(dtype):
+    big = np.finfo(np.float32).max
+    x = np.array([[big] * 32, [-big] * 32, [np.float32(248 * 2.0**120)] * 32, [-np.float32(3.3e38)] * 32], np.float32)
+    q = encode(x, dtype)
+    y = decode(q.values, q.scales, dtype).numpy().astype(np.float64)
+    assert np.isfinite(y).all()
+    if dtype == "int8":
+        assert np.all(np.abs(y - x) <= q.scales.astype(np.float64) * (0.5 + 1e-5))
+    else:
+        check_fp8_bounds(x, y, q.scales, 32)
+
+
 def test_int8_round_trip_bound_and_rounding():
     rng = np.random.default_rng(7)
     x = (rng.standard_normal((300, 64)) * 10.0 ** rng.integers(-20, 20, size=(300, 1))).astype(np.float32)
@@ -232,6 +262,7 @@ FLOAT32 = st.floats(width=32, allow_nan=False, allow_infinity=False)
 def test_fp8_round_trip_property(x):
     q = encode(x, "float8_e4m3")
     y = decode(q.values, q.scales, "float8_e4m3").numpy().astype(np.float64)
+    assert np.isfinite(y).all()
     check_fp8_bounds(x, y, q.scales, 32)
     np.testing.assert_array_equal(decode(q.values, q.scales, "float8_e4m3", out_dtype=torch.bfloat16).float(),
                                   bf16_rne(y.astype(np.float32)))
@@ -242,6 +273,7 @@ def test_fp8_round_trip_property(x):
 def test_int8_round_trip_property(x):
     q = encode(x, "int8")
     y = decode(q.values, q.scales, "int8").numpy().astype(np.float64)
+    assert np.isfinite(y).all()
     normal = np.abs(x).max(axis=1) >= 127 * 2.0**-126  # below: subnormal scales (documented)
     err = np.abs(y - x)[normal]
     assert np.all(err <= q.scales[normal].astype(np.float64) * (0.5 + 1e-5))
