@@ -107,6 +107,15 @@ def test_fp8_decode_accepts_float8_views_and_block_sizes():
         assert_same(got, want)
 
 
+def test_fp8_decode_matches_torch_float8_conversion():
+    rng = np.random.default_rng(9)
+    values = torch.from_numpy(rng.integers(0, 256, size=(64, 256), dtype=np.uint8))
+    scales = torch.from_numpy(rng.integers(90, 160, size=(64, 8), dtype=np.uint8))
+    scale = scales.view(torch.float8_e8m0fnu).float()[..., None]                   # [64, 8, 1]
+    want = (values.view(torch.float8_e4m3fn).float().view(64, 8, 32) * scale).view(64, 256)
+    torch.testing.assert_close(decode(values, scales, "float8_e4m3"), want, rtol=0, atol=0, equal_nan=True)
+
+
 def test_int8_decode_exact():
     rng = np.random.default_rng(2)
     values = rng.integers(-128, 128, size=(300, 48), dtype=np.int8)
