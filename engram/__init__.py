@@ -21,6 +21,8 @@ from .spec import TableSpec as TableSpec
 
 if TYPE_CHECKING:
     from .build import build_table as build_table
+    from .checkpoint import Checkpoint as Checkpoint
+    from .checkpoint import open_checkpoint as open_checkpoint
     from .memory import EngramMemory as EngramMemory
     from .memory import EngramMemoryV41 as EngramMemoryV41
     from .table import Table as Table
@@ -31,7 +33,8 @@ if TYPE_CHECKING:
 
 # Names whose modules import torch load on first use, so `import engram` stays fast.
 _LAZY = {"EngramMemory": ".memory", "EngramMemoryV41": ".memory", "Table": ".table", "build_table": ".build",
-         "lookup": ".table", "open": ".table", "export_rows": ".training", "param_groups": ".training"}
+         "lookup": ".table", "open": ".table", "export_rows": ".training", "param_groups": ".training",
+         "open_checkpoint": ".checkpoint", "Checkpoint": ".checkpoint"}
 
 
 def __getattr__(name: str) -> Any:
@@ -45,6 +48,7 @@ def __getattr__(name: str) -> Any:
 __version__ = "0.1.0"
 
 __all__ = [
+    "Checkpoint",
     "Compression",
     "CorpusStats",
     "CorruptTableError",
@@ -65,6 +69,7 @@ __all__ = [
     "corpus_stats",
     "export_rows",
     "lookup",
+    "open_checkpoint",
     "open",
     "param_groups",
     "tokenize_files",

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .checkpoint import LayerRows
 from .compression import Compression
 from .errors import InputError, TableExistsError
 from .format import (
@@ -67,8 +68,9 @@ def build_table(path: str | os.PathLike[str], spec: TableSpec, comp: Compression
         std: standard deviation of "normal".
         seed: seed of "normal" (independent of `spec.seed`, which seeds the hash).
         weights: {layer_id: rows [spec.rows(layer_id), D]} to import: numpy arrays (np.memmap
-            included, read chunk by chunk) or torch tensors (any float dtype, bfloat16 included,
-            any device), converted to the table's dtype with round-to-nearest.
+            included, read chunk by chunk), torch tensors (any float dtype, bfloat16 included,
+            any device) or checkpoint rows (`engram.open_checkpoint(files).rows(layer_id)`, read
+            chunk by chunk), converted to the table's dtype with round-to-nearest.
         overwrite: replace an existing table at `path` (atomically; processes that still use
             the old table keep reading its files until they close it).
         chunk_rows: rows per chunk file; chunk_rows * row_bytes must be a multiple of 65536.
@@ -178,11 +180,11 @@ def _check_weights(weights: Mapping[int, Any] | None, spec: TableSpec) -> dict[i
         expected = (spec.rows(layer_id), spec.head_dim)
         if isinstance(rows, torch.Tensor):
             ok = rows.is_floating_point()
-        elif isinstance(rows, np.ndarray):
+        elif isinstance(rows, (np.ndarray, LayerRows)):
             ok = rows.dtype.kind == "f"
         else:
-            raise InputError(f"weights[{layer_id}] must be a numpy array or torch tensor, got "
-                             f"{type(rows).__name__}")
+            raise InputError(f"weights[{layer_id}] must be a numpy array, a torch tensor or checkpoint rows "
+                             f"(Checkpoint.rows(layer_id)), got {type(rows).__name__}")
         if not ok:
             raise InputError(f"weights[{layer_id}] has dtype {rows.dtype}, expected floating point values "
                              "(float16/32/64 or torch.bfloat16)")

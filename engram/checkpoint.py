@@ -165,6 +165,39 @@ class _Layer:
     block: int | None
 
 
+class LayerRows:
+    """One checkpoint layer's rows, read only when sliced: `rows[start:stop]` -> float32 [n, D].
+
+    FP8 rows are dequantized with their E8M0 scales; float rows are widened to float32 exactly.
+    Only slices with step 1 are supported. Make one with `Checkpoint.rows(layer_id)`.
+    """
+
+    dtype = np.dtype(np.float32)
+    ndim = 2
+
+    def __init__(self, checkpoint: Checkpoint, layer_id: int) -> None:
+        self._checkpoint, self._layer_id = checkpoint, layer_id
+        self.shape = checkpoint.shape(layer_id)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, index: slice) -> np.ndarray:
+        if not isinstance(index, slice) or index.step not in (None, 1):
+            raise InputError(f"LayerRows supports row slices rows[start:stop] only, got {index!r}")
+        start, stop, _ = index.indices(self.shape[0])
+        values, scales = self._checkpoint.read(self._layer_id, start, max(start, stop))
+        if scales is None:
+            return values.astype(np.float32, copy=False)
+        from .quant import decode
+
+        block = self._checkpoint.block(self._layer_id) or 32
+        return decode(values, scales, self._checkpoint.dtype(self._layer_id), block=block).numpy()
+
+    def __repr__(self) -> str:
+        return f"LayerRows(layer_id={self._layer_id}, shape={self.shape})"
+
+
 class Checkpoint:
     """Engram rows of a model checkpoint, read block by block. Use `open_checkpoint`.
 
@@ -209,6 +242,15 @@ class Checkpoint:
         """(weight name, scale name or None) of one layer."""
         layer = self._layer(layer_id)
         return layer.weight, layer.scale
+
+    def rows(self, layer_id: int) -> LayerRows:
+        """One layer's rows as a lazy, sliceable float32 source (what `build_table(weights=)` takes).
+
+        Example:
+            >>> engram.build_table(path, spec, comp, weights={1: ckpt.rows(1)})   # doctest: +SKIP
+        """
+        self._layer(layer_id)
+        return LayerRows(self, layer_id)
 
     def read(self, layer_id: int, start: int, stop: int) -> tuple[np.ndarray, np.ndarray | None]:
         """Rows [start, stop) of one layer.

@@ -243,6 +243,30 @@ def cmd_build(args: argparse.Namespace) -> Output:
     return Output(payload, "\n".join(head))
 
 
+# -- engram import -------------------------------------------------------------------------------
+def cmd_import(args: argparse.Namespace) -> Output:
+    from .build import build_table
+    from .checkpoint import open_checkpoint
+
+    comp = _load_compression(args)
+    spec = _load_spec(args.spec, comp)
+    if args.dtype:
+        spec = spec.replace(dtype=args.dtype)
+    plan = _layer_plan(spec, args.chunk_rows)
+    needed = sum(p["disk_bytes"] for p in plan.values())
+    _check_disk(args.path, needed, _free_bytes(args.path))
+    start = time.perf_counter()
+    with open_checkpoint(args.weights, weight_pattern=args.weight_pattern, scale_pattern=args.scale_pattern) as ckpt:
+        weights = {lid: ckpt.rows(lid) for lid in spec.layer_ids}
+        build_table(args.path, spec, comp, weights=weights, overwrite=args.overwrite, chunk_rows=args.chunk_rows,
+                    progress=None if not args.json else False).close()
+    seconds = time.perf_counter() - start
+    payload = {"path": args.path, "spec": spec.to_dict(), "layers": plan, "sources": list(args.weights),
+               "seconds": seconds}
+    lines = [f"imported {len(weights)} layer(s) from {', '.join(args.weights)} into {args.path} in {seconds:.1f} s"]
+    return Output(payload, "\n".join(lines + _plan_text(plan)))
+
+
 # -- engram inspect ------------------------------------------------------------------------------
 def cmd_inspect(args: argparse.Namespace) -> Output:
     from .hashing import NgramHasher
@@ -363,6 +387,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="print what would be written; write nothing")
     p.add_argument("--overwrite", action="store_true", help="replace an existing table at PATH")
     p.set_defaults(func=cmd_build)
+
+    p = sub.add_parser("import", help="build a table from trained rows in checkpoint files")
+    p.add_argument("path", metavar="PATH", help="table directory to create")
+    p.add_argument("--spec", required=True, metavar="SPEC.json", help="TableSpec fields as JSON")
+    _add_vocab(p, required=True)
+    p.add_argument("--weights", required=True, nargs="+", metavar="FILE",
+                   help="*.safetensors or torch.save files (shards allowed)")
+    p.add_argument("--weight-pattern", metavar="PATTERN",
+                   help="tensor name of a layer's rows, {layer_id} replaced (default: the V4.1 name, then "
+                        "'layers.{layer_id}.engram.multi_head_embedding.embedding.weight')")
+    p.add_argument("--scale-pattern", metavar="PATTERN",
+                   help="tensor name of FP8 rows' E8M0 scales (default: the weight name with weight_scale_inv)")
+    p.add_argument("--dtype", choices=tuple(DTYPES), help="row dtype (overrides the spec's)")
+    p.add_argument("--chunk-rows", type=int, metavar="ROWS", help="rows per chunk file")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing table at PATH")
+    p.set_defaults(func=cmd_import)
 
     p = sub.add_parser("inspect", help="describe a table")
     p.add_argument("path", metavar="PATH", help="table directory")

@@ -120,7 +120,8 @@ def test_weights_are_checked(tmp_path):
         engram.build_table(tmp_path / "t", spec, COMP, weights={2: good})
     with pytest.raises(engram.InputError, match=r"weights\[1\] has dtype int32, expected floating point"):
         engram.build_table(tmp_path / "t", spec, COMP, weights={1: good.astype(np.int32)})
-    with pytest.raises(engram.InputError, match=r"weights\[1\] must be a numpy array or torch tensor, got list"):
+    with pytest.raises(engram.InputError, match=r"weights\[1\] must be a numpy array, a torch tensor or "
+                       r"checkpoint rows \(Checkpoint.rows\(layer_id\)\), got list"):
         engram.build_table(tmp_path / "t", spec, COMP, weights={1: good.tolist()})
     with pytest.raises(engram.InputError, match="weights must be a mapping"):
         engram.build_table(tmp_path / "t", spec, COMP, weights=[good])

@@ -208,3 +208,66 @@ def test_bench_reports_tiers_and_baselines(capsys, built):
     assert code == 0 and "direct" in out and "baseline index_select" in out
     code, _, err = run(capsys, "bench", path, "--layer", "2")
     assert code == 3 and "layer_id=2 has no table" in err
+
+
+def _reference_rows(spec):
+    return {lid: np.random.default_rng(lid).standard_normal((spec.rows(lid), spec.head_dim)).astype(np.float32)
+            for lid in spec.layer_ids}
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "torch"])
+def test_import_reference_checkpoint(capsys, spec_file, tmp_path, fmt):
+    import torch
+    from safetensors.torch import save_file
+
+    spec = engram.TableSpec.from_dict({**SPEC, "compressed_vocab_size": 300})
+    rows = _reference_rows(spec)
+    tensors = {f"layers.{lid}.engram.multi_head_embedding.embedding.weight": torch.from_numpy(r)
+               for lid, r in rows.items()}
+    src = tmp_path / f"ckpt.{'safetensors' if fmt == 'safetensors' else 'pt'}"
+    if fmt == "safetensors":
+        save_file(tensors, src)
+    else:
+        torch.save(tensors, src)
+    path = tmp_path / "imported.engram"
+    code, out, err = run(capsys, "import", str(path), "--spec", spec_file, "--vocab-size", "300",
+                         "--weights", str(src), "--json")
+    assert code == 0, err
+    assert json.loads(out)["layers"]["4"]["rows"] == spec.rows(4)
+    with engram.open(path) as table:
+        for lid, r in rows.items():
+            np.testing.assert_array_equal(table.rows(lid, np.arange(spec.rows(lid))).numpy(), r)
+
+
+def test_import_fp8_checkpoint_dequantizes(capsys, tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    from engram.quant import decode, encode
+
+    spec_d = {**SPEC, "n_embed_per_ngram": 64, "layer_ids": [1]}          # D = 32: one E8M0 scale per row
+    (tmp_path / "spec.json").write_text(json.dumps(spec_d))
+    spec = engram.TableSpec.from_dict({**spec_d, "compressed_vocab_size": 300})
+    q = encode(np.random.default_rng(0).standard_normal((spec.rows(1), 32)).astype(np.float32), "float8_e4m3")
+    save_file({"model.layers.1.engram.embedding.weight": torch.from_numpy(q.values).view(torch.float8_e4m3fn),
+               "model.layers.1.engram.embedding.weight_scale_inv": torch.from_numpy(q.scales)},
+              tmp_path / "v41.safetensors")
+    path = tmp_path / "fp8.engram"
+    code, _, err = run(capsys, "import", str(path), "--spec", str(tmp_path / "spec.json"), "--vocab-size", "300",
+                       "--weights", str(tmp_path / "v41.safetensors"))
+    assert code == 0, err
+    with engram.open(path) as table:
+        got = table.rows(1, np.arange(spec.rows(1)))
+    assert torch.equal(got, decode(q.values, q.scales, "float8_e4m3"))
+
+
+def test_import_names_the_missing_tensor(capsys, spec_file, tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    save_file({"other": torch.zeros(2, 2)}, tmp_path / "c.safetensors")
+    code, _, err = run(capsys, "import", str(tmp_path / "t"), "--spec", spec_file, "--vocab-size", "300",
+                       "--weights", str(tmp_path / "c.safetensors"))
+    assert code == 3 and "no tensor in" in err and "matches weight_pattern" in err
+    assert "names look like ['other']" in err
+    assert not (tmp_path / "t").exists()
