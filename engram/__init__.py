@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from .checkpoint import Checkpoint as Checkpoint
     from .checkpoint import open_checkpoint as open_checkpoint
     from .memory import EngramMemory as EngramMemory
-    from .memory import EngramMemoryV41 as EngramMemoryV41
+    from .memory_v41 import EngramMemoryV41 as EngramMemoryV41
     from .table import Table as Table
     from .table import lookup as lookup
     from .table import open as open
@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from .training import param_groups as param_groups
 
 # Names whose modules import torch load on first use, so `import engram` stays fast.
-_LAZY = {"EngramMemory": ".memory", "EngramMemoryV41": ".memory", "Table": ".table", "build_table": ".build",
+_LAZY = {"EngramMemory": ".memory", "EngramMemoryV41": ".memory_v41", "Table": ".table", "build_table": ".build",
          "lookup": ".table", "open": ".table", "export_rows": ".training", "param_groups": ".training",
          "open_checkpoint": ".checkpoint", "Checkpoint": ".checkpoint"}
 

@@ -12,7 +12,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from engram import Compression, InputError, SpecMismatchError, TableSpec, TokenIdError
-from engram.memory import EngramMemory, EngramMemoryV41
+from engram.memory import EngramMemory
+from engram.memory_v41 import EngramMemoryV41
 from engram.shortconv import ShortConv
 
 GOLDEN = Path(__file__).parent / "golden" / "module_small.safetensors"

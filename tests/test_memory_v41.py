@@ -16,7 +16,8 @@ from torch import nn
 
 import engram
 from engram import Compression, NgramHasher, TableSpec
-from engram.memory import EngramMemory, EngramMemoryV41
+from engram.memory import EngramMemory
+from engram.memory_v41 import EngramMemoryV41
 from engram.norm import BranchRMSNorm
 from engram.shortconv import ShortConv
 from engram.training import param_groups
