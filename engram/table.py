@@ -23,18 +23,15 @@ import torch
 
 from .buffers import OutputPool, Scratch
 from .compression import Compression
-from .direct import fadvise
-from .errors import CorruptTableError, InputError, SpecMismatchError
-from .format import LayerLayout, TableDir, TableMeta, chunk_error, read_metadata
+from .errors import InputError, SpecMismatchError
+from .format import LayerLayout, TableDir, TableMeta, read_metadata
 from .hashing import NgramHasher
+from .integrity import verify_chunks
 from .spec import TableSpec
 from .tensors import check_ids_2d, is_torch, to_numpy_ids
 from .tiers import TIERS, open_tier, torch_dtype
 
 __all__ = ["Table", "open", "lookup"]
-
-_VERIFY_READ = 8 << 20
-
 
 class Table:
     """An open engram table: one row table per layer, read-only. Make one with `engram.open`.
@@ -245,53 +242,13 @@ class Table:
             CorruptTableError: naming the first bad chunk (layer, chunk, file) and how many
                 chunks are bad in all.
         """
-        from tqdm.auto import tqdm
-
         with self._in_use():
-            bad: list[CorruptTableError] = []
-            total = sum(lay.n_chunks * lay.chunk_bytes for lay in self._meta.layers.values())
-            with tqdm(total=total, unit="B", unit_scale=True, desc="verify", delay=1.0, mininterval=0.5,
-                      disable=None if progress is None else not progress) as bar:
-                for lay in self._meta.layers.values():
-                    for index in range(lay.n_chunks):
-                        problem = _check_chunk(self._tdir, lay, index)
-                        if problem is not None:
-                            bad.append(problem)
-                        bar.update(lay.chunk_bytes)
-            if bad:
-                more = f" ({len(bad) - 1} more bad chunks)" if len(bad) > 1 else ""
-                raise CorruptTableError(f"{bad[0]}{more}") from bad[0]
+            verify_chunks(self._tdir, self._meta, progress)
 
 
 def _release(tier: Any, tdir: TableDir) -> None:
     tier.close()
     tdir.close()
-
-
-def _check_chunk(tdir: TableDir, lay: LayerLayout, index: int) -> CorruptTableError | None:
-    """The problem with one chunk file, if any: missing, wrong size or wrong checksum."""
-    import xxhash
-
-    path = lay.chunk_path(tdir.path, index)
-    try:
-        fd = tdir.open(lay.chunk_relpath(index))
-    except FileNotFoundError:
-        return chunk_error(lay, index, path, "is missing")
-    try:
-        size = os.fstat(fd).st_size
-        if size != lay.chunk_bytes:
-            return chunk_error(lay, index, path, f"has {size} bytes, expected {lay.chunk_bytes}")
-        fadvise(fd, "SEQUENTIAL")
-        digest = xxhash.xxh3_64()
-        while block := os.read(fd, _VERIFY_READ):
-            digest.update(block)
-        fadvise(fd, "DONTNEED")   # a full check should not flush the page cache
-    finally:
-        os.close(fd)
-    if digest.hexdigest() != lay.checksums[index]:
-        return chunk_error(lay, index, path, f"has xxh3 {digest.hexdigest()}, recorded {lay.checksums[index]} "
-                           "(its contents changed)")
-    return None
 
 
 def _check_out(out: Any, shape: tuple[int, int, int], dtype: torch.dtype) -> None:
