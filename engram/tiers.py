@@ -7,7 +7,10 @@
 - "direct": no mapping; rows are read with `pread` from a thread pool, bypassing the page cache
   (see `engram.direct`).
 
-Every tier answers `gather(layer_id, rows, out)`: out[i] = row rows[i] of the layer.
+Every tier answers `gather(layer_id, rows, out, sorted_unique=False)`: out[i] = row rows[i] of
+the layer (`sorted_unique`: the caller promises sorted, distinct rows). Disk tiers return
+(bytes read, read calls), memory tiers None; the table's gather engine (`engram.gather`) adds
+batch dedup and the hot-row cache on top.
 """
 
 from __future__ import annotations
@@ -42,7 +45,8 @@ def storage_dtype(dtype: str) -> np.dtype:
 class Tier(Protocol):
     name: str
 
-    def gather(self, layer_id: int, rows: np.ndarray, out: torch.Tensor) -> None: ...
+    def gather(self, layer_id: int, rows: np.ndarray, out: torch.Tensor,
+               sorted_unique: bool = False) -> tuple[int, int] | None: ...
 
     def close(self) -> None: ...
 
@@ -63,7 +67,7 @@ class _InAddressSpace:
     def __init__(self) -> None:
         self.weights: dict[int, torch.Tensor] = {}
 
-    def gather(self, layer_id: int, rows: np.ndarray, out: torch.Tensor) -> None:
+    def gather(self, layer_id: int, rows: np.ndarray, out: torch.Tensor, sorted_unique: bool = False) -> None:
         torch.index_select(self.weights[layer_id], 0, torch.from_numpy(rows), out=out)
 
     def close(self) -> None:
@@ -145,8 +149,9 @@ class DirectTier:
     def __init__(self, tdir: TableDir, meta: TableMeta, io_threads: int = 32, o_direct: bool | None = None) -> None:
         self.reader = DirectReader(tdir, meta.layers, io_threads=io_threads, o_direct=o_direct)
 
-    def gather(self, layer_id: int, rows: np.ndarray, out: torch.Tensor) -> None:
-        self.reader.gather(layer_id, rows, out)
+    def gather(self, layer_id: int, rows: np.ndarray, out: torch.Tensor,
+               sorted_unique: bool = False) -> tuple[int, int]:
+        return self.reader.gather(layer_id, rows, out, sorted_unique=sorted_unique)
 
     def close(self) -> None:
         self.reader.close()
