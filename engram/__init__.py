@@ -18,6 +18,7 @@ from .errors import TokenIdError as TokenIdError
 from .hashing import NgramHasher as NgramHasher
 from .hotrows import HotRowPlan as HotRowPlan
 from .spec import TableSpec as TableSpec
+from .stats import LookupStats as LookupStats
 
 if TYPE_CHECKING:
     from .build import build_table as build_table
@@ -57,6 +58,7 @@ __all__ = [
     "EngramMemoryV41",
     "HotRowPlan",
     "InputError",
+    "LookupStats",
     "NgramHasher",
     "SpecError",
     "SpecMismatchError",

@@ -5,7 +5,11 @@
 
 A lookup validates and compresses the ids, hashes them (NgramHasher), adds each head's row
 offset while transposing the hasher's head-major [H, B, T] rows to [B, T, H], and gathers those
-rows from the tier in one call (`Table._gather`, the single place every row read goes through).
+rows in one call (`Table._gather`, the single place every row read goes through: batch dedup,
+the hot-row cache, then the tier; see `engram.gather`).
+
+    table.load_hot_rows("hot.npz", fraction=0.1)   # most-used rows kept in RAM, probed first
+    table.stats()                             # LookupStats: rows requested/unique/cached/read, ...
 """
 
 from __future__ import annotations
@@ -22,12 +26,16 @@ import numpy as np
 import torch
 
 from .buffers import OutputPool, Scratch
+from .cache import HotRowCache, select_hot_rows
 from .compression import Compression
 from .errors import InputError, SpecMismatchError
 from .format import LayerLayout, TableDir, TableMeta, read_metadata
+from .gather import DEDUP_TIERS, RowGatherer
 from .hashing import NgramHasher
+from .hotrows import HotRowPlan
 from .integrity import verify_chunks
 from .spec import TableSpec
+from .stats import LookupStats, StatsCounter
 from .tensors import check_ids_2d, is_torch, to_numpy_ids
 from .tiers import TIERS, open_tier, torch_dtype
 
@@ -40,9 +48,10 @@ class Table:
     by path and tier (the receiving process opens the table itself, nothing is copied).
     """
 
-    def __init__(self, tdir: TableDir, meta: TableMeta, tier: str, prefault: bool, io_threads: int) -> None:
+    def __init__(self, tdir: TableDir, meta: TableMeta, tier: str, prefault: bool, io_threads: int,
+                 dedup: bool | None = None) -> None:
         self._tdir, self._path, self._meta, self._tier_name = tdir, tdir.path, meta, tier
-        self._prefault, self._io_threads = prefault, io_threads
+        self._prefault, self._io_threads, self._dedup_arg = prefault, io_threads, dedup
         self._hasher = NgramHasher(meta.spec, meta.compression)
         self._offsets = {lid: np.asarray(meta.spec.head_offsets(lid), np.int64) for lid in meta.spec.layer_ids}
         self._dtype = torch_dtype(meta.spec.dtype)
@@ -53,6 +62,8 @@ class Table:
         self._closed = False
         self._tier = open_tier(tier, tdir, meta, prefault, io_threads)
         self._finalizer = weakref.finalize(self, _release, self._tier, tdir)
+        self._stats = StatsCounter()
+        self._engine = RowGatherer(self._tier, tier in DEDUP_TIERS if dedup is None else dedup, self._stats)
 
     # -- what the table is ------------------------------------------------------------------
     @property
@@ -88,6 +99,11 @@ class Table:
     @property
     def closed(self) -> bool:
         return self._closed
+
+    @property
+    def dedup(self) -> bool:
+        """Whether a gather reads each distinct row once (default: on for "direct" only)."""
+        return self._engine.dedup
 
     @property
     def nbytes(self) -> int:
@@ -135,6 +151,8 @@ class Table:
             self._state.wait_for(lambda: self._active == 0)
         self._finalizer()
         self._outputs.clear()
+        self._engine.cache = None
+        self._engine.clear()
 
     def __enter__(self) -> Table:
         return self
@@ -144,7 +162,8 @@ class Table:
 
     def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
         # By path and tier, never by content: the receiving process opens the table itself.
-        return _reopen, (os.path.abspath(self._path), self._tier_name, self._prefault, self._io_threads)
+        return _reopen, (os.path.abspath(self._path), self._tier_name, self._prefault, self._io_threads,
+                         self._dedup_arg)
 
     # -- lookups ----------------------------------------------------------------------------
     def lookup(self, token_ids: Any, layer_id: int | None, out: torch.Tensor | None = None,
@@ -188,8 +207,7 @@ class Table:
                       dtype: torch.dtype | None) -> torch.Tensor:
         B, T = x.shape
         H, D = self.spec.heads_per_layer, self.spec.head_dim
-        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-            raise InputError(f"dtype={dtype!r} is invalid: expected a floating-point torch.dtype or None")
+        _check_dtype(dtype)
         want = self._dtype if dtype is None else dtype
         if out is not None:
             _check_out(out, (B, T, H * D), want)
@@ -207,7 +225,7 @@ class Table:
 
     def _gather(self, layer_id: int, rows: np.ndarray, out: torch.Tensor) -> None:
         """out[i] = row rows[i] of the layer's table. Every row read of the table passes here."""
-        self._tier.gather(layer_id, rows, out)
+        self._engine.gather(layer_id, rows, out)
 
     def rows(self, layer_id: int, row_indices: Any) -> torch.Tensor:
         """Raw rows by global row index: [n] ints -> a new tensor [n, D] in the table's dtype.
@@ -231,6 +249,51 @@ class Table:
             self._gather(layer_id, np.ascontiguousarray(idx), out)
             return out
 
+    # -- hot-row cache and counters ---------------------------------------------------------
+    def load_hot_rows(self, plan: HotRowPlan | str | os.PathLike[str], *, fraction: float | None = None,
+                      rows: int | None = None, max_bytes: int | None = None) -> dict[int, int]:
+        """Keep a hot-row plan's most-used rows in RAM; every later read probes them first.
+
+        Pass exactly one of: `fraction` (of each layer's rows the plan's corpus touched, most
+        used first), `rows` (per layer) or `max_bytes` (of row data over all layers, the rows
+        with the most lookups first). Replaces any cache loaded before.
+
+        Args:
+            plan: a HotRowPlan or the path of one (`engram stats --hot-rows`,
+                `engram.corpus_stats(...).hot_row_plan()`).
+
+        Returns:
+            {layer_id: rows cached}.
+
+        Raises:
+            SpecMismatchError: the plan was counted for another spec or compression.
+
+        Example:
+            >>> table.load_hot_rows("hot.npz", fraction=0.1)
+            {1: 184345, 15: 184572}
+        """
+        with self._in_use():
+            chosen = select_hot_rows(plan, self.spec, self.compression, fraction, rows, max_bytes)
+            cache = HotRowCache.load(chosen, self.spec, self._dtype, self._read_sorted)
+            self._engine.cache = cache          # lookups in flight finish with the cache they began with
+            return {layer_id: int(r.size) for layer_id, r in chosen.items()}
+
+    def _read_sorted(self, layer_id: int, rows: np.ndarray, out: torch.Tensor) -> None:
+        self._tier.gather(layer_id, rows, out, sorted_unique=True)       # not counted in stats()
+
+    def clear_hot_rows(self) -> None:
+        """Drop the hot-row cache (reads go to the tier again)."""
+        self._engine.cache = None
+
+    def stats(self) -> LookupStats:
+        """A snapshot of the lookup counters since open or `reset_stats()` (see LookupStats)."""
+        cache = self._engine.cache
+        return self._stats.snapshot(cached_rows=0 if cache is None else cache.n_rows)
+
+    def reset_stats(self) -> None:
+        """Zero the lookup counters."""
+        self._stats.reset()
+
     # -- integrity --------------------------------------------------------------------------
     def verify(self, progress: bool | None = None) -> None:
         """Check every chunk file on disk against its recorded xxh3-64 checksum.
@@ -251,6 +314,11 @@ def _release(tier: Any, tdir: TableDir) -> None:
     tdir.close()
 
 
+def _check_dtype(dtype: Any) -> None:
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise InputError(f"dtype={dtype!r} is invalid: expected a floating-point torch.dtype or None")
+
+
 def _check_out(out: Any, shape: tuple[int, int, int], dtype: torch.dtype) -> None:
     if not isinstance(out, torch.Tensor):
         raise InputError(f"out must be a torch.Tensor, got {type(out).__name__}: pass torch.empty({shape})")
@@ -262,7 +330,8 @@ def _check_out(out: Any, shape: tuple[int, int, int], dtype: torch.dtype) -> Non
 
 
 def open(path: str | os.PathLike[str], tier: str = "mmap", *, prefault: bool = False,
-         compression: Compression | None = None, spec: TableSpec | None = None, io_threads: int = 32) -> Table:
+         compression: Compression | None = None, spec: TableSpec | None = None, io_threads: int = 32,
+         dedup: bool | None = None) -> Table:
     """Open a table read-only.
 
     Args:
@@ -274,7 +343,10 @@ def open(path: str | os.PathLike[str], tier: str = "mmap", *, prefault: bool = F
             lookups do not pay for page faults.
         compression: if given, the compression the caller expects the table to use.
         spec: if given, the spec the caller expects the table to be built with.
-        io_threads: "direct" only: reads kept in flight.
+        io_threads: "direct" only: reads kept in flight (the queue depth; see `engram.direct`).
+        dedup: read each distinct row of a batch once and scatter it back; None (default) turns
+            it on for "direct" only (it costs more than it saves where rows are in memory; see
+            `engram.gather`).
 
     Returns:
         The open Table (a context manager).
@@ -292,11 +364,13 @@ def open(path: str | os.PathLike[str], tier: str = "mmap", *, prefault: bool = F
         raise InputError(f"tier={tier!r} is not a storage tier: expected one of {TIERS}")
     if not isinstance(io_threads, int) or isinstance(io_threads, bool) or io_threads < 1:
         raise InputError(f"io_threads={io_threads!r} is invalid: expected an int >= 1")
+    if dedup not in (None, True, False):
+        raise InputError(f"dedup={dedup!r} is invalid: expected True, False or None (per tier)")
     tdir = TableDir(path)   # every file of this table is opened relative to this directory handle
     try:
         meta = read_metadata(tdir)
         _check_expected(tdir.path, meta, spec, compression)
-        return Table(tdir, meta, tier, prefault, io_threads)
+        return Table(tdir, meta, tier, prefault, io_threads, dedup)
     except BaseException:
         tdir.close()
         raise
@@ -320,8 +394,8 @@ def _check_expected(root: Path, meta: TableMeta, spec: TableSpec | None, compres
             "with this tokenizer's compression, or use table.compression")
 
 
-def _reopen(path: str, tier: str, prefault: bool, io_threads: int) -> Table:
-    return open(path, tier, prefault=prefault, io_threads=io_threads)
+def _reopen(path: str, tier: str, prefault: bool, io_threads: int, dedup: bool | None = None) -> Table:
+    return open(path, tier, prefault=prefault, io_threads=io_threads, dedup=dedup)
 
 
 def lookup(token_ids: Any, table: Table, layer_id: int | None, out: torch.Tensor | None = None,

@@ -231,6 +231,35 @@ def test_processes_share_a_table(paths):
     assert all(torch.equal(result, expected) for result in results)
 
 
+# -- the same rows through every gather path: tier x {no cache, cache} x dedup --------------
+@pytest.fixture(scope="module")
+def plans():
+    """Per dtype, a hot-row plan counted on a corpus that holds the test batches and more."""
+    corpus = [token_ids(seed, (1, 200))[0] for seed in range(40)]
+    return {dtype: engram.corpus_stats(corpus, make_spec(dtype), COMP).hot_row_plan() for dtype in DTYPES}
+
+
+@tiers
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("dedup", [None, True, False])
+@pytest.mark.parametrize("cached", [False, True], ids=["no-cache", "cache"])
+def test_every_gather_path_returns_the_addressed_rows(paths, plans, opener, dtype, dedup, cached):
+    ids = np.concatenate([token_ids(3, (2, 40)), token_ids(3, (2, 40))[:, :25]], axis=1)   # repeats n-grams
+    with opener(paths[dtype], dedup=dedup) as table:
+        assert table.dedup == (opener.name.startswith("direct") if dedup is None else dedup)
+        if cached:
+            loaded = table.load_hot_rows(plans[dtype], fraction=0.3)
+            assert set(loaded) == {1, 5} and all(n > 0 for n in loaded.values())
+        for layer_id, rows in table.lookup(ids, None).items():
+            assert torch.equal(rows, reference_lookup(paths[dtype], ids, layer_id))
+        pick = np.random.default_rng(2).integers(0, table.spec.rows(1), 300)
+        assert torch.equal(table.rows(1, pick), reference_rows(paths[dtype], 1)[torch.from_numpy(pick)])
+        stats = table.stats()
+        assert stats.rows_from_cache + stats.rows_from_memory + stats.rows_from_disk == stats.rows_unique
+        assert (stats.rows_unique < stats.rows_requested) == table.dedup
+        assert (0 < stats.rows_from_cache < stats.rows_unique) == cached
+
+
 # -- outputs are never overwritten while referenced -----------------------------------------
 def test_results_are_recycled_only_when_unreferenced(paths):
     ids_a, ids_b = token_ids(6), token_ids(7)

@@ -1,0 +1,114 @@
+"""The row-gather engine behind `Table._gather`: batch dedup, hot-row cache, tier reads, counters.
+
+One gather of n row ids (a layer's B*T*H rows, or `Table.rows`):
+1. dedup (where on): `torch.unique(sorted=True, return_inverse=True)` gives the u distinct ids,
+   sorted, i.e. in file-offset order for the "direct" tier;
+2. cache probe (where a hot-row cache is loaded): each id's cache slot or -1;
+3. hits are copied from the cache and misses read from the tier into a per-thread staging buffer
+   [u, D], hits first;
+4. one `index_select` scatters the staged rows back to the requested order in `out`.
+Without dedup and cache the tier gathers straight into `out`.
+
+When dedup pays (measured here, 2.1M-row layer, 256 B rows, one thread): `torch.unique` costs
+10-14 ms on 524,288 ids and 0.7 ms on 16,384 (`np.unique` with return_inverse: 38-80 ms and
+0.7 ms); an in-RAM gather of all 524,288 rows costs 19-25 ms, and gathering only the unique rows
+then scattering them back costs as much or more (16-44 ms) even at 15% unique. So dedup never
+pays where a row read is a memory copy, and always where it is a disk read (microseconds):
+DEDUP_TIERS = ("direct",) by default; `engram.open(..., dedup=True|False)` overrides.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import torch
+
+from .cache import HotRowCache
+from .stats import StatsCounter
+
+__all__ = ["DEDUP_TIERS", "RowGatherer", "unique_inverse"]
+
+DEDUP_TIERS = ("direct",)
+
+
+def unique_inverse(rows: np.ndarray) -> tuple[np.ndarray, torch.Tensor]:
+    """Sorted distinct ids of int64 `rows` [n] and, per id, its index among them (torch int64 [n])."""
+    uniq, inverse = torch.unique(torch.from_numpy(rows), sorted=True, return_inverse=True)
+    return uniq.numpy(), inverse
+
+
+class RowGatherer:
+    """Gathers rows of a tier through dedup and a hot-row cache, counting everything.
+
+    Args:
+        tier: the storage tier (answers `gather(layer_id, rows, out, sorted_unique=False)`,
+            returning (bytes, reads) for disk tiers and None for memory ones).
+        dedup: read each distinct row of a gather once.
+        stats: where to count.
+    """
+
+    def __init__(self, tier, dedup: bool, stats: StatsCounter) -> None:
+        self.tier, self.dedup, self.stats = tier, dedup, stats
+        self.cache: HotRowCache | None = None     # replaced whole, never changed in place
+        self._disk = tier.name == "direct"
+        self._local = threading.local()
+
+    def gather(self, layer_id: int, rows: np.ndarray, out: torch.Tensor) -> None:
+        """out[i] = row rows[i] of the layer (`rows` int64 [n] in range, `out` [n, D] contiguous)."""
+        n = rows.size
+        cache = self.cache
+        layer_cache = None if cache is None else cache.layers.get(layer_id)
+        if n == 0:
+            self.stats.add(lookups=1)
+            return
+        if not self.dedup and layer_cache is None:
+            self._count(n, n, 0, self.tier.gather(layer_id, rows, out))
+            return
+        keys, inverse = unique_inverse(rows) if self.dedup else (rows, None)
+        u = keys.size
+        slots = None if layer_cache is None else layer_cache.probe(keys)
+        hit = np.empty(0, np.int64) if slots is None else np.flatnonzero(slots >= 0)
+        if hit.size == 0 and inverse is None:     # nothing cached for this batch: read straight into out
+            self._count(n, n, 0, self.tier.gather(layer_id, rows, out))
+            return
+        staged = self._staging(u, out)                                    # [u, D]: hits, then misses
+        if hit.size == 0:
+            read = self.tier.gather(layer_id, keys, staged, sorted_unique=True)
+            index = inverse
+        else:
+            miss = np.flatnonzero(slots < 0)
+            torch.index_select(layer_cache.data, 0, torch.from_numpy(slots[hit]), out=staged[: hit.size])
+            read = None
+            if miss.size:
+                read = self.tier.gather(layer_id, keys[miss], staged[hit.size:], sorted_unique=self.dedup)
+            place = np.empty(u, np.int64)                                 # staged position of each key
+            place[hit] = np.arange(hit.size)
+            place[miss] = np.arange(hit.size, u)
+            index = torch.from_numpy(place)
+            if inverse is not None:
+                index = index[inverse]
+        torch.index_select(staged, 0, index, out=out)
+        self._count(n, u, int(hit.size), read)
+
+    def _count(self, requested: int, unique: int, cached: int, read: tuple[int, int] | None) -> None:
+        tier_rows = unique - cached
+        if self._disk:
+            nbytes, reads = read if read is not None else (0, 0)
+            self.stats.add(lookups=1, rows_requested=requested, rows_unique=unique, rows_from_cache=cached,
+                           rows_from_disk=tier_rows, bytes_from_disk=nbytes, disk_reads=reads)
+        else:
+            self.stats.add(lookups=1, rows_requested=requested, rows_unique=unique, rows_from_cache=cached,
+                           rows_from_memory=tier_rows)
+
+    def _staging(self, u: int, like: torch.Tensor) -> torch.Tensor:
+        """A per-thread [u, D] buffer of `like`'s dtype, reused across gathers (never handed out)."""
+        nbytes = u * like.shape[1] * like.element_size()
+        buf = getattr(self._local, "buf", None)
+        if buf is None or buf.numel() < nbytes:
+            buf = self._local.buf = torch.empty(max(nbytes, 1), dtype=torch.uint8)
+        return buf[:nbytes].view(like.dtype).view(u, like.shape[1])
+
+    def clear(self) -> None:
+        """Drop every thread's staging buffer (the next gather makes a new one)."""
+        self._local = threading.local()

@@ -1,0 +1,154 @@
+"""The lookup engine: batch dedup, the hot-row cache and the lookup counters."""
+
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import engram
+from engram import direct
+from engram.cache import LayerCache
+from engram.gather import unique_inverse
+
+VOCAB = 600
+COMP = engram.Compression(np.arange(VOCAB) // 2)
+
+
+def make_spec(**changes) -> engram.TableSpec:
+    spec = engram.TableSpec(engram_vocab_size=(2000, 2100), max_ngram_size=3, n_head_per_ngram=2,
+                            n_embed_per_ngram=32, layer_ids=(1, 5), compressed_vocab_size=COMP.compressed_vocab_size)
+    return spec.replace(**changes) if changes else spec
+
+
+@pytest.fixture(scope="module")
+def path(tmp_path_factory):
+    out = tmp_path_factory.mktemp("engine") / "t.engram"      # 64-byte rows, 2048-row chunks
+    engram.build_table(out, make_spec(), COMP, seed=3, chunk_rows=2048).close()
+    return out
+
+
+def ids_(seed: int, shape=(2, 30)) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, VOCAB, shape)
+
+
+def plan_for(rows: dict[int, list[int]], spec=None, comp=COMP) -> engram.HotRowPlan:
+    """A hand-made plan: rows per layer, most used first."""
+    rows = {i: np.asarray(r, np.int64) for i, r in rows.items()}
+    lookups = {i: np.arange(r.size, 0, -1, dtype=np.int64) for i, r in rows.items()}
+    return engram.HotRowPlan(spec or make_spec(), comp.fingerprint, 100, rows, lookups)
+
+
+# -- dedup ----------------------------------------------------------------------------------
+@given(st.lists(st.integers(0, 50), max_size=200))
+def test_unique_inverse_matches_numpy(values):
+    rows = np.asarray(values, np.int64)
+    uniq, inverse = unique_inverse(rows)
+    assert np.array_equal(uniq, np.unique(rows)) and np.array_equal(uniq[inverse.numpy()], rows)
+
+
+def test_dedup_argument_is_checked_and_pickled(path):
+    with pytest.raises(engram.InputError, match=r"dedup='yes' is invalid: expected True, False or None"):
+        engram.open(path, dedup="yes")
+    with engram.open(path, tier="ram", dedup=True) as table:
+        with pickle.loads(pickle.dumps(table)) as copy:
+            assert copy.dedup and copy.tier == "ram"
+
+
+# -- hot-row cache --------------------------------------------------------------------------
+@given(st.data())
+def test_cache_probe_finds_exactly_the_cached_rows(data):
+    n_rows = data.draw(st.integers(1, 3000))
+    cached = np.unique(np.asarray(data.draw(st.lists(st.integers(0, n_rows - 1), max_size=300)), np.int64))
+    keys = np.asarray(data.draw(st.lists(st.integers(0, n_rows - 1), max_size=300)), np.int64)
+    if data.draw(st.booleans()):
+        keys = np.sort(keys)
+    expected = np.array([np.searchsorted(cached, k) if k in set(cached.tolist()) else -1 for k in keys.tolist()],
+                        np.int64)
+    for dense in (True, False):
+        cache = LayerCache(cached, torch.zeros(cached.size, 1), n_rows, dense=dense)
+        assert np.array_equal(cache.probe(keys), expected)
+
+
+def test_stats_count_a_crafted_batch_exactly(path):
+    # 64-byte rows, 64 to a 4 KiB block, 2048 to a chunk file.
+    rows = np.array([5, 5, 5, 7, 9, 9, 100, 2000, 3000, 3000])
+    plan = plan_for({1: [100, 5, 3000], 5: [1]})
+    with engram.open(path, tier="direct") as table:
+        assert table.load_hot_rows(plan, rows=2) == {1: 2, 5: 1}
+        table.rows(1, rows)
+        s = table.stats()
+        assert (s.lookups, s.rows_requested, s.rows_unique, s.rows_from_cache) == (1, 10, 6, 2)
+        # rows 7 and 9 share block 0 of chunk 0; 2000 is block 31 of chunk 0; 3000 is in chunk 1
+        assert (s.rows_from_disk, s.disk_reads, s.bytes_from_disk, s.cached_rows) == (4, 3, 3 * 4096, 3)
+        assert s.unique_fraction == 0.6 and s.cache_hit_rate == 2 / 6
+        assert s.to_dict()["unique_fraction"] == 0.6 and s.rows_from_memory == s.prefetches == 0
+        table.reset_stats()
+        assert table.stats() == engram.LookupStats(cached_rows=3)
+        table.lookup(ids_(10), None)
+        s = table.stats()
+        assert (s.lookups, s.rows_requested) == (2, 2 * 2 * 30 * 4)
+    with engram.open(path, tier="ram") as table:
+        table.load_hot_rows(plan, rows=2)
+        table.rows(1, rows)
+        s = table.stats()
+        assert (s.rows_requested, s.rows_unique, s.rows_from_cache, s.rows_from_memory) == (10, 10, 4, 6)
+        assert s.bytes_from_disk == s.rows_from_disk == 0
+        table.clear_hot_rows()
+        assert table.stats().cached_rows == 0
+
+
+def test_direct_reads_cover_small_gaps_in_one_read(path):
+    # 64-byte rows: row r sits in block r // 64 of its chunk file.
+    rows = np.array([0, 64 * 2, 64 * 60, 64 * 60 + 1])         # blocks 0, 2 (a 4 KiB gap) and 60
+    with engram.open(path, tier="mmap") as mapped, engram.open(path, tier="direct") as table:
+        assert torch.equal(table.rows(1, rows), mapped.rows(1, rows))
+        assert torch.equal(table.rows(1, rows[::-1].copy()), mapped.rows(1, rows[::-1].copy()))
+        s = table.stats()
+        assert (s.disk_reads, s.bytes_from_disk) == (2 * 2, 2 * (3 + 1) * 4096)
+        far = direct.GAP_BYTES // 4096 + 2                 # a gap of GAP_BYTES + 4 KiB after block 0
+        table.reset_stats()
+        table.rows(1, np.array([0, 64 * far]))
+        assert table.stats().disk_reads == 2
+
+
+def test_cached_rows_are_the_tables_rows(path):
+    with engram.open(path, tier="direct") as table:
+        every = table.rows(5, np.arange(table.spec.rows(5)))
+        table.load_hot_rows(plan_for({5: [0, 17, 4000, table.spec.rows(5) - 1]}), fraction=1.0)
+        pick = np.array([17, 3, 4000, 17, table.spec.rows(5) - 1, 0])
+        assert torch.equal(table.rows(5, pick), every[torch.from_numpy(pick)])
+        assert table.stats().rows_from_cache == 4
+
+
+def test_max_bytes_takes_the_most_used_rows_over_all_layers(path):
+    spec = make_spec()
+    plan = engram.HotRowPlan(spec, COMP.fingerprint, 100, {1: np.array([10, 11, 12]), 5: np.array([20, 21])},
+                             {1: np.array([9, 5, 1]), 5: np.array([7, 6])})
+    with engram.open(path, tier="ram") as table:
+        assert table.load_hot_rows(plan, max_bytes=3 * spec.row_bytes + 1) == {1: 1, 5: 2}
+        assert table.load_hot_rows(plan, max_bytes=0) == {1: 0, 5: 0}
+
+
+def test_hot_row_plans_must_match_the_table(path, tmp_path):
+    with engram.open(path, tier="ram") as table:
+        with pytest.raises(engram.SpecMismatchError, match="counted for another spec"):
+            table.load_hot_rows(plan_for({1: [1]}, spec=make_spec(seed=9)), fraction=1.0)
+        with pytest.raises(engram.SpecMismatchError, match="counted with another compression"):
+            table.load_hot_rows(plan_for({1: [1]}, comp=engram.Compression(np.arange(VOCAB) // 3)), fraction=1.0)
+        with pytest.raises(engram.InputError, match=r"pass exactly one of fraction=, rows= or max_bytes=, got "
+                           r"\['fraction', 'rows'\]"):
+            table.load_hot_rows(plan_for({1: [1]}), fraction=0.5, rows=3)
+        with pytest.raises(engram.InputError, match=r"rows=-1 is invalid"):
+            table.load_hot_rows(plan_for({1: [1]}), rows=-1)
+        with pytest.raises(engram.InputError, match=r"plan holds row 8238 outside \[0, 8238\) for layer 1"):
+            table.load_hot_rows(plan_for({1: [0, 8238]}), fraction=1.0)
+        with pytest.raises(engram.TableNotFoundError, match="does not exist"):
+            table.load_hot_rows(tmp_path / "missing.npz", fraction=0.1)
+        plan_for({1: [4, 2]}).save(tmp_path / "hot.npz")
+        assert table.load_hot_rows(tmp_path / "hot.npz", fraction=0.5) == {1: 1}
+        assert table.stats().cached_rows == 1
