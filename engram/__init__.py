@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from .checkpoint import open_checkpoint as open_checkpoint
     from .memory import EngramMemory as EngramMemory
     from .memory_v41 import EngramMemoryV41 as EngramMemoryV41
+    from .prefetch import Prefetch as Prefetch
     from .table import Table as Table
     from .table import lookup as lookup
     from .table import open as open
@@ -35,7 +36,7 @@ if TYPE_CHECKING:
 # Names whose modules import torch load on first use, so `import engram` stays fast.
 _LAZY = {"EngramMemory": ".memory", "EngramMemoryV41": ".memory_v41", "Table": ".table", "build_table": ".build",
          "lookup": ".table", "open": ".table", "export_rows": ".training", "param_groups": ".training",
-         "open_checkpoint": ".checkpoint", "Checkpoint": ".checkpoint"}
+         "open_checkpoint": ".checkpoint", "Checkpoint": ".checkpoint", "Prefetch": ".prefetch"}
 
 
 def __getattr__(name: str) -> Any:
@@ -60,6 +61,7 @@ __all__ = [
     "InputError",
     "LookupStats",
     "NgramHasher",
+    "Prefetch",
     "SpecError",
     "SpecMismatchError",
     "Table",

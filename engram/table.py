@@ -8,17 +8,19 @@ offset while transposing the hasher's head-major [H, B, T] rows to [B, T, H], an
 rows in one call (`Table._gather`, the single place every row read goes through: batch dedup,
 the hot-row cache, then the tier; see `engram.gather`).
 
+    handle = table.prefetch(token_ids)        # the same lookup on the table's prefetch thread
     table.load_hot_rows("hot.npz", fraction=0.1)   # most-used rows kept in RAM, probed first
     table.stats()                             # LookupStats: rows requested/unique/cached/read, ...
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import os
 import threading
 import weakref
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +36,7 @@ from .gather import DEDUP_TIERS, RowGatherer
 from .hashing import NgramHasher
 from .hotrows import HotRowPlan
 from .integrity import verify_chunks
+from .prefetch import CudaTransfer, Prefetch, Prefetcher
 from .spec import TableSpec
 from .stats import LookupStats, StatsCounter
 from .tensors import check_ids_2d, is_torch, to_numpy_ids
@@ -64,6 +67,7 @@ class Table:
         self._finalizer = weakref.finalize(self, _release, self._tier, tdir)
         self._stats = StatsCounter()
         self._engine = RowGatherer(self._tier, tier in DEDUP_TIERS if dedup is None else dedup, self._stats)
+        self._prefetcher = Prefetcher()
 
     # -- what the table is ------------------------------------------------------------------
     @property
@@ -130,8 +134,10 @@ class Table:
 
     # -- lifetime ---------------------------------------------------------------------------
     @contextlib.contextmanager
-    def _in_use(self) -> Iterator[None]:
+    def _in_use(self, cancel_if_closed: bool = False) -> Iterator[None]:
         with self._state:
+            if self._closed and cancel_if_closed:
+                raise concurrent.futures.CancelledError(f"table at {os.fspath(self._path)!r} was closed")
             if self._closed:
                 raise InputError(
                     f"table at {os.fspath(self._path)!r} is closed: open it again with "
@@ -145,9 +151,15 @@ class Table:
                 self._state.notify_all()
 
     def close(self) -> None:
-        """Release the rows (mapping, memory, files); waits for lookups in flight. Idempotent."""
+        """Release the rows (mapping, memory, files); waits for lookups in flight. Idempotent.
+
+        Prefetches not started yet are cancelled (their `result()` raises
+        concurrent.futures.CancelledError); a running one finishes first and keeps its rows.
+        """
         with self._state:
             self._closed = True
+        self._prefetcher.shutdown()
+        with self._state:
             self._state.wait_for(lambda: self._active == 0)
         self._finalizer()
         self._outputs.clear()
@@ -247,6 +259,62 @@ class Table:
                                  f"use global rows 0 <= row < spec.rows({layer_id})")
             out = torch.empty((idx.size, self.spec.head_dim), dtype=self._dtype)
             self._gather(layer_id, np.ascontiguousarray(idx), out)
+            return out
+
+    # -- prefetch ---------------------------------------------------------------------------
+    def prefetch(self, token_ids: Any, layer_ids: int | Sequence[int] | None = None,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Prefetch:
+        """Start the lookup of `token_ids` in the background; collect it with `handle.result()`.
+
+        The ids are checked and copied now (errors in them raise here); hashing and gathering run
+        on the table's prefetch thread while the caller computes. Prefetches run one at a time,
+        in the order they were started.
+
+        Args:
+            token_ids: raw token ids [B, T] (numpy or torch, any integer dtype and device).
+            layer_ids: the layers to look up (default: every layer), one id or a sequence.
+            device: where the rows should land (default: CPU). With a CUDA device they are
+                gathered into pinned host buffers and copied on a side stream without blocking;
+                `result()` makes the caller's current stream wait for the copy.
+            dtype: result dtype, as for `lookup` (default: the table's dtype).
+
+        Returns:
+            A Prefetch handle: `result()` == `table.lookup(token_ids, None)` restricted to
+            `layer_ids`; `result(layer_id)` one [B, T, E] tensor; also done(), cancel().
+
+        Example:
+            >>> handle = table.prefetch(token_ids)            # before layer 0
+            >>> ...                                           # layers 0 and 1 compute meanwhile
+            >>> e = handle.result(2)                          # [B, T, E] at the Engram layer
+        """
+        with self._in_use():
+            x = self._compress(token_ids)                                 # compressed ids [B, T], a copy
+            if layer_ids is None:
+                layers = self.spec.layer_ids
+            else:
+                single = isinstance(layer_ids, (int, np.integer)) and not isinstance(layer_ids, bool)
+                layers = tuple(self.spec.check_layer(i) for i in ((layer_ids,) if single else layer_ids))
+            _check_dtype(dtype)
+            target = self._prefetcher.target(device)
+            with self._state:     # close() either sees this prefetch pending or refuses it here
+                if self._closed:
+                    raise InputError(f"table at {os.fspath(self._path)!r} is closed: open it again")
+                future = self._prefetcher.submit(lambda: self._prefetch_work(x, layers, dtype, target))
+            self._stats.add(prefetches=1)
+            return Prefetch(future, layers, self._stats)
+
+    def _prefetch_work(self, x: np.ndarray, layers: tuple[int, ...], dtype: torch.dtype | None,
+                       target: torch.device | CudaTransfer | None) -> dict[int, Any]:
+        """Runs on the prefetch thread: every layer's rows, on the device asked for."""
+        with self._in_use(cancel_if_closed=True):
+            out: dict[int, Any] = {}
+            for layer_id in layers:
+                if isinstance(target, CudaTransfer):                     # (device tensor, copy event)
+                    out[layer_id] = target.fill_and_copy((*x.shape, self.spec.embed_dim), dtype or self._dtype,
+                                                         lambda host, i=layer_id: self._lookup_layer(x, i, host, dtype))
+                else:
+                    rows = self._lookup_layer(x, layer_id, None, dtype)
+                    out[layer_id] = rows if target is None else rows.to(target)
             return out
 
     # -- hot-row cache and counters ---------------------------------------------------------

@@ -1,8 +1,14 @@
-"""The lookup engine: batch dedup, the hot-row cache and the lookup counters."""
+"""The lookup engine: prefetch handles, batch dedup, the hot-row cache and the lookup counters."""
 
 from __future__ import annotations
 
+import concurrent.futures
+import gc
+import os
 import pickle
+import threading
+import time
+import weakref
 
 import numpy as np
 import pytest
@@ -17,6 +23,7 @@ from engram.gather import unique_inverse
 
 VOCAB = 600
 COMP = engram.Compression(np.arange(VOCAB) // 2)
+TIERS = ["ram", "mmap", "direct"]
 
 
 def make_spec(**changes) -> engram.TableSpec:
@@ -41,6 +48,201 @@ def plan_for(rows: dict[int, list[int]], spec=None, comp=COMP) -> engram.HotRowP
     rows = {i: np.asarray(r, np.int64) for i, r in rows.items()}
     lookups = {i: np.arange(r.size, 0, -1, dtype=np.int64) for i, r in rows.items()}
     return engram.HotRowPlan(spec or make_spec(), comp.fingerprint, 100, rows, lookups)
+
+
+def wait_until(condition, limit: float = 30.0) -> bool:
+    """Poll `condition` until it holds (True) or `limit` seconds pass (False)."""
+    deadline = time.monotonic() + limit
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.001)
+    return True
+
+
+class Gate:
+    """Wraps a table's row gathers so a test decides when they may run, and sees where they ran."""
+
+    def __init__(self, table, before=None) -> None:
+        self.open, self.entered, self.threads = threading.Event(), threading.Event(), []
+        self._gather, self._before = table._engine.gather, before
+        table._engine.gather = self
+
+    def __call__(self, *args) -> None:
+        self.threads.append(threading.current_thread().name)
+        self.entered.set()
+        if self._before is not None:
+            self._before()
+        assert self.open.wait(30), "the test never opened the gate"
+        self._gather(*args)
+
+
+# -- prefetch --------------------------------------------------------------------------------
+@pytest.mark.parametrize("tier", TIERS)
+def test_prefetch_result_equals_lookup(path, tier):
+    ids = ids_(0)
+    with engram.open(path, tier=tier) as table:
+        expected = table.lookup(ids, None)
+        handle = table.prefetch(ids)
+        result = handle.result()
+        assert list(result) == [1, 5] and all(torch.equal(result[i], expected[i]) for i in expected)
+        assert torch.equal(handle.result(5), expected[5]) and handle.done() and not handle.cancelled()
+        one = table.prefetch(torch.from_numpy(ids).to(torch.int32), layer_ids=[5], dtype=torch.float64)
+        assert list(one.result()) == [5] and torch.equal(one.result(5), expected[5].double())
+        with pytest.raises(engram.InputError, match=r"layer_id=1 was not prefetched: expected one of \(5,\)"):
+            one.result(1)
+        assert torch.equal(table.prefetch(ids, layer_ids=1, device="cpu").result(1), expected[1])
+
+
+def test_prefetch_copies_the_ids_and_checks_them_at_once(path):
+    with engram.open(path, tier="ram") as table:
+        ids = ids_(1)
+        expected = table.lookup(ids, 1)
+        gate = Gate(table)
+        handle = table.prefetch(ids, layer_ids=1)
+        ids[:] = 0                                         # the caller reuses its id buffer at once
+        gate.open.set()
+        assert torch.equal(handle.result(1), expected)
+        with pytest.raises(engram.TokenIdError, match=r"outside \[0, 600\)"):
+            table.prefetch(np.full((1, 3), VOCAB))
+        with pytest.raises(engram.InputError, match=r"layer_id=3 has no table"):
+            table.prefetch(ids, layer_ids=[3])
+        with pytest.raises(engram.InputError, match=r"dtype=torch.int64 is invalid"):
+            table.prefetch(ids, dtype=torch.int64)
+        with pytest.raises(engram.InputError, match=r"device='nowhere' is not a torch device"):
+            table.prefetch(ids, device="nowhere")
+        if not torch.cuda.is_available():
+            with pytest.raises(engram.InputError, match=r"device='cuda' needs CUDA"):
+                table.prefetch(ids, device="cuda")
+
+
+def test_prefetch_runs_on_the_prefetch_thread_while_the_caller_goes_on(path):
+    ids = ids_(2)
+    with engram.open(path, tier="mmap") as table:
+        expected = table.lookup(ids, None)
+        gate = Gate(table)
+        handle = table.prefetch(ids)                       # returns while its gather is held back
+        assert gate.entered.wait(30) and not handle.done() and "pending" in repr(handle)
+        with pytest.raises(TimeoutError):
+            handle.result(timeout=0.01)
+        gate.open.set()
+        assert all(torch.equal(handle.result()[i], expected[i]) for i in expected)
+        assert set(gate.threads) == {"engram-prefetch_0"}
+        assert table.stats().blocked_seconds > 0           # result() had to wait
+
+
+def test_prefetch_finishes_while_the_main_thread_computes(path):
+    # The gather starts only once the main thread is inside its compute loop, and the loop runs
+    # until the handle is done: the lookup ran alongside the compute, not before or after it.
+    ids = ids_(3, (4, 64))
+    with engram.open(path, tier="ram") as table:
+        expected = table.lookup(ids, 1)
+        computing = threading.Event()
+        gate = Gate(table, before=lambda: computing.wait(30))
+        gate.open.set()
+        handle = table.prefetch(ids, layer_ids=1)
+        a, steps = torch.randn(64, 64), 0
+        while not handle.done():
+            computing.set()
+            a = torch.tanh(a @ a)
+            steps += 1
+        table.reset_stats()
+        assert steps >= 1 and torch.equal(handle.result(1), expected)
+        assert table.stats().blocked_seconds == 0.0        # a finished handle never blocks
+
+
+class Boom(RuntimeError):
+    pass
+
+
+@pytest.mark.parametrize("tier", TIERS)
+def test_prefetch_errors_come_back_from_result_unchanged(path, tier, tmp_path):
+    with engram.open(path, tier=tier) as table:
+        error = Boom("disk on fire")
+
+        def fail(*args):
+            raise error
+
+        table._engine.gather = fail
+        handle = table.prefetch(ids_(4))
+        with pytest.raises(Boom) as caught:
+            handle.result()
+        assert caught.value is error and handle.done()
+
+
+def test_prefetch_of_a_table_truncated_after_open_raises_corrupt_table_error(path, tmp_path):
+    import shutil
+
+    copy = tmp_path / "t.engram"
+    shutil.copytree(path, copy)
+    with engram.open(copy, tier="direct") as table:
+        for chunk in (copy / "layer_1" / "c").iterdir():
+            os.truncate(chunk / "0", 0)
+        with pytest.raises(engram.CorruptTableError, match=r"returned 0 of \d+ bytes \(truncated after"):
+            table.prefetch(ids_(5), layer_ids=1).result()
+
+
+def test_close_cancels_queued_prefetches_and_waits_for_the_running_one(path):
+    ids = ids_(6)
+    table = engram.open(path, tier="direct")
+    expected = table.lookup(ids, None)
+    gate = Gate(table)
+    running = table.prefetch(ids)
+    assert gate.entered.wait(30)
+    queued = [table.prefetch(ids) for _ in range(2)]
+    closer = threading.Thread(target=table.close)
+    closer.start()
+    assert wait_until(lambda: all(q.done() for q in queued))
+    assert all(q.cancelled() for q in queued) and not running.done()
+    gate.open.set()
+    closer.join(30)
+    assert not closer.is_alive() and table.closed
+    assert all(torch.equal(running.result()[i], expected[i]) for i in expected)
+    for q in queued:
+        with pytest.raises(concurrent.futures.CancelledError):
+            q.result()
+    with pytest.raises(engram.InputError, match="is closed"):
+        table.prefetch(ids)
+
+
+def test_cancel_before_start_and_after(path):
+    with engram.open(path, tier="ram") as table:
+        gate = Gate(table)
+        first = table.prefetch(ids_(7))
+        assert gate.entered.wait(30)
+        second = table.prefetch(ids_(7))
+        assert second.cancel() and second.cancelled() and not first.cancel()
+        gate.open.set()
+        assert first.result()[1].shape == (2, 30, table.spec.embed_dim)
+        with pytest.raises(concurrent.futures.CancelledError):
+            second.result()
+
+
+def test_a_finished_handle_is_not_kept_and_its_rows_are_recycled(path):
+    ids = ids_(8)
+    with engram.open(path, tier="ram") as table:
+        handle = table.prefetch(ids, layer_ids=1)
+        rows = handle.result(1)
+        ptr, ref = rows.data_ptr(), weakref.ref(handle)
+        del handle, rows
+        gc.collect()
+        assert ref() is None                               # the table holds no finished handle
+        assert table.lookup(ids, 1).data_ptr() == ptr      # its output memory went back to the pool
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.cuda
+def test_prefetch_to_cuda(path):
+    ids = ids_(9, (3, 50))
+    with engram.open(path, tier="direct") as table:
+        expected = table.lookup(ids, None)
+        for _ in range(3):                                  # pinned buffers are reused once copied
+            handle = table.prefetch(torch.from_numpy(ids).cuda(), device="cuda")
+            result = handle.result()
+            assert all(r.device.type == "cuda" for r in result.values())
+            assert all(torch.equal(result[i].cpu(), expected[i]) for i in expected)
+        half = table.prefetch(ids, layer_ids=5, device="cuda:0", dtype=torch.float16).result(5)
+        assert half.dtype == torch.float16 and torch.equal(half.cpu(), expected[5].half())
 
 
 # -- dedup ----------------------------------------------------------------------------------
@@ -89,9 +291,10 @@ def test_stats_count_a_crafted_batch_exactly(path):
         assert s.to_dict()["unique_fraction"] == 0.6 and s.rows_from_memory == s.prefetches == 0
         table.reset_stats()
         assert table.stats() == engram.LookupStats(cached_rows=3)
-        table.lookup(ids_(10), None)
+        ids = ids_(10)
+        table.prefetch(ids).result()
         s = table.stats()
-        assert (s.lookups, s.rows_requested) == (2, 2 * 2 * 30 * 4)
+        assert (s.prefetches, s.lookups, s.rows_requested) == (1, 2, 2 * 2 * 30 * 4)
     with engram.open(path, tier="ram") as table:
         table.load_hot_rows(plan, rows=2)
         table.rows(1, rows)

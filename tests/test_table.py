@@ -252,6 +252,7 @@ def test_every_gather_path_returns_the_addressed_rows(paths, plans, opener, dtyp
             assert set(loaded) == {1, 5} and all(n > 0 for n in loaded.values())
         for layer_id, rows in table.lookup(ids, None).items():
             assert torch.equal(rows, reference_lookup(paths[dtype], ids, layer_id))
+        assert torch.equal(table.prefetch(ids, layer_ids=5).result(5), reference_lookup(paths[dtype], ids, 5))
         pick = np.random.default_rng(2).integers(0, table.spec.rows(1), 300)
         assert torch.equal(table.rows(1, pick), reference_rows(paths[dtype], 1)[torch.from_numpy(pick)])
         stats = table.stats()
