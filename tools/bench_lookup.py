@@ -11,7 +11,8 @@ the per-head base size chosen so the table holds about 1 GiB; one layer is looke
   * engram: table.lookup(ids, layer) (fresh result each call, memory recycled) and with out=.
 - cold (`direct`, after `sync; echo 3 > /proc/sys/vm/drop_caches` before every repetition):
   * baseline: a plain thread pool of os.pread calls (one per requested row, POSIX_FADV_RANDOM so
-    the kernel reads one page per row, not a readahead window) over the same rows;
+    the kernel reads one page per row, not a readahead window) over the same rows, with as many
+    threads as the direct tier keeps reads in flight (--io-threads) unless --pread-threads says;
   * engram: table.lookup on the "direct" tier (dedup, block-aligned extents, O_DIRECT).
   Run once on the full workload and once on a sparse one (few rows, little block sharing).
 
@@ -200,11 +201,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--sparse-seq", type=int, default=1024, help="T of the sparse cold workload, B=1 "
                         "(default 1024)")
     parser.add_argument("--io-threads", type=int, default=32, help="direct tier reads in flight (default 32)")
-    parser.add_argument("--pread-threads", type=int, default=64, help="baseline pread threads (default 64)")
+    parser.add_argument("--pread-threads", type=int, default=None,
+                        help="baseline pread threads (default: --io-threads, the same reads in flight)")
     parser.add_argument("--dir", default="out/bench", help="where the table is built/reused (default out/bench)")
     parser.add_argument("--no-cold", action="store_true", help="skip the cold direct section")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
+    if args.pread_threads is None:
+        args.pread_threads = args.io_threads
 
     torch.set_num_threads(1)
     comp = engram.Compression.identity(args.vocab)
