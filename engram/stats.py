@@ -41,14 +41,19 @@ class LookupStats:
         return self.rows_unique / self.rows_requested if self.rows_requested else 1.0
 
     @property
+    def cache_misses(self) -> int:
+        """Rows the hot-row cache did not hold (read from the tier): rows_unique - rows_from_cache."""
+        return self.rows_unique - self.rows_from_cache
+
+    @property
     def cache_hit_rate(self) -> float:
         """rows_from_cache / rows_unique (0.0 before any lookup)."""
         return self.rows_from_cache / self.rows_unique if self.rows_unique else 0.0
 
     def to_dict(self) -> dict[str, Any]:
-        """Every counter, plus unique_fraction and cache_hit_rate."""
+        """Every counter, plus unique_fraction, cache_misses and cache_hit_rate."""
         return {**dataclasses.asdict(self), "unique_fraction": self.unique_fraction,
-                "cache_hit_rate": self.cache_hit_rate}
+                "cache_misses": self.cache_misses, "cache_hit_rate": self.cache_hit_rate}
 
 
 _COUNTERS = tuple(f.name for f in dataclasses.fields(LookupStats) if f.name != "cached_rows")

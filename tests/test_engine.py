@@ -287,7 +287,7 @@ def test_stats_count_a_crafted_batch_exactly(path):
         assert (s.lookups, s.rows_requested, s.rows_unique, s.rows_from_cache) == (1, 10, 6, 2)
         # rows 7 and 9 share block 0 of chunk 0; 2000 is block 31 of chunk 0; 3000 is in chunk 1
         assert (s.rows_from_disk, s.disk_reads, s.bytes_from_disk, s.cached_rows) == (4, 3, 3 * 4096, 3)
-        assert s.unique_fraction == 0.6 and s.cache_hit_rate == 2 / 6
+        assert s.unique_fraction == 0.6 and s.cache_hit_rate == 2 / 6 and s.cache_misses == 4
         assert s.to_dict()["unique_fraction"] == 0.6 and s.rows_from_memory == s.prefetches == 0
         table.reset_stats()
         assert table.stats() == engram.LookupStats(cached_rows=3)
