@@ -162,7 +162,7 @@ def cache(args, path: Path, seqs: list[np.ndarray]) -> dict:
                     cached_s = best_time(one_pass, 1, before=drop_caches)
                     s = table.stats()
                     shape[f"cached_{fraction}"] = {
-                        "cached_rows": cached[LAYER], "cache_mib": s.cached_rows * spec.row_bytes / 2**20,
+                        "cached_rows": cached[LAYER], "cache_mib_all_layers": s.cached_rows * spec.row_bytes / 2**20,
                         "tokens_per_s": n * B * T / cached_s, "vs_uncached": base_s / cached_s,
                         "cache_hit_rate": s.cache_hit_rate, "disk_reads": s.disk_reads,
                         "reads_vs_uncached": base.disk_reads / max(1, s.disk_reads)}
