@@ -1,7 +1,8 @@
 """A small causal transformer with Engram layers, for the example trainer and the notebooks.
 
-Pre-norm blocks (attention + MLP, GPT-2 style). At the blocks listed in `engram_layers` an
-EngramMemory adds its branch to the residual stream before attention, as the reference
+Pre-norm blocks (attention + MLP, GPT-2 style); the MLP can be given another width
+(`ffn_hidden`) or replaced by a top-k mixture of experts (`n_expert`). At the blocks listed in
+`engram_layers` an EngramMemory adds its branch to the residual stream before attention, as the reference
 TransformerBlock does; the model is dense (hc_mult=1), so the hidden states enter Engram as
 [B, T, 1, C].
 """
@@ -33,6 +34,9 @@ class TinyLMConfig:
     n_head_per_ngram: int = 4              # K: hash heads per order
     n_embed_per_ngram: int = 64            # K*D: row width summed over one order's heads
     engram_seed: int = 0                   # hash seed of the spec
+    ffn_hidden: int = 0                    # hidden width of the MLP, or of each expert (0: 4 * n_embd)
+    n_expert: int = 0                      # 0: dense MLP; else a top-k mixture of n_expert MLPs per block
+    expert_top_k: int = 2                  # experts each token is routed to (with n_expert > 0)
 
 
 def engram_spec(config: TinyLMConfig, comp: engram.Compression) -> engram.TableSpec | None:
@@ -64,11 +68,60 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: TinyLMConfig) -> None:
         super().__init__()
-        self.fc = nn.Linear(config.n_embd, 4 * config.n_embd)
-        self.proj = nn.Linear(4 * config.n_embd, config.n_embd)
+        hidden = config.ffn_hidden or 4 * config.n_embd
+        self.fc = nn.Linear(config.n_embd, hidden)
+        self.proj = nn.Linear(hidden, config.n_embd)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.proj(F.gelu(self.fc(x)))
+
+
+class MoE(nn.Module):
+    """Top-k mixture of `n_expert` MLPs: a linear router picks k experts per token and their
+    outputs are summed with the renormalized router probabilities as weights.
+
+    After each forward, `aux_loss` holds the Switch Transformer load-balancing loss
+    `n_expert * sum_e f_e * P_e` (f_e: share of routed slots sent to expert e, P_e: mean router
+    probability of e); it is 1 for a perfectly even load. Add a small multiple of it to the
+    training loss (TinyLM.aux_loss) to keep the experts in use.
+    """
+
+    def __init__(self, config: TinyLMConfig) -> None:
+        super().__init__()
+        if not 1 <= config.expert_top_k <= config.n_expert:
+            raise ValueError(f"expert_top_k={config.expert_top_k} must be in 1..n_expert={config.n_expert}")
+        self.top_k = config.expert_top_k
+        self.router = nn.Linear(config.n_embd, config.n_expert, bias=False)
+        self.experts = nn.ModuleList([MLP(config) for _ in range(config.n_expert)])
+        self.aux_loss = torch.zeros(())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        E, k = len(self.experts), self.top_k
+        flat = x.reshape(B * T, C)                                          # [BT, C]
+        probs = self.router(flat).softmax(dim=-1)                           # [BT, E]
+        weight, chosen = probs.topk(k, dim=-1)                              # [BT, k] each
+        weight = weight / weight.sum(dim=-1, keepdim=True)
+        # Dispatch: group the BT*k routed slots by expert, pad every group to the largest, and
+        # run all experts as one batched matrix product (no Python loop over experts).
+        slots = chosen.flatten()                                            # [BTk] expert per slot
+        order = slots.argsort(stable=True)                                  # [BTk] slots by expert
+        expert = slots[order]
+        counts = torch.bincount(slots, minlength=E)                         # [E]
+        place = torch.arange(slots.numel(), device=x.device) - (counts.cumsum(0) - counts)[expert]
+        token = order // k                                                  # [BTk] token of each slot
+        grouped = flat.new_zeros(E, int(counts.max()), C)                   # [E, cap, C]
+        grouped[expert, place] = flat[token]
+        w1 = torch.stack([e.fc.weight for e in self.experts]).transpose(1, 2)     # [E, C, H]
+        b1 = torch.stack([e.fc.bias for e in self.experts]).unsqueeze(1)           # [E, 1, H]
+        w2 = torch.stack([e.proj.weight for e in self.experts]).transpose(1, 2)   # [E, H, C]
+        b2 = torch.stack([e.proj.bias for e in self.experts]).unsqueeze(1)         # [E, 1, C]
+        y = torch.baddbmm(b2, F.gelu(torch.baddbmm(b1, grouped, w1)), w2)         # [E, cap, C]
+        y = y[expert, place] * weight.flatten()[order, None]                # [BTk, C]
+        out = flat.new_zeros(B * T, C).index_add_(0, token, y)              # [BT, C]
+        load = counts.to(probs.dtype) / slots.numel()                       # [E] share of slots
+        self.aux_loss = E * (load * probs.mean(dim=0)).sum()
+        return out.view(B, T, C)
 
 
 class Block(nn.Module):
@@ -78,7 +131,7 @@ class Block(nn.Module):
         self.ln1 = nn.LayerNorm(config.n_embd)
         self.attn = CausalSelfAttention(config)
         self.ln2 = nn.LayerNorm(config.n_embd)
-        self.mlp = MLP(config)
+        self.mlp = MoE(config) if config.n_expert else MLP(config)
 
     def forward(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         if self.engram is not None:
@@ -128,6 +181,12 @@ class TinyLM(nn.Module):
 
     def engram_modules(self) -> list[EngramMemory]:
         return [m for m in self.modules() if isinstance(m, EngramMemory)]
+
+    def aux_loss(self) -> torch.Tensor:
+        """The summed load-balancing losses of the mixture-of-experts blocks in the last forward
+        (zero for a dense model)."""
+        losses = [m.aux_loss for m in self.modules() if isinstance(m, MoE)]
+        return torch.stack(losses).sum() if losses else torch.zeros(())
 
     def forward(self, ids: torch.Tensor, targets: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
