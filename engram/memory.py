@@ -34,6 +34,7 @@ from .compression import Compression
 from .errors import InputError, SpecMismatchError
 from .hashing import NgramHasher
 from .norm import BranchRMSNorm
+from .prefetch import Prefetch
 from .shortconv import ShortConv
 from .spec import TableSpec
 from .tensors import check_ids_2d, is_torch, to_numpy_ids
@@ -130,17 +131,39 @@ class EngramMemoryBase(nn.Module):
         """The rows that `token_ids` [B,T] address, heads concatenated: [B, T, E].
 
         Hashes on the host (NgramHasher), then gathers from the in-module rows (differentiable)
-        or reads the table (no gradient). The result is on `device` (default: the module's) in
-        the module's dtype.
+        or reads the table (no gradient). `token_ids` may also be a `Prefetch` handle from
+        `table.prefetch` on this module's table: its rows for this layer are collected
+        (`handle.result(layer_id)`). The result is on `device` (default: the module's) in the
+        module's dtype.
         """
         dtype = self._weight.dtype
         device = self._weight.device if device is None else device
+        if isinstance(token_ids, Prefetch):
+            return self._prefetched(token_ids).to(device=device, dtype=dtype)
         if self.table is not None:
             return self.table.lookup(token_ids, self.layer_id, dtype=dtype).to(device)
         head_rows = self.hasher.hash(to_numpy_ids(token_ids), self.layer_id)   # [B, T, H] per head
         idx = np.add(head_rows, self._offsets, out=np.empty(head_rows.shape, np.int64))   # global rows
         idx = torch.from_numpy(idx).to(self.rows.device)
         return F.embedding(idx, self.rows).flatten(2).to(device=device, dtype=dtype)   # [B, T, H*D]
+
+    def _prefetched(self, handle: Prefetch) -> torch.Tensor:
+        """This layer's rows [B, T, E] from a prefetch of this module's table."""
+        name = type(self).__name__
+        if self.table is None:
+            raise InputError(
+                f"this {name} keeps its rows in the module (table=None), so a prefetch handle cannot "
+                "supply them (table rows get no gradient): pass token_ids, or build the module with table=")
+        if self.layer_id not in handle.layer_ids:
+            raise InputError(
+                f"the prefetch handle holds layers {handle.layer_ids} but this {name} reads layer "
+                f"{self.layer_id}: pass layer_ids=None (all layers) or include {self.layer_id} in table.prefetch")
+        rows = handle.result(self.layer_id)
+        if rows.ndim != 3 or rows.shape[-1] != self.embed_dim:
+            raise InputError(
+                f"the prefetched rows have shape {tuple(rows.shape)}, expected [B, T, {self.embed_dim}]: "
+                "prefetch from the table this module reads (mem.table.prefetch(token_ids))")
+        return rows
 
     def _check_inputs(self, hidden_states: Any, token_ids: Any) -> tuple[int, int, int, int]:
         """Raise InputError unless forward's arguments fit this module; return (B, T, G, C)."""
@@ -167,6 +190,13 @@ class EngramMemoryBase(nn.Module):
             raise InputError(
                 f"hidden_states is on device {hidden_states.device} but this {name} is on "
                 f"{param_device}: move the module with mem.to({str(hidden_states.device)!r})")
+        if isinstance(token_ids, Prefetch):
+            rows_shape = tuple(self._prefetched(token_ids).shape)
+            if rows_shape[:2] != (B, T):
+                raise InputError(
+                    f"the prefetched rows have [B, T] = {rows_shape[:2]} but hidden_states has {(B, T)}: "
+                    "prefetch the token ids of the same batch and positions as the hidden states")
+            return B, T, G, C
         if is_torch(token_ids) and token_ids.device.type != "cpu" and token_ids.device != param_device:
             raise InputError(
                 f"token_ids is on device {token_ids.device} but hidden_states is on "
@@ -261,7 +291,9 @@ class EngramMemory(EngramMemoryBase):
         Args:
             hidden_states: [B, T, G, C] floating tensor on the module's device.
             token_ids: [B, T] raw (uncompressed) token ids: numpy, or a torch tensor on the CPU
-                or on the hidden states' device (ids are hashed on the host either way).
+                or on the hidden states' device (ids are hashed on the host either way); or the
+                `Prefetch` handle of `table.prefetch(token_ids)` on this module's table, started
+                before the preceding layers so the rows are ready when this layer runs.
 
         Returns:
             [B, T, G, C]: add it to the residual stream (before the block's attention).

@@ -346,6 +346,42 @@ def test_table_rows_give_the_same_output_on_every_tier(mem_and_table_path, tier)
             assert torch.equal(backed(hidden, ids.numpy()), mem(hidden, ids))
 
 
+@pytest.mark.parametrize("cls", [EngramMemory, EngramMemoryV41])
+def test_prefetched_rows_give_the_same_output_as_token_ids(tmp_path, cls):
+    import engram
+
+    mem = small(cls=cls)
+    randomize(mem)
+    path = tmp_path / "rows.engram"
+    engram.build_table(path, mem.spec, mem.comp, weights={3: mem.export_rows()}).close()
+    hidden, ids = inputs(mem, T=9)
+    with engram.open(path, tier="mmap") as table:
+        backed = cls.from_table(table, layer_id=3, hidden_size=16, hc_mult=2)
+        backed.load_state_dict(without_rows(mem.state_dict()))
+        with torch.no_grad():
+            expected = mem(hidden, ids)
+            for layer_ids in (None, 3, (0, 3)):
+                handle = table.prefetch(ids, layer_ids=layer_ids)
+                assert torch.equal(backed(hidden, handle), expected)
+            handle = table.prefetch(ids, dtype=torch.bfloat16)          # cast to the module's dtype
+            assert backed.lookup(handle).dtype == torch.float32
+
+
+def test_prefetch_handles_that_cannot_serve_the_module_are_refused(mem_and_table_path):
+    import engram
+
+    mem, path = mem_and_table_path
+    hidden, ids = inputs(mem, T=9)
+    with engram.open(path, tier="ram") as table:
+        backed = EngramMemory.from_table(table, layer_id=3, hidden_size=16, hc_mult=2)
+        with pytest.raises(InputError, match=r"keeps its rows in the module \(table=None\).*pass token_ids"):
+            mem(hidden, table.prefetch(ids))
+        with pytest.raises(InputError, match=r"holds layers \(0,\) but this EngramMemory reads layer 3"):
+            backed(hidden, table.prefetch(ids, layer_ids=0))
+        with pytest.raises(InputError, match=r"\[B, T\] = \(2, 8\) but hidden_states has \(2, 9\)"):
+            backed(hidden, table.prefetch(ids[:, :8]))
+
+
 def test_table_backed_module_trains_everything_but_rows(mem_and_table_path):
     import engram
 
