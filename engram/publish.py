@@ -6,7 +6,10 @@ at any point leaves only an unlocked partial directory behind, which the next bu
 target removes (`clean_stale`); partial directories of builds still running are left alone.
 Publishing is one `rename` (or, to replace an existing table, one `renameat2(RENAME_EXCHANGE)`
 swap): readers see the old table or the new one, never a mix, and files of the old table are
-unlinked, never truncated, so processes that still map them keep valid pages.
+unlinked, never truncated, so processes that still map them keep valid pages. Where the
+filesystem cannot swap, the old table is first renamed into a locked `.{name}.partial-XXXX`
+directory of its own and moved back if the new one cannot take its place; a build killed between
+the two renames leaves that directory to the next build's `clean_stale`.
 """
 
 from __future__ import annotations
@@ -86,6 +89,21 @@ def clean_stale(target: str | os.PathLike[str]) -> list[Path]:
     return removed
 
 
+def _locked_dir(target: Path) -> tuple[Path, int]:
+    """A fresh directory named like a partial of `target`, and an open fd holding its lock.
+
+    While the lock is held, `clean_stale` leaves the directory alone; once its holder dies, the
+    next build of `target` removes it.
+    """
+    while True:
+        path = Path(tempfile.mkdtemp(prefix=_partial_prefix(target), dir=target.parent))
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        # A concurrent clean_stale may have removed the directory before we locked it: retry.
+        if _try_lock(fd) and _same_inode(fd, path):
+            return path, fd
+        os.close(fd)
+
+
 @contextlib.contextmanager
 def partial_dir(target: str | os.PathLike[str]) -> Iterator[Path]:
     """A fresh, locked, empty directory beside `target`; removed if the block raises.
@@ -95,13 +113,7 @@ def partial_dir(target: str | os.PathLike[str]) -> Iterator[Path]:
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    while True:
-        path = Path(tempfile.mkdtemp(prefix=_partial_prefix(target), dir=target.parent))
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-        # A concurrent clean_stale may have removed the directory before we locked it: retry.
-        if _try_lock(fd) and _same_inode(fd, path):
-            break
-        os.close(fd)
+    path, fd = _locked_dir(target)
     try:
         yield path
     except BaseException:
@@ -136,6 +148,42 @@ def _exchange(a: Path, b: Path) -> bool:
     raise OSError(err, f"renameat2({os.fspath(a)!r}, {os.fspath(b)!r}, RENAME_EXCHANGE): {os.strerror(err)}")
 
 
+def _replace_by_renames(partial: Path, target: Path) -> Path:
+    """Replace `target` by `partial` in two renames where the filesystem cannot swap them.
+
+    The old table moves into a locked aside directory named like a partial of `target` (so a
+    build killed between the two renames leaves a directory the next build removes); if the
+    second rename fails, the old table is moved back. Returns the aside directory to delete.
+    """
+    aside, fd = _locked_dir(target)
+    old = aside / "old"
+    try:
+        os.rename(target, old)
+        try:
+            os.rename(partial, target)
+        except BaseException as exc:
+            _move_back(old, target, exc)
+            raise
+    except BaseException:
+        if not os.path.lexists(old):   # the old table is in place again: the aside is empty
+            shutil.rmtree(aside, ignore_errors=True)
+        raise
+    finally:
+        os.close(fd)
+    return aside
+
+
+def _move_back(old: Path, target: Path, exc: BaseException) -> None:
+    """Undo the first rename of `_replace_by_renames` after the second one raised `exc`."""
+    try:
+        os.rename(old, target)
+    except OSError as undo:
+        raise OSError(
+            undo.errno, f"replacing {os.fspath(target)!r} failed ({exc!r}) and the old table could not be moved "
+            f"back ({undo.strerror}): it is at {os.fspath(old)!r}; move it to {os.fspath(target)!r} before the "
+            "next build of that path, which removes it") from exc
+
+
 def publish(partial: Path, target: str | os.PathLike[str], overwrite: bool) -> None:
     """Move the finished (fsynced) `partial` directory to `target` atomically.
 
@@ -146,10 +194,7 @@ def publish(partial: Path, target: str | os.PathLike[str], overwrite: bool) -> N
     target = Path(target)
     if overwrite and target.exists():
         if not _exchange(partial, target):
-            aside = Path(tempfile.mkdtemp(prefix=_partial_prefix(target), dir=target.parent))
-            os.rename(target, aside / "old")
-            os.rename(partial, target)
-            partial = aside
+            partial = _replace_by_renames(partial, target)
         fsync_path(target.parent)
         shutil.rmtree(partial, ignore_errors=True)   # the old table
         return

@@ -1,0 +1,119 @@
+"""Publishing over an existing table where the filesystem cannot swap directories in one step."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from engram import publish
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def no_exchange(monkeypatch):
+    monkeypatch.setattr(publish, "_exchange", lambda a, b: False)
+
+
+def make_table(path: Path, text: str) -> None:
+    path.mkdir()
+    (path / "zarr.json").write_text(text)
+
+
+def failing_rename(monkeypatch, fails):
+    """os.rename that raises EIO for the (src, dst) pairs `fails(src, dst)` picks."""
+    real = os.rename
+
+    def rename(src, dst):
+        if fails(Path(src), Path(dst)):
+            raise OSError(5, "Input/output error")
+        real(src, dst)
+
+    monkeypatch.setattr(os, "rename", rename)
+
+
+def test_replace_by_renames(tmp_path, no_exchange):
+    target = tmp_path / "t"
+    make_table(target, "old")
+    with publish.partial_dir(target) as new:
+        (new / "zarr.json").write_text("new")
+        publish.publish(new, target, overwrite=True)
+    assert (target / "zarr.json").read_text() == "new"
+    assert os.listdir(tmp_path) == ["t"]
+
+
+def test_old_table_is_restored_when_the_new_one_cannot_be_renamed_in(tmp_path, no_exchange, monkeypatch):
+    target = tmp_path / "t"
+    make_table(target, "old")
+    failing_rename(monkeypatch, lambda src, dst: dst == target and src.name != "old")
+    with pytest.raises(OSError, match="Input/output error"):
+        with publish.partial_dir(target) as new:
+            (new / "zarr.json").write_text("new")
+            publish.publish(new, target, overwrite=True)
+    assert (target / "zarr.json").read_text() == "old"
+    assert os.listdir(tmp_path) == ["t"]          # no aside, no partial left behind
+
+
+def test_old_table_that_cannot_be_moved_back_is_kept_and_named(tmp_path, no_exchange, monkeypatch):
+    target = tmp_path / "t"
+    make_table(target, "old")
+    failing_rename(monkeypatch, lambda src, dst: dst == target)
+    with pytest.raises(OSError, match=r"could not be moved back .* it is at '.*/\.t\.partial-.*/old'; move it to"):
+        with publish.partial_dir(target) as new:
+            publish.publish(new, target, overwrite=True)
+    (aside,) = tmp_path.iterdir()
+    assert (aside / "old" / "zarr.json").read_text() == "old"
+    assert publish.clean_stale(target) == [aside]     # unlocked once publish gave up: the next build removes it
+
+
+def test_a_concurrent_clean_leaves_the_moved_aside_table_alone(tmp_path, no_exchange, monkeypatch):
+    target = tmp_path / "t"
+    make_table(target, "old")
+    real, removed = os.rename, []
+
+    def rename(src, dst):
+        if Path(dst) == target:                        # between the two renames
+            removed.extend(publish.clean_stale(target))
+        real(src, dst)
+
+    monkeypatch.setattr(os, "rename", rename)
+    with publish.partial_dir(target) as new:
+        (new / "zarr.json").write_text("new")
+        publish.publish(new, target, overwrite=True)
+    assert removed == []
+    assert (target / "zarr.json").read_text() == "new"
+
+
+CRASH = textwrap.dedent("""
+    import os, sys
+    from pathlib import Path
+    from engram import publish
+
+    target = Path(sys.argv[1])
+    publish._exchange = lambda a, b: False
+    real = os.rename
+    def rename(src, dst):
+        if Path(dst) == target:
+            os._exit(9)                              # killed between the two renames
+        real(src, dst)
+    os.rename = rename
+    with publish.partial_dir(target) as new:
+        (new / "zarr.json").write_text("new")
+        publish.publish(new, target, overwrite=True)
+""")
+
+
+def test_a_build_killed_between_the_renames_leaves_only_what_the_next_build_removes(tmp_path):
+    target = tmp_path / "t"
+    make_table(target, "old")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    assert subprocess.run([sys.executable, "-c", CRASH, str(target)], env=env).returncode == 9
+    left = sorted(tmp_path.iterdir())
+    assert len(left) == 2 and all(p.name.startswith(".t.partial-") for p in left)    # the new table and the old
+    assert sorted(publish.clean_stale(target)) == left
+    assert list(tmp_path.iterdir()) == []
