@@ -12,10 +12,10 @@ from typing import Any
 import numpy as np
 import xxhash
 
-from .errors import InputError, SpecError, TokenIdError
+from .errors import InputError, SpecError, TableNotFoundError, TokenIdError
 from .tensors import is_torch, to_numpy_ids
 
-__all__ = ["Compression"]
+__all__ = ["Compression", "load_tokenizer"]
 
 # Kept apart from the text through normalization, so a token that is exactly one space survives
 # the strip step (the reference's private-use sentinel).
@@ -35,6 +35,27 @@ def _normalizer() -> Any:
         normalizers.Strip(),
         normalizers.Replace(_SENTINEL, " "),
     ])
+
+
+def load_tokenizer(path: str | os.PathLike[str]) -> Any:
+    """A `tokenizers.Tokenizer` read from a JSON file, with typed errors that name the file.
+
+    Raises:
+        TableNotFoundError: nothing at `path` (a FileNotFoundError).
+        InputError: `path` is a folder, unreadable, or not a `tokenizers` JSON file.
+    """
+    from tokenizers import Tokenizer
+
+    path = os.fspath(path)
+    fix = "pass the tokenizer.json the table was built with (Hugging Face tokenizers format)"
+    if not os.path.lexists(path):
+        raise TableNotFoundError(f"tokenizer file {path!r} does not exist: {fix}")
+    if os.path.isdir(path):
+        raise InputError(f"tokenizer file {path!r} is a folder: {fix}")
+    try:
+        return Tokenizer.from_file(path)
+    except Exception as exc:  # tokenizers raises a bare Exception for unreadable and malformed files
+        raise InputError(f"tokenizer file {path!r} cannot be loaded ({exc}): {fix}") from exc
 
 
 class Compression:
@@ -86,14 +107,12 @@ class Compression:
         Each id is decoded alone and normalized (NFKC, NFD, strip accents, lowercase, whitespace
         runs to one space, strip, a lone space kept); ids whose text holds U+FFFD keep their raw
         token string. Canonical ids are assigned in first-seen order.
+
+        Raises:
+            TableNotFoundError: no file at `path`.
+            InputError: `path` is not a readable `tokenizers` JSON file.
         """
-        from tokenizers import Tokenizer
-
-        from .errors import TableNotFoundError
-
-        if not os.path.isfile(path):
-            raise TableNotFoundError(f"tokenizer file {os.fspath(path)!r} does not exist")
-        tokenizer = Tokenizer.from_file(os.fspath(path))
+        tokenizer = load_tokenizer(path)
         normalizer = _normalizer()
         vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
         canonical: dict[str, int] = {}

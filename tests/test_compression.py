@@ -27,8 +27,23 @@ def test_shipped_tokenizer_is_the_golden_one():
 
 
 def test_missing_tokenizer_file():
-    with pytest.raises(engram.TableNotFoundError, match="tokenizer file 'nope.json' does not exist"):
+    with pytest.raises(engram.TableNotFoundError, match="tokenizer file 'nope.json' does not exist: pass the"):
         Compression.from_tokenizer_file("nope.json")
+
+
+@pytest.mark.parametrize("content, match", [
+    ("{not json", r"cannot be loaded \(.*line 1.*\): pass the tokenizer.json"),
+    ('{"model": 1}', r"cannot be loaded \(.*\): pass the tokenizer.json"),
+    (None, r"is a folder: pass the tokenizer.json"),
+])
+def test_damaged_tokenizer_file_is_an_input_error(tmp_path, content, match):
+    path = tmp_path / "tok.json"
+    if content is None:
+        path.mkdir()
+    else:
+        path.write_text(content)
+    with pytest.raises(engram.InputError, match=rf"tokenizer file '.*tok\.json' {match}"):
+        Compression.from_tokenizer_file(path)
 
 
 def test_identity_and_lookup():

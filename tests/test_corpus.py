@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from engram import Compression, InputError, NgramHasher, SpecMismatchError, TableSpec
-from engram.corpus import corpus_stats, count_ngrams, coverage_rows, zipf_exponent
+from engram.corpus import corpus_stats, count_ngrams, coverage_rows, tokenize_files, zipf_exponent
 from engram.errors import CorruptTableError, TableNotFoundError
 from engram.hotrows import HotRowPlan
 
@@ -113,3 +113,18 @@ def test_hot_row_plan_refuses_missing_and_damaged_files(tmp_path):
     bad.write_bytes(b"not a zip")
     with pytest.raises(CorruptTableError, match="is unreadable"):
         HotRowPlan.load(bad)
+
+
+def test_tokenize_files_refuses_missing_and_damaged_inputs(tmp_path):
+    text = tmp_path / "a.txt"
+    text.write_text("hello world\n")
+    bad = tmp_path / "tok.json"
+    bad.write_text("{not json")
+    with pytest.raises(InputError, match=r"tokenizer file '.*tok\.json' cannot be loaded \(.*\): pass the"):
+        tokenize_files([text], bad)
+    with pytest.raises(TableNotFoundError, match=r"tokenizer file '.*none\.json' does not exist"):
+        tokenize_files([text], tmp_path / "none.json")
+    with pytest.raises(TableNotFoundError, match=r"corpus file '.*b\.txt' does not exist: pass paths of text"):
+        tokenize_files([text, tmp_path / "b.txt"], bad)
+    with pytest.raises(InputError, match=r"corpus file '.*' is a folder: pass the text files in it"):
+        tokenize_files([tmp_path], bad)
