@@ -3,10 +3,12 @@
 Every subcommand prints a human summary by default and one JSON object with `--json`.
 
 Exit codes:
-    0  success
-    1  a check failed (`verify` found a damaged chunk)
-    2  bad arguments (usage error)
-    3  engram refused the input (missing table, mismatched spec, bad ids, ...)
+    0    success
+    1    a check failed (`verify` found a damaged chunk)
+    2    bad arguments (usage error: a missing flag, a value out of its range)
+    3    engram refused the input, or a file could not be read or written (missing table, mismatched
+         spec, bad ids, a missing or damaged tokenizer file, an output folder that does not exist, ...)
+    130  interrupted
 """
 
 from __future__ import annotations
@@ -22,13 +24,15 @@ from typing import Any
 
 import numpy as np
 
-from .compression import Compression
-from .errors import EngramError, SpecError
-from .spec import DTYPES, HASH_FAMILIES, TableSpec
+from .compression import Compression, load_tokenizer
+from .errors import EngramError, InputError, SpecError
+from .format import STORAGE_DTYPES, check_dtype_supported
+from .spec import HASH_FAMILIES, TableSpec
 
 __all__ = ["main"]
 
-EXIT_OK, EXIT_CHECK_FAILED, EXIT_USAGE, EXIT_REFUSED = 0, 1, 2, 3
+EXIT_OK, EXIT_CHECK_FAILED, EXIT_USAGE, EXIT_REFUSED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+ROW_DTYPES = tuple(STORAGE_DTYPES)   # the row dtypes tables can store: the choices of --dtype
 
 
 class Output:
@@ -52,7 +56,7 @@ def _load_spec(path: str, comp: Compression | None) -> TableSpec:
     try:
         with open(path) as f:
             d = json.load(f)
-    except json.JSONDecodeError as exc:
+    except ValueError as exc:  # json.JSONDecodeError, UnicodeDecodeError
         raise SpecError(f"--spec file {path!r} is not valid JSON: {exc}") from exc
     if isinstance(d, dict) and "compressed_vocab_size" not in d and comp is not None:
         d["compressed_vocab_size"] = comp.compressed_vocab_size
@@ -80,7 +84,36 @@ def _add_source(p: argparse.ArgumentParser, table_ok: bool = True) -> None:
 def _add_vocab(p: argparse.ArgumentParser, required: bool) -> None:
     vocab = p.add_mutually_exclusive_group(required=required)
     vocab.add_argument("--tokenizer", metavar="TOKENIZER.json", help="Hugging Face tokenizers file")
-    vocab.add_argument("--vocab-size", type=int, metavar="V", help="identity compression over V ids")
+    vocab.add_argument("--vocab-size", type=_int_at_least(1), metavar="V", help="identity compression over V ids")
+
+
+def _int_at_least(low: int) -> Callable[[str], int]:
+    """An argparse type: an int >= `low` (anything else is a usage error, exit 2)."""
+    def parse(text: str) -> int:
+        try:
+            n = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+        if n < low:
+            raise argparse.ArgumentTypeError(f"{n} is invalid: pass an int >= {low}")
+        return n
+
+    parse.__name__ = f"int >= {low}"
+    return parse
+
+
+def _check_output_file(flag: str, path: str | None, example: str) -> None:
+    """Refuse an output file that could not be written, before any long work starts."""
+    if path is None:
+        return
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise InputError(f"{flag} {path!r}: the folder {folder!r} does not exist: create it first or pass a "
+                         "path in an existing folder")
+    if os.path.isdir(path):
+        raise InputError(f"{flag} {path!r} is a folder: pass a file path, e.g. {os.path.join(path, example)!r}")
+    if not os.access(folder, os.W_OK):
+        raise InputError(f"{flag} {path!r}: the folder {folder!r} is not writable: pass a path you can write")
 
 
 def _fmt_int(n: int) -> str:
@@ -89,12 +122,10 @@ def _fmt_int(n: int) -> str:
 
 # -- engram hash -------------------------------------------------------------------------------
 def cmd_hash(args: argparse.Namespace) -> Output:
-    from tokenizers import Tokenizer
-
     from .hashing import NgramHasher
 
     spec, comp = _spec_and_compression(args)
-    tokenizer = Tokenizer.from_file(args.tokenizer)
+    tokenizer = load_tokenizer(args.tokenizer)
     encoding = tokenizer.encode(args.text, add_special_tokens=False)
     ids = np.array([encoding.ids], dtype=np.int64)
     hasher = NgramHasher(spec, comp)
@@ -146,6 +177,8 @@ def _plot_coverage(stats: Any, path: str) -> None:
 def cmd_stats(args: argparse.Namespace) -> Output:
     from .corpus import corpus_stats, tokenize_files
 
+    _check_output_file("--hot-rows", args.hot_rows, "hot_rows.npz")
+    _check_output_file("--plot", args.plot, "coverage.png")
     spec, comp = _spec_and_compression(args)
     sequences = tokenize_files(args.corpus, args.tokenizer, progress=None if not args.json else False)
     families = HASH_FAMILIES if args.all_families else None
@@ -186,16 +219,19 @@ def _layer_plan(spec: TableSpec, chunk_rows: int | None) -> dict[int, dict[str, 
 
 
 def _free_bytes(path: str) -> int:
+    """Free bytes on the filesystem a table at `path` goes to (build creates missing parents)."""
     import shutil
 
-    parent = os.path.dirname(os.path.abspath(path)) or "."
-    return shutil.disk_usage(parent).free
+    folder = os.path.dirname(os.path.abspath(path))
+    while not os.path.isdir(folder):    # the nearest existing ancestor; "/" always is one
+        folder = os.path.dirname(folder)
+    return shutil.disk_usage(folder).free
 
 
 def _human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024:
+            return f"{int(n)} B" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n:.1f} TiB"
 
@@ -212,6 +248,19 @@ def _check_disk(path: str, needed: int, free: int) -> None:
             f"{path!r}: free space, build elsewhere, or pick a smaller spec / dtype")
 
 
+def _check_build(args: argparse.Namespace, spec: TableSpec, comp: Compression) -> None:
+    """What build_table checks before it writes, so `--dry-run` refuses what a real build would."""
+    from pathlib import Path
+
+    from .build import _check_args, _check_target
+    from .hashing import NgramHasher
+
+    check_dtype_supported(spec)
+    _check_args(spec, comp, args.init, args.std, args.seed, args.overwrite)
+    NgramHasher(spec, comp)                     # spec and compression must fit together
+    _check_target(Path(args.path), args.overwrite)
+
+
 def cmd_build(args: argparse.Namespace) -> Output:
     from .build import build_table
 
@@ -219,6 +268,7 @@ def cmd_build(args: argparse.Namespace) -> Output:
     spec = _load_spec(args.spec, comp)
     if args.dtype:
         spec = spec.replace(dtype=args.dtype)
+    _check_build(args, spec, comp)
     plan = _layer_plan(spec, args.chunk_rows)
     needed, free = sum(p["disk_bytes"] for p in plan.values()), _free_bytes(args.path)
     payload: dict[str, Any] = {"path": args.path, "spec": spec.to_dict(), "layers": plan, "disk_bytes": needed,
@@ -371,7 +421,8 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="engram", description="Build, check and measure Engram memory tables.",
-                     epilog="exit codes: 0 ok, 1 a check failed, 2 bad arguments, 3 input refused")
+                     epilog="exit codes: 0 ok, 1 a check failed, 2 bad arguments, 3 input refused or a file "
+                            "not readable or writable, 130 interrupted")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
 
     p = sub.add_parser("build", help="build a table with seeded rows")
@@ -382,8 +433,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init", default="normal", choices=("normal", "zeros"), help="initial rows")
     p.add_argument("--std", type=float, default=0.02, help="standard deviation of --init normal")
     p.add_argument("--seed", type=int, default=0, help="seed of the initial rows")
-    p.add_argument("--dtype", choices=tuple(DTYPES), help="row dtype (overrides the spec's)")
-    p.add_argument("--chunk-rows", type=int, metavar="ROWS", help="rows per chunk file (default: ~64 MiB chunks)")
+    p.add_argument("--dtype", choices=ROW_DTYPES, help="row dtype (overrides the spec's)")
+    p.add_argument("--chunk-rows", type=_int_at_least(1), metavar="ROWS",
+                   help="rows per chunk file (default: ~64 MiB chunks)")
     p.add_argument("--dry-run", action="store_true", help="print what would be written; write nothing")
     p.add_argument("--overwrite", action="store_true", help="replace an existing table at PATH")
     p.set_defaults(func=cmd_build)
@@ -399,14 +451,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "'layers.{layer_id}.engram.multi_head_embedding.embedding.weight')")
     p.add_argument("--scale-pattern", metavar="PATTERN",
                    help="tensor name of FP8 rows' E8M0 scales (default: the weight name with weight_scale_inv)")
-    p.add_argument("--dtype", choices=tuple(DTYPES), help="row dtype (overrides the spec's)")
-    p.add_argument("--chunk-rows", type=int, metavar="ROWS", help="rows per chunk file")
+    p.add_argument("--dtype", choices=ROW_DTYPES, help="row dtype (overrides the spec's)")
+    p.add_argument("--chunk-rows", type=_int_at_least(1), metavar="ROWS", help="rows per chunk file")
     p.add_argument("--overwrite", action="store_true", help="replace an existing table at PATH")
     p.set_defaults(func=cmd_import)
 
     p = sub.add_parser("inspect", help="describe a table")
     p.add_argument("path", metavar="PATH", help="table directory")
-    p.add_argument("--sample-rows", type=int, default=1000, metavar="N",
+    p.add_argument("--sample-rows", type=_int_at_least(0), default=1000, metavar="N",
                    help="rows sampled per layer for norm statistics (0: none)")
     p.set_defaults(func=cmd_inspect)
 
@@ -418,10 +470,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path", metavar="PATH", help="table directory")
     p.add_argument("--tier", nargs="+", default=["ram", "mmap", "direct"], choices=("ram", "mmap", "direct"),
                    help="tiers to measure")
-    p.add_argument("--batch", type=int, default=8, metavar="B", help="sequences per lookup")
-    p.add_argument("--seq", type=int, default=4096, metavar="T", help="tokens per sequence")
+    p.add_argument("--batch", type=_int_at_least(1), default=8, metavar="B", help="sequences per lookup")
+    p.add_argument("--seq", type=_int_at_least(1), default=4096, metavar="T", help="tokens per sequence")
     p.add_argument("--layer", type=int, metavar="LAYER_ID", help="layer to look up (default: the first)")
-    p.add_argument("--repeats", type=int, default=5, help="best of this many lookups")
+    p.add_argument("--repeats", type=_int_at_least(1), default=5, help="best of this many lookups")
     p.add_argument("--cold", action="store_true", help="drop the page cache before each mmap/direct lookup (root)")
     p.set_defaults(func=cmd_bench)
 
@@ -467,9 +519,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     func: Callable[[argparse.Namespace], Output] = args.func
     try:
         out = func(args)
-    except EngramError as exc:
+    except (EngramError, OSError) as exc:   # OSError: a file engram was not the first to look at
         print(f"engram {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_REFUSED
+    except KeyboardInterrupt:
+        print(f"engram {args.command}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
     if args.json:
         print(json.dumps(_jsonable(out.payload), indent=2))
     else:

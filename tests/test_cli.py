@@ -271,3 +271,113 @@ def test_import_names_the_missing_tensor(capsys, spec_file, tmp_path):
     assert code == 3 and "no tensor in" in err and "matches weight_pattern" in err
     assert "names look like ['other']" in err
     assert not (tmp_path / "t").exists()
+
+
+# -- bad input never ends in a traceback ----------------------------------------------------------
+def test_negative_counts_are_usage_errors(capsys, built):
+    path, _ = built
+    code, _, err = run(capsys, "inspect", path, "--sample-rows", "-1")
+    assert code == 2 and "argument --sample-rows: -1 is invalid: pass an int >= 0" in err
+    code, _, err = run(capsys, "bench", path, "--batch", "0")
+    assert code == 2 and "argument --batch: 0 is invalid: pass an int >= 1" in err
+
+
+@pytest.mark.parametrize("argv", [
+    ["hash", "--spec", "SPEC", "--tokenizer", "TOK", "--text", "x"],
+    ["stats", "--spec", "SPEC", "--tokenizer", "TOK", "CORPUS"],
+    ["build", "OUT", "--spec", "SPEC", "--tokenizer", "TOK", "--dry-run"],
+])
+def test_missing_or_damaged_tokenizer_exits_3(capsys, spec_file, corpus, tmp_path, argv):
+    bad = tmp_path / "tok.json"
+    bad.write_text("{not json")
+    names = {"SPEC": spec_file, "CORPUS": corpus, "OUT": str(tmp_path / "t")}
+    for tok, message in ((bad, "cannot be loaded ("), (tmp_path / "none.json", "does not exist")):
+        code, _, err = run(capsys, *[str(tok) if a == "TOK" else names.get(a, a) for a in argv])
+        assert code == 3 and f"tokenizer file {str(tok)!r} {message}" in err and "pass the tokenizer.json" in err
+
+
+def test_stats_refuses_output_paths_before_counting(capsys, spec_file, corpus, tmp_path, monkeypatch):
+    import engram.corpus
+
+    monkeypatch.setattr(engram.corpus, "tokenize_files", lambda *a, **k: pytest.fail("counted before refusing"))
+    base = ["stats", "--spec", spec_file, "--tokenizer", TOKENIZER, corpus]
+    missing = tmp_path / "missing" / "hot.npz"
+    code, _, err = run(capsys, *base, "--hot-rows", str(missing))
+    assert code == 3 and f"--hot-rows {str(missing)!r}: the folder {str(missing.parent)!r} does not exist" in err
+    code, _, err = run(capsys, *base, "--plot", str(tmp_path / "missing" / "cov.png"))
+    assert code == 3 and "--plot" in err and "does not exist: create it first" in err
+    code, _, err = run(capsys, *base, "--plot", str(tmp_path))
+    assert code == 3 and "is a folder: pass a file path, e.g." in err and "coverage.png" in err
+
+
+@pytest.mark.parametrize("exc, code, message", [
+    (PermissionError(13, "Permission denied", "corpus.txt"), 3, "Permission denied: 'corpus.txt'"),
+    (KeyboardInterrupt(), 130, "engram stats: interrupted"),
+])
+def test_os_errors_exit_3_and_interrupts_130(capsys, spec_file, corpus, monkeypatch, exc, code, message):
+    import engram.corpus
+
+    def fail(*args, **kwargs):
+        raise exc
+
+    monkeypatch.setattr(engram.corpus, "tokenize_files", fail)
+    got, _, err = run(capsys, "stats", "--spec", spec_file, "--tokenizer", TOKENIZER, corpus)
+    assert got == code and message in err
+
+
+def test_free_bytes_of_a_path_whose_parents_do_not_exist_yet(capsys, spec_file, tmp_path):
+    import shutil
+
+    from engram.cli import _free_bytes
+
+    deep = tmp_path / "a" / "b" / "t.engram"
+    assert abs(_free_bytes(str(deep)) - shutil.disk_usage(tmp_path).free) < 1 << 30
+    code, out, _ = run(capsys, "build", str(deep), "--spec", spec_file, "--vocab-size", "300", "--dry-run")
+    assert code == 0 and "would build" in out and not (tmp_path / "a").exists()
+
+
+def test_human_bytes():
+    from engram.cli import _human_bytes
+
+    assert [_human_bytes(n) for n in (0, 1023, 1024, 1536 << 20, 1 << 40, 5 << 50)] == [
+        "0 B", "1023 B", "1.0 KiB", "1.5 GiB", "1.0 TiB", "5120.0 TiB"]
+
+
+# -- build --dry-run refuses what a real build would ------------------------------------------------
+def test_build_dtype_choices_are_the_storable_dtypes():
+    import argparse
+
+    import engram.format
+    from engram.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    dtype = next(a for a in sub.choices["build"]._actions if a.dest == "dtype")
+    assert tuple(dtype.choices) == tuple(engram.format.STORAGE_DTYPES)
+
+
+def test_dry_run_refuses_a_dtype_tables_cannot_store(capsys, spec_file, tmp_path, monkeypatch):
+    import engram.format
+
+    monkeypatch.setattr(engram.format, "STORAGE_DTYPES", {"float32": "float32"})
+    code, _, err = run(capsys, "build", str(tmp_path / "t"), "--spec", spec_file, "--vocab-size", "300", "--dry-run",
+                       "--dtype", "bfloat16")
+    assert code == 3 and "TableSpec.dtype='bfloat16'" in err
+
+
+def test_dry_run_refuses_a_spec_that_does_not_fit_the_compression(capsys, tmp_path):
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps({**SPEC, "compressed_vocab_size": 500}))
+    code, _, err = run(capsys, "build", str(tmp_path / "t"), "--spec", str(spec), "--vocab-size", "300", "--dry-run")
+    assert code == 3 and "compressed_vocab_size=300 but spec.compressed_vocab_size=500" in err
+
+
+def test_dry_run_refuses_an_existing_target_without_overwrite(capsys, built, spec_file, tmp_path):
+    path, _ = built
+    code, _, err = run(capsys, "build", path, "--spec", spec_file, "--vocab-size", "300", "--dry-run")
+    assert code == 3 and "already exists: pass overwrite=True" in err
+    code, out, _ = run(capsys, "build", path, "--spec", spec_file, "--vocab-size", "300", "--dry-run", "--overwrite")
+    assert code == 0 and "would build" in out
+    (tmp_path / "notes.txt").write_text("mine")
+    code, _, err = run(capsys, "build", str(tmp_path / "notes.txt"), "--spec", spec_file, "--vocab-size", "300",
+                       "--dry-run", "--overwrite")
+    assert code == 3 and "exists and is not an engram table" in err
