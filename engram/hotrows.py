@@ -15,6 +15,7 @@ import dataclasses
 import json
 import os
 import tempfile
+import zipfile
 from typing import Any
 
 import numpy as np
@@ -86,23 +87,73 @@ class HotRowPlan:
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> HotRowPlan:
-        """Read a plan written by `save`; refuses missing files, other versions and damaged files."""
+        """Read a plan written by `save`.
+
+        Raises:
+            TableNotFoundError: no file at `path`.
+            CorruptTableError: another format version, or a damaged file: not a .npz archive,
+                members missing, meta that is not a JSON object of the fields above, arrays that
+                are not 1-D integers of matching lengths, rows outside their layer's table.
+        """
         path = os.fspath(path)
         if not os.path.isfile(path):
             raise TableNotFoundError(f"hot-row plan {path!r} does not exist: write one with `engram stats --hot-rows`")
         try:
+            if not zipfile.is_zipfile(path):
+                raise ValueError("it is not a .npz (zip) archive")
             with np.load(path, allow_pickle=False) as z:
-                meta = json.loads(str(z["meta"]))
-                if meta.get("format_version") != HOT_ROWS_FORMAT_VERSION:
-                    raise CorruptTableError(
-                        f"hot-row plan {path!r} has format_version={meta.get('format_version')!r}; "
-                        f"this engram reads version {HOT_ROWS_FORMAT_VERSION}"
-                    )
-                layer_ids = [int(i) for i in meta["layer_ids"]]
-                rows = {i: z[f"rows_{i}"] for i in layer_ids}
-                lookups = {i: z[f"lookups_{i}"] for i in layer_ids}
-        except (OSError, ValueError, KeyError) as exc:
-            if isinstance(exc, CorruptTableError):
-                raise
-            raise CorruptTableError(f"hot-row plan {path!r} is unreadable: {exc}") from exc
-        return cls(TableSpec.from_dict(meta["spec"]), meta["compression"], int(meta["tokens"]), rows, lookups)
+                meta = _read_meta(z, path)
+                spec = TableSpec.from_dict(meta["spec"])
+                rows, lookups = {}, {}
+                for layer_id in meta["layer_ids"]:
+                    if layer_id not in spec.layer_ids:
+                        raise ValueError(f"layer_ids holds {layer_id!r}, which is not a layer of its spec")
+                    rows[layer_id] = _member(z, f"rows_{layer_id}", spec.rows(layer_id))
+                    lookups[layer_id] = _member(z, f"lookups_{layer_id}", None)
+                    if lookups[layer_id].shape != rows[layer_id].shape:
+                        raise ValueError(f"rows_{layer_id} and lookups_{layer_id} differ in length")
+                return cls(spec, meta["compression"], meta["tokens"], rows, lookups)
+        except CorruptTableError:
+            raise
+        except (OSError, EOFError, ValueError, zipfile.BadZipFile) as exc:  # SpecError is a ValueError
+            raise CorruptTableError(
+                f"hot-row plan {path!r} is unreadable: {exc}: write it again with `engram stats --hot-rows`") from exc
+
+
+_META_TYPES = {"spec": (dict, "a JSON object"), "compression": (str, "a string"), "tokens": (int, "an integer"),
+               "layer_ids": (list, "a list")}
+
+
+def _read_meta(z: Any, path: str) -> dict[str, Any]:
+    """The `meta` object of an open archive, its fields type-checked (ValueError if damaged)."""
+    if "meta" not in z.files:
+        raise ValueError("it has no 'meta' member")
+    meta = json.loads(str(z["meta"]))
+    if not isinstance(meta, dict):
+        raise ValueError(f"its meta is a JSON {type(meta).__name__}, not an object")
+    if meta.get("format_version") != HOT_ROWS_FORMAT_VERSION:
+        raise CorruptTableError(
+            f"hot-row plan {path!r} has format_version={meta.get('format_version')!r}; "
+            f"this engram reads version {HOT_ROWS_FORMAT_VERSION}"
+        )
+    for key, (kind, expected) in _META_TYPES.items():
+        if not isinstance(meta.get(key), kind) or isinstance(meta[key], bool):
+            raise ValueError(f"its meta field {key!r} is {meta.get(key)!r}, expected {expected}")
+    if meta["tokens"] < 0 or not all(isinstance(i, int) and not isinstance(i, bool) for i in meta["layer_ids"]):
+        raise ValueError(f"its meta holds tokens={meta['tokens']!r}, layer_ids={meta['layer_ids']!r}: expected "
+                         "a count >= 0 and a list of layer ids")
+    return meta
+
+
+def _member(z: Any, name: str, rows: int | None) -> np.ndarray:
+    """A 1-D integer array of the archive as int64, within [0, rows) (or >= 0 where rows is None)."""
+    if name not in z.files:
+        raise ValueError(f"it has no {name!r} member")
+    a = z[name]
+    if a.ndim != 1 or not np.issubdtype(a.dtype, np.integer):
+        raise ValueError(f"{name} is {a.dtype} of shape {a.shape}, expected 1-D int64")
+    a = a.astype(np.int64, copy=False)
+    if a.size and (a.min() < 0 or (rows is not None and a.max() >= rows)):
+        bound = f"[0, {rows})" if rows is not None else ">= 0"
+        raise ValueError(f"{name} holds values outside {bound}")
+    return a

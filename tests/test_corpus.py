@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 from collections import Counter
 
 import numpy as np
@@ -111,8 +112,64 @@ def test_hot_row_plan_refuses_missing_and_damaged_files(tmp_path):
         HotRowPlan.load(tmp_path / "none.npz")
     bad = tmp_path / "bad.npz"
     bad.write_bytes(b"not a zip")
-    with pytest.raises(CorruptTableError, match="is unreadable"):
+    with pytest.raises(CorruptTableError, match="is unreadable: it is not a .npz"):
         HotRowPlan.load(bad)
+
+
+def _saved_plan(tmp_path):
+    path = tmp_path / "hot.npz"
+    corpus_stats([np.random.default_rng(2).integers(0, 10, 500)], SPEC, COMP).hot_row_plan().save(path)
+    return path
+
+
+def _rewrite(path, fields=None, **members):
+    """Rewrite the archive at `path`: meta `fields` updated, members replaced (None: removed)."""
+    with np.load(path) as z:
+        arrays = {name: z[name] for name in z.files}
+    if fields:
+        arrays["meta"] = np.array(json.dumps({**json.loads(str(arrays["meta"])), **fields}))
+    for name, value in members.items():
+        if value is None:
+            del arrays[name]
+        else:
+            arrays[name] = value
+    np.savez(path, **arrays)
+
+
+@pytest.mark.parametrize("changes, match", [
+    (dict(meta=np.array("[1, 2]")), r"its meta is a JSON list, not an object"),
+    (dict(meta=np.array("{not json")), r"is unreadable: Expecting property name"),
+    (dict(meta=None), r"it has no 'meta' member"),
+    (dict(fields={"format_version": 2}), r"has format_version=2; this engram reads version 1"),
+    (dict(fields={"tokens": "500"}), r"its meta field 'tokens' is '500', expected an integer"),
+    (dict(fields={"layer_ids": [0, 9]}), r"layer_ids holds 9, which is not a layer of its spec"),
+    (dict(fields={"spec": {"max_ngram_size": 1}}), r"is unreadable: spec is missing required fields"),
+    (dict(rows_3=None), r"it has no 'rows_3' member"),
+    (dict(rows_0=np.zeros(4)), r"rows_0 is float64 of shape \(4,\), expected 1-D int64"),
+    (dict(lookups_3=np.zeros((2, 2), np.int64)), r"lookups_3 is int64 of shape \(2, 2\), expected 1-D int64"),
+    (dict(rows_0=np.array([0, 10**6])), r"rows_0 holds values outside \[0, \d+\)"),
+    (dict(lookups_0=np.array([5, -1])), r"lookups_0 holds values outside >= 0"),
+    (dict(lookups_0=np.array([5])), r"rows_0 and lookups_0 differ in length"),
+])
+def test_hot_row_plan_refuses_damaged_contents(tmp_path, changes, match):
+    path = _saved_plan(tmp_path)
+    _rewrite(path, **changes)
+    with pytest.raises(CorruptTableError, match=rf"hot-row plan '.*hot\.npz' .*{match}"):
+        HotRowPlan.load(path)
+
+
+def test_hot_row_plan_refuses_truncated_and_altered_archives(tmp_path):
+    path = _saved_plan(tmp_path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CorruptTableError, match="is unreadable: it is not a .npz"):
+        HotRowPlan.load(path)
+    altered = bytearray(data)
+    start = data.index(b"\x93NUMPY", data.index(b"rows_0.npy"))     # the member's .npy header
+    altered[start + 200] ^= 0xFF                                       # a byte of its rows
+    path.write_bytes(bytes(altered))
+    with pytest.raises(CorruptTableError, match=r"is unreadable: Bad CRC-32 for file 'rows_0.npy'"):
+        HotRowPlan.load(path)
 
 
 def test_tokenize_files_refuses_missing_and_damaged_inputs(tmp_path):
