@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import InputError
 from .norm import BranchRMSNorm
 
 __all__ = ["ShortConv"]
@@ -45,11 +46,26 @@ class ShortConv(nn.Module):
         nn.init.zeros_(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, T, G, C = x.shape
+        B, T, G, C = self._check_input(x)
         x = self.norm(x).reshape(B, T, G * C).transpose(1, 2)                # [B, G*C, T]
         x = F.pad(x, ((self.kernel_size - 1) * self.dilation, 0))            # [B, G*C, pad+T], causal
         y = F.conv1d(x, self.weight, dilation=self.dilation, groups=G * C)   # [B, G*C, T]
         return F.silu(y).transpose(1, 2).reshape(B, T, G, C)                 # [B, T, G, C]
+
+    def _check_input(self, x: torch.Tensor) -> tuple[int, int, int, int]:
+        """Raise InputError unless `x` is [B, T>=1, G, C] in the weight's dtype (autocast aside)."""
+        G, C = self.norm.weight.shape
+        if x.ndim != 4 or tuple(x.shape[2:]) != (G, C):
+            raise InputError(f"ShortConv input x has shape {tuple(x.shape)}, expected [B, T, {G}, {C}] "
+                             f"(hc_mult={G}, hidden_size={C}): pass the gated values [B, T, G, C]")
+        if x.shape[1] == 0:
+            raise InputError(f"ShortConv input x has shape {tuple(x.shape)}: T=0 positions; pass at least one "
+                             "position (skip the layer for empty sequences)")
+        if x.dtype != self.weight.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise InputError(f"ShortConv input x has dtype {x.dtype} but its weight is {self.weight.dtype}: "
+                             f"cast one to the other (x.to({self.weight.dtype}) or conv.to({x.dtype})), "
+                             "or run under torch.autocast")
+        return x.shape[0], x.shape[1], G, C
 
     def extra_repr(self) -> str:
         return f"channels={self.weight.shape[0]}, kernel_size={self.kernel_size}, dilation={self.dilation}"
