@@ -217,7 +217,12 @@ class NgramHasher:
         return self._multipliers[self.spec.check_layer(layer_id)].copy()
 
     def hash(self, token_ids: Any, layer_id: int) -> Any:
-        """Row index inside each head's table: [B,T] raw ids -> int64 [B,T,H], same kind/device."""
+        """Row index inside each head's table: [B,T] raw ids -> int64 [B,T,H], same kind/device.
+
+        `token_ids` is a numpy array, a torch tensor (the result is a tensor on its device) or
+        nested lists such as `[[1, 2, 3]]` (the result is a numpy array).
+        """
+        token_ids = _ids_array(token_ids)
         check_ids_2d(token_ids)
         layer_id = self.spec.check_layer(layer_id)
         ids = to_numpy_ids(token_ids)
@@ -267,3 +272,15 @@ class NgramHasher:
             for k in range(K):
                 _mod_into(h, h_float, sizes[first + k], rows[first + k], scratch)
         return out.transpose(1, 2, 0)
+
+
+def _ids_array(token_ids: Any) -> Any:
+    """Tensors and numpy arrays as they are; nested lists of ids as a numpy array."""
+    if is_torch(token_ids) or isinstance(token_ids, np.ndarray):
+        return token_ids
+    try:
+        ids = np.asarray(token_ids)
+    except ValueError as exc:
+        raise InputError(f"token_ids is a ragged nested sequence ({exc}): pass [B, T] ids, every sequence "
+                         "of the same length T") from exc
+    return ids.astype(np.int64) if ids.size == 0 else ids    # [[]] is float64 to numpy

@@ -185,3 +185,20 @@ def test_cuda_inputs_return_on_their_device(golden):
     got = NgramHasher(spec, comp).hash(torch.tensor(g["input_ids"], device="cuda"), 1)
     assert got.device.type == "cuda"
     np.testing.assert_array_equal(got.cpu().numpy(), np.array(g["hash_ids"]["1"]))
+
+
+def test_nested_lists_hash_like_numpy():
+    comp = Compression.identity(100)
+    spec = TableSpec(engram_vocab_size=(101, 101), max_ngram_size=3, n_head_per_ngram=2, n_embed_per_ngram=4,
+                     layer_ids=(0,), compressed_vocab_size=100)
+    hasher = NgramHasher(spec, comp)
+    out = hasher.hash([[1, 2, 3], [4, 5, 6]], 0)
+    assert isinstance(out, np.ndarray) and out.dtype == np.int64
+    np.testing.assert_array_equal(out, hasher.hash(np.array([[1, 2, 3], [4, 5, 6]]), 0))
+    assert hasher.hash([[]], 0).shape == (1, 0, 4)
+    with pytest.raises(InputError, match=r"token_ids must be shaped \[B, T\] .*got shape \(3,\)"):
+        hasher.hash([1, 2, 3], 0)
+    with pytest.raises(InputError, match=r"token_ids is a ragged nested sequence .*every sequence of the same"):
+        hasher.hash([[1, 2, 3], [4]], 0)
+    with pytest.raises(InputError, match=r"token_ids must be integers, got dtype=float64"):
+        hasher.hash([[1.5, 2.0]], 0)
