@@ -6,6 +6,8 @@ import json
 import sys
 from pathlib import Path
 
+import engram
+
 TOOLS = Path(__file__).parent.parent / "tools"
 
 
@@ -20,4 +22,17 @@ def test_demo_runs_end_to_end(tmp_path, capsys, monkeypatch):
     out = capsys.readouterr().out
     assert "every tier returned identical rows" in out and "EngramMemory(layer 1" in out
     assert (tmp_path / "out" / "hot_rows.npz").exists() and (tmp_path / "out" / "coverage.png").exists()
+    sys.modules.pop("demo", None)
+
+
+def test_docstring_states_the_table_size(monkeypatch):
+    monkeypatch.syspath_prepend(str(TOOLS))
+    import demo
+
+    from engram.cli import _load_spec
+
+    spec = _load_spec(str(demo.SPEC), engram.Compression.from_tokenizer_file(demo.TOKENIZER))
+    layer_mib = {round(spec.layer_bytes(i) / 2**20) for i in spec.layer_ids}
+    assert len(spec.layer_ids) == 2 and len(layer_mib) == 1
+    assert f"two layers of ~{layer_mib.pop()} MiB, ~{round(spec.total_bytes / 2**20)} MiB in all" in demo.__doc__
     sys.modules.pop("demo", None)

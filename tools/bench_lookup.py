@@ -27,47 +27,17 @@ import argparse
 import concurrent.futures
 import json
 import os
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
 import engram
+from engram.benchmark import best_time, drop_caches, reference_hash
 from engram.build import build_table
 from engram.format import read_metadata
 from engram.table import open as open_table
-
-
-def reference_hash(x: np.ndarray, multipliers: np.ndarray, sizes: list[list[int]], pad: int) -> np.ndarray:
-    """The reference algorithm as written in numpy: shift with np.pad, mix per order, % per head."""
-    B, T = x.shape
-    N = len(multipliers)
-    shifts = [x] + [np.pad(x, ((0, 0), (k, 0)), constant_values=pad)[:, :T] for k in range(1, N)]
-    heads = []
-    for n in range(2, N + 1):
-        mix = shifts[0] * multipliers[0]
-        for k in range(1, n):
-            mix = np.bitwise_xor(mix, shifts[k] * multipliers[k])
-        for size in sizes[n - 2]:
-            heads.append(mix % size)
-    return np.stack(heads, axis=2)
-
-
-def best_time(fn, repeats: int, before=None) -> float:
-    """Best wall time of `repeats` calls after one warm-up (`before` runs untimed each time)."""
-    if before is None:
-        fn()
-    best = float("inf")
-    for _ in range(repeats):
-        if before is not None:
-            before()
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
 
 
 def anon_hugepage_bytes() -> int:
@@ -77,16 +47,6 @@ def anon_hugepage_bytes() -> int:
             return next(int(line.split()[1]) * 1024 for line in f if line.startswith("AnonHugePages:"))
     except (OSError, StopIteration):
         return 0
-
-
-def drop_caches() -> bool:
-    try:
-        subprocess.run(["sync"], check=True)
-        with open("/proc/sys/vm/drop_caches", "w") as f:
-            f.write("3\n")
-        return True
-    except OSError:
-        return False
 
 
 def pread_pool(table, layer_id: int, rows: np.ndarray, threads: int) -> None:

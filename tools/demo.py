@@ -1,7 +1,7 @@
 """The engram demo: the main job end to end on a small built-in example, in well under a minute.
 
-1. `engram build`: a bfloat16 table (two layers, ~256 MiB) from tools/demo_spec.json and the
-   tokenizer shipped in the package.
+1. `engram build`: a bfloat16 table (two layers of ~256 MiB, ~512 MiB in all) from
+   tools/demo_spec.json and the tokenizer shipped in the package.
 2. `engram stats`: n-gram statistics of Python standard-library sources against that table, and
    the hot-row plan.
 3. `engram hash`: the rows one sentence addresses.
