@@ -92,6 +92,27 @@ def train(model, steps, ids):
 
 
 def test_adamw_trains_rows_at_their_rate():
+    lr, weight_decay = 1e-2, 0.1
+    model = TwoLayer()
+    ids = torch.randint(0, 50, (4, 12), generator=torch.Generator().manual_seed(0))
+    rows, head = model.mems[0].rows, model.head.weight
+    rows_before, head_before = rows.detach().clone(), head.detach().clone()
+    optimizer = torch.optim.AdamW(engram.param_groups(model, lr=lr, weight_decay=weight_decay))
+    nn.functional.cross_entropy(model(ids[:, :-1]).flatten(0, 1), ids[:, 1:].flatten()).backward()
+    optimizer.step()
+    # Adam's first step moves a value by lr * g / (|g| + eps), i.e. by lr wherever |g| >> eps;
+    # AdamW first scales the values of a decaying group by (1 - lr * weight_decay).
+    touched = rows.grad.abs() > 1e-5
+    assert 0 < touched.sum() < touched.numel()
+    step = rows_before - rows.detach()
+    torch.testing.assert_close(step[touched], 5 * lr * rows.grad[touched].sign(), rtol=1e-3, atol=0)
+    assert torch.equal(step[rows.grad == 0], torch.zeros_like(step[rows.grad == 0]))   # no decay of unused rows
+    big = head.grad.abs() > 1e-5
+    head_step = head_before * (1 - lr * weight_decay) - head.detach()
+    torch.testing.assert_close(head_step[big], lr * head.grad[big].sign(), rtol=1e-3, atol=0)
+
+
+def test_adamw_training_lowers_the_loss():
     model = TwoLayer()
     ids = torch.randint(0, 50, (4, 12), generator=torch.Generator().manual_seed(0))
     losses = train(model, 30, ids)
