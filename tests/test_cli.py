@@ -381,3 +381,10 @@ def test_dry_run_refuses_an_existing_target_without_overwrite(capsys, built, spe
     code, _, err = run(capsys, "build", str(tmp_path / "notes.txt"), "--spec", spec_file, "--vocab-size", "300",
                        "--dry-run", "--overwrite")
     assert code == 3 and "exists and is not an engram table" in err
+
+
+def test_spec_file_that_is_not_text_exits_3(capsys, tmp_path):
+    spec = tmp_path / "spec.json"
+    spec.write_bytes(b"\xff\xfe{")
+    code, _, err = run(capsys, "hash", "--spec", str(spec), "--tokenizer", TOKENIZER, "--text", "x")
+    assert code == 3 and "is not valid JSON: 'utf-8' codec can't decode byte 0xff" in err
