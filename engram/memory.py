@@ -185,6 +185,14 @@ class EngramMemoryBase(nn.Module):
                 f"{name} has hc_mult={self.hc_mult}, hidden_size={self.hidden_size}: pass "
                 f"hidden states shaped [B, T, {self.hc_mult}, {self.hidden_size}] or build the module "
                 f"with hc_mult={G}, hidden_size={C}")
+        if T == 0:
+            raise InputError(f"hidden_states has shape {shape}, with no positions (T=0): pass at least one position")
+        dtype = self._weight.dtype
+        if hidden_states.dtype != dtype and not torch.is_autocast_enabled(hidden_states.device.type):
+            raise InputError(
+                f"hidden_states has dtype {hidden_states.dtype} but this {name} computes in {dtype}: pass "
+                f"hidden_states.to({dtype}), convert the module with mem.to({hidden_states.dtype}), "
+                "or run under torch.autocast")
         param_device = self._weight.device
         if hidden_states.device != param_device:
             raise InputError(

@@ -240,6 +240,12 @@ VARIANTS = [EngramMemory, EngramMemoryV41]
     (lambda h: h.to("meta"), None, InputError,
      r"hidden_states is on device meta but this {name} is on cpu: move the module with "
      r"mem.to\('meta'\)"),
+    (lambda h: h.double(), None, InputError,
+     r"hidden_states has dtype torch.float64 but this {name} computes in torch.float32: pass "
+     r"hidden_states.to\(torch.float32\), convert the module with mem.to\(torch.float64\), or run under "
+     r"torch.autocast"),
+    (lambda h: h[:, :0], None, InputError,
+     r"hidden_states has shape \(2, 0, 2, 16\), with no positions \(T=0\): pass at least one position"),
 ])
 @pytest.mark.parametrize("cls", VARIANTS)
 def test_bad_inputs_name_argument_value_and_fix(cls, make_hidden, make_ids, error, match):
@@ -249,6 +255,18 @@ def test_bad_inputs_name_argument_value_and_fix(cls, make_hidden, make_ids, erro
     ids = make_ids(ids) if make_ids else ids
     with pytest.raises(error, match=match.replace("{name}", cls.__name__)):
         mem(hidden, ids)
+
+
+@pytest.mark.parametrize("cls", VARIANTS)
+def test_autocast_runs_a_float32_module_on_bfloat16_hidden_states(cls):
+    mem = small(cls=cls)
+    randomize(mem)
+    hidden, ids = inputs(mem)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        y = mem(hidden.bfloat16(), ids)
+    assert y.shape == hidden.shape
+    expected = mem(hidden, ids).detach()
+    assert torch.allclose(y.float(), expected, rtol=0.1, atol=0.1)
 
 
 BAD_CONSTRUCTOR_ARGUMENTS = [
