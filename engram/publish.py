@@ -8,8 +8,8 @@ Publishing is one `rename` (or, to replace an existing table, one `renameat2(REN
 swap): readers see the old table or the new one, never a mix, and files of the old table are
 unlinked, never truncated, so processes that still map them keep valid pages. Where the
 filesystem cannot swap, the old table is first renamed into a locked `.{name}.partial-XXXX`
-directory of its own and moved back if the new one cannot take its place; a build killed between
-the two renames leaves that directory to the next build's `clean_stale`.
+directory of its own and moved back if the new one cannot take its place; after a build killed
+between the two renames, the next build's `clean_stale` moves it back before cleaning up.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ __all__ = ["partial_dir", "publish", "clean_stale", "fsync_tree", "fsync_path"]
 
 _AT_FDCWD = -100
 _RENAME_EXCHANGE = 2
+_ASIDE = "old"   # name of the replaced table inside its aside directory
 
 
 def _partial_prefix(target: Path) -> str:
@@ -64,7 +65,10 @@ def _try_lock(fd: int) -> bool:
 def clean_stale(target: str | os.PathLike[str]) -> list[Path]:
     """Remove partial directories of `target` left by builds that died; return what was removed.
 
-    A partial directory whose lock can be taken has no live builder: nothing else holds it.
+    A partial directory whose lock can be taken has no live builder: nothing else holds it. One
+    that holds a table moved aside for a replacement (`old`, see `_replace_by_renames`) while
+    nothing is at `target` belongs to a build killed between its two renames: that table is
+    moved back to `target` first, so a crash never loses the table it was replacing.
     """
     target = Path(target)
     parent = target.parent
@@ -82,6 +86,10 @@ def clean_stale(target: str | os.PathLike[str]) -> list[Path]:
             continue
         try:
             if _try_lock(fd):
+                aside = Path(entry.path) / _ASIDE
+                if aside.is_dir() and not os.path.lexists(target):
+                    os.rename(aside, target)
+                    fsync_path(parent)
                 shutil.rmtree(entry.path, ignore_errors=True)
                 removed.append(Path(entry.path))
         finally:
@@ -156,7 +164,7 @@ def _replace_by_renames(partial: Path, target: Path) -> Path:
     second rename fails, the old table is moved back. Returns the aside directory to delete.
     """
     aside, fd = _locked_dir(target)
-    old = aside / "old"
+    old = aside / _ASIDE
     try:
         os.rename(target, old)
         try:
@@ -180,8 +188,8 @@ def _move_back(old: Path, target: Path, exc: BaseException) -> None:
     except OSError as undo:
         raise OSError(
             undo.errno, f"replacing {os.fspath(target)!r} failed ({exc!r}) and the old table could not be moved "
-            f"back ({undo.strerror}): it is at {os.fspath(old)!r}; move it to {os.fspath(target)!r} before the "
-            "next build of that path, which removes it") from exc
+            f"back ({undo.strerror}): it is at {os.fspath(old)!r}; the next build of {os.fspath(target)!r} moves it "
+            "back, or move it there yourself") from exc
 
 
 def publish(partial: Path, target: str | os.PathLike[str], overwrite: bool) -> None:

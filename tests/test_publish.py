@@ -63,12 +63,16 @@ def test_old_table_that_cannot_be_moved_back_is_kept_and_named(tmp_path, no_exch
     target = tmp_path / "t"
     make_table(target, "old")
     failing_rename(monkeypatch, lambda src, dst: dst == target)
-    with pytest.raises(OSError, match=r"could not be moved back .* it is at '.*/\.t\.partial-.*/old'; move it to"):
+    moved = r"could not be moved back .* it is at '.*/\.t\.partial-.*/old'; the next build of .* moves it back"
+    with pytest.raises(OSError, match=moved):
         with publish.partial_dir(target) as new:
             publish.publish(new, target, overwrite=True)
     (aside,) = tmp_path.iterdir()
     assert (aside / "old" / "zarr.json").read_text() == "old"
-    assert publish.clean_stale(target) == [aside]     # unlocked once publish gave up: the next build removes it
+    monkeypatch.undo()                                # renames work again
+    assert publish.clean_stale(target) == [aside]     # unlocked once publish gave up: the next build restores it
+    assert list(tmp_path.iterdir()) == [target]
+    assert (target / "zarr.json").read_text() == "old"
 
 
 def test_a_concurrent_clean_leaves_the_moved_aside_table_alone(tmp_path, no_exchange, monkeypatch):
@@ -108,12 +112,25 @@ CRASH = textwrap.dedent("""
 """)
 
 
-def test_a_build_killed_between_the_renames_leaves_only_what_the_next_build_removes(tmp_path):
+def test_a_build_killed_between_the_renames_gets_the_old_table_back_at_the_next_clean(tmp_path):
     target = tmp_path / "t"
     make_table(target, "old")
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     assert subprocess.run([sys.executable, "-c", CRASH, str(target)], env=env).returncode == 9
     left = sorted(tmp_path.iterdir())
     assert len(left) == 2 and all(p.name.startswith(".t.partial-") for p in left)    # the new table and the old
+    assert not target.exists()
     assert sorted(publish.clean_stale(target)) == left
-    assert list(tmp_path.iterdir()) == []
+    assert list(tmp_path.iterdir()) == [target]
+    assert (target / "zarr.json").read_text() == "old"
+
+
+def test_clean_never_moves_an_aside_table_over_an_existing_one(tmp_path):
+    target = tmp_path / "t"
+    make_table(target, "current")
+    stale = tmp_path / ".t.partial-dead"
+    stale.mkdir()
+    make_table(stale / "old", "older")
+    assert publish.clean_stale(target) == [stale]
+    assert list(tmp_path.iterdir()) == [target]
+    assert (target / "zarr.json").read_text() == "current"
