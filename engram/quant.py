@@ -38,8 +38,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from .dtypes import QUANTIZED_DTYPES, ROW_DTYPES
 from .errors import InputError
-from .spec import DTYPES
+from .spec import DEFAULT_SCALE_BLOCK, DTYPES
 
 __all__ = [
     "QUANTIZED_DTYPES",
@@ -54,14 +55,12 @@ __all__ = [
     "decode",
 ]
 
-QUANTIZED_DTYPES = ("int8", "float8_e4m3")
-DEFAULT_BLOCK = 32
+DEFAULT_BLOCK = DEFAULT_SCALE_BLOCK
 E4M3_MAX = 448.0
 # Row dtype -> numpy dtype of the stored values ("bfloat16": its bits; "float8_e4m3": raw bytes).
-STORAGE_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(np.uint16), "float16": np.dtype(np.float16),
-                  "int8": np.dtype(np.int8), "float8_e4m3": np.dtype(np.uint8)}
+STORAGE_DTYPES = {name: np.dtype(d.storage) for name, d in ROW_DTYPES.items()}
 # Quantized row dtype -> numpy dtype of the stored scales (float32 per row; E8M0 exponent bytes).
-SCALE_DTYPES = {"int8": np.dtype(np.float32), "float8_e4m3": np.dtype(np.uint8)}
+SCALE_DTYPES = {name: np.dtype(d.scale) for name, d in ROW_DTYPES.items() if d.scale is not None}
 _OUT_DTYPES = (torch.float32, torch.bfloat16)
 _CHUNK_VALUES = 1 << 19  # values decoded per pass on CPU (2 MiB of float32)
 
@@ -132,11 +131,8 @@ def scale_shape(dtype: str, D: int, block: int = DEFAULT_BLOCK) -> tuple[int, ..
     """
     _check_dtype(dtype)
     _check_block(dtype, D, block)
-    if dtype == "int8":
-        return (1,)
-    if dtype == "float8_e4m3":
-        return (D // block,)
-    return ()
+    row = ROW_DTYPES[dtype]
+    return (row.scales_per_row(D, block),) if row.quantized else ()
 
 
 def bytes_per_row(dtype: str, D: int, block: int = DEFAULT_BLOCK) -> int:
@@ -154,10 +150,9 @@ def bytes_per_row(dtype: str, D: int, block: int = DEFAULT_BLOCK) -> int:
         >>> bytes_per_row("float8_e4m3", 256, 32), bytes_per_row("int8", 64), bytes_per_row("bfloat16", 64)
         (264, 68, 128)
     """
-    shape = scale_shape(dtype, D, block)
-    n_scales = int(np.prod(shape)) if shape else 0
-    scale_bytes = SCALE_DTYPES[dtype].itemsize if dtype in SCALE_DTYPES else 0
-    return D * STORAGE_DTYPES[dtype].itemsize + n_scales * scale_bytes
+    scale_shape(dtype, D, block)                              # checks the arguments
+    row = ROW_DTYPES[dtype]
+    return D * row.value_bytes + row.scale_row_bytes(D, block)
 
 
 # -- encode -----------------------------------------------------------------------------------
@@ -177,7 +172,7 @@ def _rows_float32(rows: Any) -> torch.Tensor:
         raise InputError(f"rows must be a numpy array or torch.Tensor, got {type(rows).__name__}")
     if rows.dim() != 2:
         raise InputError(f"rows must be shaped [R, D], got shape {tuple(rows.shape)}: reshape to (-1, D)")
-    finite = torch.isfinite(rows).all(dim=1)
+    finite = finite_rows(rows)
     if not bool(finite.all()):
         bad = int(torch.nonzero(~finite)[0, 0])
         raise InputError(
@@ -185,6 +180,17 @@ def _rows_float32(rows: Any) -> torch.Tensor:
             f"finite; fix or drop that row before encoding"
         )
     return rows
+
+
+def finite_rows(x: torch.Tensor) -> torch.Tensor:
+    """Per row of a float tensor [R, D], whether every value is finite (bool [R]).
+
+    max|x| per row is NaN or inf exactly when the row holds one (amax propagates NaN); that is
+    several times faster than `isfinite(x).all(dim=1)` on CPU.
+    """
+    if x.shape[1] == 0:
+        return torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
+    return torch.isfinite(x.abs().amax(dim=1))
 
 
 def _pow2_float32(exponent: torch.Tensor) -> torch.Tensor:

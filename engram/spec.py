@@ -12,15 +12,20 @@ import numbers
 from collections.abc import Mapping
 from typing import Any
 
+from .dtypes import ROW_DTYPES
 from .errors import SpecError
 from .primes import assign_primes
 
-__all__ = ["TableSpec", "HASH_FAMILIES", "DTYPES", "SPEC_FORMAT_VERSION"]
+__all__ = ["TableSpec", "HASH_FAMILIES", "DTYPES", "DEFAULT_SCALE_BLOCK", "SPEC_FORMAT_VERSION"]
 
 SPEC_FORMAT_VERSION = 1
 HASH_FAMILIES = ("multiplicative-xor", "xxh64", "murmur3")
-# Logical row dtype -> bytes per stored value (quantized dtypes store scales beside the values).
-DTYPES = {"float32": 4, "bfloat16": 2, "float16": 2, "int8": 1, "float8_e4m3": 1}
+# Logical row dtype -> bytes per stored value (quantized dtypes store scales beside the values;
+# see engram.dtypes, the one table of row dtypes).
+DTYPES = {name: d.value_bytes for name, d in ROW_DTYPES.items()}
+DEFAULT_SCALE_BLOCK = 32   # values per E8M0 scale of "float8_e4m3" rows (the DeepSeek-V4.1 layout)
+_INT_FIELDS = ("max_ngram_size", "n_head_per_ngram", "n_embed_per_ngram", "compressed_vocab_size", "pad_id", "seed",
+               "scale_block")
 
 
 def _is_int(value: Any) -> bool:
@@ -42,7 +47,12 @@ class TableSpec:
         seed: seeds the hash multipliers / hash seeds, per layer `seed + 10007*layer_id`.
         compressed_vocab_size: size of the compressed vocabulary (the multipliers depend on it).
         hash: "multiplicative-xor" (the reference), "xxh64" or "murmur3".
-        dtype: stored row dtype: "float32", "bfloat16", "float16", "int8", "float8_e4m3".
+        dtype: stored row dtype: "float32", "bfloat16", "float16", "int8" (one float32 scale per
+            row) or "float8_e4m3" (FP8 E4M3 values, one E8M0 scale per `scale_block` values).
+        scale_block: values per scale of "float8_e4m3" rows: a positive divisor of D (default 32,
+            DeepSeek-V4.1's 256 values + 8 scales per row). Ignored by the other dtypes; saved with
+            the spec only when dtype is "float8_e4m3" or it differs from the default, so older spec
+            dictionaries load with the default.
 
     Example:
         >>> spec = TableSpec(engram_vocab_size=(1000, 1000), max_ngram_size=3, n_head_per_ngram=2,
@@ -61,13 +71,19 @@ class TableSpec:
     seed: int = 0
     hash: str = "multiplicative-xor"
     dtype: str = "float32"
+    scale_block: int = DEFAULT_SCALE_BLOCK
 
     def __post_init__(self) -> None:
-        # Accept lists (JSON, the reference config) but store tuples so the spec is hashable.
+        # Accept lists (JSON, the reference config) but store tuples so the spec is hashable, and
+        # numpy integers but store Python ints (JSON, hashing and arithmetic then behave).
         for name in ("engram_vocab_size", "layer_ids"):
             value = getattr(self, name)
             if isinstance(value, (list, tuple)):
-                object.__setattr__(self, name, tuple(value))
+                object.__setattr__(self, name, tuple(int(v) if _is_int(v) else v for v in value))
+        for name in _INT_FIELDS:
+            value = getattr(self, name)
+            if _is_int(value) and type(value) is not int:
+                object.__setattr__(self, name, int(value))
         self._validate()
 
     # -- validation -------------------------------------------------------------------------
@@ -98,8 +114,15 @@ class TableSpec:
         need(_is_int(self.pad_id) and self.pad_id >= 0,
              "pad_id", "expected a raw token id >= 0")
         need(_is_int(self.seed) and self.seed >= 0, "seed", "expected an int >= 0")
-        need(self.hash in HASH_FAMILIES, "hash", f"expected one of {HASH_FAMILIES}")
-        need(self.dtype in DTYPES, "dtype", f"expected one of {tuple(DTYPES)}")
+        need(isinstance(self.hash, str) and self.hash in HASH_FAMILIES, "hash", f"expected one of {HASH_FAMILIES}")
+        need(isinstance(self.dtype, str) and self.dtype in DTYPES, "dtype", f"expected one of {tuple(DTYPES)}")
+        need(_is_int(self.scale_block) and self.scale_block >= 1, "scale_block",
+             f"expected an int >= 1 (values per scale of float8_e4m3 rows; default {DEFAULT_SCALE_BLOCK})")
+        if self.dtype == "float8_e4m3":
+            D = self.n_embed_per_ngram // self.n_head_per_ngram
+            need(D % self.scale_block == 0, "scale_block",
+                 f"float8_e4m3 rows keep one scale per block of values, and the block must divide D={D}: "
+                 f"pick a divisor of {D} (DeepSeek-V4.1: D=256, scale_block=32)")
 
     # -- derived sizes ----------------------------------------------------------------------
     @property
@@ -166,11 +189,33 @@ class TableSpec:
         """Bytes of one stored row's values (scales of quantized dtypes not included)."""
         return self.head_dim * self.value_bytes
 
+    @property
+    def quantized(self) -> bool:
+        """True for dtypes that store scales beside the values ("int8", "float8_e4m3")."""
+        return ROW_DTYPES[self.dtype].quantized
+
+    @property
+    def scales_per_row(self) -> int:
+        """Scales stored per row: 1 for "int8", D // scale_block for "float8_e4m3", else 0."""
+        return ROW_DTYPES[self.dtype].scales_per_row(self.head_dim, self.scale_block)
+
+    @property
+    def scale_row_bytes(self) -> int:
+        """Bytes of one row's scales (0 for float dtypes; 8 for V4.1 rows)."""
+        return ROW_DTYPES[self.dtype].scale_row_bytes(self.head_dim, self.scale_block)
+
+    @property
+    def stored_row_bytes(self) -> int:
+        """Bytes of one stored row, values plus scales (264 for V4.1 rows)."""
+        return self.row_bytes + self.scale_row_bytes
+
     def layer_bytes(self, layer_id: int) -> int:
-        return self.rows(layer_id) * self.row_bytes
+        """Bytes of one layer's rows, values plus scales (chunk padding excluded)."""
+        return self.rows(layer_id) * self.stored_row_bytes
 
     @property
     def total_bytes(self) -> int:
+        """Bytes of every layer's rows, values plus scales (chunk padding excluded)."""
         return sum(self.layer_bytes(layer_id) for layer_id in self.layer_ids)
 
     # -- serialization ----------------------------------------------------------------------
@@ -179,6 +224,8 @@ class TableSpec:
         d: dict[str, Any] = {"format_version": SPEC_FORMAT_VERSION}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
+            if f.name == "scale_block" and self.dtype != "float8_e4m3" and value == DEFAULT_SCALE_BLOCK:
+                continue   # dicts of float and int8 specs stay as before scale_block existed
             d[f.name] = list(value) if isinstance(value, tuple) else value
         return d
 

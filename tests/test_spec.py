@@ -92,3 +92,51 @@ def test_unknown_layer_is_an_input_error():
 
     with pytest.raises(InputError, match=r"layer_id=2 has no table: this spec has layer_ids=\(1, 15\)"):
         make().table_sizes(2)
+
+
+def test_numpy_integers_become_python_ints():
+    import numpy as np
+
+    spec = make(max_ngram_size=np.int64(3), n_head_per_ngram=np.int32(8), n_embed_per_ngram=np.int64(512),
+                engram_vocab_size=tuple(np.array([646400, 646400])),
+                layer_ids=[np.int64(1), np.int16(15)], compressed_vocab_size=np.uint32(129280), pad_id=np.int8(2),
+                seed=np.int64(0), scale_block=np.int64(32))
+    assert spec == make()
+    for name in ("max_ngram_size", "n_head_per_ngram", "n_embed_per_ngram", "compressed_vocab_size", "pad_id",
+                 "seed", "scale_block"):
+        assert type(getattr(spec, name)) is int, name
+    assert all(type(v) is int for v in spec.engram_vocab_size + spec.layer_ids)
+    assert json.loads(json.dumps(spec.to_dict())) == make().to_dict()      # numpy ints would not serialize
+    assert spec.table_sizes(1) == make().table_sizes(1)
+
+
+@pytest.mark.parametrize("field", ["dtype", "hash"])
+@pytest.mark.parametrize("value", [{}, [], 3, None])
+def test_non_string_dtype_or_hash_is_a_spec_error(field, value):
+    d = {**make().to_dict(), field: value}
+    with pytest.raises(SpecError, match=rf"TableSpec.{field}=.* is invalid: expected one of"):
+        TableSpec.from_dict(d)
+
+
+def test_scale_block_is_validated_and_saved_only_where_it_matters():
+    fp8 = make(dtype="float8_e4m3")                        # D = 64: blocks of 32 by default
+    assert (fp8.scale_block, fp8.scales_per_row, fp8.scale_row_bytes, fp8.stored_row_bytes) == (32, 2, 2, 66)
+    assert make(dtype="int8").scale_row_bytes == 4 and make(dtype="int8").stored_row_bytes == 68
+    assert make().scale_row_bytes == 0 and not make().quantized and fp8.quantized
+    assert fp8.layer_bytes(1) == fp8.rows(1) * 66
+    assert fp8.to_dict()["scale_block"] == 32
+    assert "scale_block" not in make().to_dict() and "scale_block" not in make(dtype="int8").to_dict()
+    assert make(scale_block=16).to_dict()["scale_block"] == 16               # kept: round trip holds
+    for spec in (fp8, make(dtype="float8_e4m3", scale_block=8), make(scale_block=16)):
+        assert TableSpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
+    old = make(dtype="float8_e4m3").to_dict()
+    del old["scale_block"]                                   # a dict written before scale_block existed
+    assert TableSpec.from_dict(old).scale_block == 32
+    with pytest.raises(SpecError, match=r"TableSpec.scale_block=0 is invalid: expected an int >= 1"):
+        make(scale_block=0)
+    with pytest.raises(SpecError, match=r"scale_block=True is invalid"):
+        make(scale_block=True)
+    with pytest.raises(SpecError, match=r"TableSpec.scale_block=48 is invalid: .* must divide D=64: pick a "
+                       r"divisor of 64"):
+        make(dtype="float8_e4m3", scale_block=48)
+    assert make(scale_block=48).scale_block == 48          # other dtypes ignore it

@@ -1,0 +1,115 @@
+"""Row dtypes: the one table of how each `TableSpec.dtype` is stored, scaled and decoded.
+
+Every other module (spec, format, quant, tiers, build) derives what it needs from `ROW_DTYPES`:
+
+| dtype         | stored values (numpy / zarr)  | scales                                   | decoded to |
+|---------------|-------------------------------|------------------------------------------|------------|
+| "float32"     | `<f4` / float32               | none                                     | float32    |
+| "bfloat16"    | `<u2` / uint16 (the bits)     | none                                     | bfloat16   |
+| "float16"     | `<f2` / float16               | none                                     | float16    |
+| "int8"        | `i1` / int8                   | one float32 per row                      | float32    |
+| "float8_e4m3" | `u1` / uint8 (E4M3 "fn" bits) | one E8M0 byte (uint8) per block of values | float32    |
+
+"decoded to" is the torch dtype a lookup returns by default (`Table.dtype`). Torch is imported
+only by `torch_dtype`, so `import engram` stays fast.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+
+__all__ = ["RowDtype", "ROW_DTYPES", "QUANTIZED_DTYPES", "row_dtype", "storage_dtype", "scale_dtype",
+           "torch_dtype", "storage_torch_dtype", "is_quantized"]
+
+
+@dataclasses.dataclass(frozen=True)
+class RowDtype:
+    """How one row dtype is stored.
+
+    Attributes:
+        name: the `TableSpec.dtype` string.
+        storage: numpy dtype string of the stored values (little-endian).
+        zarr: zarr v3 data_type of the stored values.
+        torch: name of the torch dtype rows decode to by default.
+        storage_torch: name of the torch dtype holding the stored values unchanged.
+        scale: numpy dtype string of the stored scales, or None (float dtypes store none).
+        scale_zarr: zarr v3 data_type of the scales, or None.
+        per_block: scales cover blocks of `TableSpec.scale_block` values (True) or whole rows.
+    """
+
+    name: str
+    storage: str
+    zarr: str
+    torch: str
+    storage_torch: str
+    scale: str | None = None
+    scale_zarr: str | None = None
+    per_block: bool = False
+
+    @property
+    def value_bytes(self) -> int:
+        """Bytes of one stored value."""
+        return np.dtype(self.storage).itemsize
+
+    @property
+    def quantized(self) -> bool:
+        """True when the dtype stores scales beside its values."""
+        return self.scale is not None
+
+    def scales_per_row(self, head_dim: int, block: int) -> int:
+        """Scales stored per row of `head_dim` values (0 for float dtypes)."""
+        if not self.quantized:
+            return 0
+        return head_dim // block if self.per_block else 1
+
+    def scale_row_bytes(self, head_dim: int, block: int) -> int:
+        """Bytes of one row's scales (0 for float dtypes)."""
+        return 0 if self.scale is None else self.scales_per_row(head_dim, block) * np.dtype(self.scale).itemsize
+
+
+ROW_DTYPES: dict[str, RowDtype] = {d.name: d for d in (
+    RowDtype("float32", "<f4", "float32", "float32", "float32"),
+    RowDtype("bfloat16", "<u2", "uint16", "bfloat16", "bfloat16"),
+    RowDtype("float16", "<f2", "float16", "float16", "float16"),
+    RowDtype("int8", "i1", "int8", "float32", "int8", scale="<f4", scale_zarr="float32"),
+    RowDtype("float8_e4m3", "u1", "uint8", "float32", "uint8", scale="u1", scale_zarr="uint8", per_block=True),
+)}
+QUANTIZED_DTYPES = tuple(name for name, d in ROW_DTYPES.items() if d.quantized)
+
+
+def row_dtype(name: str) -> RowDtype:
+    """The RowDtype of a `TableSpec.dtype` string (KeyError for unknown names)."""
+    return ROW_DTYPES[name]
+
+
+def is_quantized(name: str) -> bool:
+    """True for dtypes that store scales ("int8", "float8_e4m3")."""
+    return ROW_DTYPES[name].quantized
+
+
+def storage_dtype(name: str) -> np.dtype:
+    """The numpy dtype of the stored values ("bfloat16": uint16 bits; "float8_e4m3": uint8 bytes)."""
+    return np.dtype(ROW_DTYPES[name].storage)
+
+
+def scale_dtype(name: str) -> np.dtype | None:
+    """The numpy dtype of the stored scales, or None for float dtypes."""
+    scale = ROW_DTYPES[name].scale
+    return None if scale is None else np.dtype(scale)
+
+
+def torch_dtype(name: str) -> Any:
+    """The torch dtype rows of `name` decode to by default ("bfloat16" -> torch.bfloat16, "int8" -> torch.float32)."""
+    import torch
+
+    return getattr(torch, ROW_DTYPES[name].torch)
+
+
+def storage_torch_dtype(name: str) -> Any:
+    """The torch dtype holding the stored values unchanged ("float8_e4m3" -> torch.uint8)."""
+    import torch
+
+    return getattr(torch, ROW_DTYPES[name].storage_torch)
