@@ -3,13 +3,18 @@
 Memory stays bounded by about one chunk whatever the table's size: each chunk is produced,
 checksummed, written and fsynced before the next one. The table is assembled in a partial
 directory beside the target and published atomically (see `engram.publish`).
+
+Quantized tables ("int8", "float8_e4m3"): float rows (seeded, or imported) are encoded with
+`engram.quant.encode` in pieces of about ENCODE_VALUES values, so peak memory stays one chunk of
+encoded values and scales plus one small float32 piece. Checkpoint rows already stored as FP8 E4M3
+with E8M0 scales in the table's layout (same scale_block) are copied through bit for bit.
 """
 
 from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -18,14 +23,15 @@ import torch
 
 from .checkpoint import LayerRows
 from .compression import Compression
+from .dtypes import scale_dtype, storage_dtype, torch_dtype
 from .errors import InputError, TableExistsError
 from .format import (
     CHUNK_ALIGN,
-    FORMAT_VERSION,
     LayerLayout,
     TableMeta,
     check_dtype_supported,
     checksum,
+    format_version_for,
     is_table,
     write_attributes,
     write_metadata,
@@ -33,16 +39,22 @@ from .format import (
 from .hashing import NgramHasher
 from .mapping import release_pages
 from .publish import clean_stale, fsync_tree, partial_dir, publish
+from .quant import encode, finite_rows
 from .spec import TableSpec
 from .table import Table
 from .table import open as open_table
-from .tiers import storage_dtype, torch_dtype
 
-__all__ = ["build_table", "plan_layout", "INITS", "INIT_BLOCK_ROWS", "DEFAULT_CHUNK_BYTES"]
+__all__ = ["build_table", "plan_layout", "write_table", "INITS", "INIT_BLOCK_ROWS", "DEFAULT_CHUNK_BYTES",
+           "ENCODE_VALUES"]
 
 INITS = ("normal", "zeros")
 INIT_BLOCK_ROWS = 1024          # rows drawn from one seeded generator (independent of chunking)
 DEFAULT_CHUNK_BYTES = 64 << 20  # default chunk file size (rounded down to whole CHUNK_ALIGN rows)
+ENCODE_VALUES = 1 << 17         # float32 values encoded per piece into quantized chunks (512 KiB)
+
+# One chunk of a layer as written: the values [chunk_rows, D] and, for quantized rows, the scales
+# [chunk_rows, S], both in their stored dtypes with zero rows past the end of the layer.
+Chunk = tuple[np.ndarray, "np.ndarray | None"]
 
 
 def build_table(path: str | os.PathLike[str], spec: TableSpec, comp: Compression, init: str = "normal",
@@ -56,12 +68,14 @@ def build_table(path: str | os.PathLike[str], spec: TableSpec, comp: Compression
 
     Args:
         path: the table directory to create.
-        spec: the table spec; dtype "float32", "bfloat16" or "float16".
+        spec: the table spec; any dtype: "float32", "bfloat16", "float16", or the quantized
+            "int8" and "float8_e4m3" (values encoded with `engram.quant.encode`; scales in a
+            second array per layer, see `engram.format`).
         comp: the token-id compression the table is looked up with (stored with the table).
         init: initial rows of layers not in `weights`: "normal" or "zeros". "normal" draws
             every value from N(0, std^2): row r of layer L is `std * z[r % 1024]` with
             `z = numpy.random.default_rng([seed, L, r // 1024]).standard_normal((1024, D),
-            dtype=numpy.float32)`, rounded to the table's dtype; "zeros" writes zeros. Rows
+            dtype=numpy.float32)`, rounded (or encoded) to the table's dtype; "zeros" writes zeros. Rows
             depend only on (seed, layer, row), never on `chunk_rows`. (NumPy keeps Generator
             streams stable in practice but does not promise it across releases; the tests pin
             the chunk digests of seeded tables.)
@@ -70,11 +84,15 @@ def build_table(path: str | os.PathLike[str], spec: TableSpec, comp: Compression
         weights: {layer_id: rows [spec.rows(layer_id), D]} to import: numpy arrays (np.memmap
             included, read chunk by chunk), torch tensors (any float dtype, bfloat16 included,
             any device) or checkpoint rows (`engram.open_checkpoint(files).rows(layer_id)`, read
-            chunk by chunk), converted to the table's dtype with round-to-nearest.
+            chunk by chunk), converted to the table's dtype with round-to-nearest (quantized
+            tables: encoded, refusing rows with NaN or inf). Checkpoint rows stored as FP8 E4M3
+            with E8M0 scales are copied bit for bit into a "float8_e4m3" table with the same
+            `scale_block` (no decode, no re-encode).
         overwrite: replace an existing table at `path` (atomically; processes that still use
             the old table keep reading its files until they close it).
-        chunk_rows: rows per chunk file; chunk_rows * row_bytes must be a multiple of 65536.
-            Default: chunks of about 64 MiB (smaller when a layer is smaller).
+        chunk_rows: rows per chunk file; chunk_rows * row_bytes (and, for quantized rows,
+            chunk_rows * spec.scale_row_bytes) must be a multiple of 65536. Default: chunks of
+            about 64 MiB of values (smaller when a layer is smaller).
         progress: show a progress bar (None: only on a terminal, after a second).
 
     Returns:
@@ -82,8 +100,8 @@ def build_table(path: str | os.PathLike[str], spec: TableSpec, comp: Compression
 
     Raises:
         TableExistsError: something is at `path` and `overwrite` is False (or it is not a table).
-        SpecError: a row dtype tables cannot store yet (int8, float8_e4m3).
-        InputError: bad arguments, or `weights` of the wrong shape or dtype.
+        InputError: bad arguments, or `weights` of the wrong shape or dtype (or, for quantized
+            tables, rows with NaN or inf).
 
     Example:
         >>> comp = engram.Compression.identity(1000)
@@ -97,20 +115,54 @@ def build_table(path: str | os.PathLike[str], spec: TableSpec, comp: Compression
     layouts = plan_layout(spec, chunk_rows)
     target = Path(path)
     _check_target(target, overwrite)
+
+    def chunks(lay: LayerLayout) -> Iterator[Chunk]:
+        if lay.layer_id in sources:
+            return _source_chunks(sources[lay.layer_id], lay, spec)
+        return _init_chunks(lay, spec, init, std, seed)
+
+    write_table(target, spec, comp, layouts, chunks, overwrite, progress)
+    return open_table(target)
+
+
+def write_table(target: Path, spec: TableSpec, comp: Compression, layouts: dict[int, LayerLayout],
+                chunks: Callable[[LayerLayout], Iterator[Chunk]], overwrite: bool, progress: bool | None,
+                desc: str = "build_table") -> dict[int, LayerLayout]:
+    """Write a table whose chunks `chunks(layout)` yields, layer by layer, and publish it atomically.
+
+    Args:
+        target: the table directory (checked by the caller: `_check_target`).
+        spec, comp: stored with the table.
+        layouts: `plan_layout(spec, ...)`.
+        chunks: per layer layout, an iterator of its `n_chunks` chunks (values, scales or None);
+            each chunk is written before the next is asked for, so a generator may reuse buffers.
+        overwrite: replace an existing table at `target`.
+        progress: progress bar (None: only on a terminal, after a second).
+        desc: the progress bar's label.
+
+    Returns:
+        The layouts with their checksums.
+    """
     clean_stale(target)
-    meta = TableMeta(FORMAT_VERSION, spec, comp, layouts)
+    version = format_version_for(spec)
     with partial_dir(target) as tmp:
-        write_metadata(tmp, meta)
-        with _progress_bar(layouts, progress) as bar:
+        write_metadata(tmp, TableMeta(version, spec, comp, layouts))
+        written = {}
+        with _progress_bar(layouts, progress, desc) as bar:
             for lid, lay in layouts.items():
-                chunks = _source_chunks(sources[lid], lay, spec) if lid in sources else \
-                    _init_chunks(lay, spec, init, std, seed)
-                sums = [_write_chunk(lay.chunk_path(tmp, i), block, bar) for i, block in enumerate(chunks)]
-                layouts[lid] = LayerLayout(lid, lay.array, lay.rows, lay.row_bytes, lay.chunk_rows, tuple(sums))
-        write_attributes(tmp, TableMeta(FORMAT_VERSION, spec, comp, layouts))
+                sums: list[str] = []
+                scale_sums: list[str] = []
+                for index, (values, scales) in enumerate(chunks(lay)):
+                    sums.append(_write_chunk(lay.chunk_path(tmp, index), values, bar))
+                    if lay.scales is not None:
+                        scale_sums.append(_write_chunk(lay.scales.chunk_path(tmp, index), scales, bar))
+                if len(sums) != lay.n_chunks:
+                    raise RuntimeError(f"layer {lid}: {len(sums)} chunks produced for {lay.n_chunks}")
+                written[lid] = lay.with_checksums(tuple(sums), tuple(scale_sums))
+        write_attributes(tmp, TableMeta(version, spec, comp, written))
         fsync_tree(tmp)
         publish(tmp, target, overwrite)
-    return open_table(target)
+    return written
 
 
 # ------------------------------------------------------------------------------------------
@@ -151,20 +203,25 @@ def plan_layout(spec: TableSpec, chunk_rows: int | None = None) -> dict[int, Lay
 
 def _plan_layer(spec: TableSpec, layer_id: int, chunk_rows: int | None) -> LayerLayout:
     """The layer's layout: chunk rows a multiple of the alignment, no larger than needed."""
-    row_bytes = spec.row_bytes
-    align_rows = CHUNK_ALIGN // math.gcd(CHUNK_ALIGN, row_bytes)   # smallest rows giving whole CHUNK_ALIGNs
+    row_bytes, scale_bytes = spec.row_bytes, spec.scale_row_bytes
+    # the smallest rows giving whole CHUNK_ALIGNs, for the values and (quantized rows) the scales
+    align_rows = math.lcm(*(CHUNK_ALIGN // math.gcd(CHUNK_ALIGN, b) for b in (row_bytes, scale_bytes) if b))
     rows = spec.rows(layer_id)
     if chunk_rows is None:   # about DEFAULT_CHUNK_BYTES, split evenly so the last chunk has little padding
         n_chunks = -(-rows // (max(1, DEFAULT_CHUNK_BYTES // (align_rows * row_bytes)) * align_rows))
         chunk_rows = -(-rows // (n_chunks * align_rows)) * align_rows
     elif isinstance(chunk_rows, bool) or not isinstance(chunk_rows, (int, np.integer)) or chunk_rows < 1 \
-            or (chunk_rows * row_bytes) % CHUNK_ALIGN:
+            or chunk_rows % align_rows:
+        scales = f" and {scale_bytes} bytes of scales" if scale_bytes else ""
         raise InputError(
             f"chunk_rows={chunk_rows!r} is invalid: chunk files must be whole multiples of {CHUNK_ALIGN} bytes "
-            f"so they map at page boundaries; with {row_bytes}-byte rows use a positive multiple of "
+            f"so they map at page boundaries; with {row_bytes}-byte rows{scales} use a positive multiple of "
             f"{align_rows} (or None for about 64 MiB chunks)")
     chunk_rows = min(int(chunk_rows), -(-rows // align_rows) * align_rows)
-    return LayerLayout(layer_id, f"layer_{layer_id}", rows, row_bytes, chunk_rows)
+    scales = None
+    if spec.quantized:
+        scales = LayerLayout(layer_id, f"layer_{layer_id}_scales", rows, scale_bytes, chunk_rows, role="scales")
+    return LayerLayout(layer_id, f"layer_{layer_id}", rows, row_bytes, chunk_rows, scales=scales)
 
 
 def _check_weights(weights: Mapping[int, Any] | None, spec: TableSpec) -> dict[int, Any]:
@@ -212,20 +269,48 @@ def _check_target(target: Path, overwrite: bool) -> None:
 # ------------------------------------------------------------------------------------------
 # chunks
 # ------------------------------------------------------------------------------------------
-def _init_chunks(lay: LayerLayout, spec: TableSpec, init: str, std: float, seed: int) -> Iterator[np.ndarray]:
-    """Seeded chunks: [chunk_rows, D] in the storage dtype, zero rows past the end."""
-    D = spec.head_dim
-    block = np.zeros((lay.chunk_rows, D), storage_dtype(spec.dtype))
+def _chunk_buffers(lay: LayerLayout, spec: TableSpec) -> Chunk:
+    """Zeroed buffers for one chunk: values [chunk_rows, D] and scales [chunk_rows, S] or None."""
+    values = np.zeros((lay.chunk_rows, spec.head_dim), storage_dtype(spec.dtype))
+    scales = None if not spec.quantized else np.zeros((lay.chunk_rows, spec.scales_per_row), scale_dtype(spec.dtype))
+    return values, scales
+
+
+def _zero_tail(chunk: Chunk, rows: int) -> Chunk:
+    """Zero the rows of a chunk past the layer's end (zero bytes decode to zero rows in every dtype)."""
+    for part in chunk:
+        if part is not None:
+            part[rows:] = 0
+    return chunk
+
+
+def _piece_rows(spec: TableSpec) -> int:
+    return max(1, ENCODE_VALUES // spec.head_dim)
+
+
+def _init_chunks(lay: LayerLayout, spec: TableSpec, init: str, std: float, seed: int) -> Iterator[Chunk]:
+    """Seeded chunks in the stored dtype, zero rows past the end."""
+    chunk = _chunk_buffers(lay, spec)
+    block = chunk[0]
+    if spec.quantized:   # drawn in float32 pieces, each encoded into the chunk
+        piece = np.empty((_piece_rows(spec), spec.head_dim), np.float32)
+        for index in range(lay.n_chunks):
+            start, stop = lay.chunk_span(index)
+            for p in range(start, stop, len(piece)) if init == "normal" else ():
+                q = min(p + len(piece), stop)
+                _normal_rows(piece[: q - p], p, lay.layer_id, seed, std)
+                _encode_into(piece[: q - p], chunk, p - start, spec, f"init of layer {lay.layer_id}", p)
+            yield _zero_tail(chunk, stop - start)
+        return
     # float32 rows are drawn straight into the chunk; other dtypes are rounded from float32.
-    values = block if spec.dtype == "float32" else np.empty((lay.chunk_rows, D), np.float32)
+    values = block if spec.dtype == "float32" else np.empty((lay.chunk_rows, spec.head_dim), np.float32)
     for index in range(lay.n_chunks):
         start, stop = lay.chunk_span(index)
         if init == "normal":
             _normal_rows(values[: stop - start], start, lay.layer_id, seed, std)
             if values is not block:
                 _store(values[: stop - start], block[: stop - start], spec.dtype)
-        block[stop - start:] = 0
-        yield block
+        yield _zero_tail(chunk, stop - start)
 
 
 def _normal_rows(out: np.ndarray, start: int, layer_id: int, seed: int, std: float) -> None:
@@ -241,31 +326,73 @@ def _normal_rows(out: np.ndarray, start: int, layer_id: int, seed: int, std: flo
         done += n
 
 
-def _store(values: Any, dest: np.ndarray, dtype: str) -> None:
-    """Round `values` (numpy or torch, any float dtype) to `dtype` into the storage array `dest`."""
+def _as_torch(values: Any) -> torch.Tensor:
+    """A torch view (or, for read-only numpy arrays such as np.memmap slices, a copy) of float rows."""
     if isinstance(values, torch.Tensor):
-        src = values
-    else:   # torch.from_numpy refuses read-only arrays (read-only np.memmap): copy those slices
-        src = torch.from_numpy(np.array(values, copy=not values.flags.writeable or None, order="C"))
+        return values
+    # torch.from_numpy refuses read-only arrays (read-only np.memmap): copy those slices
+    return torch.from_numpy(np.array(values, copy=not values.flags.writeable or None, order="C"))
+
+
+def _store(values: Any, dest: np.ndarray, dtype: str) -> None:
+    """Round `values` (numpy or torch, any float dtype) to the float `dtype` into the storage array `dest`."""
     target = torch.from_numpy(dest)
     if dtype == "bfloat16":
         target = target.view(torch.bfloat16)
-    target.copy_(src.to(device="cpu", dtype=torch_dtype(dtype)))
+    target.copy_(_as_torch(values).to(device="cpu", dtype=torch_dtype(dtype)))
 
 
-def _source_chunks(src: Any, lay: LayerLayout, spec: TableSpec) -> Iterator[np.ndarray]:
+def _encode_into(values: Any, chunk: Chunk, at: int, spec: TableSpec, source: str, first_row: int) -> None:
+    """Encode float rows into a quantized chunk's values and scales at row `at`.
+
+    Rows with NaN or inf are refused, naming the `source` (e.g. "weights[1]") and its row
+    (`first_row` is the row of values[0]).
+    """
+    x = _as_torch(values).to(device="cpu", dtype=torch.float32)
+    try:
+        q = encode(x, spec.dtype, spec.scale_block)
+    except InputError:
+        finite = finite_rows(x)
+        if bool(finite.all()):
+            raise
+        bad = first_row + int(torch.nonzero(~finite)[0, 0])
+        raise InputError(f"{source} row {bad} contains NaN or inf (after conversion to float32): "
+                         f"{spec.dtype} rows must be finite; fix or drop that row first") from None
+    n = len(q.values)
+    chunk[0][at: at + n] = q.values
+    chunk[1][at: at + n] = q.scales
+
+
+def _copies_through(src: Any, spec: TableSpec) -> bool:
+    """True when checkpoint rows are stored exactly as the table stores them (FP8 + E8M0, same block)."""
+    return (isinstance(src, LayerRows) and spec.dtype == "float8_e4m3" and src.stored_dtype == "float8_e4m3"
+            and src.block == spec.scale_block)
+
+
+def _source_chunks(src: Any, lay: LayerLayout, spec: TableSpec) -> Iterator[Chunk]:
     """Chunks copied from trained rows, one slice at a time (np.memmap pages released after use)."""
-    block = np.zeros((lay.chunk_rows, spec.head_dim), storage_dtype(spec.dtype))
+    chunk = _chunk_buffers(lay, spec)
     if isinstance(src, torch.Tensor):
         src = src.detach()
+    step = _piece_rows(spec) if spec.quantized else lay.chunk_rows
     for index in range(lay.n_chunks):
         start, stop = lay.chunk_span(index)
-        piece = src[start:stop]
-        _store(piece, block[: stop - start], spec.dtype)
-        if isinstance(src, np.memmap) and getattr(src, "mode", "c") in ("r", "r+") and piece.flags.c_contiguous:
-            release_pages(piece)   # a shared mapping: the rows stay in the file
-        block[stop - start:] = 0
-        yield block
+        if _copies_through(src, spec):                     # stored bytes, bit for bit
+            values, scales = src.read_stored(start, stop)
+            chunk[0][: stop - start] = values
+            chunk[1][: stop - start] = scales
+            yield _zero_tail(chunk, stop - start)
+            continue
+        for p in range(start, stop, step):
+            q = min(p + step, stop)
+            piece = src[p:q]
+            if spec.quantized:
+                _encode_into(piece, chunk, p - start, spec, f"weights[{lay.layer_id}]", p)
+            else:
+                _store(piece, chunk[0][p - start: q - start], spec.dtype)
+            if isinstance(src, np.memmap) and getattr(src, "mode", "c") in ("r", "r+") and piece.flags.c_contiguous:
+                release_pages(piece)   # a shared mapping: the rows stay in the file
+        yield _zero_tail(chunk, stop - start)
 
 
 def _write_chunk(path: Path, block: np.ndarray, bar: Any) -> str:
@@ -284,10 +411,10 @@ def _write_chunk(path: Path, block: np.ndarray, bar: Any) -> str:
     return checksum(data)
 
 
-def _progress_bar(layouts: dict[int, LayerLayout], progress: bool | None) -> Any:
+def _progress_bar(layouts: dict[int, LayerLayout], progress: bool | None, desc: str = "build_table") -> Any:
     from tqdm.auto import tqdm
 
-    total = sum(lay.n_chunks * lay.chunk_bytes for lay in layouts.values())
-    return tqdm(total=total, unit="B", unit_scale=True, desc="build_table", delay=1.0, mininterval=0.5,
+    total = sum(lay.disk_bytes for lay in layouts.values())
+    return tqdm(total=total, unit="B", unit_scale=True, desc=desc, delay=1.0, mininterval=0.5,
                 disable=None if progress is None else not progress)
 

@@ -2,6 +2,11 @@
 
     table.load_hot_rows("hot.npz", fraction=0.1)   # or rows=..., or max_bytes=...
 
+The cache holds rows as the tier stores them: float rows in their dtype, quantized rows as their
+encoded values (int8 / E4M3 bytes: four times the rows of float32 per byte of cache), decoded
+with the resident scales after the gather like every other read (see `engram.gather`).
+`max_bytes` counts those stored bytes.
+
 The rows come from a hot-row plan (`engram stats --hot-rows`, `CorpusStats.hot_row_plan()`). A
 lookup probes a whole batch of row ids at once and gets, per id, the cache slot holding it or
 -1. Two probe structures, chosen per layer by its row count (measured on 524,288 ids, 2.1M-row
@@ -86,7 +91,8 @@ class HotRowCache:
     @classmethod
     def load(cls, chosen: dict[int, np.ndarray], spec: TableSpec, dtype: torch.dtype,
              read: Callable[[int, np.ndarray, torch.Tensor], Any]) -> HotRowCache:
-        """Read the chosen rows of each layer with `read(layer_id, sorted_rows, out)`."""
+        """Read the chosen rows of each layer with `read(layer_id, sorted_rows, out)`; `dtype` is the
+        torch dtype the tier stores rows in (`engram.dtypes.storage_torch_dtype`)."""
         layers = {}
         for layer_id, rows in chosen.items():
             if rows.size == 0:
@@ -116,7 +122,12 @@ def select_hot_rows(plan: HotRowPlan | str | os.PathLike[str], spec: TableSpec, 
              if value is not None]
     if len(given) != 1:
         raise InputError(f"pass exactly one of fraction=, rows= or max_bytes=, got {given or 'none'}")
-    plan.check_matches(spec, comp)
+    # Rows are addressed the same whatever their dtype: a plan counted for the float table serves
+    # its quantized conversion too.
+    same_rows = spec
+    if plan.spec.head_dim == spec.head_dim:
+        same_rows = spec.replace(dtype=plan.spec.dtype, scale_block=plan.spec.scale_block)
+    plan.check_matches(same_rows, comp)
     for name, value in (("rows", rows), ("max_bytes", max_bytes)):
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
             raise InputError(f"{name}={value!r} is invalid: expected an int >= 0")

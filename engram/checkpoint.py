@@ -170,6 +170,8 @@ class LayerRows:
 
     FP8 rows are dequantized with their E8M0 scales; float rows are widened to float32 exactly.
     Only slices with step 1 are supported. Make one with `Checkpoint.rows(layer_id)`.
+    `read_stored(start, stop)` gives the stored values and scales unchanged (what `build_table`
+    copies into a "float8_e4m3" table of the same `stored_dtype` and `block`).
     """
 
     dtype = np.dtype(np.float32)
@@ -181,6 +183,20 @@ class LayerRows:
 
     def __len__(self) -> int:
         return self.shape[0]
+
+    @property
+    def stored_dtype(self) -> str:
+        """The checkpoint's row dtype: "float32", "bfloat16", "float16" or "float8_e4m3"."""
+        return self._checkpoint.dtype(self._layer_id)
+
+    @property
+    def block(self) -> int | None:
+        """Values per E8M0 scale for "float8_e4m3" rows, else None."""
+        return self._checkpoint.block(self._layer_id)
+
+    def read_stored(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """Rows [start, stop) as stored: (values, scales), as `Checkpoint.read`."""
+        return self._checkpoint.read(self._layer_id, start, stop)
 
     def __getitem__(self, index: slice) -> np.ndarray:
         if not isinstance(index, slice) or index.step not in (None, 1):

@@ -17,6 +17,15 @@ zero rows to full size, as zarr writes edge chunks. Chunk files are whole multip
 contiguous address range. Every chunk file exists (a missing one is corruption, never "fill
 value"), and its xxh3-64 digest is recorded in the metadata.
 
+Quantized rows ("int8", "float8_e4m3") store their scales in a second array per layer beside the
+values, with the same row chunking and the same plain-bytes rules::
+
+      layer_1_scales/zarr.json     float32 [rows, 1] ("int8") or uint8 [rows, D // scale_block]
+      layer_1_scales/c/0/0 ...     (E8M0 exponents, "float8_e4m3"), chunks [chunk_rows, *]
+
+so any zarr reader can open both and decode them (`engram.quant.decode`). `chunk_rows` is then a
+multiple of what makes both the value and the scale chunk files whole multiples of `CHUNK_ALIGN`.
+
 The group attribute "engram" holds::
 
     {"format_version": 1, "spec": spec.to_dict(),
@@ -24,8 +33,14 @@ The group attribute "engram" holds::
      "layers": [{"layer_id": 1, "array": "layer_1", "chunk_rows": 262144,
                  "checksums": ["<xxh3-64 hex of chunk 0>", ...]}, ...]}
 
-bfloat16 rows are stored as their uint16 bits (zarr has no bfloat16); the logical dtype lives in
-the spec. Reading the metadata needs only `json`: zarr is imported when a table is written.
+Format version 2 adds, per layer of a quantized table, `"scales": {"array": "layer_1_scales",
+"checksums": [...]}`. A table is written with the lowest version that describes it (float tables
+stay version 1, readable by older engram); this engram reads versions `FORMAT_VERSIONS` and
+refuses others.
+
+bfloat16 rows are stored as their uint16 bits and float8_e4m3 rows as uint8 bytes (zarr has
+neither dtype); the logical dtype lives in the spec. Reading the metadata needs only `json`: zarr
+is imported when a table is written.
 """
 
 from __future__ import annotations
@@ -40,13 +55,17 @@ import numpy as np
 import xxhash
 
 from .compression import Compression
+from .dtypes import ROW_DTYPES
 from .errors import CorruptTableError, SpecError, TableNotFoundError
 from .spec import TableSpec
 
 __all__ = [
     "FORMAT_VERSION",
+    "FORMAT_VERSIONS",
     "CHUNK_ALIGN",
     "STORAGE_DTYPES",
+    "STORABLE_DTYPES",
+    "format_version_for",
     "LayerLayout",
     "TableDir",
     "TableMeta",
@@ -59,14 +78,18 @@ __all__ = [
     "write_metadata",
 ]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2            # the newest format this engram writes
+FORMAT_VERSIONS = (1, 2)      # the formats it reads: 1 float rows; 2 adds scale arrays
 # Chunk files are whole multiples of this many bytes: they then start at page boundaries inside
 # one stitched mapping on systems with 4, 16 or 64 KiB pages, and suit O_DIRECT reads.
 CHUNK_ALIGN = 1 << 16
 COMPRESSION_ARRAY = "compression"
-# Logical row dtype -> zarr data_type of the stored values.
-STORAGE_DTYPES = {"float32": "float32", "float16": "float16", "bfloat16": "uint16"}
+# Logical row dtype -> zarr data_type of the stored values (see engram.dtypes).
+STORAGE_DTYPES = {name: d.zarr for name, d in ROW_DTYPES.items()}
+STORABLE_DTYPES = tuple(STORAGE_DTYPES)   # every TableSpec dtype (e.g. for `engram build --dtype` choices)
 _BYTES_CODEC = [{"name": "bytes", "configuration": {"endian": "little"}}]
+_BYTES_CODEC_NO_ENDIAN = [{"name": "bytes"}]
+_SINGLE_BYTE = ("int8", "uint8")
 _CHUNK_KEY_ENCODING = {"name": "default", "configuration": {"separator": "/"}}
 
 
@@ -76,26 +99,32 @@ def checksum(data: Any) -> str:
 
 
 def check_dtype_supported(spec: TableSpec) -> None:
-    """Raise SpecError for row dtypes that tables cannot store yet (int8, float8_e4m3)."""
+    """Raise SpecError for a row dtype tables cannot store (every TableSpec dtype can)."""
     if spec.dtype not in STORAGE_DTYPES:
-        raise SpecError(
-            f"TableSpec.dtype={spec.dtype!r} is not supported by tables yet: quantized rows "
-            f"(int8, float8_e4m3) need per-row scales, which this version does not store; build "
-            f"the table with dtype one of {tuple(STORAGE_DTYPES)} (spec.replace(dtype='bfloat16'))"
-        )
+        raise SpecError(f"TableSpec.dtype={spec.dtype!r} cannot be stored: expected one of {STORABLE_DTYPES}")
+
+
+def format_version_for(spec: TableSpec) -> int:
+    """The lowest format version that describes a table of `spec`: 2 for quantized rows, else 1."""
+    return 2 if spec.quantized else 1
 
 
 @dataclasses.dataclass(frozen=True)
 class LayerLayout:
     """Where one layer's rows live: a zarr array of `rows` x D split into row-block chunk files.
 
+    The scales of a quantized layer are described by a LayerLayout of their own (`scales`, with
+    `role="scales"`): same rows and chunk_rows, their own array, row bytes and checksums.
+
     Attributes:
         layer_id: the model layer.
         array: the zarr array's name inside the table's group.
         rows: rows in the layer's table (`spec.rows(layer_id)`).
-        row_bytes: bytes of one stored row.
+        row_bytes: bytes of one stored row (of values; of scales for a scale layout).
         chunk_rows: rows per chunk file (the last file is zero-padded to full size).
         checksums: xxh3-64 hex digest per chunk file, in chunk order.
+        scales: the layout of the layer's scale array (quantized dtypes), else None.
+        role: "rows" for the values, "scales" for a scale array.
     """
 
     layer_id: int
@@ -104,6 +133,22 @@ class LayerLayout:
     row_bytes: int
     chunk_rows: int
     checksums: tuple[str, ...] = ()
+    scales: LayerLayout | None = None
+    role: str = "rows"
+
+    @property
+    def disk_bytes(self) -> int:
+        """Bytes of every chunk file of the layer, scale files included."""
+        return self.n_chunks * self.chunk_bytes + (0 if self.scales is None else self.scales.disk_bytes)
+
+    def with_checksums(self, checksums: tuple[str, ...], scale_checksums: tuple[str, ...] = ()) -> LayerLayout:
+        """A copy with the given chunk checksums (and the scale array's)."""
+        scales = None if self.scales is None else dataclasses.replace(self.scales, checksums=tuple(scale_checksums))
+        return dataclasses.replace(self, checksums=tuple(checksums), scales=scales)
+
+    def arrays(self) -> tuple[LayerLayout, ...]:
+        """The layouts of every array of the layer: values, then scales if any."""
+        return (self,) if self.scales is None else (self, self.scales)
 
     @property
     def n_chunks(self) -> int:
@@ -147,12 +192,16 @@ class TableMeta:
             "format_version": self.format_version,
             "spec": self.spec.to_dict(),
             "compression": {"array": COMPRESSION_ARRAY, "xxh3": self.compression.fingerprint},
-            "layers": [
-                {"layer_id": lay.layer_id, "array": lay.array, "chunk_rows": lay.chunk_rows,
-                 "checksums": list(lay.checksums)}
-                for lay in self.layers.values()
-            ],
+            "layers": [_layer_attributes(lay) for lay in self.layers.values()],
         }
+
+
+def _layer_attributes(lay: LayerLayout) -> dict[str, Any]:
+    entry: dict[str, Any] = {"layer_id": lay.layer_id, "array": lay.array, "chunk_rows": lay.chunk_rows,
+                             "checksums": list(lay.checksums)}
+    if lay.scales is not None:
+        entry["scales"] = {"array": lay.scales.array, "checksums": list(lay.scales.checksums)}
+    return entry
 
 
 # ------------------------------------------------------------------------------------------
@@ -171,9 +220,16 @@ def write_metadata(root: str | os.PathLike[str], meta: TableMeta) -> None:
     group = zarr.open_group(os.fspath(root), mode="w-", zarr_format=3)   # never clears the directory
     plain = {"compressors": None, "filters": None, "serializer": BytesCodec(endian="little"),
              "fill_value": 0}
+    row = ROW_DTYPES[spec.dtype]
     for lay in meta.layers.values():
         group.create_array(lay.array, shape=(lay.rows, spec.head_dim), chunks=(lay.chunk_rows, spec.head_dim),
-                           dtype=STORAGE_DTYPES[spec.dtype], attributes={"dtype": spec.dtype}, **plain)
+                           dtype=row.zarr, attributes={"dtype": spec.dtype}, **plain)
+        if lay.scales is not None:
+            S = spec.scales_per_row
+            group.create_array(lay.scales.array, shape=(lay.rows, S), chunks=(lay.chunk_rows, S), dtype=row.scale_zarr,
+                               attributes={"scales_of": lay.array, "dtype": spec.dtype,
+                                           "scale_block": spec.scale_block if row.per_block else spec.head_dim},
+                               **plain)
     lookup = meta.compression.lookup
     group.create_array(COMPRESSION_ARRAY, shape=lookup.shape, chunks=lookup.shape, dtype="int64", **plain)
     comp_file = Path(root, COMPRESSION_ARRAY, "c", "0")
@@ -296,13 +352,17 @@ def read_metadata(table: TableDir | str | os.PathLike[str]) -> TableMeta:
     where = f"table at {os.fspath(table.path)!r}"
     attrs = _engram_attributes(table)
     version = attrs.get("format_version")
-    if version != FORMAT_VERSION:
+    if isinstance(version, bool) or version not in FORMAT_VERSIONS:
         raise CorruptTableError(
-            f"{where} has format_version={version!r}, but this engram reads only format_version="
-            f"{FORMAT_VERSION}: upgrade engram to open newer tables, or rebuild the table")
+            f"{where} has format_version={version!r}, but this engram reads only format_version in "
+            f"{FORMAT_VERSIONS}: upgrade engram to open newer tables, or rebuild the table")
     try:
         spec = TableSpec.from_dict(attrs["spec"])
         check_dtype_supported(spec)
+        if version < format_version_for(spec):
+            raise CorruptTableError(
+                f"{where} has format_version={version!r}, which cannot hold {spec.dtype} rows (their scales need "
+                f"format_version {format_version_for(spec)}): the metadata is damaged; rebuild the table")
         comp = _read_compression(table, attrs["compression"])
         layers = {lay.layer_id: lay for lay in (_read_layer(table, spec, d) for d in attrs["layers"])}
     except (KeyError, TypeError, SpecError) as exc:
@@ -340,37 +400,63 @@ def _read_layer(tdir: TableDir, spec: TableSpec, entry: dict[str, Any]) -> Layer
     if layer_id not in spec.layer_ids:
         raise CorruptTableError(f"{where}: the spec has no such layer (layer_ids={spec.layer_ids}); "
                                 "rebuild the table")
-    if not isinstance(chunk_rows, int) or chunk_rows < 1 or (chunk_rows * spec.row_bytes) % CHUNK_ALIGN:
+    row = ROW_DTYPES[spec.dtype]
+    scale_entry = entry.get("scales")
+    if row.quantized != (scale_entry is not None):
+        have = "records a scale array" if scale_entry is not None else "records no scale array"
+        raise CorruptTableError(f"{where}: {spec.dtype} rows, but the metadata {have}: the metadata is damaged; "
+                                "rebuild the table")
+    row_bytes = [spec.row_bytes] + ([spec.scale_row_bytes] if row.quantized else [])
+    if not isinstance(chunk_rows, int) or chunk_rows < 1 or any((chunk_rows * b) % CHUNK_ALIGN for b in row_bytes):
         raise CorruptTableError(
             f"{where}: chunk_rows={chunk_rows!r} does not give chunk files a multiple of {CHUNK_ALIGN} "
             "bytes: rebuild the table with engram.build_table")
-    array = _load_json(tdir, f"{name}/zarr.json", f"layer {layer_id} array")
+    layout = _read_array(tdir, spec, where, LayerLayout(
+        layer_id, name, spec.rows(layer_id), spec.row_bytes, chunk_rows, tuple(str(c) for c in entry["checksums"])),
+        row.zarr, spec.head_dim)
+    if scale_entry is not None:
+        scales = _read_array(tdir, spec, where, LayerLayout(
+            layer_id, scale_entry["array"], spec.rows(layer_id), spec.scale_row_bytes, chunk_rows,
+            tuple(str(c) for c in scale_entry["checksums"]), role="scales"), row.scale_zarr, spec.scales_per_row)
+        layout = dataclasses.replace(layout, scales=scales)
+    return layout
+
+
+def _read_array(tdir: TableDir, spec: TableSpec, where: str, layout: LayerLayout, data_type: str | None,
+                width: int) -> LayerLayout:
+    """Check one array's zarr.json and checksum count against what engram maps; returns `layout`."""
+    name = layout.array
+    label = "array" if layout.role == "rows" else "scale array"
+    array = _load_json(tdir, f"{name}/zarr.json", f"layer {layout.layer_id} {label}")
     expected = {
         "zarr_format": 3, "node_type": "array",
-        "shape": [spec.rows(layer_id), spec.head_dim],
-        "data_type": STORAGE_DTYPES[spec.dtype],
-        "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [chunk_rows, spec.head_dim]}},
+        "shape": [layout.rows, width],
+        "data_type": data_type,
+        "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [layout.chunk_rows, width]}},
         "chunk_key_encoding": _CHUNK_KEY_ENCODING,
         "codecs": _BYTES_CODEC,
     }
     for key, want in expected.items():
-        if array.get(key) != want:
+        got = array.get(key)
+        if key == "codecs" and got == _BYTES_CODEC_NO_ENDIAN and data_type in _SINGLE_BYTE:
+            continue                       # zarr writes no endian for single-byte values
+        if got != want:
             raise CorruptTableError(
-                f"{where}: array {name!r} has {key}={array.get(key)!r}, expected {want!r} (engram maps "
+                f"{where}: array {name!r} has {key}={got!r}, expected {want!r} (engram maps "
                 "plain little-endian row-block chunks): rebuild the table with engram.build_table")
     if array.get("storage_transformers") not in (None, []):
         raise CorruptTableError(f"{where}: array {name!r} uses storage transformers; rebuild the table")
-    layout = LayerLayout(layer_id, name, spec.rows(layer_id), spec.row_bytes, chunk_rows,
-                         tuple(str(c) for c in entry["checksums"]))
     if len(layout.checksums) != layout.n_chunks:
+        what = "chunk checksums" if layout.role == "rows" else f"chunk checksums of array {name!r}"
         raise CorruptTableError(
-            f"{where}: {len(layout.checksums)} chunk checksums recorded for {layout.n_chunks} chunks: "
+            f"{where}: {len(layout.checksums)} {what} recorded for {layout.n_chunks} chunks: "
             "the metadata is damaged; rebuild the table")
     return layout
 
 
 def chunk_error(layout: LayerLayout, index: int, path: str | os.PathLike[str], problem: str) -> CorruptTableError:
-    """The CorruptTableError for one damaged chunk file, naming layer, chunk and file."""
+    """The CorruptTableError for one damaged chunk file, naming layer, array (for scales), chunk and file."""
+    what = "" if layout.role == "rows" else f" scales (array {layout.array!r})"
     return CorruptTableError(
-        f"layer {layout.layer_id} chunk {index} ({os.fspath(path)!r}) {problem}: the table is damaged; "
+        f"layer {layout.layer_id}{what} chunk {index} ({os.fspath(path)!r}) {problem}: the table is damaged; "
         "rebuild it or restore the file (engram verify checks every chunk)")

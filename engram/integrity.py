@@ -1,4 +1,4 @@
-"""Integrity checks of a table's chunk files against the checksums recorded at build."""
+"""Integrity checks of a table's chunk files (values and scale arrays) against the checksums recorded at build."""
 
 from __future__ import annotations
 
@@ -18,15 +18,16 @@ def verify_chunks(tdir: TableDir, meta: TableMeta, progress: bool | None = None)
     from tqdm.auto import tqdm
 
     bad: list[CorruptTableError] = []
-    total = sum(lay.n_chunks * lay.chunk_bytes for lay in meta.layers.values())
+    total = sum(lay.disk_bytes for lay in meta.layers.values())
     with tqdm(total=total, unit="B", unit_scale=True, desc="verify", delay=1.0, mininterval=0.5,
               disable=None if progress is None else not progress) as bar:
-        for lay in meta.layers.values():
-            for index in range(lay.n_chunks):
-                problem = check_chunk(tdir, lay, index)
-                if problem is not None:
-                    bad.append(problem)
-                bar.update(lay.chunk_bytes)
+        for layer in meta.layers.values():
+            for lay in layer.arrays():            # the values, then the scales of quantized rows
+                for index in range(lay.n_chunks):
+                    problem = check_chunk(tdir, lay, index)
+                    if problem is not None:
+                        bad.append(problem)
+                    bar.update(lay.chunk_bytes)
     if bad:
         more = f" ({len(bad) - 1} more bad chunks)" if len(bad) > 1 else ""
         raise CorruptTableError(f"{bad[0]}{more}") from bad[0]

@@ -8,6 +8,11 @@ offset while transposing the hasher's head-major [H, B, T] rows to [B, T, H], an
 rows in one call (`Table._gather`, the single place every row read goes through: batch dedup,
 the hot-row cache, then the tier; see `engram.gather`).
 
+Quantized tables ("int8", "float8_e4m3") dequantize on every read: lookups return float32 by
+default (`Table.dtype`), or bfloat16 with `dtype=torch.bfloat16` (decoded straight into it, one
+rounding); other float dtypes are converted from float32. `Table.stored_rows` returns the stored
+values and scales unchanged.
+
     handle = table.prefetch(token_ids)        # the same lookup on the table's prefetch thread
     table.load_hot_rows("hot.npz", fraction=0.1)   # most-used rows kept in RAM, probed first
     table.stats()                             # LookupStats: rows requested/unique/cached/read, ...
@@ -30,17 +35,19 @@ import torch
 from .buffers import OutputPool, Scratch
 from .cache import HotRowCache, select_hot_rows
 from .compression import Compression
+from .dtypes import storage_torch_dtype, torch_dtype
 from .errors import InputError, SpecMismatchError
 from .format import LayerLayout, TableDir, TableMeta, read_metadata
-from .gather import DEDUP_TIERS, RowGatherer
+from .gather import DEDUP_TIERS, DecodingGatherer, RowGatherer
 from .hashing import NgramHasher
 from .hotrows import HotRowPlan
 from .integrity import verify_chunks
 from .prefetch import CudaTransfer, Prefetch, Prefetcher
+from .quant import QuantizedRows
 from .spec import TableSpec
 from .stats import LookupStats, StatsCounter
 from .tensors import check_ids_2d, is_torch, to_numpy_ids
-from .tiers import TIERS, open_tier, torch_dtype
+from .tiers import TIERS, open_tier
 
 __all__ = ["Table", "open", "lookup"]
 
@@ -57,7 +64,8 @@ class Table:
         self._prefault, self._io_threads, self._dedup_arg = prefault, io_threads, dedup
         self._hasher = NgramHasher(meta.spec, meta.compression)
         self._offsets = {lid: np.asarray(meta.spec.head_offsets(lid), np.int64) for lid in meta.spec.layer_ids}
-        self._dtype = torch_dtype(meta.spec.dtype)
+        self._dtype = torch_dtype(meta.spec.dtype)                  # what lookups return by default
+        self._stored_dtype = storage_torch_dtype(meta.spec.dtype)    # what the tier gathers
         self._outputs = OutputPool()
         self._scratch = Scratch()
         self._state = threading.Condition()
@@ -67,6 +75,7 @@ class Table:
         self._finalizer = weakref.finalize(self, _release, self._tier, tdir)
         self._stats = StatsCounter()
         self._engine = RowGatherer(self._tier, tier in DEDUP_TIERS if dedup is None else dedup, self._stats)
+        self._decoder = DecodingGatherer(self._engine, meta.spec) if meta.spec.quantized else None
         self._prefetcher = Prefetcher()
 
     # -- what the table is ------------------------------------------------------------------
@@ -92,7 +101,8 @@ class Table:
 
     @property
     def dtype(self) -> torch.dtype:
-        """The rows' torch dtype (bfloat16 tables: torch.bfloat16)."""
+        """The torch dtype lookups return by default: the rows' dtype for float tables (bfloat16
+        tables: torch.bfloat16), torch.float32 for quantized ones (int8, float8_e4m3)."""
         return self._dtype
 
     @property
@@ -111,21 +121,30 @@ class Table:
 
     @property
     def nbytes(self) -> int:
-        """Bytes of rows over all layers (chunk padding excluded)."""
+        """Bytes of rows over all layers, scales included (chunk padding excluded)."""
         return self.spec.total_bytes
 
     def layout(self, layer_id: int) -> LayerLayout:
         """How one layer is stored: zarr array name, rows, chunk rows, chunk count, checksums."""
         return self._meta.layers[self.spec.check_layer(layer_id)]
 
-    def chunk_files(self, layer_id: int) -> list[Path]:
-        """The chunk files of one layer, in row order."""
-        lay = self.layout(layer_id)
+    def chunk_files(self, layer_id: int, scales: bool = False) -> list[Path]:
+        """The chunk files of one layer (`scales`: of its scale array), in row order."""
+        lay = self._array_layout(layer_id, scales)
         return [lay.chunk_path(self._path, i) for i in range(lay.n_chunks)]
 
-    def checksums(self, layer_id: int) -> tuple[str, ...]:
-        """The recorded xxh3-64 hex digest of each chunk file of one layer."""
-        return self.layout(layer_id).checksums
+    def checksums(self, layer_id: int, scales: bool = False) -> tuple[str, ...]:
+        """The recorded xxh3-64 hex digest of each chunk file of one layer (`scales`: of its scale array)."""
+        return self._array_layout(layer_id, scales).checksums
+
+    def _array_layout(self, layer_id: int, scales: bool) -> LayerLayout:
+        lay = self.layout(layer_id)
+        if not scales:
+            return lay
+        if lay.scales is None:
+            raise InputError(f"scales=True, but this {self.spec.dtype} table stores no scales: only int8 and "
+                             "float8_e4m3 tables do")
+        return lay.scales
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"tier={self._tier_name!r}"
@@ -165,6 +184,8 @@ class Table:
         self._outputs.clear()
         self._engine.cache = None
         self._engine.clear()
+        if self._decoder is not None:
+            self._decoder.clear()
 
     def __enter__(self) -> Table:
         return self
@@ -186,7 +207,9 @@ class Table:
             token_ids: raw token ids [B, T] (numpy or torch, any integer dtype and device).
             layer_id: one of `spec.layer_ids`, or None for every layer.
             out: optional contiguous CPU tensor [B, T, E] of the result dtype to write into.
-            dtype: result dtype (default: the table's dtype).
+            dtype: result dtype (default: `table.dtype`). Float tables convert their rows to it;
+                quantized tables dequantize to it (exactly, one rounding, for float32 and
+                bfloat16; other float dtypes are converted from the float32 rows).
 
         Returns:
             A CPU tensor [B, T, E] (E = spec.embed_dim) whatever the ids' device, or
@@ -226,40 +249,95 @@ class Table:
         heads_buf, rows = self._scratch.get(H, B, T)
         heads = self._hasher.hash_compressed(x, layer_id, out=heads_buf)          # [B, T, H] view of [H, B, T]
         np.add(heads, self._offsets[layer_id], out=rows)                         # [B, T, H] global rows
-        if out is not None and want == self._dtype:
+        gathered = self._gathered_dtype(want)
+        if out is not None and want == gathered:
             result = out
         else:
-            result = self._outputs.take((B, T, H * D), self._dtype)
+            result = self._outputs.take((B, T, H * D), gathered)
         self._gather(layer_id, rows.reshape(-1), result.view(B * T * H, D))      # [B*T*H, D]
-        if want == self._dtype:
+        if want == gathered:
             return result
         return result.to(want) if out is None else out.copy_(result)
 
-    def _gather(self, layer_id: int, rows: np.ndarray, out: torch.Tensor) -> None:
-        """out[i] = row rows[i] of the layer's table. Every row read of the table passes here."""
-        self._engine.gather(layer_id, rows, out)
+    def _gathered_dtype(self, want: torch.dtype) -> torch.dtype:
+        """The dtype rows are gathered in: the stored one for float tables, the decoded one (float32
+        or bfloat16) for quantized tables."""
+        if self._decoder is None:
+            return self._dtype
+        return want if want in (torch.float32, torch.bfloat16) else torch.float32
 
-    def rows(self, layer_id: int, row_indices: Any) -> torch.Tensor:
-        """Raw rows by global row index: [n] ints -> a new tensor [n, D] in the table's dtype.
+    def _gather(self, layer_id: int, rows: np.ndarray, out: torch.Tensor) -> None:
+        """out[i] = row rows[i] of the layer's table (decoded, for quantized tables). Every row read
+        of the table passes here."""
+        if self._decoder is None:
+            self._engine.gather(layer_id, rows, out)
+        else:
+            self._decoder.gather(layer_id, rows, out)
+
+    def rows(self, layer_id: int, row_indices: Any, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Rows by global row index: [n] ints -> a new tensor [n, D].
+
+        Args:
+            layer_id: one of `spec.layer_ids`.
+            row_indices: [n] global rows of the layer (0 <= row < spec.rows(layer_id)).
+            dtype: result dtype (default: `table.dtype`); quantized tables dequantize to it, as in
+                `lookup`. `stored_rows` gives the stored values and scales unchanged.
 
         Example:
             >>> table.rows(1, [0, table.spec.rows(1) - 1])     # first and last row of layer 1
         """
         with self._in_use():
-            layer_id = self.spec.check_layer(layer_id)
-            if isinstance(row_indices, (list, tuple)) and not row_indices:
-                row_indices = np.empty(0, np.int64)              # np.asarray([]) is float64
-            idx = to_numpy_ids(row_indices, name="row_indices")
-            n_rows = self.spec.rows(layer_id)
-            if idx.ndim != 1:
-                raise InputError(f"row_indices must be 1-D, got shape {idx.shape}: flatten them first")
-            if idx.size and (idx.min() < 0 or idx.max() >= n_rows):
-                bad = int(idx.min()) if idx.min() < 0 else int(idx.max())
-                raise InputError(f"row_indices holds {bad}, outside [0, {n_rows}) for layer {layer_id}: "
-                                 f"use global rows 0 <= row < spec.rows({layer_id})")
-            out = torch.empty((idx.size, self.spec.head_dim), dtype=self._dtype)
-            self._gather(layer_id, np.ascontiguousarray(idx), out)
-            return out
+            layer_id, idx = self._row_indices(layer_id, row_indices)
+            _check_dtype(dtype)
+            want = self._dtype if dtype is None else dtype
+            gathered = self._gathered_dtype(want)
+            out = torch.empty((idx.size, self.spec.head_dim), dtype=gathered)
+            self._gather(layer_id, idx, out)
+            return out if want == gathered else out.to(want)
+
+    def stored_rows(self, layer_id: int, row_indices: Any) -> QuantizedRows:
+        """The stored bytes of rows by global row index, undecoded: values and scales.
+
+        Args:
+            layer_id: one of `spec.layer_ids`.
+            row_indices: [n] global rows of the layer.
+
+        Returns:
+            `engram.quant.QuantizedRows` with numpy `values` [n, D] (`quant.STORAGE_DTYPES[dtype]`:
+            int8, uint8 E4M3 bits, uint16 bfloat16 bits, float16/float32) and `scales` [n, S]
+            (float32 for int8, uint8 E8M0 exponents for float8_e4m3; None for float tables), with
+            `block=spec.scale_block`: `quant.decode(q.values, q.scales, q.dtype, block=q.block)`
+            equals `table.rows(layer_id, row_indices)`.
+
+        Example:
+            >>> q = table.stored_rows(1, [0, 1, 2])             # a float8_e4m3 table: uint8 [3, 256], [3, 8]
+        """
+        with self._in_use():
+            layer_id, idx = self._row_indices(layer_id, row_indices)
+            spec = self.spec
+            if self._decoder is not None:
+                values, scales = self._decoder.gather_stored(layer_id, idx)
+                return QuantizedRows(values.numpy().copy(), scales.numpy().copy(), spec.dtype, spec.scale_block)
+            out = torch.empty((idx.size, spec.head_dim), dtype=self._stored_dtype)
+            self._gather(layer_id, idx, out)
+            if out.dtype == torch.bfloat16:
+                out = out.view(torch.uint16)
+            return QuantizedRows(out.numpy(), None, spec.dtype, spec.scale_block)
+
+    def _row_indices(self, layer_id: int, row_indices: Any) -> tuple[int, np.ndarray]:
+        """The checked layer and row indices (contiguous int64 [n], in range)."""
+        layer_id = self.spec.check_layer(layer_id)
+        if isinstance(row_indices, (list, tuple)) and not row_indices:
+            row_indices = np.empty(0, np.int64)              # np.asarray([]) is float64
+        idx = to_numpy_ids(row_indices, name="row_indices")
+        n_rows = self.spec.rows(layer_id)
+        if idx.ndim != 1:
+            raise InputError(f"row_indices must be 1-D, got shape {idx.shape}: flatten them first")
+        if idx.size and (idx.min() < 0 or idx.max() >= n_rows):
+            bad = int(idx.min()) if idx.min() < 0 else int(idx.max())
+            raise InputError(f"row_indices holds {bad}, outside [0, {n_rows}) for layer {layer_id}: "
+                             f"use global rows 0 <= row < spec.rows({layer_id})")
+        return layer_id, np.ascontiguousarray(idx, dtype=np.int64)
 
     # -- prefetch ---------------------------------------------------------------------------
     def prefetch(self, token_ids: Any, layer_ids: int | Sequence[int] | None = None,
@@ -276,7 +354,8 @@ class Table:
             device: where the rows should land (default: CPU). With a CUDA device they are
                 gathered into pinned host buffers and copied on a side stream without blocking;
                 `result()` makes the caller's current stream wait for the copy.
-            dtype: result dtype, as for `lookup` (default: the table's dtype).
+            dtype: result dtype, as for `lookup` (default: `table.dtype`; quantized tables
+                dequantize to it).
 
         Returns:
             A Prefetch handle: `result()` == `table.lookup(token_ids, None)` restricted to
@@ -342,7 +421,7 @@ class Table:
         """
         with self._in_use():
             chosen = select_hot_rows(plan, self.spec, self.compression, fraction, rows, max_bytes)
-            cache = HotRowCache.load(chosen, self.spec, self._dtype, self._read_sorted)
+            cache = HotRowCache.load(chosen, self.spec, self._stored_dtype, self._read_sorted)
             self._engine.cache = cache          # lookups in flight finish with the cache they began with
             return {layer_id: int(r.size) for layer_id, r in chosen.items()}
 
@@ -364,14 +443,14 @@ class Table:
 
     # -- integrity --------------------------------------------------------------------------
     def verify(self, progress: bool | None = None) -> None:
-        """Check every chunk file on disk against its recorded xxh3-64 checksum.
+        """Check every chunk file on disk (scale arrays' too) against its recorded xxh3-64 checksum.
 
         Args:
             progress: show a progress bar (None: only on a terminal, after a second).
 
         Raises:
-            CorruptTableError: naming the first bad chunk (layer, chunk, file) and how many
-                chunks are bad in all.
+            CorruptTableError: naming the first bad chunk (layer, array for scales, chunk, file)
+                and how many chunks are bad in all.
         """
         with self._in_use():
             verify_chunks(self._tdir, self._meta, progress)

@@ -7,10 +7,19 @@
 - "direct": no mapping; rows are read with `pread` from a thread pool, bypassing the page cache
   (see `engram.direct`).
 
-Every tier answers `gather(layer_id, rows, out, sorted_unique=False)`: out[i] = row rows[i] of
-the layer (`sorted_unique`: the caller promises sorted, distinct rows). Disk tiers return
-(bytes read, read calls), memory tiers None; the table's gather engine (`engram.gather`) adds
-batch dedup and the hot-row cache on top.
+Every tier answers `gather(layer_id, rows, out, sorted_unique=False)`: out[i] = stored row
+rows[i] of the layer (`sorted_unique`: the caller promises sorted, distinct rows), in the stored
+dtype (`engram.dtypes.storage_torch_dtype`: int8 / uint8 bytes for quantized rows). Disk tiers
+return (bytes read, read calls), memory tiers None; the table's gather engine (`engram.gather`)
+adds batch dedup and the hot-row cache on top, and the table decodes quantized rows after it.
+
+Scales of quantized rows are resident in every tier (`tier.scales[layer_id]`, a read-only
+[rows, S] tensor): "ram" loads them with the values, "mmap" maps them the same way, and "direct"
+reads them into memory at open, sequentially, checking their checksums. They are 1/33 of a
+DeepSeek-V4.1 table (8 B of 264 per row): keeping them resident costs that much RAM but lets the
+cold tier read each row once (its values) instead of twice (values and scales from two files,
+two random reads per row at the disk's IOPS limit), and the scale gather is one in-memory
+`index_select` of a few bytes per row.
 """
 
 from __future__ import annotations
@@ -22,28 +31,18 @@ import numpy as np
 import torch
 
 from .direct import DirectReader
+from .dtypes import row_dtype, storage_dtype, torch_dtype
 from .format import LayerLayout, TableDir, TableMeta, checksum, chunk_error
 from .mapping import PROT_READ, Region, anonymous, stitch_files
 
 __all__ = ["TIERS", "Tier", "open_tier", "torch_dtype", "storage_dtype"]
 
 TIERS = ("ram", "mmap", "direct")
-_TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-_STORAGE_DTYPES = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2"), "bfloat16": np.dtype("<u2")}
-
-
-def torch_dtype(dtype: str) -> torch.dtype:
-    """The torch dtype of a logical row dtype ("bfloat16" -> torch.bfloat16)."""
-    return _TORCH_DTYPES[dtype]
-
-
-def storage_dtype(dtype: str) -> np.dtype:
-    """The numpy dtype of the stored values (bfloat16 rows are uint16 bits)."""
-    return _STORAGE_DTYPES[dtype]
 
 
 class Tier(Protocol):
     name: str
+    scales: dict[int, torch.Tensor]
 
     def gather(self, layer_id: int, rows: np.ndarray, out: torch.Tensor,
                sorted_unique: bool = False) -> tuple[int, int] | None: ...
@@ -51,12 +50,35 @@ class Tier(Protocol):
     def close(self) -> None: ...
 
 
-def _rows_tensor(region: Region, lay: LayerLayout, dtype: str, head_dim: int) -> torch.Tensor:
-    """A torch view [rows, D] of the region's rows (padding rows excluded)."""
+def _array_tensor(region: Region, lay: LayerLayout, np_dtype: np.dtype | str, width: int,
+                  torch_view: torch.dtype | None = None) -> torch.Tensor:
+    """A torch view [rows, width] of the region's rows (padding rows excluded)."""
     # The internal view is writable only for torch.from_numpy; the pages themselves are read-only.
-    arr = region.array(storage_dtype(dtype), (lay.rows, head_dim), writable=True)
+    arr = region.array(np_dtype, (lay.rows, width), writable=True)
     weight = torch.from_numpy(arr)
-    return weight.view(torch.bfloat16) if dtype == "bfloat16" else weight
+    return weight if torch_view is None else weight.view(torch_view)
+
+
+def _values_tensor(region: Region, lay: LayerLayout, meta: TableMeta) -> torch.Tensor:
+    dtype = meta.spec.dtype
+    view = torch.bfloat16 if dtype == "bfloat16" else None
+    return _array_tensor(region, lay, storage_dtype(dtype), meta.spec.head_dim, view)
+
+
+def _scales_tensor(region: Region, lay: LayerLayout, meta: TableMeta) -> torch.Tensor:
+    return _array_tensor(region, lay, row_dtype(meta.spec.dtype).scale, meta.spec.scales_per_row)
+
+
+def _load_array(tdir: TableDir, lay: LayerLayout, bar: object | None = None) -> Region:
+    """Read every chunk file of one array into a new read-only anonymous region (checksums checked)."""
+    region = anonymous(lay.n_chunks * lay.chunk_bytes)
+    data = region.array(np.uint8, (region.length,), writable=True)
+    for index in range(lay.n_chunks):
+        _load_chunk(tdir, lay, index, data[index * lay.chunk_bytes: (index + 1) * lay.chunk_bytes])
+        if bar is not None:
+            bar.update(lay.chunk_bytes)
+    region.protect(PROT_READ)
+    return region
 
 
 class _InAddressSpace:
@@ -66,6 +88,7 @@ class _InAddressSpace:
 
     def __init__(self) -> None:
         self.weights: dict[int, torch.Tensor] = {}
+        self.scales: dict[int, torch.Tensor] = {}
 
     def gather(self, layer_id: int, rows: np.ndarray, out: torch.Tensor, sorted_unique: bool = False) -> None:
         torch.index_select(self.weights[layer_id], 0, torch.from_numpy(rows), out=out)
@@ -73,6 +96,7 @@ class _InAddressSpace:
     def close(self) -> None:
         # The address range is released once no tensor refers to it any more (see mapping.Region).
         self.weights = {}
+        self.scales = {}
 
 
 class RamTier(_InAddressSpace):
@@ -82,17 +106,13 @@ class RamTier(_InAddressSpace):
         from tqdm.auto import tqdm
 
         super().__init__()
-        total = sum(lay.n_chunks * lay.chunk_bytes for lay in meta.layers.values())
+        total = sum(lay.disk_bytes for lay in meta.layers.values())
         with tqdm(total=total, unit="B", unit_scale=True, desc="load", delay=1.0, mininterval=0.5,
                   disable=None) as bar:
             for lay in meta.layers.values():
-                region = anonymous(lay.n_chunks * lay.chunk_bytes)
-                data = region.array(np.uint8, (region.length,), writable=True)
-                for index in range(lay.n_chunks):
-                    _load_chunk(tdir, lay, index, data[index * lay.chunk_bytes: (index + 1) * lay.chunk_bytes])
-                    bar.update(lay.chunk_bytes)
-                region.protect(PROT_READ)
-                self.weights[lay.layer_id] = _rows_tensor(region, lay, meta.spec.dtype, meta.spec.head_dim)
+                self.weights[lay.layer_id] = _values_tensor(_load_array(tdir, lay, bar), lay, meta)
+                if lay.scales is not None:
+                    self.scales[lay.layer_id] = _scales_tensor(_load_array(tdir, lay.scales, bar), lay.scales, meta)
 
 
 def _load_chunk(tdir: TableDir, lay: LayerLayout, index: int, dest: np.ndarray) -> None:
@@ -119,35 +139,49 @@ def _load_chunk(tdir: TableDir, lay: LayerLayout, index: int, dest: np.ndarray) 
         raise chunk_error(lay, index, path, f"has xxh3 {digest}, recorded {lay.checksums[index]}")
 
 
+def _map_array(tdir: TableDir, lay: LayerLayout, prefault: bool) -> Region:
+    """Map every chunk file of one array back to back (sizes checked: a short file would SIGBUS)."""
+    fds: list[int] = []
+    try:
+        for index in range(lay.n_chunks):
+            path = lay.chunk_path(tdir.path, index)
+            try:
+                fds.append(tdir.open(lay.chunk_relpath(index)))
+            except FileNotFoundError:
+                raise chunk_error(lay, index, path, "is missing") from None
+            size = os.fstat(fds[-1]).st_size
+            if size != lay.chunk_bytes:
+                raise chunk_error(lay, index, path, f"has {size} bytes, expected {lay.chunk_bytes}")
+        return stitch_files(fds, lay.chunk_bytes, populate=prefault)
+    finally:
+        for fd in fds:      # the mappings keep the files open
+            os.close(fd)
+
+
 class MmapTier(_InAddressSpace):
     name = "mmap"
 
     def __init__(self, tdir: TableDir, meta: TableMeta, prefault: bool = False) -> None:
         super().__init__()
         for lay in meta.layers.values():
-            fds: list[int] = []
-            try:
-                for index in range(lay.n_chunks):
-                    path = lay.chunk_path(tdir.path, index)
-                    try:
-                        fds.append(tdir.open(lay.chunk_relpath(index)))
-                    except FileNotFoundError:
-                        raise chunk_error(lay, index, path, "is missing") from None
-                    size = os.fstat(fds[-1]).st_size   # a short file would raise SIGBUS when read
-                    if size != lay.chunk_bytes:
-                        raise chunk_error(lay, index, path, f"has {size} bytes, expected {lay.chunk_bytes}")
-                region = stitch_files(fds, lay.chunk_bytes, populate=prefault)
-            finally:
-                for fd in fds:      # the mappings keep the files open
-                    os.close(fd)
-            self.weights[lay.layer_id] = _rows_tensor(region, lay, meta.spec.dtype, meta.spec.head_dim)
+            self.weights[lay.layer_id] = _values_tensor(_map_array(tdir, lay, prefault), lay, meta)
+            if lay.scales is not None:
+                self.scales[lay.layer_id] = _scales_tensor(_map_array(tdir, lay.scales, prefault), lay.scales, meta)
 
 
 class DirectTier:
     name = "direct"
 
     def __init__(self, tdir: TableDir, meta: TableMeta, io_threads: int = 32, o_direct: bool | None = None) -> None:
+        self.scales: dict[int, torch.Tensor] = {}
         self.reader = DirectReader(tdir, meta.layers, io_threads=io_threads, o_direct=o_direct)
+        try:
+            for lay in meta.layers.values():   # resident: one sequential read at open (see the module notes)
+                if lay.scales is not None:
+                    self.scales[lay.layer_id] = _scales_tensor(_load_array(tdir, lay.scales), lay.scales, meta)
+        except BaseException:
+            self.reader.close()
+            raise
 
     def gather(self, layer_id: int, rows: np.ndarray, out: torch.Tensor,
                sorted_unique: bool = False) -> tuple[int, int]:
@@ -155,6 +189,7 @@ class DirectTier:
 
     def close(self) -> None:
         self.reader.close()
+        self.scales = {}
 
 
 def open_tier(tier: str, tdir: TableDir, meta: TableMeta, prefault: bool, io_threads: int) -> Tier:

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import engram
-from engram import build, publish
+from engram import build, publish, quant
 from engram.build import INIT_BLOCK_ROWS
 
 VOCAB = 600
@@ -128,11 +128,82 @@ def test_weights_are_checked(tmp_path):
     assert not (tmp_path / "t").exists()
 
 
-@pytest.mark.parametrize("dtype", ["int8", "float8_e4m3"])
-def test_quantized_dtypes_are_not_supported_yet(tmp_path, dtype):
-    with pytest.raises(engram.SpecError, match=rf"TableSpec.dtype='{dtype}' is not supported by tables yet"):
-        engram.build_table(tmp_path / "t", make_spec(dtype), COMP)
-    assert not (tmp_path / "t").exists()
+# -- quantized rows -------------------------------------------------------------------------
+QUANT = {"int8": {}, "float8_e4m3": {"scale_block": 4}}      # D = 16: 4 bytes of scales a row for both
+
+
+def quant_spec(dtype: str, **changes) -> engram.TableSpec:
+    return make_spec().replace(dtype=dtype, **QUANT[dtype], **changes)
+
+
+def stored(table, layer_id: int):
+    return table.stored_rows(layer_id, np.arange(table.spec.rows(layer_id)))
+
+
+@pytest.mark.parametrize("dtype", list(QUANT))
+def test_quantized_init_encodes_the_float32_draws(tmp_path, dtype, monkeypatch):
+    monkeypatch.setattr(build, "ENCODE_VALUES", 5000)        # pieces of 312 rows: not aligned to anything
+    spec = quant_spec(dtype)
+    with engram.build_table(tmp_path / "f32", make_spec(), COMP, seed=4) as f32, \
+            engram.build_table(tmp_path / "q", spec, COMP, seed=4, chunk_rows=16384) as q, \
+            engram.build_table(tmp_path / "z", spec, COMP, init="zeros") as zeros:
+        assert q.format_version == 2 and q.dtype == torch.float32
+        for layer_id in spec.layer_ids:
+            want = quant.encode(all_rows(f32, layer_id), dtype, spec.scale_block)
+            got = stored(q, layer_id)
+            np.testing.assert_array_equal(got.values, want.values)
+            np.testing.assert_array_equal(got.scales, want.scales)
+            assert torch.equal(all_rows(q, layer_id), quant.decode(want.values, want.scales, dtype,
+                                                                   block=spec.scale_block))
+        assert not all_rows(zeros, 1).any() and not stored(zeros, 5).scales.any()
+        q.verify()
+
+
+@pytest.mark.parametrize("kind", ["numpy-f64", "torch-bf16", "memmap"])
+@pytest.mark.parametrize("dtype", list(QUANT))
+def test_quantized_weights_import(tmp_path, dtype, kind, monkeypatch):
+    monkeypatch.setattr(build, "ENCODE_VALUES", 40000)
+    spec = quant_spec(dtype)
+    rows = torch.randn(spec.rows(1), spec.head_dim, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    rows[5] = 0
+    if kind == "numpy-f64":
+        source = rows.numpy()
+    elif kind == "torch-bf16":
+        source = rows.to(torch.bfloat16)
+    else:
+        np.save(tmp_path / "rows.npy", rows.float().numpy())
+        source = np.load(tmp_path / "rows.npy", mmap_mode="r")
+    as_float32 = (source if isinstance(source, torch.Tensor) else torch.from_numpy(np.array(source))).float()
+    want = quant.encode(as_float32, dtype, spec.scale_block)
+    with engram.build_table(tmp_path / "t", spec, COMP, weights={1: source}) as table:
+        got = stored(table, 1)
+        np.testing.assert_array_equal(got.values, want.values)
+        np.testing.assert_array_equal(got.scales, want.scales)
+        assert not all_rows(table, 1)[5].any()
+
+
+def test_non_finite_rows_are_refused_by_quantized_tables(tmp_path):
+    spec = quant_spec("float8_e4m3")
+    rows = np.zeros((spec.rows(1), 16), np.float32)
+    rows[7000, 3] = np.inf
+    with pytest.raises(engram.InputError, match=r"weights\[1\] row 7000 contains NaN or inf .*: float8_e4m3 rows "
+                       r"must be finite"):
+        engram.build_table(tmp_path / "t", spec, COMP, weights={1: rows})
+    rows64 = np.zeros((spec.rows(1), 16), np.float64)
+    rows64[7000, 3] = 1e39                             # finite in float64, inf in float32
+    with pytest.raises(engram.InputError, match=r"row 7000 contains NaN or inf \(after conversion to float32\)"):
+        engram.build_table(tmp_path / "t", spec, COMP, weights={1: rows64})
+    assert not (tmp_path / "t").exists() and leftovers(tmp_path) == []
+
+
+def test_quantized_chunks_hold_whole_blocks_of_scales(tmp_path):
+    spec = quant_spec("int8")                          # 16-byte rows, 4 bytes of scales a row
+    assert build.plan_layout(spec)[1].chunk_rows == 16384
+    plan = build.plan_layout(spec, chunk_rows=16384)[1]
+    assert plan.scales.array == "layer_1_scales" and plan.disk_bytes == 16384 * (16 + 4)
+    with pytest.raises(engram.InputError, match=r"chunk_rows=4096 is invalid: .* with 16-byte rows and 4 bytes of "
+                       r"scales use a positive multiple of 16384"):
+        engram.build_table(tmp_path / "t", spec, COMP, chunk_rows=4096)
 
 
 def test_bad_arguments(tmp_path):
@@ -287,20 +358,22 @@ RSS_CHILD = textwrap.dedent("""
             return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key + ":"))
 
     comp = engram.Compression.identity(1000)
-    def spec(base):
+    def spec(base, dtype="float32"):
         return engram.TableSpec(engram_vocab_size=(base, base), max_ngram_size=3, n_head_per_ngram=8,
-                                n_embed_per_ngram=512, layer_ids=(1,), compressed_vocab_size=1000)
-    big = spec(8192)      # 16 heads x ~8192 rows x 256 B = 32 MiB, 128 chunks of 256 KiB
+                                n_embed_per_ngram=512, layer_ids=(1,), compressed_vocab_size=1000, dtype=dtype)
+    # float32: 16 heads x ~8192 rows x 256 B = 32 MiB, 128 chunks of 256 KiB;
+    # float8_e4m3: 16 heads x ~32768 rows x (64 + 2) B = 34 MiB, 16 chunks of 2 MiB + 64 KiB
+    big = spec(8192) if sys.argv[4] == "float32" else spec(32768, sys.argv[4])
     source = None
     if sys.argv[2] == "memmap":
         source = {1: np.load(sys.argv[1] + "/rows.npy", mmap_mode="r")}
-    engram.build_table(sys.argv[1] + "/warm", spec(600), comp, chunk_rows=1024).close()   # imports, caches
+    engram.build_table(sys.argv[1] + "/warm", spec(600, sys.argv[4]), comp).close()   # imports, caches
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")                      # reset the peak (VmHWM) to the current resident set
     before = status("VmRSS")
     with engram.build_table(sys.argv[1] + "/big", big, comp, chunk_rows=int(sys.argv[3]), weights=source) as table:
         peak = status("VmHWM")
-        assert big.total_bytes > 32 << 20 and table.layout(1).n_chunks > 100
+        assert big.total_bytes > 32 << 20 and table.layout(1).n_chunks >= 16
         if source is not None:
             rows = [0, 70000, big.rows(1) - 1]
             assert np.array_equal(table.rows(1, rows).numpy(), source[1][rows])
@@ -308,8 +381,9 @@ RSS_CHILD = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("source", ["init", "memmap"])
-def test_memory_does_not_grow_with_the_table(tmp_path, source):
+@pytest.mark.parametrize(("source", "dtype", "chunk_rows"), [("init", "float32", 1024), ("memmap", "float32", 1024),
+                                                             ("init", "float8_e4m3", 32768)])
+def test_memory_does_not_grow_with_the_table(tmp_path, source, dtype, chunk_rows):
     if source == "memmap":   # 32 MiB of trained rows in a .npy file, written in pieces
         rows = engram.TableSpec(engram_vocab_size=(8192, 8192), max_ngram_size=3, n_head_per_ngram=8,
                                 n_embed_per_ngram=512, layer_ids=(1,), compressed_vocab_size=1000).rows(1)
@@ -318,7 +392,7 @@ def test_memory_does_not_grow_with_the_table(tmp_path, source):
             out[start: start + 8192] = start
         out.flush()
         del out
-    result = subprocess.run([sys.executable, "-c", RSS_CHILD, str(tmp_path), source, "1024"],
+    result = subprocess.run([sys.executable, "-c", RSS_CHILD, str(tmp_path), source, str(chunk_rows), dtype],
                             capture_output=True, text=True, check=True)
     shutil.rmtree(tmp_path / "big")                     # keep the test run's disk footprint small
     (tmp_path / "rows.npy").unlink(missing_ok=True)

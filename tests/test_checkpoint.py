@@ -237,3 +237,68 @@ def test_bad_files_and_patterns(tmp_path):
     copy.write_bytes(path.read_bytes())
     with pytest.raises(InputError, match=r"tensor 'a.1.weight' is in both '.*m.safetensors' and '.*copy.safetensors'"):
         open_checkpoint([path, copy])
+
+
+# -- into tables ----------------------------------------------------------------------------
+def v41_spec(**changes):
+    import engram
+
+    # D = 256 as in DeepSeek-V4.1: 256 FP8 values + 8 E8M0 scales (blocks of 32) per row, 264 B
+    spec = engram.TableSpec(engram_vocab_size=(1000, 1000), max_ngram_size=3, n_head_per_ngram=2,
+                            n_embed_per_ngram=512, layer_ids=(1,), compressed_vocab_size=300, dtype="float8_e4m3")
+    return spec.replace(**changes) if changes else spec
+
+
+@pytest.fixture
+def v41_table_checkpoint(tmp_path):
+    """A V4.1-layout safetensors checkpoint for v41_spec(): arbitrary (non-NaN) E4M3 bytes and E8M0
+    scales, which a decode + re-encode would not reproduce."""
+    rows = v41_spec().rows(1)
+    rng = np.random.default_rng(5)
+    values = rng.integers(0, 256, (rows, 256), dtype=np.uint8)
+    values[(values & 0x7F) == 0x7F] = 0                            # no NaN bytes
+    scales = rng.integers(110, 130, (rows, 8), dtype=np.uint8)
+    save_file({W.format(1): fp8(values), S.format(1): e8m0(scales)}, str(tmp_path / "model.safetensors"))
+    return tmp_path / "model.safetensors", values, scales
+
+
+def test_v41_rows_are_copied_into_a_table_bit_for_bit(v41_table_checkpoint, tmp_path, monkeypatch):
+    import engram
+    from engram import build, quant
+
+    path, values, scales = v41_table_checkpoint
+    spec, comp = v41_spec(), engram.Compression(np.arange(600) // 2)
+
+    def no_codec(*args, **kwargs):
+        raise AssertionError("FP8 checkpoint rows must be copied, not decoded and re-encoded")
+
+    monkeypatch.setattr(build, "encode", no_codec)
+    with open_checkpoint(path) as ckpt:
+        table = engram.build_table(tmp_path / "t.engram", spec, comp, weights={1: ckpt.rows(1)})
+    monkeypatch.undo()
+    with table:
+        stored = table.stored_rows(1, np.arange(spec.rows(1)))
+        assert stored.values.tobytes() == values.tobytes() and stored.scales.tobytes() == scales.tobytes()
+        decoded = quant.decode(values, scales, "float8_e4m3")                    # [rows, 256] float32
+        ids = np.random.default_rng(0).integers(0, 600, (2, 9))
+        idx = engram.NgramHasher(spec, comp).hash(ids, 1) + np.asarray(spec.head_offsets(1))
+        assert torch.equal(table.lookup(ids, 1), decoded[torch.from_numpy(idx)].reshape(2, 9, spec.embed_dim))
+        table.verify()
+
+
+@pytest.mark.parametrize("changes", [{"scale_block": 64}, {"dtype": "int8"}, {"dtype": "bfloat16"}])
+def test_v41_rows_into_another_layout_are_decoded_then_encoded(v41_table_checkpoint, tmp_path, changes):
+    import engram
+    from engram import quant
+
+    path, values, scales = v41_table_checkpoint
+    spec, comp = v41_spec(**changes), engram.Compression(np.arange(600) // 2)
+    decoded = quant.decode(values, scales, "float8_e4m3")
+    with open_checkpoint(path) as ckpt, engram.build_table(tmp_path / "t", spec, comp,
+                                                           weights={1: ckpt.rows(1)}) as table:
+        got = table.rows(1, np.arange(spec.rows(1)))
+    if spec.quantized:
+        want = quant.encode(decoded, spec.dtype, spec.scale_block)
+        assert torch.equal(got, quant.decode(want.values, want.scales, spec.dtype, block=spec.scale_block))
+    else:
+        assert torch.equal(got, decoded.to(torch.bfloat16))

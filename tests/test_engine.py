@@ -245,6 +245,21 @@ def test_prefetch_to_cuda(path):
         assert half.dtype == torch.float16 and torch.equal(half.cpu(), expected[5].half())
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.cuda
+def test_prefetch_of_quantized_rows_to_cuda(tmp_path):
+    path = tmp_path / "fp8.engram"
+    engram.build_table(path, make_spec(dtype="float8_e4m3", scale_block=8), COMP, seed=2).close()
+    ids = ids_(10, (3, 50))
+    with engram.open(path, tier="direct") as table:
+        expected = table.lookup(ids, None)
+        result = table.prefetch(torch.from_numpy(ids).cuda(), device="cuda").result()
+        assert all(r.device.type == "cuda" and r.dtype == torch.float32 for r in result.values())
+        assert all(torch.equal(result[i].cpu(), expected[i]) for i in expected)
+        bf16 = table.prefetch(ids, layer_ids=5, device="cuda", dtype=torch.bfloat16).result(5)
+        assert bf16.dtype == torch.bfloat16 and torch.equal(bf16.cpu(), expected[5].to(torch.bfloat16))
+
+
 # -- dedup ----------------------------------------------------------------------------------
 @given(st.lists(st.integers(0, 50), max_size=200))
 def test_unique_inverse_matches_numpy(values):
@@ -355,3 +370,21 @@ def test_hot_row_plans_must_match_the_table(path, tmp_path):
         plan_for({1: [4, 2]}).save(tmp_path / "hot.npz")
         assert table.load_hot_rows(tmp_path / "hot.npz", fraction=0.5) == {1: 1}
         assert table.stats().cached_rows == 1
+
+
+@pytest.mark.parametrize("tier", TIERS)
+def test_quantized_tables_cache_encoded_rows_and_take_plans_of_the_float_table(tmp_path, tier):
+    spec = make_spec(dtype="int8")                          # D = 16: 16 bytes of values + 4 of scales a row
+    path = tmp_path / "int8.engram"
+    engram.build_table(path, spec, COMP, seed=3).close()
+    float_plan = plan_for({5: [0, 17, 4000, spec.rows(5) - 1], 1: [3]})     # counted for the float32 spec
+    with engram.open(path, tier=tier) as table:
+        every = table.rows(5, np.arange(spec.rows(5)))
+        assert table.load_hot_rows(float_plan, fraction=1.0) == {5: 4, 1: 1}
+        assert table._engine.cache.layers[5].data.dtype == torch.int8        # encoded values, not floats
+        pick = np.array([17, 3, 4000, 17, spec.rows(5) - 1, 0])
+        assert torch.equal(table.rows(5, pick), every[torch.from_numpy(pick)])
+        assert table.stats().rows_from_cache == (4 if table.dedup else 5)            # row 17 twice
+        assert table.load_hot_rows(float_plan, max_bytes=3 * 16) == {5: 3, 1: 0}   # stored value bytes
+        with pytest.raises(engram.SpecMismatchError, match="counted for another spec"):
+            table.load_hot_rows(plan_for({1: [1]}, spec=make_spec(seed=9)), fraction=1.0)

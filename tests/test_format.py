@@ -13,7 +13,8 @@ import xxhash
 import zarr
 
 import engram
-from engram.format import CHUNK_ALIGN, FORMAT_VERSION, read_metadata
+from engram import quant
+from engram.format import CHUNK_ALIGN, FORMAT_VERSION, FORMAT_VERSIONS, read_metadata
 
 VOCAB = 600
 # Merges id pairs, so compression is not the identity.
@@ -39,7 +40,8 @@ def engram_attrs(path) -> dict:
 
 def test_group_attributes_hold_version_spec_compression_and_checksums(table_dir):
     attrs = engram_attrs(table_dir)
-    assert attrs["format_version"] == FORMAT_VERSION == 1
+    assert attrs["format_version"] == 1 and FORMAT_VERSIONS == (1, FORMAT_VERSION) == (1, 2)   # float rows: 1
+    assert "scales" not in attrs["layers"][0] and "scale_block" not in attrs["spec"]
     assert attrs["spec"] == make_spec().to_dict()
     assert attrs["compression"] == {"array": "compression", "xxh3": COMP.fingerprint}
     assert [layer["layer_id"] for layer in attrs["layers"]] == [1, 5]
@@ -129,11 +131,18 @@ def test_directory_without_a_table_is_table_not_found(tmp_path):
         engram.open(tmp_path / "plain")
 
 
-def test_unknown_format_version_is_refused(copy):
-    rewrite_json(copy / "zarr.json", lambda d: d["attributes"]["engram"].update(format_version=2))
-    with pytest.raises(engram.CorruptTableError, match=r"format_version=2, but this engram reads only "
-                       r"format_version=1: upgrade engram"):
+@pytest.mark.parametrize("version", [3, 0, "1", None])
+def test_unknown_format_version_is_refused(copy, version):
+    rewrite_json(copy / "zarr.json", lambda d: d["attributes"]["engram"].update(format_version=version))
+    with pytest.raises(engram.CorruptTableError, match=rf"format_version={version!r}, but this engram reads only "
+                       r"format_version in \(1, 2\): upgrade engram"):
         engram.open(copy)
+
+
+def test_a_float_table_written_as_version_2_still_opens(copy):
+    rewrite_json(copy / "zarr.json", lambda d: d["attributes"]["engram"].update(format_version=2))
+    with engram.open(copy) as table:
+        assert table.format_version == 2 and table.spec == make_spec()
 
 
 def test_compressed_chunks_are_refused(copy):
@@ -182,3 +191,103 @@ def test_golden_chunk_digests(tmp_path, dtype):
     spec = make_spec() if dtype == "float32" else make_spec(dtype, head_dim=32, layer_ids=(1,))
     with engram.build_table(tmp_path / "t", spec, COMP, seed=0, chunk_rows=4096) as table:
         assert {lid: table.checksums(lid) for lid in spec.layer_ids} == GOLDEN[dtype]
+
+
+# -- quantized rows: a scale array beside the values --------------------------------------
+QUANT = {"int8": {}, "float8_e4m3": {"scale_block": 8}}     # D = 16: two E8M0 scales per row
+
+
+def quant_spec(dtype: str) -> engram.TableSpec:
+    return make_spec(layer_ids=(2,)).replace(dtype=dtype, **QUANT[dtype])
+
+
+@pytest.fixture(scope="module")
+def quant_tables(tmp_path_factory):
+    root = tmp_path_factory.mktemp("quant")
+    weights = torch.randn(quant_spec("int8").rows(2), 16, generator=torch.Generator().manual_seed(0)) * 0.05
+    weights[7] = 0                                               # a zero row
+    for dtype in QUANT:
+        engram.build_table(root / dtype, quant_spec(dtype), COMP, weights={2: weights}).close()
+    return root, weights
+
+
+@pytest.mark.parametrize("dtype", list(QUANT))
+def test_zarr_reads_quantized_values_and_scales(quant_tables, dtype):
+    root, weights = quant_tables
+    spec = quant_spec(dtype)
+    group = zarr.open_group(root / dtype, mode="r")
+    values, scales = group["layer_2"], group["layer_2_scales"]
+    assert values.dtype == quant.STORAGE_DTYPES[dtype] and scales.dtype == quant.SCALE_DTYPES[dtype]
+    assert values.shape == (spec.rows(2), 16) and scales.shape == (spec.rows(2), spec.scales_per_row)
+    assert values.chunks[0] == scales.chunks[0]                       # the same row chunking
+    assert scales.attrs["scales_of"] == "layer_2" and values.attrs["dtype"] == dtype
+    decoded = quant.decode(values[:], scales[:], dtype, block=spec.scale_block)
+    encoded = quant.encode(weights, dtype, spec.scale_block)
+    np.testing.assert_array_equal(values[:], encoded.values)
+    np.testing.assert_array_equal(scales[:], encoded.scales)
+    with engram.open(root / dtype) as table:
+        assert table.format_version == 2
+        assert torch.equal(table.rows(2, np.arange(spec.rows(2))), decoded)
+    assert not decoded[7].any()
+    rel = (decoded - weights).norm(dim=1) / weights.norm(dim=1).clamp_min(1e-30)
+    assert float(rel.max()) < (0.01 if dtype == "int8" else 0.07)
+
+
+@pytest.mark.parametrize("dtype", list(QUANT))
+def test_scale_chunks_are_plain_bytes_with_their_own_checksums(quant_tables, dtype):
+    root, _ = quant_tables
+    spec = quant_spec(dtype)
+    layer = engram_attrs(root / dtype)["layers"][0]
+    assert layer["scales"]["array"] == "layer_2_scales" and len(layer["scales"]["checksums"]) == len(layer["checksums"])
+    assert engram_attrs(root / dtype)["format_version"] == 2
+    scales = zarr.open_group(root / dtype, mode="r")["layer_2_scales"][:]
+    chunk_rows = layer["chunk_rows"]
+    for index, digest in enumerate(layer["scales"]["checksums"]):
+        data = (root / dtype / "layer_2_scales" / "c" / str(index) / "0").read_bytes()
+        assert len(data) == chunk_rows * spec.scale_row_bytes and len(data) % CHUNK_ALIGN == 0
+        assert xxhash.xxh3_64_hexdigest(data) == digest
+        block = np.frombuffer(data, quant.SCALE_DTYPES[dtype]).reshape(chunk_rows, spec.scales_per_row)
+        start, stop = index * chunk_rows, min((index + 1) * chunk_rows, spec.rows(2))
+        np.testing.assert_array_equal(block[: stop - start], scales[start:stop])
+        assert not block[stop - start:].any()
+
+
+@pytest.mark.parametrize(("edit", "message"), [
+    (lambda d: d["attributes"]["engram"].update(format_version=1),
+     r"format_version=1, which cannot hold int8 rows \(their scales need format_version 2\)"),
+    (lambda d: d["attributes"]["engram"]["layers"][0].pop("scales"),
+     r"layer 2: int8 rows, but the metadata records no scale array"),
+    (lambda d: d["attributes"]["engram"]["layers"][0]["scales"]["checksums"].append("0"),
+     r"layer 2: 2 chunk checksums of array 'layer_2_scales' recorded for 1 chunks"),
+])
+def test_damaged_quantized_metadata_is_refused(quant_tables, tmp_path, edit, message):
+    path = tmp_path / "t"
+    shutil.copytree(quant_tables[0] / "int8", path)
+    rewrite_json(path / "zarr.json", edit)
+    with pytest.raises(engram.CorruptTableError, match=message):
+        engram.open(path)
+
+
+def test_scale_array_metadata_is_checked(quant_tables, tmp_path):
+    path = tmp_path / "t"
+    shutil.copytree(quant_tables[0] / "int8", path)
+    rewrite_json(path / "layer_2_scales" / "zarr.json", lambda d: d.update(data_type="float16"))
+    with pytest.raises(engram.CorruptTableError, match=r"array 'layer_2_scales' has data_type='float16', "
+                       r"expected 'float32'"):
+        engram.open(path)
+    os.remove(path / "layer_2_scales" / "zarr.json")
+    with pytest.raises(engram.CorruptTableError, match=r"layer 2 scale array metadata .* is missing"):
+        engram.open(path)
+
+
+# Seeded quantized tables (D = 32, default scale_block): digests of the value and scale chunks.
+GOLDEN_QUANT = {"int8": (("e7658c262632f53d",), ("ca9a86fa94023339",)),
+                "float8_e4m3": (("3103ad582e8b0f2e",), ("a83390e2094c9321",))}
+
+
+@pytest.mark.parametrize("dtype", list(GOLDEN_QUANT))
+def test_golden_quantized_chunk_digests(tmp_path, dtype):
+    spec = make_spec(dtype, head_dim=32, layer_ids=(1,))
+    with engram.build_table(tmp_path / "t", spec, COMP, seed=0) as table:
+        assert (table.checksums(1), table.checksums(1, scales=True)) == GOLDEN_QUANT[dtype]
+        table.verify()

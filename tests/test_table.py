@@ -16,21 +16,26 @@ import pytest
 import torch
 
 import engram
-from engram import direct
-from engram.tiers import storage_dtype, torch_dtype
+from engram import direct, quant
+from engram.dtypes import scale_dtype, storage_dtype, torch_dtype
 
 VOCAB = 600
 COMP = engram.Compression(np.arange(VOCAB) // 2)   # merges id pairs
-# dtype: (D, chunk_rows): rows of 64, 40 and 80 bytes (some straddle 4 KiB blocks), 2-5 chunks a layer.
-DTYPES = {"float32": (16, 2048), "bfloat16": (20, 8192), "float16": (40, 4096)}
+# dtype: (D, chunk_rows, scale_block): rows of 64, 40, 80, 24 and 48 bytes (some straddle 4 KiB
+# blocks), 2-5 chunks a layer. Quantized layers are larger (chunks must also hold whole 64 KiB of
+# scales: 4 bytes a row here) and float8_e4m3 uses blocks of 12 values (4 E8M0 scales a row).
+DTYPES = {"float32": (16, 2048, 32), "bfloat16": (20, 8192, 32), "float16": (40, 4096, 32),
+          "int8": (24, 16384, 32), "float8_e4m3": (48, 16384, 12)}
+QUANTIZED = ("int8", "float8_e4m3")
 TIERS = ["ram", "mmap", "mmap-prefault", "direct", "direct-buffered"]
 
 
 def make_spec(dtype: str = "float32") -> engram.TableSpec:
-    D = DTYPES[dtype][0]
-    return engram.TableSpec(engram_vocab_size=(2000, 2100), max_ngram_size=3, n_head_per_ngram=2,
+    D, _, block = DTYPES[dtype]
+    vocab = (5000, 5100) if dtype in QUANTIZED else (2000, 2100)
+    return engram.TableSpec(engram_vocab_size=vocab, max_ngram_size=3, n_head_per_ngram=2,
                             n_embed_per_ngram=2 * D, layer_ids=(1, 5),
-                            compressed_vocab_size=COMP.compressed_vocab_size, dtype=dtype)
+                            compressed_vocab_size=COMP.compressed_vocab_size, dtype=dtype, scale_block=block)
 
 
 @pytest.fixture(scope="module")
@@ -41,6 +46,18 @@ def paths(tmp_path_factory):
         out[dtype] = root / f"{dtype}.engram"
         engram.build_table(out[dtype], make_spec(dtype), COMP, seed=1, chunk_rows=DTYPES[dtype][1]).close()
     return out
+
+
+def test_quantized_rows_decode_as_torch_float8_does(paths):
+    """The float8_e4m3 reference (quant.decode) agrees with torch's own float8 types on these rows."""
+    spec = make_spec("float8_e4m3")
+    values = read_array(paths["float8_e4m3"], "layer_1", np.uint8, spec.head_dim, spec.rows(1))
+    scales = read_array(paths["float8_e4m3"], "layer_1_scales", np.uint8, spec.scales_per_row, spec.rows(1))
+    fp8 = torch.from_numpy(values).view(torch.float8_e4m3fn).float()                  # [rows, D]
+    factor = torch.from_numpy(scales).view(torch.float8_e8m0fnu).float()              # [rows, D // block]
+    expected = fp8 * factor.repeat_interleave(spec.scale_block, dim=1)
+    assert torch.equal(reference_rows(paths["float8_e4m3"], 1), expected)
+    assert expected.abs().max() > 0 and len(list((paths["float8_e4m3"] / "layer_1" / "c").iterdir())) == 2
 
 
 @pytest.fixture
@@ -61,12 +78,22 @@ def opener(request, monkeypatch):
 tiers = pytest.mark.parametrize("opener", TIERS, indirect=True)
 
 
+def read_array(path, array: str, dtype: np.dtype, width: int, rows: int) -> np.ndarray:
+    """One array's rows [rows, width], read straight from its chunk files with numpy."""
+    files = sorted((path / array / "c").iterdir(), key=lambda p: int(p.name))
+    return np.concatenate([np.fromfile(f / "0", dtype) for f in files]).reshape(-1, width)[:rows].copy()
+
+
 def reference_rows(path, layer_id: int) -> torch.Tensor:
-    """All rows of a layer, read straight from the chunk files with numpy."""
-    spec = make_spec(engram.open(path, tier="direct").spec.dtype)
-    files = sorted((path / f"layer_{layer_id}" / "c").iterdir(), key=lambda p: int(p.name))
-    data = np.concatenate([np.fromfile(f / "0", storage_dtype(spec.dtype)) for f in files])
-    rows = torch.from_numpy(data.reshape(-1, spec.head_dim)[: spec.rows(layer_id)].copy())
+    """All rows of a layer from the chunk files with numpy (quantized ones decoded by quant.decode)."""
+    with engram.open(path, tier="direct") as table:
+        spec = make_spec(table.spec.dtype)
+    values = read_array(path, f"layer_{layer_id}", storage_dtype(spec.dtype), spec.head_dim, spec.rows(layer_id))
+    if spec.quantized:
+        scales = read_array(path, f"layer_{layer_id}_scales", scale_dtype(spec.dtype), spec.scales_per_row,
+                            spec.rows(layer_id))
+        return quant.decode(values, scales, spec.dtype, block=spec.scale_block)
+    rows = torch.from_numpy(values)
     return rows.view(torch_dtype(spec.dtype))
 
 
@@ -240,7 +267,7 @@ def plans():
 
 
 @tiers
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int8", "float8_e4m3"])
 @pytest.mark.parametrize("dedup", [None, True, False])
 @pytest.mark.parametrize("cached", [False, True], ids=["no-cache", "cache"])
 def test_every_gather_path_returns_the_addressed_rows(paths, plans, opener, dtype, dedup, cached):
@@ -382,3 +409,96 @@ def test_table_describes_its_storage(paths):
         assert all(f.stat().st_size == lay.chunk_bytes for f in table.chunk_files(1))
         assert table.nbytes == make_spec().total_bytes
         assert repr(table).startswith("Table(path=") and "tier='direct'" in repr(table)
+
+
+# -- quantized tables -----------------------------------------------------------------------
+@tiers
+@pytest.mark.parametrize("dtype", QUANTIZED)
+def test_quantized_lookup_dtypes_and_out(paths, opener, dtype):
+    ids = token_ids(10)
+    expected = reference_lookup(paths[dtype], ids, 5)                       # float32, decoded
+    E = make_spec(dtype).embed_dim
+    with opener(paths[dtype]) as table:
+        assert table.dtype == torch.float32
+        assert torch.equal(table.lookup(ids, 5), expected)
+        bf16 = table.lookup(ids, 5, dtype=torch.bfloat16)                   # decoded straight into bfloat16
+        assert bf16.dtype == torch.bfloat16 and torch.equal(bf16, expected.to(torch.bfloat16))
+        out = torch.empty(3, 37, E, dtype=torch.bfloat16)
+        assert table.lookup(ids, 5, out=out, dtype=torch.bfloat16) is out and torch.equal(out, bf16)
+        out32 = torch.empty(3, 37, E)
+        assert table.lookup(ids, 5, out=out32) is out32 and torch.equal(out32, expected)
+        half = table.lookup(ids, 5, dtype=torch.float16)
+        assert half.dtype == torch.float16 and torch.equal(half, expected.half())
+        every = table.prefetch(ids, dtype=torch.bfloat16).result()
+        assert torch.equal(every[5], bf16) and torch.equal(every[1].float(), reference_lookup(paths[dtype], ids, 1)
+                                                           .to(torch.bfloat16).float())
+        pick = np.array([0, table.spec.rows(1) - 1, 77, 77])
+        assert torch.equal(table.rows(1, pick, dtype=torch.bfloat16),
+                           reference_rows(paths[dtype], 1)[torch.from_numpy(pick)].to(torch.bfloat16))
+
+
+@tiers
+@pytest.mark.parametrize("dtype", ["bfloat16", *QUANTIZED])
+def test_stored_rows_are_the_bytes_on_disk(paths, opener, dtype):
+    spec = make_spec(dtype)
+    values = read_array(paths[dtype], "layer_5", storage_dtype(dtype), spec.head_dim, spec.rows(5))
+    pick = np.random.default_rng(3).integers(0, spec.rows(5), 200)
+    with opener(paths[dtype]) as table:
+        q = table.stored_rows(5, pick)
+        assert (q.dtype, q.block) == (dtype, spec.scale_block)
+        np.testing.assert_array_equal(q.values, values[pick])
+        if spec.quantized:
+            scales = read_array(paths[dtype], "layer_5_scales", scale_dtype(dtype), spec.scales_per_row, spec.rows(5))
+            np.testing.assert_array_equal(q.scales, scales[pick])
+        else:
+            assert q.scales is None
+        assert torch.equal(quant.decode(q.values, q.scales, dtype, block=q.block, out_dtype=torch.float32),
+                           table.rows(5, pick).float())
+
+
+@tiers
+def test_truncated_or_missing_scale_chunk_is_an_error_at_open(paths, opener, tmp_path):
+    path = tmp_path / "t.engram"
+    shutil.copytree(paths["int8"], path)
+    chunk = path / "layer_5_scales" / "c" / "1" / "0"
+    os.truncate(chunk, os.path.getsize(chunk) - 4096)
+    with pytest.raises(engram.CorruptTableError, match=r"layer 5 scales \(array 'layer_5_scales'\) chunk 1 "
+                       r"\(.*layer_5_scales/c/1/0'\) has 61440 bytes, expected 65536: the table is damaged"):
+        opener(path)
+    os.remove(chunk)
+    with pytest.raises(engram.CorruptTableError, match=r"layer 5 scales \(array 'layer_5_scales'\) chunk 1 .* is "
+                       "missing"):
+        opener(path)
+
+
+@tiers
+def test_verify_checks_scale_chunks(paths, opener, tmp_path):
+    path = tmp_path / "t.engram"
+    shutil.copytree(paths["float8_e4m3"], path)
+    with open(path / "layer_1_scales" / "c" / "1" / "0", "r+b") as f:
+        f.seek(100)
+        byte = f.read(1)
+        f.seek(100)
+        f.write(bytes([byte[0] ^ 1]))
+    problem = r"layer 1 scales \(array 'layer_1_scales'\) chunk 1 .* has xxh3 \w+, recorded \w+"
+    if opener.name in ("ram", "direct", "direct-buffered"):          # scales are read and checked at open
+        with pytest.raises(engram.CorruptTableError, match=problem):
+            opener(path)
+        return
+    with opener(path) as table:
+        with pytest.raises(engram.CorruptTableError, match=problem + r" \(its contents changed\)"):
+            table.verify(progress=False)
+
+
+def test_quantized_table_describes_its_storage(paths):
+    spec = make_spec("float8_e4m3")
+    with engram.open(paths["float8_e4m3"], tier="direct") as table:
+        lay = table.layout(1)
+        assert (table.format_version, table.dtype) == (2, torch.float32)
+        assert lay.scales.array == "layer_1_scales" and lay.scales.chunk_rows == lay.chunk_rows
+        assert table.nbytes == spec.total_bytes == spec.total_rows * (48 + 4)
+        files = table.chunk_files(1, scales=True)
+        assert len(files) == len(table.checksums(1, scales=True)) == lay.n_chunks == 2
+        assert all(f.stat().st_size == lay.chunk_rows * 4 for f in files)
+    with engram.open(paths["float32"]) as table, pytest.raises(engram.InputError, match="stores no scales"):
+        table.checksums(1, scales=True)
