@@ -24,6 +24,8 @@ if TYPE_CHECKING:
     from .build import build_table as build_table
     from .checkpoint import Checkpoint as Checkpoint
     from .checkpoint import open_checkpoint as open_checkpoint
+    from .convert import ConvertReport as ConvertReport
+    from .convert import convert as convert
     from .memory import EngramMemory as EngramMemory
     from .memory_v41 import EngramMemoryV41 as EngramMemoryV41
     from .prefetch import Prefetch as Prefetch
@@ -36,7 +38,8 @@ if TYPE_CHECKING:
 # Names whose modules import torch load on first use, so `import engram` stays fast.
 _LAZY = {"EngramMemory": ".memory", "EngramMemoryV41": ".memory_v41", "Table": ".table", "build_table": ".build",
          "lookup": ".table", "open": ".table", "export_rows": ".training", "param_groups": ".training",
-         "open_checkpoint": ".checkpoint", "Checkpoint": ".checkpoint", "Prefetch": ".prefetch"}
+         "open_checkpoint": ".checkpoint", "Checkpoint": ".checkpoint", "Prefetch": ".prefetch",
+         "convert": ".convert", "ConvertReport": ".convert"}
 
 
 def __getattr__(name: str) -> Any:
@@ -52,6 +55,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Checkpoint",
     "Compression",
+    "ConvertReport",
     "CorpusStats",
     "CorruptTableError",
     "EngramError",
@@ -70,6 +74,7 @@ __all__ = [
     "TableSpec",
     "TokenIdError",
     "build_table",
+    "convert",
     "corpus_stats",
     "export_rows",
     "lookup",
