@@ -1,24 +1,37 @@
-"""Row codecs on the lookup path: bytes per row and gather + decode throughput per row dtype.
+"""Row codecs on the lookup path: bytes per row, gather + decode throughput, and table lookups per row dtype.
 
-For each row width D (64: the demo config; 256: DeepSeek-V4.1 rows) a table of random rows is
-encoded in every dtype; one lookup's worth of random row ids (B*T*H, default 8*4096*16) is then
+Codecs: for each row width D (64: the demo config; 256: DeepSeek-V4.1 rows) a table of random rows
+is encoded in every dtype; one lookup's worth of random row ids (B*T*H, default 8*4096*16) is then
 gathered with `index_select(..., out=)` into reused buffers (values and scales) and decoded with
 `engram.quant.decode(..., out=)`. The float32 baseline is the gather straight into the output,
 with nothing to decode. Reports rows/s for the gather, the decode and both, and the ratio of the
 total to the float32 baseline; decoded rows are first checked against a decode of the whole table.
 
+Tables (`--tables`): a float32 table (N=3, K=8: 16 heads, base size `--table-base` per order) is
+built once per D and converted with `engram.convert` to every other dtype, so all tables hold the
+same rows; then `table.lookup(ids, layer)` of random [B, T] ids is timed per dtype and tier ("ram",
+and "mmap" with the page cache hot), as tokens/s and relative to float32 on the same tier. The
+dequantization share is the time of `quant.decode` alone on one lookup's gathered rows (values and
+scales already in memory) over the lookup's time.
+
     python tools/bench_quant.py [--batch 8 --seq 4096 --heads 16 --dims 64,256 --repeats 5 --json]
+    python tools/bench_quant.py --tables [--table-base 8192 --tiers ram,mmap --dir /tmp]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
+import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 
+import numpy as np
 import torch
 
+import engram
 from engram import quant
 
 DTYPES = ("float32", "bfloat16", "int8", "float8_e4m3")
@@ -70,6 +83,51 @@ def bench_dtype(dtype: str, rows: torch.Tensor, idx: torch.Tensor, block: int, o
             "decode_rows_per_s": n / decode_s, "rows_per_s": n / total_s}
 
 
+def time_decode(q: quant.QuantizedRows, repeats: int) -> float:
+    """Best time of decoding stored rows to float32 into a reused buffer."""
+    values, scales = torch.from_numpy(q.values), torch.from_numpy(q.scales)
+    out = torch.empty(values.shape, dtype=torch.float32)
+    return best_time(lambda: quant.decode(values, scales, q.dtype, block=q.block, out=out), repeats)
+
+
+def bench_tables(D: int, args: argparse.Namespace, root: Path) -> dict:
+    """Lookup tokens/s per dtype and tier on tables holding the same rows; bytes per row; decode share."""
+    comp = engram.Compression.identity(50000)
+    spec = engram.TableSpec(engram_vocab_size=(args.table_base, args.table_base), max_ngram_size=3,
+                            n_head_per_ngram=8, n_embed_per_ngram=8 * D, layer_ids=(1,),
+                            compressed_vocab_size=comp.compressed_vocab_size, scale_block=args.block)
+    ids = np.random.default_rng(0).integers(0, comp.vocab_size, (args.batch, args.seq))
+    paths = {"float32": root / f"float32-{D}.engram"}
+    engram.build_table(paths["float32"], spec, comp, seed=0, progress=False).close()
+    out: dict = {"rows": spec.rows(1), "heads": spec.heads_per_layer, "dtypes": {}}
+    for dtype in DTYPES[1:]:
+        paths[dtype] = root / f"{dtype}-{D}.engram"
+        report = engram.convert(paths["float32"], paths[dtype], dtype=dtype, sample_rows=65536)
+        out["dtypes"][dtype] = {"rms_rel_error": report.layers[1].rms_rel_error,
+                                "max_rel_error": report.layers[1].max_rel_error}
+    out["dtypes"]["float32"] = {"rms_rel_error": 0.0, "max_rel_error": 0.0}
+    tokens = ids.size
+    for dtype, path in paths.items():
+        entry = out["dtypes"][dtype]
+        with engram.open(path, tier="mmap") as table:
+            entry["bytes_per_row"] = table.spec.stored_row_bytes
+            entry["table_bytes"] = table.nbytes
+            rows = (engram.NgramHasher(table.spec, comp).hash(ids, 1) + np.asarray(table.spec.head_offsets(1)))
+            q = table.stored_rows(1, rows.reshape(-1))                  # one lookup's rows, as stored
+            decode_s = 0.0 if q.scales is None else time_decode(q, args.repeats)
+            del q
+        for tier in args.tiers.split(","):
+            with engram.open(path, tier=tier) as table:
+                seconds = best_time(lambda t=table: t.lookup(ids, 1), args.repeats)   # warm-up first: hot pages
+            entry[tier] = {"tokens_per_s": tokens / seconds, "decode_share": decode_s / seconds}
+    for entry in out["dtypes"].values():
+        for tier in args.tiers.split(","):
+            entry[tier]["vs_float32"] = entry[tier]["tokens_per_s"] / out["dtypes"]["float32"][tier]["tokens_per_s"]
+    for path in paths.values():
+        shutil.rmtree(path)
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -82,8 +140,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out-dtype", choices=("float32", "bfloat16"), default="float32", help="decoded dtype")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument("--repeats", type=int, default=5, help="timed runs (best is kept)")
+    parser.add_argument("--tables", action="store_true", help="time table lookups per dtype and tier instead")
+    parser.add_argument("--table-base", type=int, default=8192, help="base table size per order (--tables)")
+    parser.add_argument("--tiers", default="ram,mmap", help="tiers timed (--tables), comma separated")
+    parser.add_argument("--dir", default=None, help="where the --tables tables are built (default: a temp dir)")
     parser.add_argument("--json", action="store_true", help="print JSON")
     args = parser.parse_args(argv)
+    if args.tables:
+        return main_tables(args)
     torch.set_num_threads(args.threads)
     out_dtype = getattr(torch, args.out_dtype)
     n = args.batch * args.seq * args.heads
@@ -112,6 +176,29 @@ def main(argv: list[str] | None = None) -> dict:
             dec = "-" if e["decode_rows_per_s"] is None else f"{e['decode_rows_per_s'] / 1e6:9.1f}"
             print(f"       {dtype:12s} {e['bytes_per_row']:6d} {e['gather_rows_per_s'] / 1e6:9.1f} {dec:>9s} "
                   f"{e['rows_per_s'] / 1e6:9.1f}  {e['ratio_to_float32']:.2f}x float32")
+    return results
+
+
+def main_tables(args: argparse.Namespace) -> dict:
+    torch.set_num_threads(args.threads)
+    results: dict = {"batch": args.batch, "seq": args.seq, "block": args.block, "threads": args.threads,
+                     "table_base": args.table_base, "dims": {}}
+    with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
+        for D in (int(d) for d in args.dims.split(",")):
+            results["dims"][str(D)] = bench_tables(D, args, Path(tmp))
+    if args.json:
+        print(json.dumps(results, indent=2))
+        return results
+    tiers = args.tiers.split(",")
+    print(f"table.lookup of [B, T] = [{args.batch}, {args.seq}] random ids, 16 heads (N=3, K=8), one layer, "
+          f"{args.threads} thread(s); same rows in every dtype (engram.convert from float32)")
+    for D, res in results["dims"].items():
+        print(f"D={D}, {res['rows']} rows: {'dtype':12s} {'B/row':>6s} {'rms err':>8s} "
+              + " ".join(f"{t + ' Mtok/s':>12s} {'vs f32':>6s} {'decode':>6s}" for t in tiers))
+        for dtype, e in res["dtypes"].items():
+            cells = " ".join(f"{e[t]['tokens_per_s'] / 1e6:12.3f} {e[t]['vs_float32']:6.2f} "
+                             f"{e[t]['decode_share']:6.0%}" for t in tiers)
+            print(f"{'':{len(D) + 15}s}{dtype:12s} {e['bytes_per_row']:6d} {e['rms_rel_error']:8.2e} {cells}")
     return results
 
 
