@@ -122,12 +122,7 @@ def select_hot_rows(plan: HotRowPlan | str | os.PathLike[str], spec: TableSpec, 
              if value is not None]
     if len(given) != 1:
         raise InputError(f"pass exactly one of fraction=, rows= or max_bytes=, got {given or 'none'}")
-    # Rows are addressed the same whatever their dtype: a plan counted for the float table serves
-    # its quantized conversion too.
-    same_rows = spec
-    if plan.spec.head_dim == spec.head_dim:
-        same_rows = spec.replace(dtype=plan.spec.dtype, scale_block=plan.spec.scale_block)
-    plan.check_matches(same_rows, comp)
+    plan.check_matches(spec, comp)      # the row encoding aside: a float table's plan serves its conversions
     for name, value in (("rows", rows), ("max_bytes", max_bytes)):
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
             raise InputError(f"{name}={value!r} is invalid: expected an int >= 0")

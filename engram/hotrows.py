@@ -51,11 +51,17 @@ class HotRowPlan:
         return rows[: max(0, int(count))]
 
     def check_matches(self, spec: TableSpec, comp: Compression) -> None:
-        """Raise SpecMismatchError unless the plan was made for this spec and compression."""
-        if self.spec != spec:
+        """Raise SpecMismatchError unless the plan was made for this spec and compression.
+
+        The row encoding (dtype, scale_block) does not matter: a plan counted for a float table
+        serves its int8 or float8_e4m3 conversion, whose rows sit at the same addresses.
+        """
+        differ = self.spec.row_fields_differ(spec)
+        if differ:
+            fields = ", ".join(f"{n}={getattr(self.spec, n)!r} (table: {getattr(spec, n)!r})" for n in differ)
             raise SpecMismatchError(
-                "hot-row plan was counted for another spec: rerun `engram stats --hot-rows` for this table"
-            )
+                f"hot-row plan was counted for another spec ({fields}): rerun `engram stats --hot-rows` "
+                "for this table")
         if self.compression_fingerprint != comp.fingerprint:
             raise SpecMismatchError(
                 "hot-row plan was counted with another compression: rerun `engram stats --hot-rows` "

@@ -19,7 +19,6 @@ where rms normalizes without a weight and w_g is a learned vector of C gate weig
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import numbers
 import os
@@ -350,12 +349,11 @@ def _table_path(table: Any) -> str | None:
 
 
 def _check_table(table: Any, spec: TableSpec, comp: Compression, owner: str) -> None:
-    """Raise unless `table` was built for `spec` (its row dtype aside) and `comp`."""
+    """Raise unless `table` was built for `spec` (its row encoding aside) and `comp`."""
     if not (hasattr(table, "lookup") and isinstance(getattr(table, "spec", None), TableSpec)):
         raise InputError(f"table={table!r} is not an engram table: pass engram.open(path) or None")
     path = _table_path(table)
-    differ = [f.name for f in dataclasses.fields(TableSpec)
-              if f.name != "dtype" and getattr(table.spec, f.name) != getattr(spec, f.name)]
+    differ = table.spec.row_fields_differ(spec)
     if differ:
         fields = ", ".join(f"{n}={getattr(table.spec, n)!r} (module: {getattr(spec, n)!r})" for n in differ)
         raise SpecMismatchError(

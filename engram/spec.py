@@ -23,6 +23,7 @@ HASH_FAMILIES = ("multiplicative-xor", "xxh64", "murmur3")
 # Logical row dtype -> bytes per stored value (quantized dtypes store scales beside the values;
 # see engram.dtypes, the one table of row dtypes).
 DTYPES = {name: d.value_bytes for name, d in ROW_DTYPES.items()}
+ENCODING_FIELDS = ("dtype", "scale_block")   # how rows are stored, not which rows there are
 DEFAULT_SCALE_BLOCK = 32   # values per E8M0 scale of "float8_e4m3" rows (the DeepSeek-V4.1 layout)
 _INT_FIELDS = ("max_ngram_size", "n_head_per_ngram", "n_embed_per_ngram", "compressed_vocab_size", "pad_id", "seed",
                "scale_block")
@@ -254,3 +255,13 @@ class TableSpec:
     def replace(self, **changes: Any) -> TableSpec:
         """A copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **changes)
+
+    def row_fields_differ(self, other: TableSpec) -> list[str]:
+        """Fields (other than the row encoding: `dtype`, `scale_block`) on which `other` differs.
+
+        Empty when both specs address the same rows with the same width, so tables, modules and
+        hot-row plans of one spec serve the other whatever each stores its rows as (a float table
+        and its int8 or float8_e4m3 conversion).
+        """
+        return [f.name for f in dataclasses.fields(self)
+                if f.name not in ENCODING_FIELDS and getattr(self, f.name) != getattr(other, f.name)]

@@ -99,8 +99,9 @@ def test_hot_row_plan_round_trip(tmp_path):
     assert top.size == round(0.1 * back.rows[0].size)
     np.testing.assert_array_equal(back.top(0, count=3), back.rows[0][:3])
     back.check_matches(SPEC, COMP)
-    with pytest.raises(SpecMismatchError, match="counted for another spec"):
+    with pytest.raises(SpecMismatchError, match=r"counted for another spec \(seed=0 \(table: 1\)\)"):
         back.check_matches(SPEC.replace(seed=1), COMP)
+    back.check_matches(SPEC.replace(dtype="int8"), COMP)          # same rows, another encoding
     with pytest.raises(SpecMismatchError, match="counted with another compression"):
         back.check_matches(SPEC, Compression.identity(9))
     with pytest.raises(InputError, match="exactly one of fraction= or count="):

@@ -473,6 +473,24 @@ def test_table_of_another_spec_or_compression_is_refused(tmp_path, cls):
             cls(mem.spec, mem.comp, layer_id=3, hidden_size=16, table=table)
 
 
+@pytest.mark.parametrize("cls", VARIANTS)
+def test_quantized_table_serves_a_module_built_for_the_float_spec(tmp_path, cls):
+    import engram
+
+    mem = small(cls=cls)
+    randomize(mem)
+    fp8 = mem.spec.replace(dtype="float8_e4m3", scale_block=2)          # D=4: two scales per row
+    with engram.build_table(tmp_path / "q.engram", fp8, mem.comp, weights={3: mem.export_rows()}) as table:
+        backed = cls(mem.spec, mem.comp, layer_id=3, hidden_size=16, hc_mult=2, table=table)
+        backed.load_state_dict(without_rows(mem.state_dict()))
+        decoded = table.rows(3, np.arange(fp8.rows(3)))                  # the rows as the table serves them
+        assert not torch.equal(decoded, mem.rows.detach())               # FP8 rounding changed them
+        with torch.no_grad():
+            mem.rows.copy_(decoded)
+            hidden, ids = inputs(mem, T=9)
+            assert torch.equal(backed(hidden, ids), mem(hidden, ids))
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.cuda
 def test_cuda_module_takes_host_or_device_ids(golden_case, golden_mem, tmp_path):

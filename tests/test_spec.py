@@ -140,3 +140,11 @@ def test_scale_block_is_validated_and_saved_only_where_it_matters():
                        r"divisor of 64"):
         make(dtype="float8_e4m3", scale_block=48)
     assert make(scale_block=48).scale_block == 48          # other dtypes ignore it
+
+
+def test_row_fields_differ_ignores_the_row_encoding():
+    spec = TableSpec(engram_vocab_size=(50, 60), max_ngram_size=3, n_head_per_ngram=2, n_embed_per_ngram=64,
+                     layer_ids=(0,), compressed_vocab_size=40)
+    assert spec.row_fields_differ(spec.replace(dtype="float8_e4m3", scale_block=16)) == []
+    assert spec.row_fields_differ(spec.replace(dtype="int8")) == []
+    assert spec.row_fields_differ(spec.replace(seed=3, hash="xxh64")) == ["seed", "hash"]
