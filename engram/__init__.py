@@ -10,6 +10,7 @@ from .corpus import tokenize_files as tokenize_files
 from .errors import CorruptTableError as CorruptTableError
 from .errors import EngramError as EngramError
 from .errors import InputError as InputError
+from .errors import MissingFileError as MissingFileError
 from .errors import SpecError as SpecError
 from .errors import SpecMismatchError as SpecMismatchError
 from .errors import TableExistsError as TableExistsError
@@ -64,6 +65,7 @@ __all__ = [
     "HotRowPlan",
     "InputError",
     "LookupStats",
+    "MissingFileError",
     "NgramHasher",
     "Prefetch",
     "SpecError",

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import CorruptTableError, InputError, SpecMismatchError, TableNotFoundError
+from .errors import CorruptTableError, InputError, MissingFileError, SpecMismatchError
 
 __all__ = ["Checkpoint", "open_checkpoint", "DEFAULT_WEIGHT_PATTERNS", "INDEX_NAME"]
 
@@ -131,7 +131,7 @@ def _read_index(path: Path) -> dict[str, Path]:
     resolved = {str(name): path.parent / str(file) for name, file in weight_map.items()}
     for file in sorted(set(resolved.values())):
         if not file.is_file():
-            raise TableNotFoundError(f"checkpoint shard {str(file)!r} named in {str(path)!r} does not exist: "
+            raise MissingFileError(f"checkpoint shard {str(file)!r} named in {str(path)!r} does not exist: "
                                      f"download every shard the index lists")
     return resolved
 
@@ -143,11 +143,11 @@ def _expand(path: Path) -> tuple[list[Path], dict[str, Path]]:
             return [], _read_index(path / INDEX_NAME)
         files = sorted(path.glob("*.safetensors")) or sorted(p for p in path.iterdir() if p.suffix in _TORCH_SUFFIXES)
         if not files:
-            raise TableNotFoundError(f"checkpoint directory {str(path)!r} holds no *.safetensors, {INDEX_NAME} or "
+            raise MissingFileError(f"checkpoint directory {str(path)!r} holds no *.safetensors, {INDEX_NAME} or "
                                      f"torch.save ({', '.join(_TORCH_SUFFIXES)}) files")
         return files, {}
     if not path.is_file():
-        raise TableNotFoundError(f"checkpoint path {str(path)!r} does not exist: pass checkpoint files, "
+        raise MissingFileError(f"checkpoint path {str(path)!r} does not exist: pass checkpoint files, "
                                  f"their directory or {INDEX_NAME}")
     if path.suffix == ".json":
         return [], _read_index(path)
@@ -425,7 +425,7 @@ def open_checkpoint(
         A Checkpoint (a context manager; `close()` releases the files).
 
     Raises:
-        TableNotFoundError: a path or an indexed shard does not exist.
+        MissingFileError: a path or an indexed shard does not exist.
         CorruptTableError: an unreadable file or index.
         InputError: no tensor matches the pattern, or a bad pattern.
 

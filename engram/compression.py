@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import xxhash
 
-from .errors import InputError, SpecError, TableNotFoundError, TokenIdError
+from .errors import InputError, MissingFileError, SpecError, TokenIdError
 from .tensors import is_torch, to_numpy_ids
 
 __all__ = ["Compression", "load_tokenizer"]
@@ -41,7 +41,7 @@ def load_tokenizer(path: str | os.PathLike[str]) -> Any:
     """A `tokenizers.Tokenizer` read from a JSON file, with typed errors that name the file.
 
     Raises:
-        TableNotFoundError: nothing at `path` (a FileNotFoundError).
+        MissingFileError: nothing at `path` (a FileNotFoundError).
         InputError: `path` is a folder, unreadable, or not a `tokenizers` JSON file.
     """
     from tokenizers import Tokenizer
@@ -49,7 +49,7 @@ def load_tokenizer(path: str | os.PathLike[str]) -> Any:
     path = os.fspath(path)
     fix = "pass the tokenizer.json the table was built with (Hugging Face tokenizers format)"
     if not os.path.lexists(path):
-        raise TableNotFoundError(f"tokenizer file {path!r} does not exist: {fix}")
+        raise MissingFileError(f"tokenizer file {path!r} does not exist: {fix}")
     if os.path.isdir(path):
         raise InputError(f"tokenizer file {path!r} is a folder: {fix}")
     try:
@@ -109,7 +109,7 @@ class Compression:
         token string. Canonical ids are assigned in first-seen order.
 
         Raises:
-            TableNotFoundError: no file at `path`.
+            MissingFileError: no file at `path`.
             InputError: `path` is not a readable `tokenizers` JSON file.
         """
         tokenizer = load_tokenizer(path)

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from .compression import Compression, load_tokenizer
-from .errors import InputError, TableNotFoundError
+from .errors import InputError, MissingFileError
 from .hashing import NgramHasher
 from .hotrows import HotRowPlan
 from .spec import HASH_FAMILIES, TableSpec
@@ -234,14 +234,14 @@ def tokenize_files(paths: Sequence[str | os.PathLike[str]], tokenizer_path: str 
     pieces is counted as two padded n-grams, which moves counts by well under 0.1% at the default.
 
     Raises:
-        TableNotFoundError: a corpus file or the tokenizer file does not exist.
+        MissingFileError: a corpus file or the tokenizer file does not exist.
         InputError: a path is a folder, or the tokenizer file is not a `tokenizers` JSON file.
     """
     from tqdm import tqdm
 
     for path in paths:
         if not os.path.lexists(path):
-            raise TableNotFoundError(f"corpus file {os.fspath(path)!r} does not exist: pass paths of text files")
+            raise MissingFileError(f"corpus file {os.fspath(path)!r} does not exist: pass paths of text files")
         if os.path.isdir(path):
             raise InputError(f"corpus file {os.fspath(path)!r} is a folder: pass the text files in it")
     tokenizer = load_tokenizer(tokenizer_path)

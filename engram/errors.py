@@ -8,6 +8,7 @@ __all__ = [
     "SpecMismatchError",
     "InputError",
     "TokenIdError",
+    "MissingFileError",
     "TableNotFoundError",
     "TableExistsError",
     "CorruptTableError",
@@ -34,7 +35,11 @@ class TokenIdError(InputError):
     """A token id is outside the vocabulary it is looked up in."""
 
 
-class TableNotFoundError(EngramError, FileNotFoundError):
+class MissingFileError(EngramError, FileNotFoundError):
+    """An input file does not exist: a tokenizer, corpus file, checkpoint or hot-row plan."""
+
+
+class TableNotFoundError(MissingFileError):
     """No table at the given path."""
 
 

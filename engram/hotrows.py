@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from .compression import Compression
-from .errors import CorruptTableError, InputError, SpecMismatchError, TableNotFoundError
+from .errors import CorruptTableError, InputError, MissingFileError, SpecMismatchError
 from .spec import TableSpec
 
 __all__ = ["HotRowPlan", "HOT_ROWS_FORMAT_VERSION"]
@@ -96,14 +96,14 @@ class HotRowPlan:
         """Read a plan written by `save`.
 
         Raises:
-            TableNotFoundError: no file at `path`.
+            MissingFileError: no file at `path`.
             CorruptTableError: another format version, or a damaged file: not a .npz archive,
                 members missing, meta that is not a JSON object of the fields above, arrays that
                 are not 1-D integers of matching lengths, rows outside their layer's table.
         """
         path = os.fspath(path)
         if not os.path.isfile(path):
-            raise TableNotFoundError(f"hot-row plan {path!r} does not exist: write one with `engram stats --hot-rows`")
+            raise MissingFileError(f"hot-row plan {path!r} does not exist: write one with `engram stats --hot-rows`")
         try:
             if not zipfile.is_zipfile(path):
                 raise ValueError("it is not a .npz (zip) archive")

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from engram import CorruptTableError, InputError, SpecMismatchError, TableNotFoundError
+from engram import CorruptTableError, InputError, MissingFileError, SpecMismatchError
 from engram.checkpoint import INDEX_NAME, open_checkpoint
 
 W = "model.layers.{}.engram.embedding.weight"
@@ -167,11 +167,11 @@ def test_iterating_keeps_memory_far_below_file_size(tmp_path):
 
 def test_missing_files_and_tensors(v41, tmp_path):
     root, _ = v41
-    with pytest.raises(TableNotFoundError, match=r"checkpoint path '.*nope.safetensors' does not exist"):
+    with pytest.raises(MissingFileError, match=r"checkpoint path '.*nope.safetensors' does not exist"):
         open_checkpoint(root / "nope.safetensors")
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(TableNotFoundError, match=r"checkpoint directory '.*empty' holds no \*.safetensors"):
+    with pytest.raises(MissingFileError, match=r"checkpoint directory '.*empty' holds no \*.safetensors"):
         open_checkpoint(empty)
     with open_checkpoint(root) as ckpt:
         with pytest.raises(InputError, match=r"layer_id=2: tensor 'model.layers.2.engram.embedding.weight' is not "
@@ -195,7 +195,7 @@ def test_missing_files_and_tensors(v41, tmp_path):
     index = json.loads((root / INDEX_NAME).read_text())
     index["weight_map"][S.format(14)] = "model-00003-of-00003.safetensors"
     (root / INDEX_NAME).write_text(json.dumps(index))
-    with pytest.raises(TableNotFoundError, match=r"checkpoint shard '.*model-00003-of-00003.safetensors' named in "
+    with pytest.raises(MissingFileError, match=r"checkpoint shard '.*model-00003-of-00003.safetensors' named in "
                                                  r"'.*model.safetensors.index.json' does not exist"):
         open_checkpoint(root)
     (root / INDEX_NAME).write_text("{}")

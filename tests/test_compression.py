@@ -27,7 +27,7 @@ def test_shipped_tokenizer_is_the_golden_one():
 
 
 def test_missing_tokenizer_file():
-    with pytest.raises(engram.TableNotFoundError, match="tokenizer file 'nope.json' does not exist: pass the"):
+    with pytest.raises(engram.MissingFileError, match="tokenizer file 'nope.json' does not exist: pass the"):
         Compression.from_tokenizer_file("nope.json")
 
 

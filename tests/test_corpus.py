@@ -8,7 +8,7 @@ import pytest
 
 from engram import Compression, InputError, NgramHasher, SpecMismatchError, TableSpec
 from engram.corpus import corpus_stats, count_ngrams, coverage_rows, tokenize_files, zipf_exponent
-from engram.errors import CorruptTableError, TableNotFoundError
+from engram.errors import CorruptTableError, MissingFileError
 from engram.hotrows import HotRowPlan
 
 COMP = Compression([0, 1, 2, 3, 4, 5, 6, 7, 8, 8])  # raw 8 and 9 merge
@@ -109,7 +109,7 @@ def test_hot_row_plan_round_trip(tmp_path):
 
 
 def test_hot_row_plan_refuses_missing_and_damaged_files(tmp_path):
-    with pytest.raises(TableNotFoundError, match="does not exist: write one with `engram stats --hot-rows`"):
+    with pytest.raises(MissingFileError, match="does not exist: write one with `engram stats --hot-rows`"):
         HotRowPlan.load(tmp_path / "none.npz")
     bad = tmp_path / "bad.npz"
     bad.write_bytes(b"not a zip")
@@ -180,9 +180,9 @@ def test_tokenize_files_refuses_missing_and_damaged_inputs(tmp_path):
     bad.write_text("{not json")
     with pytest.raises(InputError, match=r"tokenizer file '.*tok\.json' cannot be loaded \(.*\): pass the"):
         tokenize_files([text], bad)
-    with pytest.raises(TableNotFoundError, match=r"tokenizer file '.*none\.json' does not exist"):
+    with pytest.raises(MissingFileError, match=r"tokenizer file '.*none\.json' does not exist"):
         tokenize_files([text], tmp_path / "none.json")
-    with pytest.raises(TableNotFoundError, match=r"corpus file '.*b\.txt' does not exist: pass paths of text"):
+    with pytest.raises(MissingFileError, match=r"corpus file '.*b\.txt' does not exist: pass paths of text"):
         tokenize_files([text, tmp_path / "b.txt"], bad)
     with pytest.raises(InputError, match=r"corpus file '.*' is a folder: pass the text files in it"):
         tokenize_files([tmp_path], bad)
