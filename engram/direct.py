@@ -177,6 +177,11 @@ class DirectReader:
             torch.index_select(dest, 0, inverse, out=out_bytes)
         return int(plan["ext_len"].sum()), int(plan["ext_len"].size)
 
+    def extent_ids(self, layer_id: int, uniq: np.ndarray) -> np.ndarray:
+        """For sorted distinct rows `uniq` of a layer, the read extent each falls in (int64 [n],
+        non-decreasing): rows with the same id are read by one call when read together."""
+        return _plan_extents(uniq, self._layouts[layer_id])["row_ext"]
+
     def _read_window(self, lay: LayerLayout, fds: list[int], plan: dict[str, np.ndarray],
                      window: tuple[int, int, int, int], dest: torch.Tensor) -> None:
         first_ext, stop_ext, first_row, stop_row = window

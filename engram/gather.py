@@ -87,6 +87,8 @@ class RowGatherer:
             index = inverse
         else:
             miss = np.flatnonzero(slots < 0)
+            if self._disk and self.dedup and miss.size:
+                hit, miss = self._read_through(layer_id, keys, slots >= 0)
             torch.index_select(layer_cache.data, 0, torch.from_numpy(slots[hit]), out=staged[: hit.size])
             read = None
             if miss.size:
@@ -99,6 +101,19 @@ class RowGatherer:
                 index = index[inverse]
         torch.index_select(staged, 0, index, out=out)
         self._count(n, u, int(hit.size), read)
+
+    def _read_through(self, layer_id: int, keys: np.ndarray, cached: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(hit, miss) positions in the sorted distinct `keys` once cached rows that lie between two
+        misses of one read extent are read with them (they cost no extra read; leaving them out
+        could split that read in two). The cache then never makes a gather issue more reads."""
+        ext = self.tier.extent_ids(layer_id, keys)                            # [u] non-decreasing
+        pos = np.arange(keys.size)
+        before = np.maximum.accumulate(np.where(cached, -1, pos))            # last miss at or before i
+        after = np.minimum.accumulate(np.where(cached, keys.size, pos)[::-1])[::-1]   # first miss at or after
+        inside = (before >= 0) & (after < keys.size)
+        inside[inside] &= (ext[before[inside]] == ext[pos[inside]]) & (ext[after[inside]] == ext[pos[inside]])
+        read = ~cached | inside
+        return np.flatnonzero(~read), np.flatnonzero(read)
 
     def _count(self, requested: int, unique: int, cached: int, read: tuple[int, int] | None) -> None:
         tier_rows = unique - cached

@@ -187,6 +187,9 @@ class DirectTier:
                sorted_unique: bool = False) -> tuple[int, int]:
         return self.reader.gather(layer_id, rows, out, sorted_unique=sorted_unique)
 
+    def extent_ids(self, layer_id: int, uniq: np.ndarray) -> np.ndarray:
+        return self.reader.extent_ids(layer_id, uniq)
+
     def close(self) -> None:
         self.reader.close()
         self.scales = {}

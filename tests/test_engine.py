@@ -334,6 +334,22 @@ def test_direct_reads_cover_small_gaps_in_one_read(path):
         assert table.stats().disk_reads == 2
 
 
+def test_cached_rows_between_misses_are_read_through_not_split_around(path):
+    # 64-byte rows: row 64*b starts block b. Misses in blocks 0 and 4 with cached rows in blocks 1-3
+    # between them: one read of blocks 0-4, where skipping the cached rows would need two.
+    rows = np.array([0, 64, 128, 192, 256])
+    with engram.open(path, tier="mmap") as mapped, engram.open(path, tier="direct") as table:
+        table.load_hot_rows(plan_for({1: [64, 128, 192]}), fraction=1.0)
+        assert torch.equal(table.rows(1, rows), mapped.rows(1, rows))
+        s = table.stats()
+        assert (s.disk_reads, s.bytes_from_disk, s.rows_from_disk, s.rows_from_cache) == (1, 5 * 4096, 5, 0)
+        table.reset_stats()
+        edge = np.array([0, 64, 128, 192])                 # cached rows after the last miss stay cached
+        assert torch.equal(table.rows(1, edge), mapped.rows(1, edge))
+        s = table.stats()
+        assert (s.disk_reads, s.bytes_from_disk, s.rows_from_disk, s.rows_from_cache) == (1, 4096, 1, 3)
+
+
 def test_cached_rows_are_the_tables_rows(path):
     with engram.open(path, tier="direct") as table:
         every = table.rows(5, np.arange(table.spec.rows(5)))
@@ -365,7 +381,7 @@ def test_hot_row_plans_must_match_the_table(path, tmp_path):
             table.load_hot_rows(plan_for({1: [1]}), rows=-1)
         with pytest.raises(engram.InputError, match=r"plan holds row 8238 outside \[0, 8238\) for layer 1"):
             table.load_hot_rows(plan_for({1: [0, 8238]}), fraction=1.0)
-        with pytest.raises(engram.TableNotFoundError, match="does not exist"):
+        with pytest.raises(engram.MissingFileError, match="does not exist"):
             table.load_hot_rows(tmp_path / "missing.npz", fraction=0.1)
         plan_for({1: [4, 2]}).save(tmp_path / "hot.npz")
         assert table.load_hot_rows(tmp_path / "hot.npz", fraction=0.5) == {1: 1}
