@@ -5,7 +5,13 @@ Used by `engram bench` and the benchmark drivers in tools/. Baselines:
   shifts, `%` per head), head offsets, and one nn.Embedding over an in-RAM copy of the rows;
 - `index_select`: a bare `torch.index_select(weight, 0, rows, out=buf)` over the same in-RAM rows
   with the row ids precomputed: the cost of the gather alone, the ceiling for any tier.
-Both need the layer's rows in RAM; they are skipped when the layer exceeds `baseline_max_bytes`.
+Both need the layer's rows in RAM; they are skipped when that copy exceeds `baseline_max_bytes`.
+
+Quantized tables ("int8", "float8_e4m3"): the baselines run over the layer's rows decoded once to
+float32 (`table.rows`, what a lookup returns), the straightforward way to serve them in PyTorch;
+their in-RAM copy holds 4 bytes per value. The tiers read the stored rows (values plus scales,
+`spec.stored_row_bytes` per row) and decode each lookup, so a ratio below 1 is partly the price of
+decoding and a smaller table the gain. The report states both row sizes.
 """
 
 from __future__ import annotations
@@ -82,6 +88,10 @@ def bench_table(path: str | os.PathLike[str], tiers: Sequence[str] = ("ram", "mm
     Returns:
         {"workload": {...}, "baselines": {name: tokens_per_s}, "tiers": {tier: {"tokens_per_s",
          "vs_embedding", "vs_index_select", "cold"}}} (ratios only where the baseline ran).
+        The workload holds `row_bytes` (one stored row, scales included), `layer_bytes` (the
+        layer's stored rows), `dtype`, `quantized`, `decoded_dtype` (what lookups return and the
+        baselines gather), `baseline_row_bytes` and `baseline_bytes` (their in-RAM copy) and
+        `baselines_skipped` (True when that copy is over `baseline_max_bytes`).
     """
     import torch
 
@@ -102,14 +112,19 @@ def bench_table(path: str | os.PathLike[str], tiers: Sequence[str] = ("ram", "mm
             layer_id = spec.layer_ids[0] if layer_id is None else spec.check_layer(layer_id)
             ids = np.random.default_rng(seed).integers(0, comp.vocab_size, (batch, seq))
             tokens = ids.size
+            baseline_row_bytes = spec.head_dim * table.dtype.itemsize               # rows decoded, as lookups return
+            baseline_bytes = spec.rows(layer_id) * baseline_row_bytes
             result: dict[str, Any] = {
                 "workload": {"path": os.fspath(path), "layer_id": layer_id, "batch": batch, "seq": seq,
-                             "heads": spec.heads_per_layer, "row_bytes": spec.row_bytes, "dtype": spec.dtype,
-                             "layer_bytes": spec.layer_bytes(layer_id), "threads": 1},
+                             "heads": spec.heads_per_layer, "dtype": spec.dtype, "quantized": spec.quantized,
+                             "row_bytes": spec.stored_row_bytes, "layer_bytes": spec.layer_bytes(layer_id),
+                             "decoded_dtype": str(table.dtype).removeprefix("torch."),
+                             "baseline_row_bytes": baseline_row_bytes, "baseline_bytes": baseline_bytes,
+                             "baselines_skipped": baseline_bytes > baseline_max_bytes, "threads": 1},
                 "baselines": {}, "tiers": {},
             }
-            if spec.layer_bytes(layer_id) <= baseline_max_bytes:
-                weight = table.rows(layer_id, np.arange(spec.rows(layer_id)))       # in-RAM copy [rows, D]
+            if baseline_bytes <= baseline_max_bytes:
+                weight = table.rows(layer_id, np.arange(spec.rows(layer_id)))       # in-RAM copy [rows, D], decoded
                 hasher = NgramHasher(spec, comp)
                 offsets = np.array(spec.head_offsets(layer_id))
                 rows = torch.from_numpy((hasher.hash(ids, layer_id) + offsets).reshape(-1))  # [B*T*H]

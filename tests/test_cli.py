@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -344,15 +345,35 @@ def test_human_bytes():
 
 
 # -- build --dry-run refuses what a real build would ------------------------------------------------
-def test_build_dtype_choices_are_the_storable_dtypes():
+def _subparsers():
     import argparse
 
-    import engram.format
     from engram.cli import build_parser
 
-    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
-    dtype = next(a for a in sub.choices["build"]._actions if a.dest == "dtype")
-    assert tuple(dtype.choices) == tuple(engram.format.STORAGE_DTYPES)
+    return next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+
+
+@pytest.mark.parametrize("command", ["build", "import", "convert"])
+def test_dtype_choices_are_the_row_dtypes(command):
+    import engram.dtypes
+    import engram.format
+
+    dtype = next(a for a in _subparsers()[command]._actions if a.dest == "dtype")
+    assert tuple(dtype.choices) == tuple(engram.dtypes.ROW_DTYPES) == tuple(engram.format.STORAGE_DTYPES)
+    assert {"int8", "float8_e4m3"} <= set(dtype.choices)
+
+
+def test_help_states_each_default_once(capsys):
+    for command in ["", *_subparsers()]:
+        code, out, _ = run(capsys, *([command] if command else []), "--help")
+        assert code == 0 and "(default: None)" not in out and "(default: False)" not in out
+        entries = re.split(r"\n(?=  -)", out.split("options:", 1)[1])
+        for entry in entries:
+            assert entry.count("default") <= 1, (command, entry)
+    code, out, _ = run(capsys, "import", "--help")
+    assert "'layers.{layer_id}.engram.multi_head_embedding.embedding.weight')" in out
+    code, out, _ = run(capsys, "bench", "--help")
+    assert "(default: ram mmap direct)" in out and "(default: 8)" in out
 
 
 def test_dry_run_refuses_a_dtype_tables_cannot_store(capsys, spec_file, tmp_path, monkeypatch):
@@ -388,3 +409,197 @@ def test_spec_file_that_is_not_text_exits_3(capsys, tmp_path):
     spec.write_bytes(b"\xff\xfe{")
     code, _, err = run(capsys, "hash", "--spec", str(spec), "--tokenizer", TOKENIZER, "--text", "x")
     assert code == 3 and "is not valid JSON: 'utf-8' codec can't decode byte 0xff" in err
+
+
+# -- quantized tables: int8 and float8_e4m3 --------------------------------------------------------
+def _disk_bytes(table, layer_id):
+    """Bytes of the layer's chunk files on disk, scale arrays included."""
+    files = table.chunk_files(layer_id) + (table.chunk_files(layer_id, scales=True) if table.spec.quantized else [])
+    return sum(f.stat().st_size for f in files)
+
+
+@pytest.mark.parametrize("dtype, extra, stored", [
+    ("int8", [], 8 + 4),                               # D=8 int8 values + one float32 scale
+    ("float8_e4m3", ["--scale-block", "4"], 8 + 2),    # D=8 E4M3 values + two E8M0 scales
+])
+def test_build_quantized_table_verifies_and_inspects(capsys, spec_file, tmp_path, dtype, extra, stored):
+    path = tmp_path / f"{dtype}.engram"
+    argv = ["build", str(path), "--spec", spec_file, "--vocab-size", "300", "--dtype", dtype, *extra]
+    code, out, err = run(capsys, *argv, "--dry-run", "--json")
+    assert code == 0, err
+    dry = json.loads(out)
+    spec = engram.TableSpec.from_dict(dry["spec"])
+    assert spec.dtype == dtype and spec.stored_row_bytes == stored == dry["encoding"]["stored_row_bytes"]
+    assert dry["bytes"] == spec.total_bytes
+    for lid in spec.layer_ids:
+        assert dry["layers"][str(lid)]["bytes"] == spec.layer_bytes(lid) == spec.rows(lid) * stored
+    code, out, err = run(capsys, *argv, "--json")
+    assert code == 0, err
+    built = json.loads(out)
+    assert built["layers"] == dry["layers"]
+
+    code, out, _ = run(capsys, "verify", str(path))
+    assert code == 0 and "4 chunk file(s) match" in out                # values and scales of 2 layers
+    code, out, _ = run(capsys, "inspect", str(path), "--json")
+    assert code == 0
+    payload = json.loads(out)
+    assert payload["format_version"] == 2 and payload["encoding"] == dry["encoding"]
+    assert payload["encoding"]["scale_block"] == (4 if dtype == "float8_e4m3" else None)
+    with engram.open(path) as table:
+        for lid in spec.layer_ids:
+            layer = payload["layers"][str(lid)]
+            assert layer["bytes"] == spec.layer_bytes(lid)
+            assert layer["disk_bytes"] == _disk_bytes(table, lid) == dry["layers"][str(lid)]["disk_bytes"]
+            assert layer["scales"]["array"] == f"layer_{lid}_scales" and layer["scales"]["checksums"] == 1
+        assert payload["disk_bytes"] == sum(_disk_bytes(table, lid) for lid in spec.layer_ids)
+    sample = payload["layers"]["1"]["sample"]       # decoded rows: N(0, 0.02^2) up to the quantization error
+    assert sample["all_zero_rows"] == 0 and abs(sample["value_std"] - 0.02) < 0.003
+    code, out, _ = run(capsys, "inspect", str(path))
+    assert code == 0 and f"{dtype} rows of D=8" in out and f"{stored} B stored per row" in out
+    assert "scales in layer_1_scales" in out and "rows, decoded: norm" in out
+
+
+def test_float_table_inspect_reports_its_chunk_files(capsys, built):
+    path, _ = built
+    code, out, _ = run(capsys, "inspect", path, "--json", "--sample-rows", "0")
+    payload = json.loads(out)
+    assert payload["encoding"]["quantized"] is False and payload["encoding"]["stored_row_bytes"] == 32
+    with engram.open(path) as table:
+        assert payload["layers"]["4"]["disk_bytes"] == _disk_bytes(table, 4)
+    assert payload["layers"]["4"]["scales"] is None
+
+
+def test_fp8_scale_block_must_divide_d(capsys, spec_file, tmp_path):
+    base = ["build", str(tmp_path / "t"), "--spec", spec_file, "--vocab-size", "300", "--dry-run"]
+    code, _, err = run(capsys, *base, "--dtype", "float8_e4m3")                  # D=8, default block 32
+    assert code == 3 and "TableSpec.scale_block=32 is invalid" in err and "pass --scale-block B" in err
+    assert "a divisor of D=8" in err and "Traceback" not in err
+    code, _, err = run(capsys, *base, "--dtype", "float8_e4m3", "--scale-block", "3")
+    assert code == 3 and "TableSpec.scale_block=3 is invalid" in err and "--scale-block" in err
+    code, _, err = run(capsys, *base, "--dtype", "int8", "--scale-block", "4")
+    assert code == 3 and "--scale-block 4 applies to float8_e4m3 rows only" in err
+    code, _, err = run(capsys, *base, "--dtype", "float8_e4m3", "--scale-block", "0")
+    assert code == 2 and "argument --scale-block: 0 is invalid" in err
+    fp8 = tmp_path / "fp8.json"                       # the spec file's own dtype takes --scale-block too
+    fp8.write_text(json.dumps({**SPEC, "dtype": "float8_e4m3"}))
+    code, out, err = run(capsys, "build", str(tmp_path / "t"), "--spec", str(fp8), "--vocab-size", "300",
+                         "--dry-run", "--scale-block", "8", "--json")
+    assert code == 0, err
+    assert json.loads(out)["spec"]["scale_block"] == 8 and not (tmp_path / "t").exists()
+    code, _, err = run(capsys, "build", str(tmp_path / "t"), "--spec", str(fp8), "--vocab-size", "300", "--dry-run")
+    assert code == 3 and "pass --scale-block B" in err
+
+
+def test_import_fp8_checkpoint_into_an_fp8_table_keeps_the_bytes(capsys, tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    from engram.quant import encode
+
+    spec_d = {**SPEC, "n_embed_per_ngram": 64, "layer_ids": [1]}          # D = 32
+    (tmp_path / "spec.json").write_text(json.dumps(spec_d))
+    spec = engram.TableSpec.from_dict({**spec_d, "compressed_vocab_size": 300})
+    q = encode(np.random.default_rng(0).standard_normal((spec.rows(1), 32)).astype(np.float32), "float8_e4m3")
+    save_file({"model.layers.1.engram.embedding.weight": torch.from_numpy(q.values).view(torch.float8_e4m3fn),
+               "model.layers.1.engram.embedding.weight_scale_inv": torch.from_numpy(q.scales)},
+              tmp_path / "v41.safetensors")
+    base = ["import", "--spec", str(tmp_path / "spec.json"), "--vocab-size", "300", "--weights",
+            str(tmp_path / "v41.safetensors"), "--dtype", "float8_e4m3", "--json"]
+    code, out, err = run(capsys, *base[:1], str(tmp_path / "a.engram"), *base[1:])
+    assert code == 0, err
+    assert json.loads(out)["layers"]["1"]["bytes"] == spec.rows(1) * (32 + 1)
+    with engram.open(tmp_path / "a.engram") as table:
+        stored = table.stored_rows(1, np.arange(spec.rows(1)))
+    np.testing.assert_array_equal(stored.values, q.values)
+    np.testing.assert_array_equal(stored.scales, q.scales)
+    code, out, err = run(capsys, *base[:1], str(tmp_path / "b.engram"), *base[1:], "--scale-block", "16")
+    assert code == 0, err
+    assert json.loads(out)["encoding"]["scales_per_row"] == 2
+
+
+# -- engram convert ---------------------------------------------------------------------------------
+def test_convert_reports_what_the_library_reports(capsys, built, tmp_path):
+    path, _ = built
+    dst = tmp_path / "int8.engram"
+    code, out, err = run(capsys, "convert", path, str(dst), "--dtype", "int8", "--sample-rows", "3000", "--seed", "5",
+                         "--json")
+    assert code == 0, err
+    payload = json.loads(out)
+    same = engram.convert(path, tmp_path / "lib.engram", dtype="int8", sample_rows=3000, seed=5).to_dict()
+    for key in ("src_dtype", "dst_dtype", "scale_block", "copied", "sample_rows", "seed", "bytes_before",
+                "bytes_after", "max_rel_error"):
+        assert payload[key] == same[key], key
+    assert payload["layers"] == same["layers"] and payload["dry_run"] is False
+    spec = engram.TableSpec.from_dict({**SPEC, "compressed_vocab_size": 300})
+    layer = payload["layers"]["4"]
+    assert layer["sampled_rows"] == 3000 and 0 < layer["rms_rel_error"] <= layer["max_rel_error"] < 0.05
+    assert layer["bytes_before"] == spec.layer_bytes(4) and layer["bytes_after"] == spec.rows(4) * (8 + 4)
+    with engram.open(dst) as table:
+        assert table.spec.dtype == "int8" and payload["disk_bytes_after"] == sum(
+            _disk_bytes(table, lid) for lid in spec.layer_ids)
+    code, _, _ = run(capsys, "verify", str(dst))
+    assert code == 0
+
+
+def test_convert_human_summary_and_dry_run(capsys, built, tmp_path):
+    path, _ = built
+    dst = tmp_path / "fp8.engram"
+    argv = ["convert", path, str(dst), "--dtype", "float8_e4m3", "--scale-block", "8", "--sample-rows", "100"]
+    code, out, _ = run(capsys, *argv, "--dry-run", "--json")
+    assert code == 0 and not dst.exists()
+    dry = json.loads(out)
+    spec = engram.TableSpec.from_dict({**SPEC, "compressed_vocab_size": 300, "dtype": "float8_e4m3",
+                                       "scale_block": 8})
+    assert dry["layers"]["1"]["bytes_after"] == spec.layer_bytes(1) and dry["fits"] is True
+    code, out, _ = run(capsys, *argv, "--dry-run")
+    assert code == 0 and "would convert" in out and "free" in out and not dst.exists()
+    code, out, _ = run(capsys, *argv)
+    assert code == 0 and "(float32) -> " in out and "float8_e4m3, scale_block 8" in out
+    assert "max error" in out and "RMS error" in out and "sample of up to 100 rows" in out
+    code, out, _ = run(capsys, "convert", str(dst), str(tmp_path / "copy.engram"), "--dtype", "float8_e4m3",
+                       "--scale-block", "8", "--sample-rows", "0")
+    assert code == 0 and "stored bytes copied unchanged" in out
+    code, out, _ = run(capsys, "convert", str(dst), str(dst), "--dtype", "bfloat16", "--overwrite", "--json")
+    assert code == 0 and json.loads(out)["src_dtype"] == "float8_e4m3"
+    with engram.open(dst) as table:
+        assert table.spec.dtype == "bfloat16"
+
+
+def test_convert_refuses_bad_input(capsys, built, tmp_path):
+    path, _ = built
+    code, _, err = run(capsys, "convert", str(tmp_path / "nope"), str(tmp_path / "out"), "--dtype", "int8")
+    assert code == 3 and "nope" in err
+    code, _, err = run(capsys, "convert", path, path, "--dtype", "int8")
+    assert code == 3 and "already exists" in err
+    code, _, err = run(capsys, "convert", path, path, "--dtype", "int8", "--dry-run")
+    assert code == 3 and "already exists" in err
+    code, _, err = run(capsys, "convert", path, str(tmp_path / "out"), "--dtype", "int4")
+    assert code == 2 and "argument --dtype: invalid choice: 'int4'" in err
+    code, _, err = run(capsys, "convert", path, str(tmp_path / "out"))
+    assert code == 2 and "--dtype" in err and "required" in err
+    code, _, err = run(capsys, "convert", path, str(tmp_path / "out"), "--dtype", "float8_e4m3")      # D=8
+    assert code == 3 and "pass --scale-block B with B a divisor of D=8" in err
+    code, _, err = run(capsys, "convert", path, str(tmp_path / "out"), "--dtype", "int8", "--scale-block", "4")
+    assert code == 3 and "applies to float8_e4m3 rows only" in err
+    code, _, err = run(capsys, "convert", path, str(tmp_path / "out"), "--dtype", "int8", "--sample-rows", "-1")
+    assert code == 2 and "argument --sample-rows" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_bench_on_an_int8_table(capsys, spec_file, tmp_path):
+    path = str(tmp_path / "int8.engram")
+    code, _, err = run(capsys, "build", path, "--spec", spec_file, "--vocab-size", "300", "--dtype", "int8")
+    assert code == 0, err
+    code, out, _ = run(capsys, "bench", path, "--tier", "ram", "mmap", "--batch", "1", "--seq", "16", "--repeats", "1",
+                       "--json")
+    assert code == 0
+    r = json.loads(out)
+    w = r["workload"]
+    assert w["dtype"] == "int8" and w["quantized"] is True and w["row_bytes"] == 8 + 4
+    assert w["decoded_dtype"] == "float32" and w["baseline_row_bytes"] == 8 * 4 and w["baselines_skipped"] is False
+    spec = engram.TableSpec.from_dict({**SPEC, "compressed_vocab_size": 300, "dtype": "int8"})
+    assert w["layer_bytes"] == spec.layer_bytes(1) and w["baseline_bytes"] == spec.rows(1) * 32
+    assert set(r["baselines"]) == {"index_select", "embedding"} and set(r["tiers"]) == {"ram", "mmap"}
+    code, out, _ = run(capsys, "bench", path, "--tier", "ram", "--batch", "1", "--seq", "16", "--repeats", "1")
+    assert code == 0 and "int8 rows of 12 B (scales included, decoded to float32)" in out
+    assert "decoded once to float32 in RAM (32 B per row)" in out
