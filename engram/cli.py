@@ -700,6 +700,17 @@ def _jsonable(x: Any) -> Any:
     return x
 
 
+# Library keyword arguments named in error messages, and the flag that sets each here.
+_KEYWORD_FLAGS = {"overwrite=True": "--overwrite"}
+
+
+def _flag_wording(message: str) -> str:
+    """An error message of the library, with its keyword-argument advice given as flags."""
+    for keyword, flag in _KEYWORD_FLAGS.items():
+        message = message.replace(keyword, flag)
+    return message
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code (the console script exits with it)."""
     parser = build_parser()
@@ -711,7 +722,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         out = func(args)
     except (EngramError, OSError) as exc:   # OSError: a file engram was not the first to look at
-        print(f"engram {args.command}: error: {exc}", file=sys.stderr)
+        print(f"engram {args.command}: error: {_flag_wording(str(exc))}", file=sys.stderr)
         return EXIT_REFUSED
     except KeyboardInterrupt:
         print(f"engram {args.command}: interrupted", file=sys.stderr)

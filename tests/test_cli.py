@@ -151,7 +151,7 @@ def test_build_refuses_a_table_that_would_not_fit(capsys, tmp_path, monkeypatch)
 def test_build_refuses_to_replace_without_overwrite(capsys, built, spec_file):
     path, _ = built
     code, _, err = run(capsys, "build", path, "--spec", spec_file, "--vocab-size", "300")
-    assert code == 3 and "already exists: pass overwrite=True" in err
+    assert code == 3 and "already exists: pass --overwrite to replace" in err
     code, _, _ = run(capsys, "build", path, "--spec", spec_file, "--vocab-size", "300", "--overwrite", "--seed", "4")
     assert code == 0
 
@@ -395,7 +395,7 @@ def test_dry_run_refuses_a_spec_that_does_not_fit_the_compression(capsys, tmp_pa
 def test_dry_run_refuses_an_existing_target_without_overwrite(capsys, built, spec_file, tmp_path):
     path, _ = built
     code, _, err = run(capsys, "build", path, "--spec", spec_file, "--vocab-size", "300", "--dry-run")
-    assert code == 3 and "already exists: pass overwrite=True" in err
+    assert code == 3 and "already exists: pass --overwrite to replace" in err
     code, out, _ = run(capsys, "build", path, "--spec", spec_file, "--vocab-size", "300", "--dry-run", "--overwrite")
     assert code == 0 and "would build" in out
     (tmp_path / "notes.txt").write_text("mine")
