@@ -21,6 +21,7 @@ def test_notebook_runs_at_ci_size(path, tmp_path):
     nb = nbformat.read(path, as_version=4)
     first = nb.cells[0]
     assert first.cell_type == "markdown" and "**Question.**" in first.source and "**Answer.**" in first.source
+    assert "PLACEHOLDER" not in first.source, "the answer must be written from the notebook's measured results"
     params = [c for c in nb.cells if "parameters" in c.get("metadata", {}).get("tags", [])]
     assert len(params) == 1, "a notebook needs exactly one cell tagged 'parameters'"
     params[0].source = 'SIZE = "ci"\nOUT_DIR = ' + repr(str(tmp_path)) + "\n"
