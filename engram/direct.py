@@ -14,9 +14,10 @@ max(~15 us, its bytes at ~1.2 GB/s): 4 KiB and 8 KiB reads both run at ~60k/s, 1
 of up to two blocks they cost one slot of at most 16 KiB.
 
 Queue depth: `engram.open(path, tier="direct", io_threads=32)` keeps exactly
-min(io_threads, extents) reads outstanding per gather (the disk here: ~17.5k reads/s at depth 1,
-~86k at depth 32). Concurrent gathers of one table share the pool, so io_threads also bounds
-the table's reads in flight as a whole.
+min(io_threads, extents) reads outstanding per gather (the disk here, 4 KiB random reads:
+16-19k/s at depth 1, 35-86k/s at depth 32 over several days; it is a shared virtual disk).
+Concurrent gathers of one table share the pool, so io_threads also bounds the table's reads in
+flight as a whole.
 
 Files are opened with O_DIRECT where the filesystem allows it (reads go straight to the device;
 buffers, offsets and lengths are 4 KiB-aligned). Elsewhere (tmpfs, some network filesystems)

@@ -47,7 +47,12 @@ class LookupStats:
 
     @property
     def cache_hit_rate(self) -> float:
-        """rows_from_cache / rows_unique (0.0 before any lookup)."""
+        """rows_from_cache / rows_unique (0.0 before any lookup).
+
+        With batch dedup on (the `direct` tier's default) this is the share of each batch's
+        distinct rows the cache served, which falls as batches grow (the repeated hot rows of a
+        large batch are read once anyway); with dedup off it is the share of requested rows.
+        """
         return self.rows_from_cache / self.rows_unique if self.rows_unique else 0.0
 
     def to_dict(self) -> dict[str, Any]:
