@@ -223,7 +223,7 @@ def _check_args(dtype: Any, scale_block: Any, overwrite: Any, sample_rows: Any, 
 
 
 def _target_spec(source: TableSpec, dtype: str, scale_block: int | None) -> TableSpec:
-    if scale_block is None:
+    if scale_block is None:   # a float8_e4m3 source keeps its blocks; others carry the default
         scale_block = source.scale_block          # every other spec field stays as it was
     try:
         return source.replace(dtype=dtype, scale_block=scale_block)

@@ -349,7 +349,8 @@ def decode(
     out: torch.Tensor | None = None,
     out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """Decode stored rows to float32 or bfloat16, exactly (one rounding, to the output dtype).
+    """Decode stored rows to float32 or bfloat16: float8_e4m3 exactly with one rounding to the
+    output dtype; int8 as the float32 product `v * scale`, then rounded to bfloat16 if asked.
 
     Vectorized: a few whole-tensor passes per chunk of ~512K values (no Python loop over rows);
     pass `out` to reuse a buffer across lookups (a fresh buffer costs page faults). Read-only

@@ -51,9 +51,10 @@ class TableSpec:
         dtype: stored row dtype: "float32", "bfloat16", "float16", "int8" (one float32 scale per
             row) or "float8_e4m3" (FP8 E4M3 values, one E8M0 scale per `scale_block` values).
         scale_block: values per scale of "float8_e4m3" rows: a positive divisor of D (default 32,
-            DeepSeek-V4.1's 256 values + 8 scales per row). Ignored by the other dtypes; saved with
-            the spec only when dtype is "float8_e4m3" or it differs from the default, so older spec
-            dictionaries load with the default.
+            DeepSeek-V4.1's 256 values + 8 scales per row). Other dtypes have no blocks: for them
+            any valid value is replaced by the default, so specs of the same rows compare equal
+            whatever block they were made with, and their dictionaries stay as before the field
+            existed (it is saved only for "float8_e4m3").
 
     Example:
         >>> spec = TableSpec(engram_vocab_size=(1000, 1000), max_ngram_size=3, n_head_per_ngram=2,
@@ -86,6 +87,8 @@ class TableSpec:
             if _is_int(value) and type(value) is not int:
                 object.__setattr__(self, name, int(value))
         self._validate()
+        if not ROW_DTYPES[self.dtype].per_block:
+            object.__setattr__(self, "scale_block", DEFAULT_SCALE_BLOCK)
 
     # -- validation -------------------------------------------------------------------------
     def _validate(self) -> None:

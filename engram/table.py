@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import dataclasses
 import os
 import threading
 import weakref
@@ -208,8 +209,9 @@ class Table:
             layer_id: one of `spec.layer_ids`, or None for every layer.
             out: optional contiguous CPU tensor [B, T, E] of the result dtype to write into.
             dtype: result dtype (default: `table.dtype`). Float tables convert their rows to it;
-                quantized tables dequantize to it (exactly, one rounding, for float32 and
-                bfloat16; other float dtypes are converted from the float32 rows).
+                quantized tables dequantize to it (as `engram.quant.decode`: float8_e4m3 rows
+                with one rounding to float32 or bfloat16, int8 rows through their float32
+                product; other float dtypes are converted from the float32 rows).
 
         Returns:
             A CPU tensor [B, T, E] (E = spec.embed_dim) whatever the ids' device, or
@@ -529,7 +531,7 @@ def _check_expected(root: Path, meta: TableMeta, spec: TableSpec | None, compres
     if compression is not None and not isinstance(compression, Compression):
         raise InputError(f"compression must be an engram.Compression or None, got {type(compression).__name__}")
     if spec is not None and spec != meta.spec:
-        differ = [k for k, v in spec.to_dict().items() if meta.spec.to_dict().get(k) != v]
+        differ = [f.name for f in dataclasses.fields(spec) if getattr(meta.spec, f.name) != getattr(spec, f.name)]
         fields = ", ".join(f"{k}={getattr(meta.spec, k)!r} (expected {getattr(spec, k)!r})" for k in differ)
         raise SpecMismatchError(
             f"table at {os.fspath(root)!r} was built for another spec: {fields}: open the table built for "
