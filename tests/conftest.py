@@ -25,3 +25,19 @@ def golden():
             return json.load(f)
 
     return load
+
+
+@pytest.fixture
+def disk_full_at_third_chunk(monkeypatch):
+    """Table writes fail with ENOSPC at their third chunk file (a build or conversion mid-way)."""
+    from engram import build
+
+    real, calls = build._write_chunk, []
+
+    def failing(path, block, bar):
+        calls.append(path)
+        if len(calls) == 3:
+            raise OSError(28, "No space left on device")
+        return real(path, block, bar)
+
+    monkeypatch.setattr(build, "_write_chunk", failing)
