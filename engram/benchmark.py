@@ -126,8 +126,7 @@ def bench_table(path: str | os.PathLike[str], tiers: Sequence[str] = ("ram", "mm
             if baseline_bytes <= baseline_max_bytes:
                 weight = table.rows(layer_id, np.arange(spec.rows(layer_id)))       # in-RAM copy [rows, D], decoded
                 hasher = NgramHasher(spec, comp)
-                offsets = np.array(spec.head_offsets(layer_id))
-                rows = torch.from_numpy((hasher.hash(ids, layer_id) + offsets).reshape(-1))  # [B*T*H]
+                rows = torch.from_numpy(hasher.global_rows(ids, layer_id).reshape(-1))  # [B*T*H]
                 out = torch.empty(rows.numel(), spec.head_dim, dtype=weight.dtype)
                 seconds = best_time(lambda: torch.index_select(weight, 0, rows, out=out), repeats)
                 result["baselines"]["index_select"] = tokens / seconds
@@ -137,6 +136,7 @@ def bench_table(path: str | os.PathLike[str], tiers: Sequence[str] = ("ram", "mm
                     sizes = [spec.table_sizes(layer_id)[i: i + K] for i in range(0, spec.heads_per_layer, K)]
                     pad = int(comp.lookup[spec.pad_id])
                     mult = hasher.multipliers(layer_id)
+                    offsets = np.asarray(spec.head_offsets(layer_id), np.int64)
 
                     def straightforward() -> None:
                         h = torch.from_numpy(reference_hash(comp(ids), mult, sizes, pad) + offsets)

@@ -234,6 +234,17 @@ class NgramHasher:
             return torch.from_numpy(out).to(token_ids.device)
         return out
 
+    def global_rows(self, token_ids: Any, layer_id: int) -> Any:
+        """Rows of the layer's whole table (every head's table stacked, as stored): [B,T] raw ids
+        -> int64 [B,T,H], `hash(...)` plus `spec.head_offsets(layer_id)`; same kind/device."""
+        rows = self.hash(token_ids, layer_id)
+        offsets = np.asarray(self.spec.head_offsets(layer_id), np.int64)   # [H]
+        if isinstance(rows, np.ndarray):
+            return np.add(rows, offsets, out=np.empty(rows.shape, np.int64))
+        import torch
+
+        return rows + torch.from_numpy(offsets).to(rows.device)
+
     def hash_compressed(self, x: np.ndarray, layer_id: int, out: np.ndarray | None = None) -> np.ndarray:
         """The core: compressed int64 ids [B,T] -> int64 [B,T,H] head rows.
 

@@ -92,7 +92,6 @@ class EngramMemoryBase(nn.Module):
         self.spec, self.comp, self.table = spec, comp, table
         if table is not None:
             _check_table(table, spec, comp, type(self).__name__)
-        self._offsets = np.asarray(spec.head_offsets(self.layer_id), dtype=np.int64)   # [H]
         if table is None:
             self.rows = nn.Parameter(torch.empty(spec.rows(self.layer_id), spec.head_dim))
         else:
@@ -141,8 +140,7 @@ class EngramMemoryBase(nn.Module):
             return self._prefetched(token_ids).to(device=device, dtype=dtype)
         if self.table is not None:
             return self.table.lookup(token_ids, self.layer_id, dtype=dtype).to(device)
-        head_rows = self.hasher.hash(to_numpy_ids(token_ids), self.layer_id)   # [B, T, H] per head
-        idx = np.add(head_rows, self._offsets, out=np.empty(head_rows.shape, np.int64))   # global rows
+        idx = self.hasher.global_rows(to_numpy_ids(token_ids), self.layer_id)   # [B, T, H] rows of `rows`
         idx = torch.from_numpy(idx).to(self.rows.device)
         return F.embedding(idx, self.rows).flatten(2).to(device=device, dtype=dtype)   # [B, T, H*D]
 

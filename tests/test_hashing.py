@@ -202,3 +202,18 @@ def test_nested_lists_hash_like_numpy():
         hasher.hash([[1, 2, 3], [4]], 0)
     with pytest.raises(InputError, match=r"token_ids must be integers, got dtype=float64"):
         hasher.hash([[1.5, 2.0]], 0)
+
+
+def test_global_rows_are_head_rows_plus_head_offsets():
+    import torch
+
+    comp = Compression.identity(100)
+    spec = TableSpec(engram_vocab_size=(50, 60), max_ngram_size=3, n_head_per_ngram=2, n_embed_per_ngram=8,
+                     layer_ids=(0, 4), compressed_vocab_size=100)
+    hasher = NgramHasher(spec, comp)
+    ids = np.random.default_rng(0).integers(0, 100, (2, 9))
+    expected = hasher.hash(ids, 4) + np.asarray(spec.head_offsets(4))
+    got = hasher.global_rows(ids, 4)
+    assert got.dtype == np.int64 and np.array_equal(got, expected)
+    assert got.min() >= 0 and got.max() < spec.rows(4)
+    assert torch.equal(hasher.global_rows(torch.from_numpy(ids), 4), torch.from_numpy(expected))

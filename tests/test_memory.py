@@ -157,7 +157,8 @@ def test_gradients_reach_addressed_rows_and_conv():
     mem = small()
     hidden, ids = inputs(mem)
     mem(hidden, ids).square().sum().backward()
-    touched = torch.unique(torch.from_numpy(mem.hasher.hash(ids.numpy(), 3) + mem._offsets).flatten())
+    rows = mem.hasher.hash(ids.numpy(), 3) + np.asarray(mem.spec.head_offsets(3))     # [B, T, H] global rows
+    touched = torch.unique(torch.from_numpy(rows).flatten())
     grad_rows = torch.nonzero(mem.rows.grad.abs().sum(1)).flatten()
     assert torch.equal(grad_rows, touched)
     assert mem.short_conv.weight.grad.abs().sum() > 0

@@ -175,7 +175,7 @@ def test_training_steps_decrease_the_loss_and_touch_only_addressed_rows():
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0]
-    touched = np.unique(student.hasher.hash(ids.numpy(), 3) + student._offsets)
+    touched = np.unique(student.hasher.hash(ids.numpy(), 3) + np.asarray(student.spec.head_offsets(3)))
     moved = torch.nonzero((student.rows.detach() != rows_before).any(1)).flatten().numpy()
     assert np.array_equal(moved, touched)
     assert not torch.equal(student.gate_weight, torch.ones_like(student.gate_weight))

@@ -72,8 +72,7 @@ def make_table(args, comp: engram.Compression) -> Path:
 
 
 def global_rows(table, ids: np.ndarray) -> np.ndarray:
-    offsets = np.asarray(table.spec.head_offsets(LAYER), np.int64)
-    return (engram.NgramHasher(table.spec, table.compression).hash(ids, LAYER) + offsets).reshape(-1)
+    return engram.NgramHasher(table.spec, table.compression).global_rows(ids, LAYER).reshape(-1)
 
 
 class PreadPool:
@@ -242,7 +241,9 @@ def dedup(args, path: Path, seqs: list[np.ndarray] | None, comp: engram.Compress
     if seqs is not None:
         stream = np.concatenate(seqs)
         workloads["text_1x1024"] = stream[:1024].reshape(1, 1024)
-        workloads["text_8x4096"] = stream[100_000: 100_000 + 8 * 4096].reshape(8, 4096)
+        if stream.size >= 8 * 4096:      # a window past the first files' licence headers where there is text
+            start = min(100_000, stream.size - 8 * 4096)
+            workloads["text_8x4096"] = stream[start: start + 8 * 4096].reshape(8, 4096)
     out = {}
     with engram.open(path, tier="ram", dedup=False) as plain, engram.open(path, tier="ram", dedup=True) as deduped:
         for name, ids in workloads.items():

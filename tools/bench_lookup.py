@@ -134,8 +134,7 @@ def cold(args, path: Path, ids: np.ndarray, name: str) -> dict:
     layer = args.layers[0]
     with open_table(path, tier="direct", io_threads=args.io_threads) as table:
         spec = table.spec
-        offsets = np.asarray(spec.head_offsets(layer), np.int64)
-        rows = (engram.NgramHasher(spec, table.compression).hash(ids, layer) + offsets).reshape(-1)
+        rows = engram.NgramHasher(spec, table.compression).global_rows(ids, layer).reshape(-1)
         n_rows, n_unique = rows.size, np.unique(rows).size
         direct_s = best_time(lambda: table.lookup(ids, layer), args.cold_repeats, before=drop_caches)
         pread_s = best_time(lambda: pread_pool(table, layer, rows, args.pread_threads), args.cold_repeats,

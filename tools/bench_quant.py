@@ -112,7 +112,7 @@ def bench_tables(D: int, args: argparse.Namespace, root: Path) -> dict:
         with engram.open(path, tier="mmap") as table:
             entry["bytes_per_row"] = table.spec.stored_row_bytes
             entry["table_bytes"] = table.nbytes
-            rows = (engram.NgramHasher(table.spec, comp).hash(ids, 1) + np.asarray(table.spec.head_offsets(1)))
+            rows = engram.NgramHasher(table.spec, comp).global_rows(ids, 1)
             q = table.stored_rows(1, rows.reshape(-1))                  # one lookup's rows, as stored
             decode_s = 0.0 if q.scales is None else time_decode(q, args.repeats)
             del q
