@@ -64,7 +64,8 @@ class LayerReport:
     Attributes:
         layer_id: the layer.
         rows: rows in the layer.
-        sampled_rows: rows the errors were measured on (min(sample_rows, rows)).
+        sampled_rows: rows drawn for the error sample (min(sample_rows, rows)); the errors cover
+            those of them with finite source rows (sampled_rows - nonfinite_rows).
         zero_rows: sampled rows whose source row is all zeros.
         nonfinite_rows: sampled rows whose source holds NaN or inf (left out of the errors).
         max_rel_error: max of the per-row relative error over the sampled rows (None: none sampled).
@@ -130,7 +131,8 @@ class ConvertReport:
         return max(errors) if errors else None
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dictionary (layer ids as string keys; a non-finite error becomes None)."""
+        """A JSON-ready dictionary (layer ids as string keys; an infinite or NaN error becomes the
+        string "inf" or "nan", which JSON cannot hold as a number; None still means nothing sampled)."""
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "layers"}
         d.update(bytes_before=self.bytes_before, bytes_after=self.bytes_after, max_rel_error=_json_float(
             self.max_rel_error))
@@ -140,8 +142,8 @@ class ConvertReport:
         return d
 
 
-def _json_float(value: float | None) -> float | None:
-    return value if value is None or math.isfinite(value) else None
+def _json_float(value: float | None) -> float | str | None:
+    return value if value is None or math.isfinite(value) else str(value)
 
 
 def convert(src: str | os.PathLike[str] | Table, dst: str | os.PathLike[str], *, dtype: str,

@@ -309,7 +309,7 @@ class Table:
             int8, uint8 E4M3 bits, uint16 bfloat16 bits, float16/float32) and `scales` [n, S]
             (float32 for int8, uint8 E8M0 exponents for float8_e4m3; None for float tables), with
             `block=spec.scale_block`: `quant.decode(q.values, q.scales, q.dtype, block=q.block)`
-            equals `table.rows(layer_id, row_indices)`.
+            equals `table.rows(layer_id, row_indices, dtype=torch.float32)`.
 
         Example:
             >>> q = table.stored_rows(1, [0, 1, 2])             # a float8_e4m3 table: uint8 [3, 256], [3, 8]

@@ -152,6 +152,17 @@ def test_non_finite_rows_are_refused_by_quantized_targets(tmp_path):
     assert report.layers[1].nonfinite_rows == 1 and report.layers[1].max_rel_error == 0.0
 
 
+def test_rows_that_overflow_the_target_report_an_infinite_error(tmp_path):
+    spec = make_spec()
+    rows = np.full((spec.rows(1), 16), 0.01, np.float32)
+    rows[7, 3] = 1e6                                          # past float16's largest value, 65504
+    engram.build_table(tmp_path / "big", spec, COMP, weights={1: rows}).close()
+    report = engram.convert(tmp_path / "big", tmp_path / "half", dtype="float16", sample_rows=10**6)
+    assert report.layers[1].max_rel_error == float("inf") and report.layers[1].nonfinite_rows == 0
+    d = json.loads(json.dumps(report.to_dict(), allow_nan=False))
+    assert d["layers"]["1"]["max_rel_error"] == "inf" and d["max_rel_error"] == "inf"
+
+
 def test_bad_arguments(sources, tmp_path):
     src = sources["float32"]
     with pytest.raises(engram.SpecError, match=r"dtype='float64' is not a row dtype: expected one of"):
