@@ -45,7 +45,7 @@ from .table import Table
 from .table import open as open_table
 
 __all__ = ["build_table", "plan_layout", "write_table", "INITS", "INIT_BLOCK_ROWS", "DEFAULT_CHUNK_BYTES",
-           "ENCODE_VALUES"]
+           "ENCODE_VALUES", "check_build"]
 
 INITS = ("normal", "zeros")
 INIT_BLOCK_ROWS = 1024          # rows drawn from one seeded generator (independent of chunking)
@@ -109,12 +109,10 @@ def build_table(path: str | os.PathLike[str], spec: TableSpec, comp: Compression
         ...                         n_embed_per_ngram=256, layer_ids=(1,), compressed_vocab_size=1000)
         >>> table = engram.build_table("demo.engram", spec, comp, seed=0)
     """
-    _check_args(spec, comp, init, std, seed, overwrite)
-    NgramHasher(spec, comp)                     # spec and compression must fit together
-    sources = _check_weights(weights, spec)
-    layouts = plan_layout(spec, chunk_rows)
+    layouts = check_build(path, spec, comp, init=init, std=std, seed=seed, weights=weights, overwrite=overwrite,
+                          chunk_rows=chunk_rows)
+    sources = {int(layer_id): rows for layer_id, rows in (weights or {}).items()}
     target = Path(path)
-    _check_target(target, overwrite)
 
     def chunks(lay: LayerLayout) -> Iterator[Chunk]:
         if lay.layer_id in sources:
@@ -123,6 +121,27 @@ def build_table(path: str | os.PathLike[str], spec: TableSpec, comp: Compression
 
     write_table(target, spec, comp, layouts, chunks, overwrite, progress)
     return open_table(target)
+
+
+def check_build(path: str | os.PathLike[str], spec: TableSpec, comp: Compression, *, init: str = "normal",
+                std: float = 0.02, seed: int = 0, weights: Mapping[int, Any] | None = None, overwrite: bool = False,
+                chunk_rows: int | None = None) -> dict[int, LayerLayout]:
+    """Every check `build_table` makes before it writes, writing nothing: a dry run.
+
+    Arguments as `build_table` (`weights` are checked for layers, shapes and dtypes, not read).
+
+    Returns:
+        The chunk layout of every layer the build would write.
+
+    Raises:
+        What `build_table` raises before it starts writing.
+    """
+    _check_args(spec, comp, init, std, seed, overwrite)
+    NgramHasher(spec, comp)                     # spec and compression must fit together
+    _check_weights(weights, spec)
+    layouts = plan_layout(spec, chunk_rows)
+    _check_target(Path(path), overwrite)
+    return layouts
 
 
 def write_table(target: Path, spec: TableSpec, comp: Compression, layouts: dict[int, LayerLayout],

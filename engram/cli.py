@@ -30,7 +30,6 @@ import numpy as np
 from .compression import Compression, load_tokenizer
 from .dtypes import ROW_DTYPES as _ROW_DTYPES
 from .errors import EngramError, InputError, SpecError
-from .format import check_dtype_supported
 from .spec import HASH_FAMILIES, TableSpec
 
 __all__ = ["main"]
@@ -313,17 +312,12 @@ def _check_disk(path: str, needed: int, free: int) -> None:
             f"{path!r}: free space, build elsewhere, or pick a smaller spec / dtype")
 
 
-def _check_build(args: argparse.Namespace, spec: TableSpec, comp: Compression) -> None:
+def _check_build(args: argparse.Namespace, spec: TableSpec, comp: Compression, weights: Any = None) -> None:
     """What build_table checks before it writes, so `--dry-run` refuses what a real build would."""
-    from pathlib import Path
+    from .build import check_build
 
-    from .build import _check_args, _check_target
-    from .hashing import NgramHasher
-
-    check_dtype_supported(spec)
-    _check_args(spec, comp, args.init, args.std, args.seed, args.overwrite)
-    NgramHasher(spec, comp)                     # spec and compression must fit together
-    _check_target(Path(args.path), args.overwrite)
+    check_build(args.path, spec, comp, init=getattr(args, "init", "normal"), std=getattr(args, "std", 0.02),
+                seed=getattr(args, "seed", 0), weights=weights, overwrite=args.overwrite, chunk_rows=args.chunk_rows)
 
 
 def cmd_build(args: argparse.Namespace) -> Output:
@@ -365,18 +359,30 @@ def cmd_import(args: argparse.Namespace) -> Output:
     comp = _load_compression(args)
     spec = _load_build_spec(args, comp)
     plan = _layer_plan(spec, args.chunk_rows)
-    needed = sum(p["disk_bytes"] for p in plan.values())
-    _check_disk(args.path, needed, _free_bytes(args.path))
-    start = time.perf_counter()
+    needed, free = sum(p["disk_bytes"] for p in plan.values()), _free_bytes(args.path)
+    payload: dict[str, Any] = {"path": args.path, "spec": spec.to_dict(), "encoding": _encoding(spec),
+                               "layers": plan, "bytes": spec.total_bytes, "disk_bytes": needed, "free_bytes": free,
+                               "sources": list(args.weights), "dry_run": args.dry_run}
     with open_checkpoint(args.weights, weight_pattern=args.weight_pattern, scale_pattern=args.scale_pattern) as ckpt:
         weights = {lid: ckpt.rows(lid) for lid in spec.layer_ids}
+        _check_build(args, spec, comp, weights)      # layers, shapes and dtypes of the checkpoint's tensors
+        payload["source_dtypes"] = {lid: rows.stored_dtype for lid, rows in weights.items()}
+        sources = ", ".join(f"layer {lid}: {dtype}" for lid, dtype in payload["source_dtypes"].items())
+        if args.dry_run:
+            payload["fits"] = needed <= free
+            lines = [f"would import {len(weights)} layer(s) from {', '.join(args.weights)} ({sources}) into "
+                     f"{args.path}", f"  {_encoding_text(spec)}", *_plan_text(plan),
+                     f"  disk: {_human_bytes(needed)} needed, {_human_bytes(free)} free"]
+            if needed > free:
+                lines.append("  it would NOT fit on this disk")
+            return Output(payload, "\n".join(lines))
+        _check_disk(args.path, needed, free)
+        start = time.perf_counter()
         build_table(args.path, spec, comp, weights=weights, overwrite=args.overwrite, chunk_rows=args.chunk_rows,
                     progress=None if not args.json else False).close()
-    seconds = time.perf_counter() - start
-    payload = {"path": args.path, "spec": spec.to_dict(), "encoding": _encoding(spec), "layers": plan,
-               "bytes": spec.total_bytes, "disk_bytes": needed, "sources": list(args.weights), "seconds": seconds}
-    lines = [f"imported {len(weights)} layer(s) from {', '.join(args.weights)} into {args.path} in {seconds:.1f} s",
-             f"  {_encoding_text(spec)}"]
+    payload["seconds"] = seconds = time.perf_counter() - start
+    lines = [f"imported {len(weights)} layer(s) from {', '.join(args.weights)} ({sources}) into {args.path} "
+             f"in {seconds:.1f} s", f"  {_encoding_text(spec)}"]
     return Output(payload, "\n".join(lines + _plan_text(plan)))
 
 
@@ -630,6 +636,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_encoding(p)
     p.add_argument("--chunk-rows", type=_int_at_least(1), metavar="ROWS",
                    help="rows per chunk file (default: ~64 MiB chunks)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="check the checkpoint's tensors and print rows, bytes and chunks per layer; write nothing")
     p.add_argument("--overwrite", action="store_true", help="replace an existing table at PATH")
     p.set_defaults(func=cmd_import)
 

@@ -262,6 +262,30 @@ def test_import_fp8_checkpoint_dequantizes(capsys, tmp_path):
     assert torch.equal(got, decode(q.values, q.scales, "float8_e4m3"))
 
 
+def test_import_dry_run_checks_the_tensors_and_writes_nothing(capsys, spec_file, tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    spec = engram.TableSpec.from_dict({**SPEC, "compressed_vocab_size": 300})
+    name = "layers.{}.engram.multi_head_embedding.embedding.weight"
+    good = {name.format(lid): torch.zeros(spec.rows(lid), spec.head_dim) for lid in spec.layer_ids}
+    save_file(good, tmp_path / "good.safetensors")
+    path = tmp_path / "t.engram"
+    code, out, err = run(capsys, "import", str(path), "--spec", spec_file, "--vocab-size", "300",
+                         "--weights", str(tmp_path / "good.safetensors"), "--dry-run", "--json")
+    assert code == 0, err
+    d = json.loads(out)
+    assert d["dry_run"] and d["disk_bytes"] == sum(lay["disk_bytes"] for lay in d["layers"].values())
+    assert d["source_dtypes"] == {str(lid): "float32" for lid in spec.layer_ids}
+    assert not path.exists() and not list(tmp_path.glob(".t.engram*"))
+    short = {**good, name.format(4): torch.zeros(spec.rows(4) - 1, spec.head_dim)}
+    save_file(short, tmp_path / "short.safetensors")
+    code, _, err = run(capsys, "import", str(path), "--spec", spec_file, "--vocab-size", "300",
+                       "--weights", str(tmp_path / "short.safetensors"), "--dry-run")
+    assert code == 3 and f"weights[4] has shape ({spec.rows(4) - 1}, {spec.head_dim})" in err
+    assert not path.exists()
+
+
 def test_import_names_the_missing_tensor(capsys, spec_file, tmp_path):
     import torch
     from safetensors.torch import save_file
