@@ -41,6 +41,22 @@ __all__ = ["DEDUP_TIERS", "RowGatherer", "DecodingGatherer", "unique_inverse"]
 DEDUP_TIERS = ("direct",)
 
 
+# Per-thread buffers up to this size are kept for the next gather (a fresh buffer costs page
+# faults on every lookup); larger requests (e.g. `table.rows` over a whole layer) get a buffer of
+# their own, so one big call does not pin its memory until the table closes.
+KEEP_BUFFER_BYTES = 256 << 20
+
+
+def _reused(local: threading.local, name: str, nbytes: int) -> torch.Tensor:
+    """A uint8 buffer of at least `nbytes`: the thread's kept one, grown if needed and allowed."""
+    buf = getattr(local, name, None)
+    if buf is None or buf.numel() < nbytes:
+        buf = torch.empty(max(nbytes, 1), dtype=torch.uint8)
+        if nbytes <= KEEP_BUFFER_BYTES:
+            setattr(local, name, buf)
+    return buf
+
+
 def unique_inverse(rows: np.ndarray) -> tuple[np.ndarray, torch.Tensor]:
     """Sorted distinct ids of int64 `rows` [n] and, per id, its index among them (torch int64 [n])."""
     uniq, inverse = torch.unique(torch.from_numpy(rows), sorted=True, return_inverse=True)
@@ -128,10 +144,7 @@ class RowGatherer:
     def _staging(self, u: int, like: torch.Tensor) -> torch.Tensor:
         """A per-thread [u, D] buffer of `like`'s dtype, reused across gathers (never handed out)."""
         nbytes = u * like.shape[1] * like.element_size()
-        buf = getattr(self._local, "buf", None)
-        if buf is None or buf.numel() < nbytes:
-            buf = self._local.buf = torch.empty(max(nbytes, 1), dtype=torch.uint8)
-        return buf[:nbytes].view(like.dtype).view(u, like.shape[1])
+        return _reused(self._local, "buf", nbytes)[:nbytes].view(like.dtype).view(u, like.shape[1])
 
     def clear(self) -> None:
         """Drop every thread's staging buffer (the next gather makes a new one)."""
@@ -171,11 +184,7 @@ class DecodingGatherer:
             decode(values, scales, self.dtype, block=self.block, out=out)
 
     def _buffer(self, name: str, nbytes: int) -> torch.Tensor:
-        buf = getattr(self._local, name, None)
-        if buf is None or buf.numel() < nbytes:
-            buf = torch.empty(max(nbytes, 1), dtype=torch.uint8)
-            setattr(self._local, name, buf)
-        return buf[:nbytes]
+        return _reused(self._local, name, nbytes)[:nbytes]
 
     def clear(self) -> None:
         """Drop every thread's buffers."""

@@ -404,3 +404,17 @@ def test_quantized_tables_cache_encoded_rows_and_take_plans_of_the_float_table(t
         assert table.load_hot_rows(float_plan, max_bytes=3 * 16) == {5: 3, 1: 0}   # stored value bytes
         with pytest.raises(engram.SpecMismatchError, match="counted for another spec"):
             table.load_hot_rows(plan_for({1: [1]}, spec=make_spec(seed=9)), fraction=1.0)
+
+
+def test_gathers_keep_buffers_only_up_to_a_bound(path, monkeypatch):
+    from engram import gather
+
+    monkeypatch.setattr(gather, "KEEP_BUFFER_BYTES", 64 * 100)      # 100 rows of 64 bytes
+    with engram.open(path, tier="direct") as table:                  # dedup: staged through a buffer
+        small, big = np.arange(0, 200, 2), np.arange(table.spec.rows(1))
+        first = table.rows(1, small)
+        kept = table._engine._local.buf                               # the staging buffer of 100 rows
+        assert kept.numel() == 64 * 100
+        assert torch.equal(table.rows(1, big)[small], first)          # staged in a buffer of its own
+        assert table._engine._local.buf is kept
+        assert torch.equal(table.rows(1, small), first)
