@@ -408,9 +408,13 @@ def _read_layer(tdir: TableDir, spec: TableSpec, entry: dict[str, Any]) -> Layer
                                 "rebuild the table")
     row_bytes = [spec.row_bytes] + ([spec.scale_row_bytes] if row.quantized else [])
     if not isinstance(chunk_rows, int) or chunk_rows < 1 or any((chunk_rows * b) % CHUNK_ALIGN for b in row_bytes):
+        sizes = f"rows of {spec.row_bytes} B"
+        if row.quantized:
+            sizes += (f" and scale rows of {spec.scale_row_bytes} B (scale_block={spec.scale_block}: if the "
+                      "spec's scale_block was edited, it no longer matches the stored scales)")
         raise CorruptTableError(
             f"{where}: chunk_rows={chunk_rows!r} does not give chunk files a multiple of {CHUNK_ALIGN} "
-            "bytes: rebuild the table with engram.build_table")
+            f"bytes with {sizes}: the metadata is damaged; rebuild the table with engram.build_table")
     layout = _read_array(tdir, spec, where, LayerLayout(
         layer_id, name, spec.rows(layer_id), spec.row_bytes, chunk_rows, tuple(str(c) for c in entry["checksums"])),
         row.zarr, spec.head_dim)

@@ -291,3 +291,13 @@ def test_golden_quantized_chunk_digests(tmp_path, dtype):
     with engram.build_table(tmp_path / "t", spec, COMP, seed=0) as table:
         assert (table.checksums(1), table.checksums(1, scales=True)) == GOLDEN_QUANT[dtype]
         table.verify()
+
+
+def test_an_edited_scale_block_is_refused_naming_it(tmp_path):
+    path = tmp_path / "fp8.engram"
+    spec = make_spec("float8_e4m3").replace(scale_block=8)          # D=16: 2 scale bytes a row
+    engram.build_table(path, spec, COMP, seed=1, chunk_rows=32768).close()
+    rewrite_json(path / "zarr.json", lambda d: d["attributes"]["engram"]["spec"].update(scale_block=16))
+    with pytest.raises(engram.CorruptTableError, match=r"scale rows of 1 B \(scale_block=16: if the spec's "
+                       r"scale_block was edited, it no longer matches the stored scales\)"):
+        engram.open(path)
