@@ -295,7 +295,7 @@ def test_golden_quantized_chunk_digests(tmp_path, dtype):
 
 def test_an_edited_scale_block_is_refused_naming_it(tmp_path):
     path = tmp_path / "fp8.engram"
-    spec = make_spec("float8_e4m3").replace(scale_block=8)          # D=16: 2 scale bytes a row
+    spec = make_spec().replace(dtype="float8_e4m3", scale_block=8)  # D=16: 2 scale bytes a row
     engram.build_table(path, spec, COMP, seed=1, chunk_rows=32768).close()
     rewrite_json(path / "zarr.json", lambda d: d["attributes"]["engram"]["spec"].update(scale_block=16))
     with pytest.raises(engram.CorruptTableError, match=r"scale rows of 1 B \(scale_block=16: if the spec's "
