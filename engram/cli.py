@@ -1,14 +1,18 @@
 """The `engram` command line: parse arguments, call the library, print.
 
-Every subcommand prints a human summary by default and one JSON object with `--json`.
+Every subcommand prints a human summary by default and one JSON object with `--json`. Errors go
+to stderr; with `--json`, stdout also gets one object {"error": message, "error_type": the
+exception's class name, "exit_code": code}.
 
 Exit codes:
     0    success
     1    a check failed (`verify` found a damaged chunk)
-    2    bad arguments (usage error: a missing flag, a value out of its range)
+    2    arguments that do not parse (usage error: a missing flag, an unknown choice, a count out of
+         its range)
     3    engram refused the input, or a file could not be read or written (missing table, mismatched
          spec, bad ids, a missing or damaged tokenizer file, an output folder that does not exist, a
-         table already at the output path without --overwrite, a --scale-block that does not divide D, ...)
+         table already at the output path without --overwrite, a --scale-block that does not divide D,
+         a build that would not fit on the disk; a dry run of one prints its plan, then exits 3)
     130  interrupted
 """
 
@@ -339,7 +343,7 @@ def cmd_build(args: argparse.Namespace) -> Output:
         payload["fits"] = needed <= free
         if needed > free:
             head.append("  it would NOT fit on this disk")
-        return Output(payload, "\n".join(head))
+        return Output(payload, "\n".join(head), EXIT_OK if needed <= free else EXIT_REFUSED)
     _check_disk(args.path, needed, free)
     start = time.perf_counter()
     table = build_table(args.path, spec, comp, init=args.init, std=args.std, seed=args.seed,
@@ -375,7 +379,7 @@ def cmd_import(args: argparse.Namespace) -> Output:
                      f"  disk: {_human_bytes(needed)} needed, {_human_bytes(free)} free"]
             if needed > free:
                 lines.append("  it would NOT fit on this disk")
-            return Output(payload, "\n".join(lines))
+            return Output(payload, "\n".join(lines), EXIT_OK if needed <= free else EXIT_REFUSED)
         _check_disk(args.path, needed, free)
         start = time.perf_counter()
         build_table(args.path, spec, comp, weights=weights, overwrite=args.overwrite, chunk_rows=args.chunk_rows,
@@ -431,7 +435,7 @@ def cmd_convert(args: argparse.Namespace) -> Output:
                      f"({ratio:.2f}x); disk: {_human_bytes(needed)} needed, {_human_bytes(free)} free")
         if needed > free:
             lines.append("  it would NOT fit on this disk")
-        return Output(payload, "\n".join(lines))
+        return Output(payload, "\n".join(lines), EXIT_OK if needed <= free else EXIT_REFUSED)
     _check_disk(args.dst, needed, free)
     report = convert(args.src, args.dst, dtype=args.dtype, scale_block=args.scale_block, overwrite=args.overwrite,
                      sample_rows=args.sample_rows, seed=args.seed, progress=None if not args.json else False)
@@ -730,16 +734,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         out = func(args)
     except (EngramError, OSError) as exc:   # OSError: a file engram was not the first to look at
-        print(f"engram {args.command}: error: {_flag_wording(str(exc))}", file=sys.stderr)
-        return EXIT_REFUSED
+        return _fail(args, EXIT_REFUSED, _flag_wording(str(exc)), type(exc).__name__)
     except KeyboardInterrupt:
-        print(f"engram {args.command}: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    if args.json:
-        print(json.dumps(_jsonable(out.payload), indent=2))
-    else:
-        print(out.text)
+        return _fail(args, EXIT_INTERRUPTED, "interrupted", "KeyboardInterrupt")
+    try:
+        if args.json:
+            print(json.dumps(_jsonable(out.payload), indent=2))
+        else:
+            print(out.text)
+        sys.stdout.flush()
+    except BrokenPipeError:      # the reader went away (`engram inspect T | head`): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return out.code
+
+
+def _fail(args: argparse.Namespace, code: int, message: str, kind: str) -> int:
+    """Report an error on stderr (and, with --json, as one JSON object on stdout); return `code`."""
+    print(f"engram {args.command}: {'error: ' if code == EXIT_REFUSED else ''}{message}", file=sys.stderr)
+    if getattr(args, "json", False):
+        print(json.dumps({"error": message, "error_type": kind, "exit_code": code}, indent=2))
+    return code
 
 
 if __name__ == "__main__":

@@ -11,6 +11,8 @@ import engram
 from engram.cli import main
 from engram.hotrows import HotRowPlan
 
+REPO = Path(__file__).resolve().parent.parent
+
 TOKENIZER = str(Path(engram.__file__).parent / "data" / "bpe_bytelevel_4k.tokenizer.json")
 SPEC = {"engram_vocab_size": [5003, 5003], "max_ngram_size": 3, "n_head_per_ngram": 2,
         "n_embed_per_ngram": 16, "layer_ids": [1, 4]}
@@ -142,7 +144,7 @@ def test_build_refuses_a_table_that_would_not_fit(capsys, tmp_path, monkeypatch)
 
     monkeypatch.setattr(cli, "_free_bytes", lambda path: 10 << 30)
     code, out, _ = run(capsys, "build", str(tmp_path / "x"), "--spec", str(big), "--vocab-size", "10", "--dry-run")
-    assert code == 0 and "would NOT fit" in out
+    assert code == 3 and "would NOT fit" in out                          # the plan, and the refusal
     code, _, err = run(capsys, "build", str(tmp_path / "x"), "--spec", str(big), "--vocab-size", "10")
     assert code == 3 and "only 10.0 GiB is free" in err
     assert not (tmp_path / "x").exists()
@@ -627,3 +629,24 @@ def test_bench_on_an_int8_table(capsys, spec_file, tmp_path):
     code, out, _ = run(capsys, "bench", path, "--tier", "ram", "--batch", "1", "--seq", "16", "--repeats", "1")
     assert code == 0 and "int8 rows of 12 B (scales included, decoded to float32)" in out
     assert "decoded once to float32 in RAM (32 B per row)" in out
+
+
+def test_errors_under_json_are_one_json_object_too(capsys, tmp_path):
+    code, out, err = run(capsys, "inspect", str(tmp_path / "nothere.engram"), "--json")
+    assert code == 3 and "no table at" in err
+    d = json.loads(out)
+    assert d["exit_code"] == 3 and d["error_type"] == "TableNotFoundError" and "no table at" in d["error"]
+
+
+def test_a_closed_pipe_ends_output_quietly(spec_file):
+    import subprocess
+    import sys
+
+    script = "import sys; from engram.cli import main; sys.exit(main(sys.argv[1:]))"
+    argv = [sys.executable, "-c", script, "hash", "--spec", spec_file, "--tokenizer", TOKENIZER,
+            "--text", "word " * 5000, "--json"]                       # far more output than a pipe buffers
+    with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO) as writer:
+        assert len(writer.stdout.read(10)) == 10
+        writer.stdout.close()                                         # the reader goes away
+        err = writer.stderr.read().decode()
+        assert writer.wait() == 0 and "Traceback" not in err and "BrokenPipe" not in err
