@@ -25,8 +25,8 @@ if TYPE_CHECKING:
     from .build import build_table as build_table
     from .checkpoint import Checkpoint as Checkpoint
     from .checkpoint import open_checkpoint as open_checkpoint
-    from .convert import ConvertReport as ConvertReport
-    from .convert import convert as convert
+    from .conversion import ConvertReport as ConvertReport
+    from .conversion import convert as convert
     from .memory import EngramMemory as EngramMemory
     from .memory_v41 import EngramMemoryV41 as EngramMemoryV41
     from .prefetch import Prefetch as Prefetch
@@ -40,7 +40,7 @@ if TYPE_CHECKING:
 _LAZY = {"EngramMemory": ".memory", "EngramMemoryV41": ".memory_v41", "Table": ".table", "build_table": ".build",
          "lookup": ".table", "open": ".table", "export_rows": ".training", "param_groups": ".training",
          "open_checkpoint": ".checkpoint", "Checkpoint": ".checkpoint", "Prefetch": ".prefetch",
-         "convert": ".convert", "ConvertReport": ".convert"}
+         "convert": ".conversion", "ConvertReport": ".conversion"}
 
 
 def __getattr__(name: str) -> Any:

@@ -418,7 +418,7 @@ def cmd_convert(args: argparse.Namespace) -> Output:
     from pathlib import Path
 
     from .build import _check_target
-    from .convert import convert
+    from .conversion import convert
 
     plan, spec = _convert_plan(args)
     _check_target(Path(args.dst), args.overwrite)

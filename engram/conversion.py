@@ -25,9 +25,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import sys
 import time
-import types
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -312,14 +310,3 @@ class _Errors:
         rms_e = float(np.sqrt(np.mean(np.square(e)))) if e.size else None
         return LayerReport(layer_id, rows, self.sampled, self.zero_rows, self.nonfinite_rows, max_e, rms_e,
                            before, after, disk_before, disk_after)
-
-
-class _CallableModule(types.ModuleType):
-    """`engram.convert` names both this module and its function. Importing the module binds the
-    module as the package's attribute, which would hide the function; calling the module converts."""
-
-    def __call__(self, *args: Any, **kwargs: Any) -> ConvertReport:
-        return convert(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
