@@ -574,7 +574,8 @@ def cmd_bench(args: argparse.Namespace) -> Output:
         lines.append(f"  baseline {name:13s} {rate / 1e6:8.3f} M tokens/s")
     for tier, e in r["tiers"].items():
         ratios = ", ".join(f"{e[k]:.2f}x {k[3:]}" for k in e if k.startswith("vs_"))
-        state = "cold" if e["cold"] else "hot"
+        # "direct" reads its rows from the files on every lookup, page cache or not: neither hot nor cold
+        state = "cold" if e["cold"] else ("disk" if tier == "direct" else "hot")
         lines.append(f"  {tier:6s} ({state:4s})         {e['tokens_per_s'] / 1e6:8.3f} M tokens/s"
                      + (f"  ({ratios})" if ratios else ""))
     return Output(r, "\n".join(lines))
