@@ -140,9 +140,9 @@ def test_build_dry_run_writes_nothing(capsys, spec_file, tmp_path):
 def test_build_refuses_a_table_that_would_not_fit(capsys, tmp_path, monkeypatch):
     big = tmp_path / "big.json"
     big.write_text(json.dumps({**SPEC, "engram_vocab_size": [10**9, 10**9], "n_embed_per_ngram": 4096}))
-    import engram.cli as cli
+    import engram.cli.write as write
 
-    monkeypatch.setattr(cli, "_free_bytes", lambda path: 10 << 30)
+    monkeypatch.setattr(write, "_free_bytes", lambda path: 10 << 30)
     code, out, _ = run(capsys, "build", str(tmp_path / "x"), "--spec", str(big), "--vocab-size", "10", "--dry-run")
     assert code == 3 and "would NOT fit" in out                          # the plan, and the refusal
     code, _, err = run(capsys, "build", str(tmp_path / "x"), "--spec", str(big), "--vocab-size", "10")
@@ -355,7 +355,7 @@ def test_os_errors_exit_3_and_interrupts_130(capsys, spec_file, corpus, monkeypa
 def test_free_bytes_of_a_path_whose_parents_do_not_exist_yet(capsys, spec_file, tmp_path):
     import shutil
 
-    from engram.cli import _free_bytes
+    from engram.cli.common import _free_bytes
 
     deep = tmp_path / "a" / "b" / "t.engram"
     assert abs(_free_bytes(str(deep)) - shutil.disk_usage(tmp_path).free) < 1 << 30
@@ -364,7 +364,7 @@ def test_free_bytes_of_a_path_whose_parents_do_not_exist_yet(capsys, spec_file, 
 
 
 def test_human_bytes():
-    from engram.cli import _human_bytes
+    from engram.cli.common import _human_bytes
 
     assert [_human_bytes(n) for n in (0, 1023, 1024, 1536 << 20, 1 << 40, 5 << 50)] == [
         "0 B", "1023 B", "1.0 KiB", "1.5 GiB", "1.0 TiB", "5120.0 TiB"]

@@ -29,7 +29,7 @@ def test_docstring_states_the_table_size(monkeypatch):
     monkeypatch.syspath_prepend(str(TOOLS))
     import demo
 
-    from engram.cli import _load_spec
+    from engram.cli.common import _load_spec
 
     spec = _load_spec(str(demo.SPEC), engram.Compression.from_tokenizer_file(demo.TOKENIZER))
     layer_mib = {round(spec.layer_bytes(i) / 2**20) for i in spec.layer_ids}

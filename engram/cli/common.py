@@ -1,0 +1,212 @@
+"""What the subcommands share: the command result, spec and argument handling, formatting."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from collections.abc import Callable
+from typing import Any
+
+from ..compression import Compression
+from ..dtypes import ROW_DTYPES as _ROW_DTYPES
+from ..errors import InputError, SpecError
+from ..spec import TableSpec
+
+EXIT_OK, EXIT_CHECK_FAILED, EXIT_USAGE, EXIT_REFUSED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+ROW_DTYPES = tuple(_ROW_DTYPES)   # every row dtype a table can store: the choices of --dtype
+BLOCK_DTYPE = "float8_e4m3"       # the one dtype whose scales cover blocks of --scale-block values
+
+
+class Output:
+    """What a command hands back: a JSON-ready payload and the human text for it."""
+
+    def __init__(self, payload: dict[str, Any], text: str, code: int = EXIT_OK) -> None:
+        self.payload, self.text, self.code = payload, text, code
+
+
+# -- shared argument handling ----------------------------------------------------------------
+def _load_compression(args: argparse.Namespace) -> Compression:
+    if getattr(args, "tokenizer", None):
+        return Compression.from_tokenizer_file(args.tokenizer)
+    return Compression.identity(args.vocab_size)
+
+
+def _read_spec(path: str, comp: Compression | None) -> Any:
+    """The JSON of a --spec file; `compressed_vocab_size` may be left out and is then taken from `comp`."""
+    if not os.path.isfile(path):
+        raise SpecError(f"--spec file {path!r} does not exist: pass a JSON file of TableSpec fields")
+    try:
+        with open(path) as f:
+            d = json.load(f)
+    except ValueError as exc:  # json.JSONDecodeError, UnicodeDecodeError
+        raise SpecError(f"--spec file {path!r} is not valid JSON: {exc}") from exc
+    if isinstance(d, dict) and "compressed_vocab_size" not in d and comp is not None:
+        d["compressed_vocab_size"] = comp.compressed_vocab_size
+    return d
+
+
+def _load_spec(path: str, comp: Compression | None) -> TableSpec:
+    """A spec from a JSON file of TableSpec fields."""
+    return TableSpec.from_dict(_read_spec(path, comp))
+
+
+def _with_encoding(spec: TableSpec, dtype: str, scale_block: int | None) -> TableSpec:
+    """`spec` with rows stored as `dtype` (and `scale_block`, from --scale-block), or a SpecError naming the flag."""
+    if scale_block is not None and dtype != BLOCK_DTYPE:
+        raise InputError(f"--scale-block {scale_block} applies to {BLOCK_DTYPE} rows only, but the rows are "
+                         f"{dtype}: drop --scale-block or pass --dtype {BLOCK_DTYPE}")
+    try:
+        return spec.replace(dtype=dtype, scale_block=spec.scale_block if scale_block is None else scale_block)
+    except SpecError as exc:
+        if dtype != BLOCK_DTYPE:
+            raise
+        raise SpecError(f"{exc}; pass --scale-block B with B a divisor of D={spec.head_dim}") from exc
+
+
+def _load_build_spec(args: argparse.Namespace, comp: Compression) -> TableSpec:
+    """The spec of `build` / `import`: the --spec file with --dtype and --scale-block applied."""
+    d = _read_spec(args.spec, comp)
+    if not isinstance(d, dict):
+        return TableSpec.from_dict(d)            # refused with the reason
+    dtype = args.dtype or d.get("dtype", "float32")
+    if args.scale_block is not None:
+        d["scale_block"] = args.scale_block
+    # every other field checked first, so a refused row encoding is named as such
+    base = TableSpec.from_dict({**d, "dtype": "float32"} if dtype in ROW_DTYPES else d)
+    return _with_encoding(base, dtype, args.scale_block)
+
+
+def _spec_and_compression(args: argparse.Namespace) -> tuple[TableSpec, Compression]:
+    """From --table PATH, or from --spec plus --tokenizer/--vocab-size."""
+    if getattr(args, "table", None):
+        from ..table import open as open_table
+
+        with open_table(args.table) as table:
+            return table.spec, table.compression
+    comp = _load_compression(args)
+    return _load_spec(args.spec, comp), comp
+
+
+def _add_source(p: argparse.ArgumentParser, table_ok: bool = True) -> None:
+    src = p.add_mutually_exclusive_group(required=True)
+    if table_ok:
+        src.add_argument("--table", metavar="PATH", help="take spec and compression from this table")
+    src.add_argument("--spec", metavar="SPEC.json", help="TableSpec fields as JSON")
+
+
+def _add_vocab(p: argparse.ArgumentParser, required: bool) -> None:
+    vocab = p.add_mutually_exclusive_group(required=required)
+    vocab.add_argument("--tokenizer", metavar="TOKENIZER.json", help="Hugging Face tokenizers file")
+    vocab.add_argument("--vocab-size", type=_int_at_least(1), metavar="V", help="identity compression over V ids")
+
+
+def _add_encoding(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dtype", choices=ROW_DTYPES, help="row dtype (default: the spec's)")
+    p.add_argument("--scale-block", type=_int_at_least(1), metavar="B",
+                   help=f"values per E8M0 scale of {BLOCK_DTYPE} rows, a divisor of D (default: the spec's, 32 "
+                        "unless set)")
+
+
+def _int_at_least(low: int) -> Callable[[str], int]:
+    """An argparse type: an int >= `low` (anything else is a usage error, exit 2)."""
+    def parse(text: str) -> int:
+        try:
+            n = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+        if n < low:
+            raise argparse.ArgumentTypeError(f"{n} is invalid: pass an int >= {low}")
+        return n
+
+    parse.__name__ = f"int >= {low}"
+    return parse
+
+
+def _check_output_file(flag: str, path: str | None, example: str) -> None:
+    """Refuse an output file that could not be written, before any long work starts."""
+    if path is None:
+        return
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise InputError(f"{flag} {path!r}: the folder {folder!r} does not exist: create it first or pass a "
+                         "path in an existing folder")
+    if os.path.isdir(path):
+        raise InputError(f"{flag} {path!r} is a folder: pass a file path, e.g. {os.path.join(path, example)!r}")
+    if not os.access(folder, os.W_OK):
+        raise InputError(f"{flag} {path!r}: the folder {folder!r} is not writable: pass a path you can write")
+
+
+def _fmt_int(n: int) -> str:
+    return f"{n:,}"
+
+
+
+def _layer_plan(spec: TableSpec, chunk_rows: int | None) -> dict[int, dict[str, int]]:
+    from ..build import plan_layout
+
+    return {lid: {"rows": lay.rows, "bytes": spec.layer_bytes(lid), "chunks": lay.n_chunks,
+                  "chunk_rows": lay.chunk_rows, "disk_bytes": lay.disk_bytes}
+            for lid, lay in plan_layout(spec, chunk_rows).items()}
+
+
+def _free_bytes(path: str) -> int:
+    """Free bytes on the filesystem a table at `path` goes to (build creates missing parents)."""
+    import shutil
+
+    folder = os.path.dirname(os.path.abspath(path))
+    while not os.path.isdir(folder):    # the nearest existing ancestor; "/" always is one
+        folder = os.path.dirname(folder)
+    return shutil.disk_usage(folder).free
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024:
+            return f"{int(n)} B" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def _plan_text(plan: dict[int, dict[str, int]]) -> list[str]:
+    return [f"  layer {lid}: {_fmt_int(p['rows'])} rows, {_human_bytes(p['bytes'])} "
+            f"({_human_bytes(p['disk_bytes'])} on disk), {p['chunks']} chunk(s) of {_fmt_int(p['chunk_rows'])} rows"
+            for lid, p in plan.items()]
+
+
+def _encoding(spec: TableSpec) -> dict[str, Any]:
+    """How the spec stores a row: dtype, scales and bytes (the same keys for every dtype)."""
+    return {"dtype": spec.dtype, "quantized": spec.quantized,
+            "scale_block": spec.scale_block if spec.dtype == BLOCK_DTYPE else None,
+            "scales_per_row": spec.scales_per_row, "value_bytes_per_row": spec.row_bytes,
+            "scale_bytes_per_row": spec.scale_row_bytes, "stored_row_bytes": spec.stored_row_bytes}
+
+
+def _encoding_text(spec: TableSpec) -> str:
+    """E.g. "float8_e4m3 rows of D=256 (256 B of values + 8 B of E8M0 scales, one per 32 values: 264 B stored)"."""
+    D = spec.head_dim
+    if not spec.quantized:
+        return f"{spec.dtype} rows of D={D} ({spec.stored_row_bytes} B stored per row)"
+    if spec.dtype == BLOCK_DTYPE:
+        scales = f"{spec.scale_row_bytes} B of E8M0 scales, one per {spec.scale_block} values"
+    else:
+        scales = f"{spec.scale_row_bytes} B float32 scale"
+    return (f"{spec.dtype} rows of D={D} ({spec.row_bytes} B of values + {scales}: {spec.stored_row_bytes} B "
+            f"stored per row, decoded to {_ROW_DTYPES[spec.dtype].torch})")
+
+
+def _check_disk(path: str, needed: int, free: int) -> None:
+    if needed > free:
+        raise SpecError(
+            f"the table needs {_human_bytes(needed)} on disk but only {_human_bytes(free)} is free beside "
+            f"{path!r}: free space, build elsewhere, or pick a smaller spec / dtype")
+
+
+def _check_build(args: argparse.Namespace, spec: TableSpec, comp: Compression, weights: Any = None) -> None:
+    """What build_table checks before it writes, so `--dry-run` refuses what a real build would."""
+    from ..build import check_build
+
+    check_build(args.path, spec, comp, init=getattr(args, "init", "normal"), std=getattr(args, "std", 0.02),
+                seed=getattr(args, "seed", 0), weights=weights, overwrite=args.overwrite, chunk_rows=args.chunk_rows)
+
+
