@@ -52,7 +52,7 @@ from .spec import DTYPES, TableSpec
 from .table import Table
 from .table import open as open_table
 
-__all__ = ["convert", "ConvertReport", "LayerReport"]
+__all__ = ["convert", "check_convert", "ConvertReport", "LayerReport"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,9 +188,8 @@ def convert(src: str | os.PathLike[str] | Table, dst: str | os.PathLike[str], *,
     start_time = time.perf_counter()
     table = src if isinstance(src, Table) else open_table(src, tier="direct")
     try:
-        spec = _target_spec(table.spec, dtype, scale_block)
+        spec = check_convert(table.spec, dst, dtype=dtype, scale_block=scale_block, overwrite=overwrite)
         target = Path(dst)
-        _check_target(target, overwrite)
         layouts = plan_layout(spec)
         copied = _same_encoding(table.spec, spec)
         errors: dict[int, _Errors] = {}
@@ -210,6 +209,26 @@ def convert(src: str | os.PathLike[str] | Table, dst: str | os.PathLike[str], *,
     finally:
         if table is not src:
             table.close()
+
+
+def check_convert(source: TableSpec, dst: str | os.PathLike[str], *, dtype: str, scale_block: int | None = None,
+                  overwrite: bool = False) -> TableSpec:
+    """Every check `convert` makes before it writes, writing nothing: a dry run.
+
+    Args:
+        source: the source table's spec (`table.spec`).
+        dst, dtype, scale_block, overwrite: as `convert`.
+
+    Returns:
+        The spec of the converted table (the source's, with the new row encoding).
+
+    Raises:
+        What `convert` raises before it starts writing (SpecError, InputError, TableExistsError).
+    """
+    _check_args(dtype, scale_block, overwrite, 0, 0)
+    spec = _target_spec(source, dtype, scale_block)
+    _check_target(Path(dst), overwrite)
+    return spec
 
 
 def _check_args(dtype: Any, scale_block: Any, overwrite: Any, sample_rows: Any, seed: Any) -> None:

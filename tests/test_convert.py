@@ -190,3 +190,15 @@ def test_opening_with_a_spec_of_other_blocks_names_scale_block(sources):
     other = make_spec("float8_e4m3").replace(scale_block=4)
     with pytest.raises(engram.SpecMismatchError, match=r"built for another spec: scale_block=8 \(expected 4\)"):
         engram.open(sources["float8_e4m3"], spec=other)
+
+
+def test_check_convert_refuses_what_convert_would_and_writes_nothing(sources, tmp_path):
+    from engram.conversion import check_convert
+
+    with engram.open(sources["float32"]) as src:
+        spec = check_convert(src.spec, tmp_path / "t", dtype="float8_e4m3", scale_block=8)
+        assert spec == make_spec("float8_e4m3") and list(tmp_path.iterdir()) == []
+        with pytest.raises(engram.TableExistsError, match="already exists: pass overwrite=True"):
+            check_convert(src.spec, sources["int8"], dtype="int8")
+        with pytest.raises(engram.SpecError, match=r"scale_block=32 is invalid.*pass scale_block="):
+            check_convert(src.spec, tmp_path / "t", dtype="float8_e4m3")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 from typing import Any
 
 from ..spec import TableSpec
@@ -99,7 +98,7 @@ def _rel_error(e: float | None) -> str:
     return "-" if e is None else f"{e:.3g}"
 
 
-def _convert_plan(args: argparse.Namespace) -> tuple[dict[str, Any], TableSpec]:
+def _convert_plan(args: argparse.Namespace) -> tuple[dict[str, Any], TableSpec, TableSpec]:
     """What converting would write, per layer: bytes before and after (scales included), chunk files."""
     from ..build import plan_layout
     from ..table import open as open_table
@@ -115,16 +114,15 @@ def _convert_plan(args: argparse.Namespace) -> tuple[dict[str, Any], TableSpec]:
             "scale_block": spec.scale_block if spec.dtype == BLOCK_DTYPE else None, "layers": layers}
     for key in ("bytes_before", "bytes_after", "disk_bytes_before", "disk_bytes_after"):
         plan[key] = sum(layer[key] for layer in layers.values())
-    return plan, spec
+    return plan, source, spec
 
 
 def cmd_convert(args: argparse.Namespace) -> Output:
 
-    from ..build import _check_target
-    from ..conversion import convert
+    from ..conversion import check_convert, convert
 
-    plan, spec = _convert_plan(args)
-    _check_target(Path(args.dst), args.overwrite)
+    plan, source, spec = _convert_plan(args)
+    check_convert(source, args.dst, dtype=spec.dtype, scale_block=args.scale_block, overwrite=args.overwrite)
     needed, free = plan["disk_bytes_after"], _free_bytes(args.dst)
     target = f"{spec.dtype}" + (f", scale_block {spec.scale_block}" if spec.dtype == BLOCK_DTYPE else "")
     if args.dry_run:
