@@ -151,6 +151,10 @@ class EngramMemoryBase(nn.Module):
             raise InputError(
                 f"this {name} keeps its rows in the module (table=None), so a prefetch handle cannot "
                 "supply them (table rows get no gradient): pass token_ids, or build the module with table=")
+        if handle.spec is not None and (handle.spec.row_fields_differ(self.spec) or handle.compression != self.comp):
+            raise InputError(
+                f"the prefetch handle comes from a table of another spec or compression than this {name}'s: "
+                "prefetch from the table this module reads (mem.table.prefetch(token_ids))")
         if self.layer_id not in handle.layer_ids:
             raise InputError(
                 f"the prefetch handle holds layers {handle.layer_ids} but this {name} reads layer "

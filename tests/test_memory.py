@@ -386,7 +386,7 @@ def test_prefetched_rows_give_the_same_output_as_token_ids(tmp_path, cls):
             assert backed.lookup(handle).dtype == torch.float32
 
 
-def test_prefetch_handles_that_cannot_serve_the_module_are_refused(mem_and_table_path):
+def test_prefetch_handles_that_cannot_serve_the_module_are_refused(mem_and_table_path, tmp_path):
     import engram
 
     mem, path = mem_and_table_path
@@ -399,6 +399,13 @@ def test_prefetch_handles_that_cannot_serve_the_module_are_refused(mem_and_table
             backed(hidden, table.prefetch(ids, layer_ids=0))
         with pytest.raises(InputError, match=r"\[B, T\] = \(2, 8\) but hidden_states has \(2, 9\)"):
             backed(hidden, table.prefetch(ids[:, :8]))
+    other = tmp_path / "other.engram"
+    engram.build_table(other, mem.spec.replace(seed=5), mem.comp).close()
+    with engram.open(path) as table, engram.open(other) as wrong:
+        backed = EngramMemory.from_table(table, layer_id=3, hidden_size=16, hc_mult=2)
+        with pytest.raises(InputError, match=r"comes from a table of another spec or compression than this "
+                                             r"EngramMemory's: prefetch from the table this module reads"):
+            backed(hidden, wrong.prefetch(ids))
 
 
 def test_table_backed_module_trains_everything_but_rows(mem_and_table_path):
