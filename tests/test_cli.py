@@ -516,6 +516,22 @@ def test_fp8_scale_block_must_divide_d(capsys, spec_file, tmp_path):
     assert code == 3 and "pass --scale-block B" in err
 
 
+def test_the_spec_files_scale_block_is_kept_unless_a_flag_overrides_it(capsys, tmp_path):
+    fp8 = tmp_path / "fp8.json"
+    fp8.write_text(json.dumps({**SPEC, "dtype": "float8_e4m3", "scale_block": 4}))          # D=8: two blocks
+    base = ["build", str(tmp_path / "t"), "--spec", str(fp8), "--vocab-size", "300", "--dry-run", "--json"]
+    code, out, err = run(capsys, *base)
+    assert code == 0, err
+    assert json.loads(out)["spec"]["scale_block"] == 4 and json.loads(out)["encoding"]["scales_per_row"] == 2
+    code, out, err = run(capsys, *base, "--scale-block", "8")
+    assert code == 0 and json.loads(out)["spec"]["scale_block"] == 8
+    fp8.write_text(json.dumps({**SPEC, "dtype": "float8_e4m3", "scale_block": 3}))
+    code, _, err = run(capsys, *base)
+    assert code == 3 and "TableSpec.scale_block=3 is invalid" in err
+    code, out, err = run(capsys, *base, "--dtype", "float32")                 # blocks mean nothing to float rows
+    assert code == 0 and "scale_block" not in json.loads(out)["spec"]
+
+
 def test_import_fp8_checkpoint_into_an_fp8_table_keeps_the_bytes(capsys, tmp_path):
     import torch
     from safetensors.torch import save_file

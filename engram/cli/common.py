@@ -65,16 +65,24 @@ def _with_encoding(spec: TableSpec, dtype: str, scale_block: int | None) -> Tabl
 
 
 def _load_build_spec(args: argparse.Namespace, comp: Compression) -> TableSpec:
-    """The spec of `build` / `import`: the --spec file with --dtype and --scale-block applied."""
+    """The spec of `build` / `import`: the --spec file, --dtype over its dtype, --scale-block over its block."""
     d = _read_spec(args.spec, comp)
     if not isinstance(d, dict):
         return TableSpec.from_dict(d)            # refused with the reason
     dtype = args.dtype or d.get("dtype", "float32")
+    if dtype not in ROW_DTYPES:
+        return TableSpec.from_dict({**d, "dtype": dtype})       # refused, naming the dtype
+    # every other field checked first (as float32 rows), so a refused row encoding is named as such
+    base = TableSpec.from_dict({k: v for k, v in d.items() if k not in ("dtype", "scale_block")})
     if args.scale_block is not None:
-        d["scale_block"] = args.scale_block
-    # every other field checked first, so a refused row encoding is named as such
-    base = TableSpec.from_dict({**d, "dtype": "float32"} if dtype in ROW_DTYPES else d)
-    return _with_encoding(base, dtype, args.scale_block)
+        return _with_encoding(base, dtype, args.scale_block)
+    block = {"scale_block": d["scale_block"]} if "scale_block" in d else {}
+    try:
+        return base.replace(dtype=dtype, **block)
+    except SpecError as exc:
+        if dtype != BLOCK_DTYPE:
+            raise
+        raise SpecError(f"{exc}; pass --scale-block B with B a divisor of D={base.head_dim}") from exc
 
 
 def _spec_and_compression(args: argparse.Namespace) -> tuple[TableSpec, Compression]:
