@@ -180,7 +180,7 @@ def write_table(target: Path, spec: TableSpec, comp: Compression, layouts: dict[
                 written[lid] = lay.with_checksums(tuple(sums), tuple(scale_sums))
         write_attributes(tmp, TableMeta(version, spec, comp, written))
         fsync_tree(tmp)
-        publish(tmp, target, overwrite)
+        publish(tmp, target, overwrite, replaceable=_replaceable)
     return written
 
 
@@ -270,6 +270,11 @@ def _check_weights(weights: Mapping[int, Any] | None, spec: TableSpec) -> dict[i
                 f"{layer_id}), spec.head_dim) for layer {layer_id}: pass the full table of that layer")
         sources[int(layer_id)] = rows
     return sources
+
+
+def _replaceable(path: Path) -> bool:
+    """What overwrite=True may delete: an engram table, or an empty directory."""
+    return path.is_dir() and not path.is_symlink() and (is_table(path) or not any(path.iterdir()))
 
 
 def _check_target(target: Path, overwrite: bool) -> None:

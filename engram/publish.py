@@ -21,7 +21,7 @@ import fcntl
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from .errors import TableExistsError
@@ -156,7 +156,14 @@ def _exchange(a: Path, b: Path) -> bool:
     raise OSError(err, f"renameat2({os.fspath(a)!r}, {os.fspath(b)!r}, RENAME_EXCHANGE): {os.strerror(err)}")
 
 
-def _replace_by_renames(partial: Path, target: Path) -> Path:
+def _not_replaceable(target: Path) -> TableExistsError:
+    return TableExistsError(f"path={os.fspath(target)!r} holds something other than an engram table (it appeared "
+                            "while the table was written): overwrite=True replaces only tables; remove it yourself "
+                            "or choose another path")
+
+
+def _replace_by_renames(partial: Path, target: Path, replaceable: Callable[[Path], bool] = lambda path: True
+                        ) -> Path:
     """Replace `target` by `partial` in two renames where the filesystem cannot swap them.
 
     The old table moves into a locked aside directory named like a partial of `target` (so a
@@ -167,6 +174,9 @@ def _replace_by_renames(partial: Path, target: Path) -> Path:
     old = aside / _ASIDE
     try:
         os.rename(target, old)
+        if not replaceable(old):
+            _move_back(old, target, _not_replaceable(target))
+            raise _not_replaceable(target)
         try:
             os.rename(partial, target)
         except BaseException as exc:
@@ -192,17 +202,25 @@ def _move_back(old: Path, target: Path, exc: BaseException) -> None:
             "back, or move it there yourself") from exc
 
 
-def publish(partial: Path, target: str | os.PathLike[str], overwrite: bool) -> None:
+def publish(partial: Path, target: str | os.PathLike[str], overwrite: bool,
+            replaceable: Callable[[Path], bool] = lambda path: True) -> None:
     """Move the finished (fsynced) `partial` directory to `target` atomically.
 
     Without `overwrite`, an existing non-empty `target` raises TableExistsError. With it, the
     old directory is swapped out in one step (or, where the filesystem cannot swap, renamed
-    aside first) and then deleted.
+    aside first) and then deleted, provided `replaceable(old)` holds for what was swapped out:
+    something else that appeared at `target` since the caller's checks is swapped back in and
+    TableExistsError raised, so only what may be replaced is ever deleted.
     """
     target = Path(target)
     if overwrite and target.exists():
-        if not _exchange(partial, target):
-            partial = _replace_by_renames(partial, target)
+        if _exchange(partial, target):
+            old = partial                           # what was at target, now at partial's name
+            if not replaceable(old):
+                _exchange(partial, target)          # put it back; the new table returns to partial
+                raise _not_replaceable(target)
+        else:
+            partial = _replace_by_renames(partial, target, replaceable)
         fsync_path(target.parent)
         shutil.rmtree(partial, ignore_errors=True)   # the old table
         return

@@ -389,3 +389,24 @@ def test_memory_does_not_grow_with_the_table(tmp_path, source, dtype, chunk_rows
     (tmp_path / "rows.npy").unlink(missing_ok=True)
     growth = int(result.stdout.split()[-1])
     assert growth < 8 << 20, f"peak RSS grew by {growth / 2**20:.1f} MiB while building a 32 MiB table"
+
+
+@pytest.mark.parametrize("can_swap", [True, False])
+def test_overwrite_never_deletes_what_appears_at_the_path_during_the_build(tmp_path, monkeypatch, can_swap):
+    target = tmp_path / "t"
+    real = build._write_chunk
+
+    def write_and_race(path, block, bar):                  # someone else's files land at the target
+        if not target.exists():
+            target.mkdir()
+            (target / "precious.txt").write_text("mine")
+        return real(path, block, bar)
+
+    monkeypatch.setattr(build, "_write_chunk", write_and_race)
+    if not can_swap:
+        monkeypatch.setattr(publish, "_exchange", lambda a, b: False)
+    with pytest.raises(engram.TableExistsError, match=r"holds something other than an engram table \(it appeared "
+                       r"while the table was written\)"):
+        engram.build_table(target, make_spec(), COMP, overwrite=True)
+    assert (target / "precious.txt").read_text() == "mine" and sorted(os.listdir(target)) == ["precious.txt"]
+    assert [p.name for p in tmp_path.iterdir()] == ["t"]                     # the new table went away
