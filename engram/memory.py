@@ -151,15 +151,21 @@ class EngramMemoryBase(nn.Module):
             raise InputError(
                 f"this {name} keeps its rows in the module (table=None), so a prefetch handle cannot "
                 "supply them (table rows get no gradient): pass token_ids, or build the module with table=")
-        if handle.spec is not None and (handle.spec.row_fields_differ(self.spec) or handle.compression != self.comp):
+        theirs, ours = handle.table_path, _table_path(self.table)
+        if theirs is not None and ours is not None and os.path.realpath(theirs) != os.path.realpath(ours):
             raise InputError(
-                f"the prefetch handle comes from a table of another spec or compression than this {name}'s: "
-                "prefetch from the table this module reads (mem.table.prefetch(token_ids))")
+                f"the prefetch handle holds rows of the table at {os.fspath(theirs)!r} but this {name} reads "
+                f"{ours!r}: prefetch from the table this module reads (mem.table.prefetch(token_ids))")
         if self.layer_id not in handle.layer_ids:
             raise InputError(
                 f"the prefetch handle holds layers {handle.layer_ids} but this {name} reads layer "
                 f"{self.layer_id}: pass layer_ids=None (all layers) or include {self.layer_id} in table.prefetch")
         rows = handle.result(self.layer_id)
+        lossless = (self._weight.dtype, self.table.dtype)          # the module's dtype, or the rows as stored
+        if rows.dtype not in lossless:
+            raise InputError(
+                f"the prefetched rows are {rows.dtype} but this {name} computes in {self._weight.dtype} and the "
+                f"table stores {self.table.dtype}: prefetch with dtype={self._weight.dtype} (or the default)")
         if rows.ndim != 3 or rows.shape[-1] != self.embed_dim:
             raise InputError(
                 f"the prefetched rows have shape {tuple(rows.shape)}, expected [B, T, {self.embed_dim}]: "

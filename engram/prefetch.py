@@ -33,18 +33,18 @@ class Prefetch:
     """A background lookup made by `Table.prefetch`.
 
     `result()` returns {layer_id: tensor} exactly as `table.lookup(token_ids, None)` would (only
-    the requested layers), `result(layer_id)` one tensor. `spec` and `compression` are the
-    table's, so a consumer can check the rows are the ones it expects. Exceptions raised by the lookup are
+    the requested layers), `result(layer_id)` one tensor. `table_path` is the path of the table
+    the rows come from, so a consumer can check they are the rows it expects. Exceptions raised by the lookup are
     raised again by `result()`, with their original type. The handle holds the rows until it is
     dropped; the table keeps no reference to a finished handle, so dropping the handle and the
     tensors returns their memory to the table's output pool.
     """
 
     def __init__(self, future: concurrent.futures.Future, layer_ids: tuple[int, ...], stats: StatsCounter,
-                 spec: Any = None, compression: Any = None) -> None:
+                 table_path: Any = None) -> None:
         self._future, self._stats = future, stats
         self.layer_ids = layer_ids
-        self.spec, self.compression = spec, compression   # of the table the rows come from
+        self.table_path = table_path            # the table the rows come from
 
     def done(self) -> bool:
         """True once the lookup finished, failed or was cancelled."""

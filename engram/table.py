@@ -382,7 +382,7 @@ class Table:
                     raise InputError(f"table at {os.fspath(self._path)!r} is closed: open it again")
                 future = self._prefetcher.submit(lambda: self._prefetch_work(x, layers, dtype, target))
             self._stats.add(prefetches=1)
-            return Prefetch(future, layers, self._stats, self.spec, self.compression)
+            return Prefetch(future, layers, self._stats, self._path)
 
     def _prefetch_work(self, x: np.ndarray, layers: tuple[int, ...], dtype: torch.dtype | None,
                        target: torch.device | CudaTransfer | None) -> dict[int, Any]:

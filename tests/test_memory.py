@@ -382,8 +382,6 @@ def test_prefetched_rows_give_the_same_output_as_token_ids(tmp_path, cls):
             for layer_ids in (None, 3, (0, 3)):
                 handle = table.prefetch(ids, layer_ids=layer_ids)
                 assert torch.equal(backed(hidden, handle), expected)
-            handle = table.prefetch(ids, dtype=torch.bfloat16)          # cast to the module's dtype
-            assert backed.lookup(handle).dtype == torch.float32
 
 
 def test_prefetch_handles_that_cannot_serve_the_module_are_refused(mem_and_table_path, tmp_path):
@@ -400,12 +398,17 @@ def test_prefetch_handles_that_cannot_serve_the_module_are_refused(mem_and_table
         with pytest.raises(InputError, match=r"\[B, T\] = \(2, 8\) but hidden_states has \(2, 9\)"):
             backed(hidden, table.prefetch(ids[:, :8]))
     other = tmp_path / "other.engram"
-    engram.build_table(other, mem.spec.replace(seed=5), mem.comp).close()
+    engram.build_table(other, mem.spec, mem.comp, seed=5).close()          # the same spec, other rows
     with engram.open(path) as table, engram.open(other) as wrong:
         backed = EngramMemory.from_table(table, layer_id=3, hidden_size=16, hc_mult=2)
-        with pytest.raises(InputError, match=r"comes from a table of another spec or compression than this "
-                                             r"EngramMemory's: prefetch from the table this module reads"):
+        with pytest.raises(InputError, match=r"holds rows of the table at '.*other.engram' but this EngramMemory "
+                                             r"reads '.*rows.engram': prefetch from the table this module reads"):
             backed(hidden, wrong.prefetch(ids))
+        with pytest.raises(InputError, match=r"prefetched rows are torch.float16 but this EngramMemory computes in "
+                                             r"torch.float32 and the table stores torch.float32: prefetch with"):
+            backed(hidden, table.prefetch(ids, dtype=torch.float16))
+        with engram.open(path, tier="direct") as same:                     # the same table, opened again
+            assert torch.equal(backed(hidden, same.prefetch(ids)), backed(hidden, ids))
 
 
 def test_table_backed_module_trains_everything_but_rows(mem_and_table_path):
