@@ -38,7 +38,7 @@ from .format import (
 )
 from .hashing import NgramHasher
 from .mapping import release_pages
-from .publish import clean_stale, fsync_tree, partial_dir, publish
+from .publish import clean_stale, fsync_tree, partial_dir, publish, restore_aside
 from .quant import encode, finite_rows
 from .spec import TableSpec
 from .table import Table
@@ -140,6 +140,7 @@ def check_build(path: str | os.PathLike[str], spec: TableSpec, comp: Compression
     NgramHasher(spec, comp)                     # spec and compression must fit together
     _check_weights(weights, spec)
     layouts = plan_layout(spec, chunk_rows)
+    restore_aside(path)       # a table a killed build left aside belongs at `path`: it is there again
     _check_target(Path(path), overwrite)
     return layouts
 

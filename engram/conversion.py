@@ -47,6 +47,7 @@ from .build import (
 from .dtypes import ROW_DTYPES
 from .errors import InputError, SpecError
 from .format import LayerLayout
+from .publish import restore_aside
 from .quant import decode
 from .spec import DTYPES, TableSpec
 from .table import Table
@@ -227,6 +228,7 @@ def check_convert(source: TableSpec, dst: str | os.PathLike[str], *, dtype: str,
     """
     _check_args(dtype, scale_block, overwrite, 0, 0)
     spec = _target_spec(source, dtype, scale_block)
+    restore_aside(dst)        # a table a killed build left aside belongs at `dst`: it is there again
     _check_target(Path(dst), overwrite)
     return spec
 

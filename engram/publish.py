@@ -26,7 +26,7 @@ from pathlib import Path
 
 from .errors import TableExistsError
 
-__all__ = ["partial_dir", "publish", "clean_stale", "fsync_tree", "fsync_path"]
+__all__ = ["partial_dir", "publish", "clean_stale", "restore_aside", "fsync_tree", "fsync_path"]
 
 _AT_FDCWD = -100
 _RENAME_EXCHANGE = 2
@@ -62,21 +62,13 @@ def _try_lock(fd: int) -> bool:
     return True
 
 
-def clean_stale(target: str | os.PathLike[str]) -> list[Path]:
-    """Remove partial directories of `target` left by builds that died; return what was removed.
-
-    A partial directory whose lock can be taken has no live builder: nothing else holds it. One
-    that holds a table moved aside for a replacement (`old`, see `_replace_by_renames`) while
-    nothing is at `target` belongs to a build killed between its two renames: that table is
-    moved back to `target` first, so a crash never loses the table it was replacing.
-    """
-    target = Path(target)
-    parent = target.parent
-    removed = []
+def _stale_partials(target: Path) -> Iterator[Path]:
+    """The partial directories of `target` whose builder is gone, each locked while the caller
+    looks at it (a partial whose lock can be taken has no live builder: nothing else holds it)."""
     try:
-        entries = list(os.scandir(parent))
+        entries = list(os.scandir(target.parent))
     except FileNotFoundError:
-        return removed
+        return
     for entry in entries:
         if not entry.name.startswith(_partial_prefix(target)) or not entry.is_dir(follow_symlinks=False):
             continue
@@ -86,14 +78,39 @@ def clean_stale(target: str | os.PathLike[str]) -> list[Path]:
             continue
         try:
             if _try_lock(fd):
-                aside = Path(entry.path) / _ASIDE
-                if aside.is_dir() and not os.path.lexists(target):
-                    os.rename(aside, target)
-                    fsync_path(parent)
-                shutil.rmtree(entry.path, ignore_errors=True)
-                removed.append(Path(entry.path))
+                yield Path(entry.path)
         finally:
             os.close(fd)
+
+
+def restore_aside(target: str | os.PathLike[str]) -> Path | None:
+    """Put back a table that a build killed between its two renames left aside; return where it was.
+
+    Such a build (see `_replace_by_renames`) leaves nothing at `target` and the table it was
+    replacing in a stale partial directory as `old`; while nothing is at `target` it is moved back.
+    """
+    target = Path(target)
+    for partial in _stale_partials(target):
+        aside = partial / _ASIDE
+        if aside.is_dir() and not os.path.lexists(target):
+            os.rename(aside, target)
+            fsync_path(target.parent)
+            return partial
+    return None
+
+
+def clean_stale(target: str | os.PathLike[str]) -> list[Path]:
+    """Remove partial directories of `target` left by builds that died; return what was removed.
+
+    A table one of them set aside while replacing `target` is moved back first (`restore_aside`),
+    so a crash never loses the table it was replacing.
+    """
+    target = Path(target)
+    restore_aside(target)
+    removed = []
+    for partial in _stale_partials(target):
+        shutil.rmtree(partial, ignore_errors=True)
+        removed.append(partial)
     return removed
 
 

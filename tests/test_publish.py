@@ -134,3 +134,20 @@ def test_clean_never_moves_an_aside_table_over_an_existing_one(tmp_path):
     assert publish.clean_stale(target) == [stale]
     assert list(tmp_path.iterdir()) == [target]
     assert (target / "zarr.json").read_text() == "current"
+
+
+def test_the_checks_before_a_build_put_back_a_table_left_aside(tmp_path):
+    import engram
+    from engram.build import check_build
+
+    target = tmp_path / "t"
+    make_table(target, "old")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    assert subprocess.run([sys.executable, "-c", CRASH, str(target)], env=env).returncode == 9
+    assert not target.exists()
+    comp = engram.Compression.identity(10)
+    spec = engram.TableSpec(engram_vocab_size=(20, 20), max_ngram_size=3, n_head_per_ngram=1, n_embed_per_ngram=4,
+                            layer_ids=(0,), compressed_vocab_size=10)
+    with pytest.raises(engram.TableExistsError, match="already exists"):     # refused up front, not after writing
+        check_build(target, spec, comp)
+    assert (target / "zarr.json").read_text() == "old"
