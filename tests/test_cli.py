@@ -666,3 +666,27 @@ def test_a_closed_pipe_ends_output_quietly(spec_file):
         writer.stdout.close()                                         # the reader goes away
         err = writer.stderr.read().decode()
         assert writer.wait() == 0 and "Traceback" not in err and "BrokenPipe" not in err
+
+
+def test_usage_errors_under_json_are_one_json_object_too(capsys, spec_file, tmp_path):
+    code, out, err = run(capsys, "build", str(tmp_path / "x"), "--spec", spec_file, "--vocab-size", "-3", "--json")
+    assert code == 2 and "argument --vocab-size: -3 is invalid" in err and "usage: engram build" in err
+    d = json.loads(out)
+    assert d == {"error": "argument --vocab-size: -3 is invalid: pass an int >= 1", "error_type": "UsageError",
+                 "exit_code": 2}
+    for flag, value in (("--seed", "-1"), ("--std", "-0.5"), ("--std", "nan")):
+        code, _, err = run(capsys, "build", str(tmp_path / "x"), "--spec", spec_file, "--vocab-size", "3",
+                           flag, value)
+        assert code == 2 and f"argument {flag}: {value} is invalid" in err
+
+
+def test_an_error_into_a_closed_pipe_still_exits_with_its_code(tmp_path):
+    import subprocess
+    import sys
+
+    script = "import sys; from engram.cli import main; sys.exit(main(sys.argv[1:]))"
+    argv = [sys.executable, "-c", script, "inspect", str(tmp_path / "none.engram"), "--json"]
+    with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO) as proc:
+        proc.stdout.close()                                           # nobody reads the JSON error
+        err = proc.stderr.read().decode()
+        assert proc.wait() == 3 and "Traceback" not in err

@@ -10,7 +10,7 @@ import re
 import sys
 import textwrap
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 
@@ -19,11 +19,13 @@ from .common import (
     BLOCK_DTYPE,
     EXIT_INTERRUPTED,
     EXIT_REFUSED,
+    EXIT_USAGE,
     ROW_DTYPES,
     Output,
     _add_encoding,
     _add_source,
     _add_vocab,
+    _float_at_least_zero,
     _int_at_least,
 )
 from .corpus import cmd_hash, cmd_stats
@@ -50,10 +52,22 @@ class _HelpFormatter(argparse.HelpFormatter):
                              break_on_hyphens=False)
 
 
+class _UsageError(Exception):
+    """Arguments that do not parse: raised instead of argparse's exit, so `main` can also answer
+    in JSON."""
+
+    def __init__(self, parser: argparse.ArgumentParser, message: str) -> None:
+        super().__init__(message)
+        self.parser, self.message = parser, message
+
+
 class _Parser(argparse.ArgumentParser):
     def __init__(self, *a: Any, **kw: Any) -> None:
         kw.setdefault("formatter_class", _HelpFormatter)
         super().__init__(*a, **kw)
+
+    def error(self, message: str) -> NoReturn:
+        raise _UsageError(self, message)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -68,8 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="TableSpec fields as JSON (compressed_vocab_size may be left out)")
     _add_vocab(p, required=True)
     p.add_argument("--init", default="normal", choices=("normal", "zeros"), help="initial rows")
-    p.add_argument("--std", type=float, default=0.02, help="standard deviation of --init normal")
-    p.add_argument("--seed", type=int, default=0, help="seed of the initial rows")
+    p.add_argument("--std", type=_float_at_least_zero, default=0.02, help="standard deviation of --init normal")
+    p.add_argument("--seed", type=_int_at_least(0), default=0, help="seed of the initial rows")
     _add_encoding(p)
     p.add_argument("--chunk-rows", type=_int_at_least(1), metavar="ROWS",
                    help="rows per chunk file (default: ~64 MiB chunks)")
@@ -177,10 +191,17 @@ def _flag_wording(message: str) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code (the console script exits with it)."""
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
         args = parser.parse_args(argv)
-    except SystemExit as exc:  # --help (0) or a usage error (2)
+    except SystemExit as exc:  # --help
         return int(exc.code or 0)
+    except _UsageError as exc:
+        exc.parser.print_usage(sys.stderr)
+        print(f"{exc.parser.prog}: error: {exc.message}", file=sys.stderr)
+        if "--json" in argv:
+            _print_json({"error": exc.message, "error_type": "UsageError", "exit_code": EXIT_USAGE})
+        return EXIT_USAGE
     func: Callable[[argparse.Namespace], Output] = args.func
     try:
         out = func(args)
@@ -188,20 +209,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(args, EXIT_REFUSED, _flag_wording(str(exc)), type(exc).__name__)
     except KeyboardInterrupt:
         return _fail(args, EXIT_INTERRUPTED, "interrupted", "KeyboardInterrupt")
-    try:
-        if args.json:
-            print(json.dumps(_jsonable(out.payload), indent=2))
-        else:
-            print(out.text)
-        sys.stdout.flush()
-    except BrokenPipeError:      # the reader went away (`engram inspect T | head`): stop quietly
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    if args.json:
+        _print_json(_jsonable(out.payload))
+    else:
+        _print(out.text)
     return out.code
+
+
+def _print(text: str) -> None:
+    """Print to stdout; if the reader went away (`engram inspect T | head`), stop quietly."""
+    try:
+        print(text)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
+def _print_json(payload: Any) -> None:
+    _print(json.dumps(payload, indent=2))
 
 
 def _fail(args: argparse.Namespace, code: int, message: str, kind: str) -> int:
     """Report an error on stderr (and, with --json, as one JSON object on stdout); return `code`."""
     print(f"engram {args.command}: {'error: ' if code == EXIT_REFUSED else ''}{message}", file=sys.stderr)
     if getattr(args, "json", False):
-        print(json.dumps({"error": message, "error_type": kind, "exit_code": code}, indent=2))
+        _print_json({"error": message, "error_type": kind, "exit_code": code})
     return code

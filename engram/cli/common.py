@@ -131,6 +131,17 @@ def _int_at_least(low: int) -> Callable[[str], int]:
     return parse
 
 
+def _float_at_least_zero(text: str) -> float:
+    """An argparse type: a finite float >= 0 (anything else is a usage error, exit 2)."""
+    try:
+        x = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid float value: {text!r}") from None
+    if not 0 <= x < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text} is invalid: pass a finite float >= 0")
+    return x
+
+
 def _check_output_file(flag: str, path: str | None, example: str) -> None:
     """Refuse an output file that could not be written, before any long work starts."""
     if path is None:
