@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import InputError
+from .errors import InputError, TokenIdError
 
 __all__ = ["is_torch", "to_numpy_ids", "check_ids_2d"]
 
@@ -28,6 +28,9 @@ def to_numpy_ids(x: Any, name: str = "token_ids") -> np.ndarray:
         x = np.asarray(x)
     if not (np.issubdtype(x.dtype, np.integer)) or x.dtype == np.bool_:
         raise InputError(f"{name} must be integers, got dtype={x.dtype}: pass token ids as int64")
+    if x.dtype == np.uint64 and x.size and int(x.max()) > np.iinfo(np.int64).max:   # would wrap negative
+        raise TokenIdError(f"{name} holds id {int(x.max())}, beyond every vocabulary: pass the token ids "
+                           "of the tokenizer the table was built for")
     return x.astype(np.int64, copy=False)
 
 

@@ -217,3 +217,11 @@ def test_global_rows_are_head_rows_plus_head_offsets():
     assert got.dtype == np.int64 and np.array_equal(got, expected)
     assert got.min() >= 0 and got.max() < spec.rows(4)
     assert torch.equal(hasher.global_rows(torch.from_numpy(ids), 4), torch.from_numpy(expected))
+
+
+def test_ids_past_int64_are_named_as_given_not_wrapped():
+    comp = Compression.identity(100)
+    spec = TableSpec(engram_vocab_size=(50, 60), max_ngram_size=3, n_head_per_ngram=2, n_embed_per_ngram=8,
+                     layer_ids=(0,), compressed_vocab_size=100)
+    with pytest.raises(TokenIdError, match=r"token_ids holds id 9223372036854775808, beyond every vocabulary"):
+        NgramHasher(spec, comp).hash([[2**63]], 0)
