@@ -279,6 +279,12 @@ def _replaceable(path: Path) -> bool:
 
 
 def _check_target(target: Path, overwrite: bool) -> None:
+    ancestor = target.parent
+    while not os.path.lexists(ancestor) and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise InputError(f"path={os.fspath(target)!r} cannot be created: {os.fspath(ancestor)!r} is not a folder; "
+                         "choose another path")
     if not os.path.lexists(target) or (target.is_dir() and not target.is_symlink() and not any(target.iterdir())):
         return
     if not overwrite:

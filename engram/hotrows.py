@@ -102,6 +102,8 @@ class HotRowPlan:
                 are not 1-D integers of matching lengths, rows outside their layer's table.
         """
         path = os.fspath(path)
+        if os.path.isdir(path):
+            raise InputError(f"hot-row plan {path!r} is a folder: pass the .npz file `engram stats --hot-rows` wrote")
         if not os.path.isfile(path):
             raise MissingFileError(f"hot-row plan {path!r} does not exist: write one with `engram stats --hot-rows`")
         try:

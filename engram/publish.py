@@ -67,7 +67,7 @@ def _stale_partials(target: Path) -> Iterator[Path]:
     looks at it (a partial whose lock can be taken has no live builder: nothing else holds it)."""
     try:
         entries = list(os.scandir(target.parent))
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return
     for entry in entries:
         if not entry.name.startswith(_partial_prefix(target)) or not entry.is_dir(follow_symlinks=False):

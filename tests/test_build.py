@@ -410,3 +410,10 @@ def test_overwrite_never_deletes_what_appears_at_the_path_during_the_build(tmp_p
         engram.build_table(target, make_spec(), COMP, overwrite=True)
     assert (target / "precious.txt").read_text() == "mine" and sorted(os.listdir(target)) == ["precious.txt"]
     assert [p.name for p in tmp_path.iterdir()] == ["t"]                     # the new table went away
+
+
+def test_a_path_under_a_file_is_refused_before_writing(tmp_path):
+    (tmp_path / "spec.json").write_text("{}")
+    with pytest.raises(engram.InputError, match=r"path='.*spec.json/t' cannot be created: '.*spec.json' is not a "
+                       r"folder; choose another path"):
+        engram.build_table(tmp_path / "spec.json" / "t", make_spec(), COMP)

@@ -186,3 +186,10 @@ def test_tokenize_files_refuses_missing_and_damaged_inputs(tmp_path):
         tokenize_files([text, tmp_path / "b.txt"], bad)
     with pytest.raises(InputError, match=r"corpus file '.*' is a folder: pass the text files in it"):
         tokenize_files([tmp_path], bad)
+
+
+def test_a_folder_is_not_a_hot_row_plan(tmp_path):
+    from engram import InputError
+
+    with pytest.raises(InputError, match=r"hot-row plan '.*' is a folder: pass the .npz file"):
+        HotRowPlan.load(tmp_path)
