@@ -125,8 +125,21 @@ def _locked_dir(target: Path) -> tuple[Path, int]:
         fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
         # A concurrent clean_stale may have removed the directory before we locked it: retry.
         if _try_lock(fd) and _same_inode(fd, path):
+            os.fchmod(fd, 0o777 & ~_umask())      # mkdtemp's 0700 would keep other users out of the table
             return path, fd
         os.close(fd)
+
+
+def _umask() -> int:
+    """The process umask, read without changing it (Linux), else the common 022."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    return 0o022
 
 
 @contextlib.contextmanager

@@ -151,3 +151,19 @@ def test_the_checks_before_a_build_put_back_a_table_left_aside(tmp_path):
     with pytest.raises(engram.TableExistsError, match="already exists"):     # refused up front, not after writing
         check_build(target, spec, comp)
     assert (target / "zarr.json").read_text() == "old"
+
+
+def test_published_tables_get_the_usual_directory_mode(tmp_path):
+    import stat
+
+    import engram
+
+    comp = engram.Compression.identity(10)
+    spec = engram.TableSpec(engram_vocab_size=(20, 20), max_ngram_size=3, n_head_per_ngram=1, n_embed_per_ngram=4,
+                            layer_ids=(0,), compressed_vocab_size=10)
+    old = os.umask(0o027)
+    try:
+        engram.build_table(tmp_path / "t", spec, comp).close()
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "t").stat().st_mode) == 0o750           # not mkdtemp's 0700
