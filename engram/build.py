@@ -273,9 +273,13 @@ def _check_weights(weights: Mapping[int, Any] | None, spec: TableSpec) -> dict[i
     return sources
 
 
+def _empty_dir(path: Path) -> bool:
+    return path.is_dir() and not path.is_symlink() and not any(path.iterdir())
+
+
 def _replaceable(path: Path) -> bool:
     """What overwrite=True may delete: an engram table, or an empty directory."""
-    return path.is_dir() and not path.is_symlink() and (is_table(path) or not any(path.iterdir()))
+    return _empty_dir(path) or (path.is_dir() and not path.is_symlink() and is_table(path))
 
 
 def _check_target(target: Path, overwrite: bool) -> None:
@@ -285,13 +289,13 @@ def _check_target(target: Path, overwrite: bool) -> None:
     if not ancestor.is_dir():
         raise InputError(f"path={os.fspath(target)!r} cannot be created: {os.fspath(ancestor)!r} is not a folder; "
                          "choose another path")
-    if not os.path.lexists(target) or (target.is_dir() and not target.is_symlink() and not any(target.iterdir())):
+    if not os.path.lexists(target) or _empty_dir(target):
         return
     if not overwrite:
         raise TableExistsError(
             f"path={os.fspath(target)!r} already exists: pass overwrite=True to replace the table there, "
             "or choose another path")
-    if not (target.is_dir() and not target.is_symlink() and is_table(target)):
+    if not _replaceable(target):
         raise TableExistsError(
             f"path={os.fspath(target)!r} exists and is not an engram table: overwrite=True replaces only "
             "tables; remove it yourself or choose another path")
