@@ -236,7 +236,7 @@ def check_convert(source: TableSpec, dst: str | os.PathLike[str], *, dtype: str,
 def _check_args(dtype: Any, scale_block: Any, overwrite: Any, sample_rows: Any, seed: Any) -> None:
     if not isinstance(dtype, str) or dtype not in DTYPES:
         raise SpecError(f"dtype={dtype!r} is not a row dtype: expected one of {tuple(DTYPES)}")
-    if scale_block is not None and dtype != "float8_e4m3":
+    if scale_block is not None and not ROW_DTYPES[dtype].per_block:
         raise InputError(f"scale_block={scale_block!r} applies to dtype='float8_e4m3' only, got dtype={dtype!r}: "
                          "drop scale_block")
     for name, value in (("sample_rows", sample_rows), ("seed", seed)):

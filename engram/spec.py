@@ -122,7 +122,7 @@ class TableSpec:
         need(isinstance(self.dtype, str) and self.dtype in DTYPES, "dtype", f"expected one of {tuple(DTYPES)}")
         need(_is_int(self.scale_block) and self.scale_block >= 1, "scale_block",
              f"expected an int >= 1 (values per scale of float8_e4m3 rows; default {DEFAULT_SCALE_BLOCK})")
-        if self.dtype == "float8_e4m3":
+        if ROW_DTYPES[self.dtype].per_block:
             D = self.n_embed_per_ngram // self.n_head_per_ngram
             need(D % self.scale_block == 0, "scale_block",
                  f"float8_e4m3 rows keep one scale per block of values, and the block must divide D={D}: "
@@ -228,8 +228,8 @@ class TableSpec:
         d: dict[str, Any] = {"format_version": SPEC_FORMAT_VERSION}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if f.name == "scale_block" and self.dtype != "float8_e4m3" and value == DEFAULT_SCALE_BLOCK:
-                continue   # dicts of float and int8 specs stay as before scale_block existed
+            if f.name == "scale_block" and not ROW_DTYPES[self.dtype].per_block:
+                continue   # always the default there: dicts of float and int8 specs stay as before the field
             d[f.name] = list(value) if isinstance(value, tuple) else value
         return d
 

@@ -15,7 +15,8 @@ from ..spec import TableSpec
 
 EXIT_OK, EXIT_CHECK_FAILED, EXIT_USAGE, EXIT_REFUSED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 ROW_DTYPES = tuple(_ROW_DTYPES)   # every row dtype a table can store: the choices of --dtype
-BLOCK_DTYPE = "float8_e4m3"       # the one dtype whose scales cover blocks of --scale-block values
+# the one dtype whose scales cover blocks of --scale-block values ("float8_e4m3")
+(BLOCK_DTYPE,) = (name for name, row in _ROW_DTYPES.items() if row.per_block)
 
 
 class Output:
