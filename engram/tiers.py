@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from .direct import DirectReader
-from .dtypes import row_dtype, storage_dtype, torch_dtype
+from .dtypes import row_dtype, storage_dtype, storage_torch_dtype, torch_dtype
 from .format import LayerLayout, TableDir, TableMeta, checksum, chunk_error
 from .mapping import PROT_READ, Region, anonymous, stitch_files
 
@@ -60,9 +60,8 @@ def _array_tensor(region: Region, lay: LayerLayout, np_dtype: np.dtype | str, wi
 
 
 def _values_tensor(region: Region, lay: LayerLayout, meta: TableMeta) -> torch.Tensor:
-    dtype = meta.spec.dtype
-    view = torch.bfloat16 if dtype == "bfloat16" else None
-    return _array_tensor(region, lay, storage_dtype(dtype), meta.spec.head_dim, view)
+    dtype = meta.spec.dtype      # viewed as the stored torch dtype (bfloat16 rows: their uint16 bits)
+    return _array_tensor(region, lay, storage_dtype(dtype), meta.spec.head_dim, storage_torch_dtype(dtype))
 
 
 def _scales_tensor(region: Region, lay: LayerLayout, meta: TableMeta) -> torch.Tensor:
