@@ -242,19 +242,30 @@ def test_import_reference_checkpoint(capsys, spec_file, tmp_path, fmt):
             np.testing.assert_array_equal(table.rows(lid, np.arange(spec.rows(lid))).numpy(), r)
 
 
-def test_import_fp8_checkpoint_dequantizes(capsys, tmp_path):
+def _v41_checkpoint(tmp_path):
+    """A spec file (D = 32: one E8M0 scale per row) and a V4.1-layout FP8 checkpoint of its layer 1:
+    (spec, encoded rows); files spec.json and v41.safetensors in tmp_path."""
     import torch
     from safetensors.torch import save_file
 
-    from engram.quant import decode, encode
+    from engram.quant import encode
 
-    spec_d = {**SPEC, "n_embed_per_ngram": 64, "layer_ids": [1]}          # D = 32: one E8M0 scale per row
+    spec_d = {**SPEC, "n_embed_per_ngram": 64, "layer_ids": [1]}
     (tmp_path / "spec.json").write_text(json.dumps(spec_d))
     spec = engram.TableSpec.from_dict({**spec_d, "compressed_vocab_size": 300})
     q = encode(np.random.default_rng(0).standard_normal((spec.rows(1), 32)).astype(np.float32), "float8_e4m3")
     save_file({"model.layers.1.engram.embedding.weight": torch.from_numpy(q.values).view(torch.float8_e4m3fn),
                "model.layers.1.engram.embedding.weight_scale_inv": torch.from_numpy(q.scales)},
               tmp_path / "v41.safetensors")
+    return spec, q
+
+
+def test_import_fp8_checkpoint_dequantizes(capsys, tmp_path):
+    import torch
+
+    from engram.quant import decode
+
+    spec, q = _v41_checkpoint(tmp_path)
     path = tmp_path / "fp8.engram"
     code, _, err = run(capsys, "import", str(path), "--spec", str(tmp_path / "spec.json"), "--vocab-size", "300",
                        "--weights", str(tmp_path / "v41.safetensors"))
@@ -533,18 +544,7 @@ def test_the_spec_files_scale_block_is_kept_unless_a_flag_overrides_it(capsys, t
 
 
 def test_import_fp8_checkpoint_into_an_fp8_table_keeps_the_bytes(capsys, tmp_path):
-    import torch
-    from safetensors.torch import save_file
-
-    from engram.quant import encode
-
-    spec_d = {**SPEC, "n_embed_per_ngram": 64, "layer_ids": [1]}          # D = 32
-    (tmp_path / "spec.json").write_text(json.dumps(spec_d))
-    spec = engram.TableSpec.from_dict({**spec_d, "compressed_vocab_size": 300})
-    q = encode(np.random.default_rng(0).standard_normal((spec.rows(1), 32)).astype(np.float32), "float8_e4m3")
-    save_file({"model.layers.1.engram.embedding.weight": torch.from_numpy(q.values).view(torch.float8_e4m3fn),
-               "model.layers.1.engram.embedding.weight_scale_inv": torch.from_numpy(q.scales)},
-              tmp_path / "v41.safetensors")
+    spec, q = _v41_checkpoint(tmp_path)
     base = ["import", "--spec", str(tmp_path / "spec.json"), "--vocab-size", "300", "--weights",
             str(tmp_path / "v41.safetensors"), "--dtype", "float8_e4m3", "--json"]
     code, out, err = run(capsys, *base[:1], str(tmp_path / "a.engram"), *base[1:])

@@ -209,18 +209,26 @@ def test_pickles_by_path_and_tier(paths, opener):
             assert torch.equal(copy.lookup(ids, 1), table.lookup(ids, 1))
 
 
-@tiers
-def test_truncated_or_missing_chunk_is_an_error_at_open(paths, opener, tmp_path):
+def check_damaged_chunk_is_refused(opener, source, tmp_path, array: str, truncated: str, missing: str) -> None:
+    """Chunk 1 of `array` (layer 5) cut 4 KiB short, then removed: opening refuses both, matching
+    `truncated` and then `missing`."""
     path = tmp_path / "t.engram"
-    shutil.copytree(paths["float32"], path)
-    chunk = path / "layer_5" / "c" / "1" / "0"
+    shutil.copytree(source, path)
+    chunk = path / array / "c" / "1" / "0"
     os.truncate(chunk, os.path.getsize(chunk) - 4096)
-    with pytest.raises(engram.CorruptTableError, match=r"layer 5 chunk 1 \(.*layer_5/c/1/0'\) has 126976 bytes, "
-                       r"expected 131072: the table is damaged"):
+    with pytest.raises(engram.CorruptTableError, match=truncated):
         opener(path)
     os.remove(chunk)
-    with pytest.raises(engram.CorruptTableError, match=r"layer 5 chunk 1 .* is missing"):
+    with pytest.raises(engram.CorruptTableError, match=missing):
         opener(path)
+
+
+@tiers
+def test_truncated_or_missing_chunk_is_an_error_at_open(paths, opener, tmp_path):
+    check_damaged_chunk_is_refused(
+        opener, paths["float32"], tmp_path, "layer_5",
+        r"layer 5 chunk 1 \(.*layer_5/c/1/0'\) has 126976 bytes, expected 131072: the table is damaged",
+        r"layer 5 chunk 1 .* is missing")
 
 
 @tiers
@@ -458,17 +466,11 @@ def test_stored_rows_are_the_bytes_on_disk(paths, opener, dtype):
 
 @tiers
 def test_truncated_or_missing_scale_chunk_is_an_error_at_open(paths, opener, tmp_path):
-    path = tmp_path / "t.engram"
-    shutil.copytree(paths["int8"], path)
-    chunk = path / "layer_5_scales" / "c" / "1" / "0"
-    os.truncate(chunk, os.path.getsize(chunk) - 4096)
-    with pytest.raises(engram.CorruptTableError, match=r"layer 5 scales \(array 'layer_5_scales'\) chunk 1 "
-                       r"\(.*layer_5_scales/c/1/0'\) has 61440 bytes, expected 65536: the table is damaged"):
-        opener(path)
-    os.remove(chunk)
-    with pytest.raises(engram.CorruptTableError, match=r"layer 5 scales \(array 'layer_5_scales'\) chunk 1 .* is "
-                       "missing"):
-        opener(path)
+    check_damaged_chunk_is_refused(
+        opener, paths["int8"], tmp_path, "layer_5_scales",
+        r"layer 5 scales \(array 'layer_5_scales'\) chunk 1 \(.*layer_5_scales/c/1/0'\) has 61440 bytes, "
+        r"expected 65536: the table is damaged",
+        r"layer 5 scales \(array 'layer_5_scales'\) chunk 1 .* is missing")
 
 
 @tiers
