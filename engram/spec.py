@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import numbers
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -254,6 +255,33 @@ class TableSpec:
         if missing:
             raise SpecError(f"spec is missing required fields {missing}")
         return cls(**d)
+
+    @classmethod
+    def from_hf_config(cls, config: str | os.PathLike[str] | Mapping[str, Any], compression: Any = None) -> TableSpec:
+        """The spec of a DeepSeek-V4.1 checkpoint from its config.json (its "text_config").
+
+        Rows are "float8_e4m3" with `scale_block=32`, the hash the reference's multiplicative-xor
+        with seed 0; the row counts the primes give are checked against `engram_num_embeddings`
+        (see `engram.hf_config` for the fields read).
+
+        Args:
+            config: a config.json, the directory holding it, or the loaded dict.
+            compression: if given, its `compressed_vocab_size` is checked against
+                `engram_compressed_vocab_size`.
+
+        Raises:
+            SpecError: a missing or invalid field.
+            SpecMismatchError: `engram_num_embeddings` or `engram_compressed_vocab_size` disagree
+                (the message names the field and both values).
+
+        Example:
+            >>> spec = TableSpec.from_hf_config("DeepSeek-V4.1-Flash/config.json")   # doctest: +SKIP
+            >>> spec.rows(1), spec.head_dim, spec.dtype
+            (384006168, 256, 'float8_e4m3')
+        """
+        from .hf_config import spec_from_hf_config
+
+        return spec_from_hf_config(config, compression)
 
     def replace(self, **changes: Any) -> TableSpec:
         """A copy with some fields changed (validated again)."""
