@@ -192,7 +192,10 @@ class DirectReader:
         stage_off = np.zeros(ext_len.size, np.int64)
         np.cumsum(ext_len[:-1], out=stage_off[1:])
         staging = self._staging(int(stage_off[-1] + ext_len[-1]))
-        jobs = list(zip(ext_chunk.tolist(), ext_start.tolist(), ext_len.tolist(), stage_off.tolist(), strict=True))
+        # The last block of a file may be partial: a read there returns only the bytes the file has.
+        want = np.minimum(ext_len, lay.chunk_bytes - ext_start)
+        jobs = list(zip(ext_chunk.tolist(), ext_start.tolist(), ext_len.tolist(), stage_off.tolist(), want.tolist(),
+                        strict=True))
         # Reads in flight: `io_threads` tasks, each issuing its share of the extents one preadv at a
         # time, so exactly min(io_threads, extents) reads are outstanding until the last ones land.
         n_tasks = min(self._io_threads, len(jobs))
@@ -210,30 +213,31 @@ class DirectReader:
                 fadvise(fds[chunk], "DONTNEED")
         # Each row's bytes sit at stage_off[extent] + (its file offset - extent start). Staging and
         # file offsets of an extent agree modulo BLOCK, so every row starts at a multiple of
-        # g = gcd(row_bytes, BLOCK): copy each row as row_bytes/g units of g bytes.
+        # g = gcd(row_bytes, BLOCK, file_offset): copy each row as row_bytes/g units of g bytes.
         ext_of_row = plan["row_ext"][first_row:stop_row] - first_ext
         pos = stage_off[ext_of_row] + plan["row_byte"][first_row:stop_row] - ext_start[ext_of_row]
-        g = math.gcd(lay.row_bytes, BLOCK)
+        g = math.gcd(lay.row_bytes, BLOCK, lay.file_offset)
         units = torch.from_numpy(staging[: staging.size // g * g]).view(-1, g)              # [*, g]
         index = (pos // g)[:, None] + np.arange(lay.row_bytes // g)                         # [rows, row_bytes/g]
         rows_out = dest[first_row:stop_row].view(-1, g)                                     # [rows*row_bytes/g, g]
         torch.index_select(units, 0, torch.from_numpy(index.reshape(-1)), out=rows_out)
 
 
-def _read_extents(fds: list[int], jobs: list[tuple[int, int, int, int]], view: memoryview) -> tuple | None:
-    """Read each (chunk, file offset, length, staging offset); return the first short read, if any."""
+def _read_extents(fds: list[int], jobs: list[tuple[int, int, int, int, int]], view: memoryview) -> tuple | None:
+    """Read each (chunk, file offset, length, staging offset, bytes the file holds there); return the
+    first short read, if any."""
     preadv = os.preadv
-    for chunk, start, length, stage in jobs:
+    for chunk, start, length, stage, want in jobs:
         got = preadv(fds[chunk], [view[stage: stage + length]], start)
-        if got != length:
-            return chunk, got, length
+        if got < want:
+            return chunk, got, want
     return None
 
 
 def _plan_extents(uniq: np.ndarray, lay: LayerLayout) -> dict[str, np.ndarray]:
     """Block-aligned read extents covering the sorted unique rows `uniq` of one layer."""
     chunk = uniq // lay.chunk_rows
-    row_byte = (uniq - chunk * lay.chunk_rows) * lay.row_bytes          # offset inside the chunk file
+    row_byte = lay.file_offset + (uniq - chunk * lay.chunk_rows) * lay.row_bytes   # offset inside the chunk file
     first = row_byte // BLOCK * BLOCK
     last = -(-(row_byte + lay.row_bytes) // BLOCK) * BLOCK              # block-aligned end
     new = np.ones(uniq.size, bool)

@@ -49,7 +49,7 @@ import dataclasses
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import xxhash
@@ -135,6 +135,9 @@ class LayerLayout:
     checksums: tuple[str, ...] = ()
     scales: LayerLayout | None = None
     role: str = "rows"
+    # Byte offset of row 0 inside each chunk file: 0 here; rows served in place from a checkpoint
+    # shard start at their tensor's offset (engram.inplace.RangeLayout).
+    file_offset: ClassVar[int] = 0
 
     @property
     def disk_bytes(self) -> int:

@@ -149,3 +149,21 @@ def release_pages(arr: np.ndarray) -> None:
     last = (start + arr.nbytes) // mmap.PAGESIZE * mmap.PAGESIZE
     if last > first:
         madvise(first, last - first, MADV_DONTNEED)
+
+
+def map_file_range(fd: int, offset: int, length: int, populate: bool = False) -> tuple[Region, int]:
+    """Map bytes [offset, offset + length) of a file read-only; returns (region, where they start in it).
+
+    The mapping starts at the page holding `offset` (mmap offsets are page-aligned), so the bytes
+    begin `offset % PAGESIZE` into the region. The caller checks that the file holds the range: a
+    page wholly past the end of the file would fault (SIGBUS) when touched. Random access (no
+    readahead); `populate` pre-faults every page (MAP_POPULATE).
+    """
+    start = offset - offset % mmap.PAGESIZE
+    delta = offset - start
+    span = -(-(delta + length) // mmap.PAGESIZE) * mmap.PAGESIZE
+    region = Region(max(span, mmap.PAGESIZE), PROT_NONE, MAP_PRIVATE | MAP_NORESERVE)
+    if span:
+        _mmap(region.addr, span, PROT_READ, MAP_SHARED | MAP_FIXED | (MAP_POPULATE if populate else 0), fd, start)
+        region.advise(MADV_RANDOM, 0, span)
+    return region, delta

@@ -60,7 +60,8 @@ class Table:
     """
 
     def __init__(self, tdir: TableDir, meta: TableMeta, tier: str, prefault: bool, io_threads: int,
-                 dedup: bool | None = None) -> None:
+                 dedup: bool | None = None, rows: Any = None) -> None:
+        # rows: an open tier serving the rows (default: open `tier` over the table's chunk files)
         self._tdir, self._path, self._meta, self._tier_name = tdir, tdir.path, meta, tier
         self._prefault, self._io_threads, self._dedup_arg = prefault, io_threads, dedup
         self._hasher = NgramHasher(meta.spec, meta.compression)
@@ -72,7 +73,7 @@ class Table:
         self._state = threading.Condition()
         self._active = 0
         self._closed = False
-        self._tier = open_tier(tier, tdir, meta, prefault, io_threads)
+        self._tier = open_tier(tier, tdir, meta, prefault, io_threads) if rows is None else rows
         self._finalizer = weakref.finalize(self, _release, self._tier, tdir)
         self._stats = StatsCounter()
         self._engine = RowGatherer(self._tier, tier in DEDUP_TIERS if dedup is None else dedup, self._stats)
@@ -484,7 +485,9 @@ def open(path: str | os.PathLike[str], tier: str = "mmap", *, prefault: bool = F
     """Open a table read-only.
 
     Args:
-        path: the table directory written by `engram.build_table`.
+        path: the table directory written by `engram.build_table`, or a DeepSeek-V4.1 checkpoint
+            directory (config.json, tokenizer.json, safetensors shards): its rows are then served
+            in place from the shards, nothing copied or written (see `engram.inplace`).
         tier: where rows are read from: "ram" (loaded into hugepage-backed memory, checksums
             verified while loading), "mmap" (chunk files mapped into one address range), or
             "direct" (pread from a thread pool, bypassing the page cache; for cold tables).
@@ -515,6 +518,18 @@ def open(path: str | os.PathLike[str], tier: str = "mmap", *, prefault: bool = F
         raise InputError(f"io_threads={io_threads!r} is invalid: expected an int >= 1")
     if dedup not in (None, True, False):
         raise InputError(f"dedup={dedup!r} is invalid: expected True, False or None (per tier)")
+    from .release import is_release_dir
+
+    if is_release_dir(path):          # a DeepSeek-V4.1 checkpoint directory: its rows in place
+        from .inplace import open_release
+
+        table: Table = open_release(path, tier, prefault, io_threads, dedup)
+        try:
+            _check_expected(table.path, table._meta, spec, compression)
+        except BaseException:
+            table.close()
+            raise
+        return table
     tdir = TableDir(path)   # every file of this table is opened relative to this directory handle
     try:
         meta = read_metadata(tdir)

@@ -1,0 +1,255 @@
+"""Rows served where a DeepSeek-V4.1 checkpoint has them: the storage tiers over shard byte ranges.
+
+    table = engram.open("V4.1/", tier="mmap")     # a read-only Table; nothing copied or written
+
+Each layer's rows are one contiguous tensor of a safetensors shard (`engram.release`): FP8 E4M3
+values [rows, D] and E8M0 scales [rows, D/32], row-major, exactly the bytes an engram
+"float8_e4m3" table stores in its chunk files. So the tiers serve them the same way:
+
+- "mmap": each tensor's byte range of its shard is mapped read-only (from the page holding its
+  first byte; MADV_RANDOM; `prefault` populates it), and viewed as [rows, width] uint8;
+- "ram": each range is read into an anonymous hugepage-backed buffer, then made read-only;
+- "direct": values are read with pread at their offsets in the shard (`engram.direct`), scales
+  read into memory at open, as for engram tables.
+
+Everything above the tier (hashing, dedup, the hot-row cache, prefetch, counters, FP8 decoding)
+is the Table's own, so a lookup here equals the same lookup in a table imported from these rows,
+byte for byte. Shard sizes are checked again when a shard is opened: a file that shrank since
+its header was read is refused before anything is mapped.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .direct import DirectReader
+from .errors import CorruptTableError, InputError
+from .format import TableDir, TableMeta
+from .mapping import PROT_READ, anonymous, map_file_range
+from .release import ReleaseCheckpoint, ReleaseLayer, read_release
+from .safetensors_header import TensorRange, read_header
+from .table import Table
+
+__all__ = ["ReleaseTable", "open_release", "RangeLayout"]
+
+RELEASE_FORMAT_VERSION = 0     # `Table.format_version` of a checkpoint served in place (no engram format)
+_READ_BYTES = 64 << 20         # bytes per read when loading or scanning a range
+
+
+def _open_checked(tdir: TableDir, t: TensorRange) -> int:
+    """A descriptor of the shard holding `t`, refused if the file changed size since its header was read."""
+    where = os.fspath(tdir.path / t.file)
+    try:
+        fd = tdir.open(t.file)
+    except FileNotFoundError:
+        raise CorruptTableError(f"checkpoint shard {where!r} disappeared after its header was read: "
+                                "restore it") from None
+    size = os.fstat(fd).st_size
+    if size != t.file_bytes:
+        os.close(fd)
+        raise CorruptTableError(f"checkpoint shard {where!r} has {size} bytes, but {t.file_bytes} when its header was "
+                                f"read (tensor {t.name!r} ends at byte {t.offset + t.nbytes}): the file was truncated "
+                                "or replaced; download it again")
+    return fd
+
+
+def _width(t: TensorRange) -> int:
+    return t.shape[1]
+
+
+def _mapped(tdir: TableDir, t: TensorRange, prefault: bool) -> torch.Tensor:
+    fd = _open_checked(tdir, t)
+    try:
+        region, delta = map_file_range(fd, t.offset, t.nbytes, populate=prefault)
+    finally:
+        os.close(fd)                 # the mapping keeps the file open
+    arr = region.array(np.uint8, t.shape, offset=delta, writable=True)   # pages are read-only
+    return torch.from_numpy(arr)
+
+
+def _read_range(fd: int, t: TensorRange, dest: np.ndarray, where: str) -> None:
+    view, done = memoryview(dest), 0
+    while done < t.nbytes:
+        got = os.preadv(fd, [view[done: done + _READ_BYTES]], t.offset + done)
+        if got == 0:
+            raise CorruptTableError(f"checkpoint shard {where!r} ended after {t.offset + done} bytes, inside tensor "
+                                    f"{t.name!r}: the file was truncated; download it again")
+        done += got
+
+
+def _loaded(tdir: TableDir, t: TensorRange) -> torch.Tensor:
+    region = anonymous(max(t.nbytes, 1))
+    data = region.array(np.uint8, (t.nbytes,), writable=True)
+    fd = _open_checked(tdir, t)
+    try:
+        _read_range(fd, t, data, os.fspath(tdir.path / t.file))
+    finally:
+        os.close(fd)
+    region.protect(PROT_READ)
+    return torch.from_numpy(region.array(np.uint8, t.shape, writable=True))
+
+
+class InPlaceMemoryTier:
+    """"mmap" (mapped byte ranges) or "ram" (ranges loaded): one index_select per gather."""
+
+    def __init__(self, name: str, tdir: TableDir, release: ReleaseCheckpoint, prefault: bool) -> None:
+        self.name = name
+        self.weights: dict[int, torch.Tensor] = {}
+        self.scales: dict[int, torch.Tensor] = {}
+        for lid, layer in release.layers.items():
+            for t, into in ((layer.values, self.weights), (layer.scales, self.scales)):
+                into[lid] = _mapped(tdir, t, prefault) if name == "mmap" else _loaded(tdir, t)
+
+    def gather(self, layer_id: int, rows: np.ndarray, out: torch.Tensor, sorted_unique: bool = False) -> None:
+        torch.index_select(self.weights[layer_id], 0, torch.from_numpy(rows), out=out)
+
+    def close(self) -> None:
+        self.weights, self.scales = {}, {}      # mappings go once no tensor refers to them
+
+
+class RangeLayout:
+    """One layer's rows as `engram.direct` reads them: one "chunk", the tensor's byte range of its shard."""
+
+    role = "rows"
+    n_chunks = 1
+
+    def __init__(self, layer_id: int, t: TensorRange) -> None:
+        self.layer_id, self.array, self.file = layer_id, t.name, t.file
+        self.rows = self.chunk_rows = t.shape[0]
+        self.row_bytes = t.nbytes // max(t.shape[0], 1)
+        self.file_offset = t.offset              # where row 0 starts in the file
+        self.chunk_bytes = t.file_bytes          # the size the file must still have
+
+    def chunk_relpath(self, index: int) -> str:
+        return self.file
+
+    def chunk_path(self, root: str | os.PathLike[str], index: int) -> Path:
+        return Path(root, self.file)
+
+
+class InPlaceDirectTier:
+    """"direct": values pread at their offsets in the shard; scales resident (read at open)."""
+
+    name = "direct"
+
+    def __init__(self, tdir: TableDir, release: ReleaseCheckpoint, io_threads: int) -> None:
+        layouts: dict[int, Any] = {lid: RangeLayout(lid, layer.values) for lid, layer in release.layers.items()}
+        self.reader = DirectReader(tdir, layouts, io_threads=io_threads)
+        try:
+            self.scales = {lid: _loaded(tdir, layer.scales) for lid, layer in release.layers.items()}
+        except BaseException:
+            self.reader.close()
+            raise
+
+    def gather(self, layer_id: int, rows: np.ndarray, out: torch.Tensor,
+               sorted_unique: bool = False) -> tuple[int, int]:
+        return self.reader.gather(layer_id, rows, out, sorted_unique=sorted_unique)
+
+    def extent_ids(self, layer_id: int, uniq: np.ndarray) -> np.ndarray:
+        return self.reader.extent_ids(layer_id, uniq)
+
+    def close(self) -> None:
+        self.reader.close()
+        self.scales = {}
+
+
+class ReleaseTable(Table):
+    """A Table over a V4.1 checkpoint's rows, in place. Make one with `engram.open(checkpoint_dir)`.
+
+    Lookups, prefetch, the hot-row cache and stats are the Table's; what differs: there are no
+    chunk files or checksums (`layout`, `chunk_files` and `checksums` raise), `tensors(layer_id)`
+    says where a layer's rows are, and `verify()` rereads the shard headers and scans every row and
+    scale for NaN codes (safetensors files carry no checksums).
+    """
+
+    def __init__(self, tdir: TableDir, release: ReleaseCheckpoint, tier: str, prefault: bool, io_threads: int,
+                 dedup: bool | None = None) -> None:
+        self.release = release
+        meta = TableMeta(RELEASE_FORMAT_VERSION, release.spec, release.compression, {})
+        if tier == "direct":
+            rows: Any = InPlaceDirectTier(tdir, release, io_threads)
+        else:
+            rows = InPlaceMemoryTier(tier, tdir, release, prefault)
+        super().__init__(tdir, meta, tier, prefault, io_threads, dedup, rows=rows)
+
+    def tensors(self, layer_id: int) -> ReleaseLayer:
+        """Where one layer's rows are: its values and scales tensors (shard file, byte offset, size)."""
+        return self.release.layers[self.spec.check_layer(layer_id)]
+
+    def _no_chunks(self, what: str) -> InputError:
+        return InputError(f"{what} is not defined for a checkpoint served in place ({os.fspath(self.path)!r} holds "
+                          "safetensors shards, not engram chunk files): use table.tensors(layer_id)")
+
+    def layout(self, layer_id: int) -> Any:
+        raise self._no_chunks("layout()")
+
+    def chunk_files(self, layer_id: int, scales: bool = False) -> list[Path]:
+        raise self._no_chunks("chunk_files()")
+
+    def checksums(self, layer_id: int, scales: bool = False) -> tuple[str, ...]:
+        raise self._no_chunks("checksums()")
+
+    def verify(self, progress: bool | None = None) -> None:
+        """Reread every shard header (same tensors at the same bytes?) and scan the rows for NaN codes.
+
+        Raises:
+            CorruptTableError: a changed header or file size, or a NaN value (E4M3 0x7F/0xFF) or
+                scale (E8M0 0xFF) in the rows, naming the tensor and the first bad row.
+        """
+        from tqdm.auto import tqdm
+
+        tdir = TableDir(self.path)
+        try:
+            total = sum(t.nbytes for layer in self.release.layers.values() for t in (layer.values, layer.scales))
+            with tqdm(total=total, unit="B", unit_scale=True, desc="verify", delay=1.0,
+                      disable=None if progress is None else not progress) as bar:
+                for layer in self.release.layers.values():
+                    _scan(tdir, layer.values, 0x7F, bar)      # E4M3 NaN: every exponent and mantissa bit set
+                    _scan(tdir, layer.scales, 0xFF, bar)      # E8M0 NaN
+        finally:
+            tdir.close()
+
+
+def _scan(tdir: TableDir, t: TensorRange, nan_bits: int, bar: Any) -> None:
+    """Check `t`'s header is unchanged, then that no byte of it has all of `nan_bits` set (a NaN code)."""
+    where = os.fspath(tdir.path / t.file)
+    fd = _open_checked(tdir, t)
+    try:
+        now = read_header(fd, t.file, where).get(t.name)
+        if now != t:
+            raise CorruptTableError(f"checkpoint shard {where!r}: tensor {t.name!r} is now {now!r}, was {t!r} when "
+                                    "the table was opened: the file was replaced; open it again")
+        row_bytes = t.nbytes // t.shape[0]
+        step = max(1, _READ_BYTES // row_bytes) * row_bytes
+        buf = np.empty(step, np.uint8)
+        for start in range(0, t.nbytes, step):
+            n = min(step, t.nbytes - start)
+            got = os.preadv(fd, [memoryview(buf)[:n]], t.offset + start)
+            if got != n:
+                raise CorruptTableError(f"checkpoint shard {where!r} ended inside tensor {t.name!r}: the file was "
+                                        "truncated; download it again")
+            bad = (buf[:n] & nan_bits) == nan_bits
+            if bad.any():
+                row = (start + int(np.argmax(bad))) // row_bytes
+                raise CorruptTableError(f"checkpoint shard {where!r}: tensor {t.name!r} row {row} holds a NaN code: "
+                                        "the file is damaged; download it again")
+            bar.update(n)
+    finally:
+        os.close(fd)
+
+
+def open_release(path: str | os.PathLike[str], tier: str, prefault: bool, io_threads: int,
+                 dedup: bool | None) -> ReleaseTable:
+    """Open a V4.1 checkpoint directory's rows in place (the headers are checked first; see `engram.open`)."""
+    tdir = TableDir(path)
+    try:
+        release = read_release(tdir.path, tdir)
+        return ReleaseTable(tdir, release, tier, prefault, io_threads, dedup)
+    except BaseException:
+        tdir.close()
+        raise
