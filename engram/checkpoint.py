@@ -11,9 +11,12 @@ Two layouts are read:
   `model.safetensors.index.json` whose "weight_map" names each tensor's shard.
 
 Tensor names come from patterns with a `{layer_id}` placeholder. Defaults, tried in order (the
-first that names any tensor wins): `DEFAULT_WEIGHT_PATTERNS`; the scale of an FP8 weight named
-`...weight` is `...weight_scale_inv` (the DeepSeek naming of FP8 block scales). Pass
-`weight_pattern` / `scale_pattern` when a checkpoint names them differently.
+first that names any tensor wins): `DEFAULT_WEIGHT_PATTERNS` (DeepSeek-V4.1's release names
+`layers.{L}.engram.embed.weight`, with or without the "model." prefix of Hugging Face
+conversions, come first); the scale of an FP8 weight named `...weight` is `...scale` (the
+release) or `...weight_scale_inv` (the DeepSeek naming of FP8 block scales in conversions),
+whichever the checkpoint holds. Pass `weight_pattern` / `scale_pattern` when a checkpoint names
+them differently.
 
 Nothing reads a whole layer: safetensors row ranges go through `safe_open(...).get_slice`, and
 torch.save files are opened with `torch.load(mmap=True, weights_only=True)` and copied block by
@@ -38,11 +41,14 @@ from .errors import CorruptTableError, InputError, MissingFileError, SpecMismatc
 __all__ = ["Checkpoint", "open_checkpoint", "DEFAULT_WEIGHT_PATTERNS", "INDEX_NAME"]
 
 DEFAULT_WEIGHT_PATTERNS = (
-    "model.layers.{layer_id}.engram.embedding.weight",                  # V4.1-style FP8 checkpoints
+    "layers.{layer_id}.engram.embed.weight",                            # DeepSeek-V4.1 as released
+    "model.layers.{layer_id}.engram.embed.weight",                      # its Hugging Face conversions
+    "model.layers.{layer_id}.engram.embedding.weight",                  # other V4.1-style FP8 checkpoints
     "layers.{layer_id}.engram.multi_head_embedding.embedding.weight",   # reference-module models
 )
 INDEX_NAME = "model.safetensors.index.json"
-_SCALE_SUFFIX = ("weight", "weight_scale_inv")
+# The scale of an FP8 weight "X.weight": "X.scale" (DeepSeek-V4.1 as released) or "X.weight_scale_inv".
+_SCALE_SUFFIXES = ("scale", "weight_scale_inv")
 _TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 # Stored dtype (safetensors name or torch dtype) -> engram row dtype.
 _ROW_DTYPES: dict[Any, str] = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F8_E4M3": "float8_e4m3",
@@ -377,8 +383,9 @@ class Checkpoint:
     def _scale(self, layer_id: int, weight: str, shape: tuple[int, ...]) -> tuple[str, int]:
         if self.scale_pattern is not None:
             scale = self.scale_pattern.replace("{layer_id}", str(layer_id))
-        elif weight.endswith(_SCALE_SUFFIX[0]):
-            scale = weight[: -len(_SCALE_SUFFIX[0])] + _SCALE_SUFFIX[1]
+        elif weight.endswith("weight"):
+            candidates = [weight[: -len("weight")] + suffix for suffix in _SCALE_SUFFIXES]
+            scale = next((name for name in candidates if name in self._names), candidates[-1])
         else:
             raise InputError(f"float8_e4m3 tensor {weight!r} needs E8M0 scales: pass scale_pattern= "
                              f"(e.g. '...{{layer_id}}...weight_scale_inv')")
@@ -419,7 +426,7 @@ def open_checkpoint(
         weight_pattern: name of a layer's row tensor with a `{layer_id}` placeholder; default: the
             first of `DEFAULT_WEIGHT_PATTERNS` that names any tensor.
         scale_pattern: name of an FP8 weight's E8M0 scales, with `{layer_id}`; default: the weight
-            name with its final "weight" replaced by "weight_scale_inv".
+            name with its final "weight" replaced by "scale" or "weight_scale_inv" (the one present).
 
     Returns:
         A Checkpoint (a context manager; `close()` releases the files).

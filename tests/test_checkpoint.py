@@ -219,7 +219,7 @@ def test_bad_files_and_patterns(tmp_path):
                                          r"'\{layer_id\}' placeholder"):
         open_checkpoint(path, weight_pattern="a.weight")
     with pytest.raises(InputError, match=r"no tensor in \['.*m.safetensors'\] matches weight_pattern in \["
-                                         r"'model.layers.\{layer_id\}.engram.embedding.weight', 'layers.*names "
+                                         r"'layers.\{layer_id\}.engram.embed.weight', 'model.layers.*names "
                                          r"look like"):
         open_checkpoint(path)
     with open_checkpoint(path, weight_pattern="a.{layer_id}.weight") as ckpt:
