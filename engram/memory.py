@@ -12,9 +12,10 @@ EngramMemory, the reference layer (arXiv 2601.07372; DESIGN.md "The algorithm"):
 
 EngramMemoryV41, the DeepSeek-V4.1 layer (DESIGN.md item 8): one fused projection, no ShortConv:
 
-    [k_0; ...; k_{G-1}; v] = W_KV e,  output_g = gate(w_g * rms(h_g), rms(k_g)) * v
+    [k_0; ...; k_{G-1}; v] = wkv(e),  output_g = gate(q_g * k'_g * rms(h_g), rms(k_g)) * v
 
-where rms normalizes without a weight and w_g is a learned vector of C gate weights.
+where rms normalizes without a weight and q_g, k'_g are the learned `q_weight`, `k_weight`
+(see engram.memory_v41).
 """
 
 from __future__ import annotations

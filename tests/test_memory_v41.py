@@ -17,7 +17,7 @@ from torch import nn
 import engram
 from engram import Compression, NgramHasher, TableSpec
 from engram.memory import EngramMemory
-from engram.memory_v41 import EngramMemoryV41
+from engram.memory_v41 import EngramMemoryV41, upgrade_state_dict
 from engram.norm import BranchRMSNorm
 from engram.shortconv import ShortConv
 from engram.training import param_groups
@@ -25,7 +25,8 @@ from engram.training import param_groups
 SPEC = TableSpec(engram_vocab_size=(101, 103), max_ngram_size=3, n_head_per_ngram=2,
                  n_embed_per_ngram=8, layer_ids=(0, 3), compressed_vocab_size=50)
 COMP = Compression.identity(50)
-KEYS = {"rows", "key_value_proj.weight", "key_value_proj.bias", "gate_weight"}
+KEYS = {"rows", "wkv.weight", "q_weight", "k_weight"}
+LEGACY_KEYS = {"rows", "key_value_proj.weight", "key_value_proj.bias", "gate_weight"}
 
 
 def make(hc_mult=2, hidden_size=16, seed=0, spec=SPEC, cls=EngramMemoryV41, **kw):
@@ -45,40 +46,64 @@ def randomize(mem, seed=2):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in mem.named_parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.5 + (1.0 if name == "gate_weight" else 0.0))
+            p.copy_(torch.randn(p.shape, generator=g) * 0.5 + (1.0 if name.endswith("_weight") else 0.0))
 
 
-def per_branch_forward(mem, hidden, ids):
-    """The V4.1 layer written out branch by branch, as the class docstring states it."""
-    C, G = mem.hidden_size, mem.hc_mult
-    W, b = mem.key_value_proj.weight.detach(), mem.key_value_proj.bias.detach()
+def formula64(e, hidden, wkv, q_weight, k_weight, eps):
+    """The released layer's formula, evaluated directly in float64, branch by branch:
+    kv = wkv(e); k_g = kv[g*C:(g+1)*C], v = kv[G*C:]; s_g = <h_g*q_g*k'_g, k_g> * rsqrt(mean(h_g^2)+eps)
+    * rsqrt(mean(k_g^2)+eps) / sqrt(C); output_g = sigmoid(copysign(sqrt(max(|s_g|, 1e-6)), s_g)) * v."""
+    e, hidden, wkv = e.double(), hidden.double(), wkv.double()
+    q_weight, k_weight = q_weight.double(), k_weight.double()
+    G, C = hidden.shape[-2:]
+    kv = e @ wkv.T
+    v = kv[..., G * C:]
+    out = []
+    for g in range(G):
+        h, k = hidden[:, :, g], kv[..., g * C:(g + 1) * C]
+        s = ((h * q_weight[g] * k_weight[g] * k).sum(-1) / torch.sqrt((h * h).mean(-1) + eps)
+             / torch.sqrt((k * k).mean(-1) + eps) / math.sqrt(C))
+        out.append(torch.sigmoid(torch.copysign(s.abs().clamp_min(1e-6).sqrt(), s)).unsqueeze(-1) * v)
+    return torch.stack(out, dim=2)
+
+
+def rows_of(mem, ids):
     rows = mem.hasher.hash(ids.numpy(), mem.layer_id) + np.asarray(mem.spec.head_offsets(mem.layer_id))
-    e = mem.rows.detach()[torch.from_numpy(rows)].flatten(2)          # [B, T, H*D]
+    return mem.rows.detach()[torch.from_numpy(rows)].flatten(2)          # [B, T, H*D]
+
+
+def legacy_forward(W, b, gate_weight, e, hidden):
+    """The layer as engram computed it before the release's parameters (one biased projection, one
+    gate vector applied to rms(h), eps = machine epsilon)."""
+    G, C = hidden.shape[-2:]
     eps = torch.finfo(e.dtype).eps
 
     def rms(x):
         return x / torch.sqrt(x.square().mean(-1, keepdim=True) + eps)
 
-    v = e @ W[G * C:].T + b[G * C:]                                     # the last C outputs
+    v = e @ W[G * C:].T + b[G * C:]
     branches = []
     for g in range(G):
         k = e @ W[g * C:(g + 1) * C].T + b[g * C:(g + 1) * C]
-        q = rms(hidden[:, :, g]) * mem.gate_weight.detach()[g]
-        s = (q * rms(k)).sum(-1, keepdim=True) / math.sqrt(C)
+        s = (rms(hidden[:, :, g]) * gate_weight[g] * rms(k)).sum(-1, keepdim=True) / math.sqrt(C)
         branches.append(torch.sigmoid(torch.sign(s) * torch.sqrt(s.abs().clamp_min(1e-6))) * v)
     return torch.stack(branches, dim=2)
 
 
 # -- the computation ------------------------------------------------------------------------------
-@pytest.mark.parametrize("hc_mult, hidden_size", [(1, 16), (2, 16), (4, 8)])
-def test_matches_per_branch_formula(hc_mult, hidden_size):
-    mem = make(hc_mult=hc_mult, hidden_size=hidden_size)
+@pytest.mark.parametrize("hc_mult, hidden_size, eps", [(1, 16, 1e-6), (2, 16, 1e-6), (4, 8, 1e-3)])
+def test_matches_the_release_formula_in_float64(hc_mult, hidden_size, eps):
+    mem = make(hc_mult=hc_mult, hidden_size=hidden_size, eps=eps)
     randomize(mem)
     hidden, ids = inputs(mem, T=11)
     with torch.no_grad():
         out = mem(hidden, ids)
-    assert out.shape == hidden.shape
-    torch.testing.assert_close(out, per_branch_forward(mem, hidden, ids))
+        want = formula64(rows_of(mem, ids), hidden, mem.wkv.weight, mem.q_weight, mem.k_weight, eps)
+    assert out.shape == hidden.shape and out.dtype == torch.float32
+    torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():                                  # float64 modules compute the gate in float64
+        out64 = mem.double()(hidden.double(), ids)
+    torch.testing.assert_close(out64, want, rtol=1e-12, atol=1e-12)
 
 
 def test_no_shortconv_and_the_documented_state_dict():
@@ -86,13 +111,17 @@ def test_no_shortconv_and_the_documented_state_dict():
     E, G, C = SPEC.embed_dim, 2, 16
     assert set(mem.state_dict()) == KEYS
     shapes = {k: tuple(v.shape) for k, v in mem.state_dict().items()}
-    assert shapes == {"rows": (SPEC.rows(3), SPEC.head_dim), "key_value_proj.weight": ((G + 1) * C, E),
-                      "key_value_proj.bias": ((G + 1) * C,), "gate_weight": (G, C)}
+    assert shapes == {"rows": (SPEC.rows(3), SPEC.head_dim), "wkv.weight": ((G + 1) * C, E),
+                      "q_weight": (G, C), "k_weight": (G, C)}
+    assert mem.wkv.bias is None and mem.eps == 1e-6
     assert not any(isinstance(m, (ShortConv, BranchRMSNorm, nn.Conv1d)) for m in mem.modules())
     assert not any("conv" in name or "norm" in name for name, _ in mem.named_parameters())
-    assert torch.equal(mem.gate_weight, torch.ones(G, C))
+    assert torch.equal(mem.q_weight, torch.ones(G, C)) and torch.equal(mem.k_weight, torch.ones(G, C))
+    assert set(make(bias=True).state_dict()) == KEYS | {"wkv.bias"}
     with pytest.raises(TypeError, match="kernel_size"):
         make(kernel_size=4)
+    with pytest.raises(engram.InputError, match=r"eps=0 is invalid: expected a float > 0"):
+        make(eps=0)
 
 
 def test_fused_projection_splits_into_keys_then_the_value():
@@ -101,16 +130,28 @@ def test_fused_projection_splits_into_keys_then_the_value():
     hidden, ids = inputs(mem)
     G, C = 3, 16
     with torch.no_grad():
-        base, weight = mem(hidden, ids), mem.key_value_proj.weight.clone()
+        base, weight = mem(hidden, ids), mem.wkv.weight.clone()
         for g in range(G):                        # key block g moves branch g's gate only
-            mem.key_value_proj.weight[g * C:(g + 1) * C] += 1.0
+            mem.wkv.weight[g * C:(g + 1) * C] += 1.0
             out = mem(hidden, ids)
-            mem.key_value_proj.weight.copy_(weight)
+            mem.wkv.weight.copy_(weight)
             changed = (out != base).flatten(0, 1).any(-1).any(0)        # [G]
             assert changed.tolist() == [h == g for h in range(G)]
-        mem.gate_weight.zero_()                   # s = 0: every gate is sigmoid(0) = 1/2
-        v = mem.lookup(ids) @ mem.key_value_proj.weight[G * C:].T + mem.key_value_proj.bias[G * C:]
-        torch.testing.assert_close(mem(hidden, ids), 0.5 * v.unsqueeze(2).expand(-1, -1, G, -1))
+        mem.q_weight.zero_()                      # s = +0: the positive branch, sigmoid(sqrt(1e-6))
+        v = mem.lookup(ids) @ mem.wkv.weight[G * C:].T
+        gate = torch.sigmoid(torch.tensor(1e-3))
+        torch.testing.assert_close(mem(hidden, ids), gate * v.unsqueeze(2).expand(-1, -1, G, -1))
+
+
+def test_q_and_k_weights_count_only_as_their_product():
+    mem = make()
+    randomize(mem)
+    hidden, ids = inputs(mem)
+    with torch.no_grad():
+        base = mem(hidden, ids)
+        mem.q_weight.mul_(2.0)
+        mem.k_weight.div_(2.0)
+        torch.testing.assert_close(mem(hidden, ids), base)
 
 
 @pytest.mark.parametrize("hc_mult", [1, 2])
@@ -121,12 +162,12 @@ def test_a_reference_layer_with_a_zero_shortconv_maps_onto_it(hc_mult):
         for p in ref.parameters():
             p.add_(torch.randn(p.shape, generator=randomize_ref) * 0.5)
         ref.short_conv.weight.zero_()
-    mem = make(hc_mult=hc_mult)
+    mem = make(hc_mult=hc_mult, bias=True, eps=None)     # the reference's norms: machine-epsilon eps
     mem.load_state_dict({
         "rows": ref.rows,
-        "key_value_proj.weight": torch.cat([ref.key_proj.weight, ref.value_proj.weight]),
-        "key_value_proj.bias": torch.cat([ref.key_proj.bias, ref.value_proj.bias]),
-        "gate_weight": ref.key_norm.weight * ref.query_norm.weight})
+        "wkv.weight": torch.cat([ref.key_proj.weight, ref.value_proj.weight]),
+        "wkv.bias": torch.cat([ref.key_proj.bias, ref.value_proj.bias]),
+        "q_weight": ref.query_norm.weight, "k_weight": ref.key_norm.weight})
     hidden, ids = inputs(mem, T=9)
     with torch.no_grad():
         torch.testing.assert_close(mem(hidden, ids), ref(hidden, ids))
@@ -162,9 +203,8 @@ def test_training_steps_decrease_the_loss_and_touch_only_addressed_rows():
     groups = {g["name"]: g for g in param_groups(student, lr=1e-2, weight_decay=0.1)}
     assert [id(p) for p in groups["engram_rows"]["params"]] == [id(student.rows)]
     assert groups["engram_rows"]["lr"] == pytest.approx(5e-2)
-    assert {id(p) for p in groups["no_decay"]["params"]} == {id(student.gate_weight),
-                                                             id(student.key_value_proj.bias)}
-    assert [id(p) for p in groups["decay"]["params"]] == [id(student.key_value_proj.weight)]
+    assert {id(p) for p in groups["no_decay"]["params"]} == {id(student.q_weight), id(student.k_weight)}
+    assert [id(p) for p in groups["decay"]["params"]] == [id(student.wkv.weight)]
     rows_before = student.rows.detach().clone()
     optimizer = torch.optim.AdamW(list(groups.values()))
     losses = []
@@ -178,7 +218,7 @@ def test_training_steps_decrease_the_loss_and_touch_only_addressed_rows():
     touched = np.unique(student.hasher.hash(ids.numpy(), 3) + np.asarray(student.spec.head_offsets(3)))
     moved = torch.nonzero((student.rows.detach() != rows_before).any(1)).flatten().numpy()
     assert np.array_equal(moved, touched)
-    assert not torch.equal(student.gate_weight, torch.ones_like(student.gate_weight))
+    assert not torch.equal(student.q_weight, torch.ones_like(student.q_weight))
 
 
 def test_state_dict_round_trip_gives_identical_outputs(tmp_path):
@@ -197,6 +237,32 @@ def test_state_dict_round_trip_gives_identical_outputs(tmp_path):
             assert torch.equal(fresh(hidden, ids), mem(hidden, ids))
     with pytest.raises(RuntimeError, match="Missing key"):     # not interchangeable with the reference's
         make(cls=EngramMemory).load_state_dict(mem.state_dict())
+
+
+def test_state_dicts_with_the_earlier_names_load_by_the_documented_conversion():
+    g = torch.Generator().manual_seed(4)
+    mem = make()
+    G, C, E = 2, 16, SPEC.embed_dim
+    legacy = {"rows": torch.randn(SPEC.rows(3), SPEC.head_dim, generator=g),
+              "key_value_proj.weight": torch.randn((G + 1) * C, E, generator=g) * 0.3,
+              "key_value_proj.bias": torch.randn((G + 1) * C, generator=g) * 0.3,
+              "gate_weight": torch.randn(G, C, generator=g) + 1}
+    assert set(legacy) == LEGACY_KEYS
+    with pytest.raises(engram.InputError, match=r"key_value_proj.bias, saved by an earlier version\) but this "
+                                                r"EngramMemoryV41 has no bias: build it with bias=True"):
+        mem.load_state_dict(dict(legacy))
+    old = make(bias=True, eps=None)
+    old.load_state_dict(dict(legacy))
+    assert torch.equal(old.q_weight, legacy["gate_weight"]) and torch.equal(old.k_weight, torch.ones(G, C))
+    assert torch.equal(old.wkv.bias, legacy["key_value_proj.bias"])
+    hidden, ids = inputs(old, T=9)
+    with torch.no_grad():
+        want = legacy_forward(legacy["key_value_proj.weight"], legacy["key_value_proj.bias"], legacy["gate_weight"],
+                              rows_of(old, ids), hidden)
+        torch.testing.assert_close(old(hidden, ids), want)
+    converted = upgrade_state_dict(dict(legacy))
+    assert set(converted) == KEYS | {"wkv.bias"}
+    assert upgrade_state_dict(dict(converted)) == converted          # already converted: unchanged
 
 
 # -- rows from a table ----------------------------------------------------------------------------
