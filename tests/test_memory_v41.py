@@ -16,6 +16,7 @@ from torch import nn
 
 import engram
 from engram import Compression, NgramHasher, TableSpec
+from engram.checkpoint import open_checkpoint
 from engram.memory import EngramMemory
 from engram.memory_v41 import EngramMemoryV41, upgrade_state_dict
 from engram.norm import BranchRMSNorm
@@ -53,8 +54,8 @@ def formula64(e, hidden, wkv, q_weight, k_weight, eps):
     """The released layer's formula, evaluated directly in float64, branch by branch:
     kv = wkv(e); k_g = kv[g*C:(g+1)*C], v = kv[G*C:]; s_g = <h_g*q_g*k'_g, k_g> * rsqrt(mean(h_g^2)+eps)
     * rsqrt(mean(k_g^2)+eps) / sqrt(C); output_g = sigmoid(copysign(sqrt(max(|s_g|, 1e-6)), s_g)) * v."""
-    e, hidden, wkv = e.double(), hidden.double(), wkv.double()
-    q_weight, k_weight = q_weight.double(), k_weight.double()
+    e, hidden, wkv = e.detach().double(), hidden.double(), wkv.detach().double()
+    q_weight, k_weight = q_weight.detach().double(), k_weight.detach().double()
     G, C = hidden.shape[-2:]
     kv = e @ wkv.T
     v = kv[..., G * C:]
@@ -350,3 +351,56 @@ def test_cuda_module_takes_host_or_device_ids():
             out = mem(hidden.cuda(), token_ids)
             assert out.device.type == "cuda"
             torch.testing.assert_close(out.cpu(), expected, rtol=1e-4, atol=1e-5)
+
+
+# -- the released layer ---------------------------------------------------------------------------
+def test_from_checkpoint_loads_the_released_layer_and_follows_the_formula(v41_release):
+    from engram import quant
+
+    ck = v41_release()
+    G, C = 4, 32
+    mem = EngramMemoryV41.from_checkpoint(ck.path, layer_id=14, dtype=torch.float32)
+    assert (mem.hidden_size, mem.hc_mult, mem.eps, mem.layer_id) == (C, G, 1e-6, 14)
+    assert mem.table.tier == "mmap" and mem.table.path == ck.path and mem.wkv.bias is None
+    values, scales = ck.wkv[14]                                  # FP8 [C*(G+1), E], E8M0 [C*(G+1)/32, E/32]
+    fp8 = torch.from_numpy(values).view(torch.float8_e4m3fn).double()
+    exponent = torch.from_numpy(scales).double().sub(127).repeat_interleave(32, 0).repeat_interleave(32, 1)
+    assert torch.equal(mem.wkv.weight, (fp8 * torch.exp2(exponent)).float())    # exact in float32
+    assert torch.equal(mem.q_weight, ck.q[14].float()) and torch.equal(mem.k_weight, ck.k[14].float())
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(2, 9, G, C, generator=g)
+    ids = torch.randint(0, ck.comp.vocab_size, (2, 9), generator=g)
+    rows = quant.decode(*ck.rows[14], "float8_e4m3")             # every row of layer 14, float32
+    idx = NgramHasher(ck.spec, ck.comp).global_rows(ids.numpy(), 14)
+    e = rows[torch.from_numpy(idx)].flatten(2)                   # [B, T, E]
+    with torch.no_grad():
+        out = mem(hidden, ids)
+    want = formula64(e, hidden, mem.wkv.weight, ck.q[14], ck.k[14], 1e-6)      # |values| up to ~1e4 here
+    torch.testing.assert_close(out.double(), want, rtol=1e-4, atol=1e-6 * float(want.abs().max()))
+    bf16 = EngramMemoryV41.from_checkpoint(ck.path, layer_id=14, table=mem.table)    # dtype bfloat16
+    assert bf16.wkv.weight.dtype == torch.bfloat16 and bf16.table is mem.table
+    with torch.no_grad():
+        torch.testing.assert_close(bf16(hidden.bfloat16(), ids).double(), want, rtol=0.05,
+                                   atol=0.02 * float(want.abs().max()))
+    mem.table.close()
+
+
+def test_from_checkpoint_reads_rows_from_any_table_of_them(v41_release, tmp_path):
+    ck = v41_release(naming="hf")                                # model. prefix, wkv.weight_scale_inv
+    with open_checkpoint(ck.path) as c:
+        engram.build_table(tmp_path / "imp.engram", ck.spec, ck.comp, weights={1: c.rows(1), 14: c.rows(14)}).close()
+    g = torch.Generator().manual_seed(1)
+    hidden = torch.randn(1, 12, 4, 32, generator=g).bfloat16()
+    ids = torch.randint(0, ck.comp.vocab_size, (1, 12), generator=g)
+    outs = []
+    for table in (engram.open(ck.path, tier="direct"), engram.open(tmp_path / "imp.engram", tier="ram")):
+        with table, torch.no_grad():
+            outs.append(EngramMemoryV41.from_checkpoint(ck.path, layer_id=1, table=table)(hidden, ids))
+    assert torch.equal(outs[0], outs[1])
+    other = SPEC.replace(dtype="float8_e4m3", n_embed_per_ngram=128)
+    engram.build_table(tmp_path / "other.engram", other, COMP).close()
+    with engram.open(tmp_path / "other.engram") as table:
+        with pytest.raises(engram.SpecMismatchError, match=r"holds other rows than checkpoint .* \(differing: \["):
+            EngramMemoryV41.from_checkpoint(ck.path, layer_id=1, table=table)
+    with pytest.raises(engram.InputError, match=r"layer_id=3 has no table: this spec has layer_ids=\(1, 14\)"):
+        EngramMemoryV41.from_checkpoint(ck.path, layer_id=3)
