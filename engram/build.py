@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from . import chunks as chunk_files
 from .checkpoint import LayerRows
 from .compression import Compression
 from .dtypes import scale_dtype, storage_dtype, torch_dtype
@@ -30,7 +31,6 @@ from .format import (
     LayerLayout,
     TableMeta,
     check_dtype_supported,
-    checksum,
     format_version_for,
     is_table,
     write_attributes,
@@ -173,9 +173,9 @@ def write_table(target: Path, spec: TableSpec, comp: Compression, layouts: dict[
                 sums: list[str] = []
                 scale_sums: list[str] = []
                 for index, (values, scales) in enumerate(chunks(lay)):
-                    sums.append(_write_chunk(lay.chunk_path(tmp, index), values, bar))
+                    sums.append(chunk_files.write_chunk(lay.chunk_path(tmp, index), values, bar))
                     if lay.scales is not None:
-                        scale_sums.append(_write_chunk(lay.scales.chunk_path(tmp, index), scales, bar))
+                        scale_sums.append(chunk_files.write_chunk(lay.scales.chunk_path(tmp, index), scales, bar))
                 if len(sums) != lay.n_chunks:
                     raise RuntimeError(f"layer {lid}: {len(sums)} chunks produced for {lay.n_chunks}")
                 written[lid] = lay.with_checksums(tuple(sums), tuple(scale_sums))
@@ -430,26 +430,5 @@ def _source_chunks(src: Any, lay: LayerLayout, spec: TableSpec) -> Iterator[Chun
         yield _zero_tail(chunk, stop - start)
 
 
-def _write_chunk(path: Path, block: np.ndarray, bar: Any) -> str:
-    """Write one chunk file (created, written whole, fsynced) and return its checksum."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    data = memoryview(block).cast("B")
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    try:
-        done = 0
-        while done < len(data):
-            done += os.write(fd, data[done:])
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    bar.update(len(data))
-    return checksum(data)
-
-
 def _progress_bar(layouts: dict[int, LayerLayout], progress: bool | None, desc: str = "build_table") -> Any:
-    from tqdm.auto import tqdm
-
-    total = sum(lay.disk_bytes for lay in layouts.values())
-    return tqdm(total=total, unit="B", unit_scale=True, desc=desc, delay=1.0, mininterval=0.5,
-                disable=None if progress is None else not progress)
-
+    return chunk_files.progress_bar(sum(lay.disk_bytes for lay in layouts.values()), desc, progress)
