@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import engram
-from engram import build, chunks, publish, quant
+from engram import build, chunks, publish, quant, writer
 from engram.build import INIT_BLOCK_ROWS
 
 VOCAB = 600
@@ -142,7 +142,7 @@ def stored(table, layer_id: int):
 
 @pytest.mark.parametrize("dtype", list(QUANT))
 def test_quantized_init_encodes_the_float32_draws(tmp_path, dtype, monkeypatch):
-    monkeypatch.setattr(build, "ENCODE_VALUES", 5000)        # pieces of 312 rows: not aligned to anything
+    monkeypatch.setattr(writer, "ENCODE_VALUES", 5000)        # pieces of 312 rows: not aligned to anything
     spec = quant_spec(dtype)
     with engram.build_table(tmp_path / "f32", make_spec(), COMP, seed=4) as f32, \
             engram.build_table(tmp_path / "q", spec, COMP, seed=4, chunk_rows=16384) as q, \
@@ -162,7 +162,7 @@ def test_quantized_init_encodes_the_float32_draws(tmp_path, dtype, monkeypatch):
 @pytest.mark.parametrize("kind", ["numpy-f64", "torch-bf16", "memmap"])
 @pytest.mark.parametrize("dtype", list(QUANT))
 def test_quantized_weights_import(tmp_path, dtype, kind, monkeypatch):
-    monkeypatch.setattr(build, "ENCODE_VALUES", 40000)
+    monkeypatch.setattr(writer, "ENCODE_VALUES", 40000)
     spec = quant_spec(dtype)
     rows = torch.randn(spec.rows(1), spec.head_dim, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     rows[5] = 0
