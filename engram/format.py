@@ -52,7 +52,6 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
-import xxhash
 
 from .compression import Compression
 from .dtypes import ROW_DTYPES
@@ -69,9 +68,7 @@ __all__ = [
     "LayerLayout",
     "TableDir",
     "TableMeta",
-    "checksum",
     "check_dtype_supported",
-    "chunk_error",
     "is_table",
     "read_metadata",
     "write_attributes",
@@ -91,11 +88,6 @@ _BYTES_CODEC = [{"name": "bytes", "configuration": {"endian": "little"}}]
 _BYTES_CODEC_NO_ENDIAN = [{"name": "bytes"}]
 _SINGLE_BYTE = ("int8", "uint8")
 _CHUNK_KEY_ENCODING = {"name": "default", "configuration": {"separator": "/"}}
-
-
-def checksum(data: Any) -> str:
-    """xxh3-64 hex digest of a bytes-like object (the per-chunk checksum)."""
-    return xxhash.xxh3_64_hexdigest(data)
 
 
 def check_dtype_supported(spec: TableSpec) -> None:
@@ -459,11 +451,3 @@ def _read_array(tdir: TableDir, spec: TableSpec, where: str, layout: LayerLayout
             f"{where}: {len(layout.checksums)} {what} recorded for {layout.n_chunks} chunks: "
             "the metadata is damaged; rebuild the table")
     return layout
-
-
-def chunk_error(layout: LayerLayout, index: int, path: str | os.PathLike[str], problem: str) -> CorruptTableError:
-    """The CorruptTableError for one damaged chunk file, naming layer, array (for scales), chunk and file."""
-    what = "" if layout.role == "rows" else f" scales (array {layout.array!r})"
-    return CorruptTableError(
-        f"layer {layout.layer_id}{what} chunk {index} ({os.fspath(path)!r}) {problem}: the table is damaged; "
-        "rebuild it or restore the file (engram verify checks every chunk)")
