@@ -690,3 +690,25 @@ def test_an_error_into_a_closed_pipe_still_exits_with_its_code(tmp_path):
         proc.stdout.close()                                           # nobody reads the JSON error
         err = proc.stderr.read().decode()
         assert proc.wait() == 3 and "Traceback" not in err
+
+
+def test_inspect_a_v41_checkpoint_directory(capsys, v41_release):
+    ck = v41_release(naming="hf")
+    code, out, err = run(capsys, "inspect", str(ck.path), "--probe-reads", "64", "--json")
+    assert code == 0, err
+    d = json.loads(out)
+    assert d["kind"] == "deepseek-v4.1 checkpoint" and d["naming"] == "model."
+    assert engram.TableSpec.from_dict(d["spec"]) == ck.spec and d["bytes"] == ck.spec.total_bytes
+    layer = d["layers"]["14"]
+    assert (layer["rows"], layer["bytes"]) == (ck.spec.rows(14), ck.spec.layer_bytes(14))
+    names = [t["name"] for t in layer["tensors"]]
+    assert names == ["model.layers.14.engram." + n for n in ("embed.weight", "embed.scale", "k_weight", "q_weight",
+                                                             "wkv.weight", "wkv.weight_scale_inv")]
+    assert all(t["file"] == "model-00002-of-00002.safetensors" for t in layer["tensors"])
+    where = d["placement"]
+    assert where["fits_in_ram"] and where["suggested_tier"] == "ram" and where["rows_per_token"] == 8
+    assert where["cold_reads_per_s"] > 0 and where["cold_tokens_per_s"] == where["cold_reads_per_s"] / 8
+    code, out, err = run(capsys, "inspect", str(ck.path), "--probe-reads", "0")
+    assert code == 0, err
+    assert "DeepSeek-V4.1 checkpoint, rows served in place" in out and "suggested tier: 'ram'" in out
+    assert "model.layers.1.engram.embed.weight  F8_E4M3 [" in out and "direct reads" not in out

@@ -124,10 +124,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing table at DST")
     p.set_defaults(func=cmd_convert)
 
-    p = sub.add_parser("inspect", help="describe a table")
-    p.add_argument("path", metavar="PATH", help="table directory")
+    p = sub.add_parser("inspect", help="describe a table, or a DeepSeek-V4.1 checkpoint directory")
+    p.add_argument("path", metavar="PATH", help="table directory, or checkpoint directory (config.json, shards)")
     p.add_argument("--sample-rows", type=int_at_least(0), default=1000, metavar="N",
                    help="rows sampled per layer for norm statistics, 0 for none")
+    p.add_argument("--probe-reads", type=int_at_least(0), default=256, metavar="N",
+                   help="checkpoint directories: random reads timed to measure the cold-read rate, 0 for none")
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("verify", help="check every chunk of a table against its checksum")

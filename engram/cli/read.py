@@ -35,6 +35,12 @@ def _row_sample(table: Any, layer_id: int, n: int, rng: np.random.Generator) -> 
 
 
 def cmd_inspect(args: argparse.Namespace) -> Output:
+    from ..release import is_release_dir
+
+    if is_release_dir(args.path):
+        from .checkpoint import cmd_inspect_checkpoint
+
+        return cmd_inspect_checkpoint(args)
     from ..hashing import NgramHasher
     from ..table import open as open_table
 
