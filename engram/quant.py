@@ -26,7 +26,8 @@ rows always decode to finite float32: the rare value that would round up past fl
 
 Decoding runs on every lookup, so it is a few whole-tensor torch passes without Python loops
 over rows: the E4M3 bytes are turned into float32/bfloat16 bit patterns with integer shifts (an
-exact rescaling by 2**-120, subnormals included), then one multiply applies the block scales.
+exact rescaling by 2**-120, subnormals included), then one multiply applies the block scales,
+built as bit patterns too (`engram.fp8`).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ import torch
 
 from .dtypes import QUANTIZED_DTYPES, ROW_DTYPES
 from .errors import InputError
+from .fp8 import decode_e4m3
 from .spec import DEFAULT_SCALE_BLOCK, DTYPES
 
 __all__ = [
@@ -63,14 +65,6 @@ STORAGE_DTYPES = {name: np.dtype(d.storage) for name, d in ROW_DTYPES.items()}
 SCALE_DTYPES = {name: np.dtype(d.scale) for name, d in ROW_DTYPES.items() if d.scale is not None}
 _OUT_DTYPES = (torch.float32, torch.bfloat16)
 _CHUNK_VALUES = 1 << 19  # values decoded per pass on CPU (2 MiB of float32)
-
-# E4M3 byte -> float bits with the same value times 2**-120: the sign goes to the top bit, the 7
-# exponent+mantissa bits land at the bottom of the 8-bit exponent field (bias 127 instead of 7),
-# which keeps subnormals exact. (shift, mask keeping the sign and those 7 bits) per output dtype.
-_E4M3_BITS = {torch.float32: (torch.int32, 20, 0x87F00000 - (1 << 32)),
-              torch.bfloat16: (torch.int16, 4, 0x87F0 - (1 << 16))}
-_E4M3_SHIFT = 120  # decoded bits are fp8 * 2**-120
-_E8M0_SHIFTED_MAX = 255 - _E4M3_SHIFT  # e + 120 must still fit an E8M0 byte below 255 (NaN)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -319,27 +313,6 @@ def _output(values: torch.Tensor, out: torch.Tensor | None, out_dtype: torch.dty
     return out
 
 
-def _decode_fp8(values: torch.Tensor, scales: torch.Tensor, out: torch.Tensor, block: int) -> None:
-    R, D = values.shape
-    nb = D // block
-    e = scales.view(torch.uint8)                              # [R, nb] biased exponents
-    int_dtype, shift, mask = _E4M3_BITS[out.dtype]
-    bits = out.view(int_dtype)
-    bits.copy_(values.view(torch.int8))                       # sign-extend each byte
-    bits.bitwise_left_shift_(shift).bitwise_and_(mask)        # out = fp8 * 2**-120, exactly
-    lo, hi = torch.aminmax(out)                               # NaN bytes decode to +-480 * 2**-120 here
-    has_nan = bool(hi > E4M3_MAX * 2.0**-_E4M3_SHIFT) or bool(lo < -E4M3_MAX * 2.0**-_E4M3_SHIFT)
-    out3 = out.view(R, nb, block)
-    if int(e.max()) < _E8M0_SHIFTED_MAX:
-        factor = (e + _E4M3_SHIFT).view(torch.float8_e8m0fnu).to(out.dtype)   # 2**(e - 7)
-    else:                                                     # 2**(e - 7) would overflow: two steps
-        out.mul_(2.0**_E4M3_SHIFT)
-        factor = e.view(torch.float8_e8m0fnu).to(out.dtype)  # 2**(e - 127), NaN for 255
-    out3.mul_(factor.unsqueeze(2))
-    if has_nan:
-        out[values.view(torch.uint8).bitwise_and(0x7F) == 0x7F] = float("nan")
-
-
 def decode(
     values: np.ndarray | torch.Tensor,
     scales: np.ndarray | torch.Tensor | None,
@@ -388,6 +361,8 @@ def decode(
     if dtype not in QUANTIZED_DTYPES:
         return out.copy_(values)
     assert scales is not None
+    if dtype == "float8_e4m3":
+        return decode_e4m3(values, scales, out, block)
     # Quantized rows decode in chunks of ~_CHUNK_VALUES values: each pass then runs in cache.
     step = R if values.device.type != "cpu" else max(1, _CHUNK_VALUES // D)
     scratch = None
@@ -395,9 +370,7 @@ def decode(
         scratch = torch.empty((min(R, step), D), dtype=torch.float32, device=values.device)
     for start in range(0, R, step):
         v, s, o = values[start:start + step], scales[start:start + step], out[start:start + step]
-        if dtype == "float8_e4m3":
-            _decode_fp8(v, s, o, block)
-        elif scratch is None:
+        if scratch is None:
             o.copy_(v).mul_(s)                                # float32(v) * scale
         else:                                                 # float32 product, rounded once into out
             o.copy_(scratch[: len(v)].copy_(v).mul_(s))
