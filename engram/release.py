@@ -113,7 +113,7 @@ def is_release_dir(path: str | os.PathLike[str]) -> bool:
 
 
 @functools.lru_cache(maxsize=4)
-def _compression(path: str, size: int, mtime_ns: int) -> Compression:
+def cached_compression(path: str, size: int, mtime_ns: int) -> Compression:
     return Compression.from_tokenizer_file(path)
 
 
@@ -125,7 +125,7 @@ def tokenizer_compression(directory: Path) -> Compression:
     except FileNotFoundError:
         raise MissingFileError(f"checkpoint {os.fspath(directory)!r} has no {TOKENIZER_NAME}: the hash needs the "
                                "tokenizer's compression; download it with the shards") from None
-    return _compression(os.fspath(path.resolve()), st.st_size, st.st_mtime_ns)
+    return cached_compression(os.fspath(path.resolve()), st.st_size, st.st_mtime_ns)
 
 
 def _shard_files(tdir: TableDir) -> list[str]:
