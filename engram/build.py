@@ -24,7 +24,7 @@ import torch
 from .checkpoint import LayerRows
 from .compression import Compression
 from .errors import InputError
-from .format import LayerLayout, check_dtype_supported
+from .format import LayerLayout
 from .hashing import NgramHasher
 from .mapping import release_pages
 from .publish import restore_aside
@@ -145,7 +145,6 @@ def _check_args(spec: Any, comp: Any, init: Any, std: Any, seed: Any, overwrite:
         raise InputError(f"spec must be an engram.TableSpec, got {type(spec).__name__}")
     if not isinstance(comp, Compression):
         raise InputError(f"comp must be an engram.Compression, got {type(comp).__name__}")
-    check_dtype_supported(spec)
     if init not in INITS:
         raise InputError(f"init={init!r} is not an initializer: expected one of {INITS}, or pass weights=")
     if isinstance(std, bool) or not isinstance(std, (int, float)) or not math.isfinite(std) or std < 0:

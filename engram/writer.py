@@ -21,7 +21,7 @@ import torch
 
 from . import chunks as chunk_files
 from .compression import Compression
-from .dtypes import scale_dtype, storage_dtype, torch_dtype
+from .dtypes import scale_dtype, storage_dtype, storage_torch_dtype, torch_dtype
 from .errors import InputError, TableExistsError
 from .format import CHUNK_ALIGN, LayerLayout, TableMeta, format_version_for, is_table, write_attributes, write_metadata
 from .publish import clean_stale, fsync_tree, partial_dir, publish
@@ -183,9 +183,7 @@ def as_torch(values: Any) -> torch.Tensor:
 
 def store_rows(values: Any, dest: np.ndarray, dtype: str) -> None:
     """Round `values` (numpy or torch, any float dtype) to the float `dtype` into the storage array `dest`."""
-    target = torch.from_numpy(dest)
-    if dtype == "bfloat16":
-        target = target.view(torch.bfloat16)
+    target = torch.from_numpy(dest).view(storage_torch_dtype(dtype))   # bfloat16 rows: their uint16 bits
     target.copy_(as_torch(values).to(device="cpu", dtype=torch_dtype(dtype)))
 
 
