@@ -101,6 +101,7 @@ def build_table(path: str | os.PathLike[str], spec: TableSpec, comp: Compression
         ...                         n_embed_per_ngram=256, layer_ids=(1,), compressed_vocab_size=1000)
         >>> table = engram.build_table("demo.engram", spec, comp, seed=0)
     """
+    restore_aside(path)       # a table a killed build left aside belongs at `path`: it is there again
     layouts = check_build(path, spec, comp, init=init, std=std, seed=seed, weights=weights, overwrite=overwrite,
                           chunk_rows=chunk_rows)
     sources = {int(layer_id): rows for layer_id, rows in (weights or {}).items()}
@@ -132,8 +133,7 @@ def check_build(path: str | os.PathLike[str], spec: TableSpec, comp: Compression
     NgramHasher(spec, comp)                     # spec and compression must fit together
     _check_weights(weights, spec)
     layouts = plan_layout(spec, chunk_rows)
-    restore_aside(path)       # a table a killed build left aside belongs at `path`: it is there again
-    check_target(Path(path), overwrite)
+    check_target(Path(path), overwrite)     # a table a killed build left aside counts as at `path`
     return layouts
 
 

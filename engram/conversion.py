@@ -189,6 +189,7 @@ def convert(src: str | os.PathLike[str] | Table, dst: str | os.PathLike[str], *,
     start_time = time.perf_counter()
     table = src if isinstance(src, Table) else open_table(src, tier="direct")
     try:
+        restore_aside(dst)    # a table a killed build left aside belongs at `dst`: it is there again
         spec = check_convert(table.spec, dst, dtype=dtype, scale_block=scale_block, overwrite=overwrite)
         target = Path(dst)
         layouts = plan_layout(spec)
@@ -228,7 +229,6 @@ def check_convert(source: TableSpec, dst: str | os.PathLike[str], *, dtype: str,
     """
     _check_args(dtype, scale_block, overwrite, 0, 0)
     spec = _target_spec(source, dtype, scale_block)
-    restore_aside(dst)        # a table a killed build left aside belongs at `dst`: it is there again
     check_target(Path(dst), overwrite)
     return spec
 
