@@ -62,17 +62,12 @@ __all__ = [
     "FORMAT_VERSION",
     "FORMAT_VERSIONS",
     "CHUNK_ALIGN",
-    "STORAGE_DTYPES",
-    "STORABLE_DTYPES",
     "format_version_for",
     "LayerLayout",
     "TableDir",
     "TableMeta",
-    "check_dtype_supported",
     "is_table",
     "read_metadata",
-    "write_attributes",
-    "write_metadata",
 ]
 
 FORMAT_VERSION = 2            # the newest format this engram writes
@@ -81,19 +76,10 @@ FORMAT_VERSIONS = (1, 2)      # the formats it reads: 1 float rows; 2 adds scale
 # one stitched mapping on systems with 4, 16 or 64 KiB pages, and suit O_DIRECT reads.
 CHUNK_ALIGN = 1 << 16
 COMPRESSION_ARRAY = "compression"
-# Logical row dtype -> zarr data_type of the stored values (see engram.dtypes).
-STORAGE_DTYPES = {name: d.zarr for name, d in ROW_DTYPES.items()}
-STORABLE_DTYPES = tuple(STORAGE_DTYPES)   # every TableSpec dtype (e.g. for `engram build --dtype` choices)
 _BYTES_CODEC = [{"name": "bytes", "configuration": {"endian": "little"}}]
 _BYTES_CODEC_NO_ENDIAN = [{"name": "bytes"}]
 _SINGLE_BYTE = ("int8", "uint8")
 _CHUNK_KEY_ENCODING = {"name": "default", "configuration": {"separator": "/"}}
-
-
-def check_dtype_supported(spec: TableSpec) -> None:
-    """Raise SpecError for a row dtype tables cannot store (every TableSpec dtype can)."""
-    if spec.dtype not in STORAGE_DTYPES:
-        raise SpecError(f"TableSpec.dtype={spec.dtype!r} cannot be stored: expected one of {STORABLE_DTYPES}")
 
 
 def format_version_for(spec: TableSpec) -> int:
@@ -197,46 +183,6 @@ def _layer_attributes(lay: LayerLayout) -> dict[str, Any]:
     if lay.scales is not None:
         entry["scales"] = {"array": lay.scales.array, "checksums": list(lay.scales.checksums)}
     return entry
-
-
-# ------------------------------------------------------------------------------------------
-# writing
-# ------------------------------------------------------------------------------------------
-def write_metadata(root: str | os.PathLike[str], meta: TableMeta) -> None:
-    """Write the zarr group, one array per layer, the compression array and its chunk file.
-
-    Layer chunk files are written by the caller (see `engram.build`); the metadata's checksums
-    may still be empty here and are written with `write_attributes` once known.
-    """
-    import zarr
-    from zarr.codecs import BytesCodec
-
-    spec = meta.spec
-    group = zarr.open_group(os.fspath(root), mode="w-", zarr_format=3)   # never clears the directory
-    plain = {"compressors": None, "filters": None, "serializer": BytesCodec(endian="little"),
-             "fill_value": 0}
-    row = ROW_DTYPES[spec.dtype]
-    for lay in meta.layers.values():
-        group.create_array(lay.array, shape=(lay.rows, spec.head_dim), chunks=(lay.chunk_rows, spec.head_dim),
-                           dtype=row.zarr, attributes={"dtype": spec.dtype}, **plain)
-        if lay.scales is not None:
-            S = spec.scales_per_row
-            group.create_array(lay.scales.array, shape=(lay.rows, S), chunks=(lay.chunk_rows, S), dtype=row.scale_zarr,
-                               attributes={"scales_of": lay.array, "dtype": spec.dtype,
-                                           "scale_block": spec.scale_block if row.per_block else spec.head_dim},
-                               **plain)
-    lookup = meta.compression.lookup
-    group.create_array(COMPRESSION_ARRAY, shape=lookup.shape, chunks=lookup.shape, dtype="int64", **plain)
-    comp_file = Path(root, COMPRESSION_ARRAY, "c", "0")
-    comp_file.parent.mkdir(parents=True, exist_ok=True)
-    comp_file.write_bytes(lookup.astype("<i8").tobytes())
-    write_attributes(root, meta)
-
-
-def write_attributes(root: str | os.PathLike[str], meta: TableMeta) -> None:
-    """(Re)write the group's zarr.json with the engram metadata as its attributes."""
-    doc = {"attributes": {"engram": meta.to_attributes()}, "zarr_format": 3, "node_type": "group"}
-    Path(root, "zarr.json").write_text(json.dumps(doc, indent=1))
 
 
 # ------------------------------------------------------------------------------------------
@@ -353,7 +299,6 @@ def read_metadata(table: TableDir | str | os.PathLike[str]) -> TableMeta:
             f"{FORMAT_VERSIONS}: upgrade engram to open newer tables, or rebuild the table")
     try:
         spec = TableSpec.from_dict(attrs["spec"])
-        check_dtype_supported(spec)
         if version < format_version_for(spec):
             raise CorruptTableError(
                 f"{where} has format_version={version!r}, which cannot hold {spec.dtype} rows (their scales need "

@@ -1,23 +1,27 @@
-"""FP8 E4M3 values with E8M0 block scales, decoded to bfloat16 or float32: the lookup's hot loop.
+"""FP8 bit kernels of the "float8_e4m3" codec: E4M3 values with E8M0 block scales, as bits.
 
-Every lookup of a "float8_e4m3" table (DeepSeek-V4.1's rows) decodes the gathered rows: per
-block of `block` values with scale byte e, a value decodes to `fp8(v) * 2**(e - 127)`, rounded
-once to the output dtype. Two implementations give the same bits:
+`engram.quant` states the rules (scale choice, rounding, NaN and overflow handling) and checks
+arguments; these functions do the bit work on tensors already checked.
+
+Decoding runs on every lookup of a "float8_e4m3" table (DeepSeek-V4.1's rows): per block of
+`block` values with scale byte e, a value decodes to `fp8(v) * 2**(e - 127)`, rounded once to the
+output dtype. `decode_fp8` has two implementations that give the same bits:
 
 - compiled (numba, the "fast" extra; used on CPU for blocks of 32, as released, whenever every
-  scale of the call lies in [10, 246], where every result is a normal number): one pass per value. The 4-bit significand
-  of the E4M3 byte becomes an exact float32 integer (`(m | 8) << (e4 - 1)`, or `m` for
-  subnormals), one multiply by `2**(e - 136)` places it, and the float32 bits are the result
-  (for bfloat16 their top half, exact: at most 4 significant bits); NaN codes (0x7F/0xFF) are
-  written as NaN. Where the torch passes below cost several reads and writes of the output per
-  value (and a multiply that meets subnormal operands, which x86 runs through a slow microcode
-  path), this reads each byte once and writes each result once.
+  scale of the call lies in [10, 246], where every result is a normal number): one pass per value.
+  The 4-bit significand of the E4M3 byte becomes an exact float32 integer (`(m | 8) << (e4 - 1)`,
+  or `m` for subnormals), one multiply by `2**(e - 136)` places it, and the float32 bits are the
+  result (for bfloat16 their top half, exact: at most 4 significant bits); NaN codes (0x7F/0xFF)
+  are written as NaN. Where the torch passes below write the output several times (and multiply
+  subnormal operands, which x86 runs through a slow microcode path), this reads each byte once
+  and writes each result once.
 - torch passes (CPU chunks that stay in cache, or any device): the E4M3 bytes sign-extended into
-  the output's integer view, one shift and mask make them `fp8(v) * 2**-120` exactly (subnormals
-  included), the factors `2**(e - 7)` built as bit patterns `(e + 120) << mantissa_bits` (no
-  float8 conversion, which torch runs element by element on CPU), one broadcast multiply; NaN
-  codes found by two byte-wide reductions; scales of 135 and above (E8M0's NaN, 255, too) take an
-  exact two-step path.
+  the output's integer view; one shift and mask make them `fp8(v) * 2**-120` exactly (the sign to
+  the top bit, the 7 exponent+mantissa bits to the bottom of the exponent field, subnormals
+  included); the factors `2**(e - 7)` built as bit patterns `(e + 120) << mantissa_bits` (no
+  float8 conversion, which torch runs element by element on CPU); one broadcast multiply. NaN
+  codes are found by two byte-wide reductions over the codes; scales of 135 and above (E8M0's
+  NaN, 255, too) take an exact two-step path.
 """
 
 from __future__ import annotations
@@ -27,8 +31,10 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["decode_e4m3", "CHUNK_VALUES", "COMPILED", "COMPILED_BLOCK"]
+__all__ = ["E4M3_MAX", "pow2_float32", "round_e4m3", "encode_fp8", "decode_fp8", "CHUNK_VALUES", "COMPILED",
+           "COMPILED_BLOCK"]
 
+E4M3_MAX = 448.0
 CHUNK_VALUES = 1 << 18     # values per pass on CPU: a chunk and its codes stay in L2
 _SHIFT_EXP = 120           # the bits of step 2 hold fp8 * 2**-120
 # output dtype -> (its integer view, shift of step 2, sign + 7-bit mask, mantissa bits)
@@ -37,7 +43,36 @@ _LAYOUT = {torch.bfloat16: (torch.int16, 4, 0x87F0 - (1 << 16), 7),
 _FAST_MAX_SCALE = 255 - _SHIFT_EXP     # e + 120 must stay a finite exponent (<= 254)
 
 
-def decode_e4m3(values: torch.Tensor, scales: torch.Tensor, out: torch.Tensor, block: int) -> torch.Tensor:
+
+def pow2_float32(exponent: torch.Tensor) -> torch.Tensor:
+    """2.0**exponent as float32 for int exponents in [-126, 127], built from the bits (exact)."""
+    return ((exponent.to(torch.int32) + 127) << 23).view(torch.float32)
+
+
+def round_e4m3(x: torch.Tensor) -> torch.Tensor:
+    """float32 -> E4M3 bytes (uint8): round to nearest even, saturate to +-448."""
+    return x.clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn).view(torch.uint8)
+
+
+def encode_fp8(x: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 rows [R, D] -> (E4M3 bytes uint8 [R, D], E8M0 scale bytes uint8 [R, D // block])."""
+    R, D = x.shape
+    xb = x.view(R, D // block, block)                        # [R, nb, block]
+    amax = xb.abs().amax(dim=2)                              # [R, nb]
+    # amax = m * 2**k with m in [0.5, 1) (exact); 448 = 0.875 * 2**9, so the smallest s with
+    # amax <= 448 * 2**s is k - 9, or k - 8 when m > 0.875.
+    m, k = torch.frexp(amax)
+    s = k - 9 + (m > 0.875).to(torch.int32)
+    s = torch.where(amax > 0, s, -127).clamp(min=-127)      # amax <= float32 max keeps s <= 120
+    values = round_e4m3(xb * pow2_float32(-s).unsqueeze(2))  # [R, nb, block]
+    # Only with s = 120 can rounding up overflow float32 on decode (256 * 2**120 = 2**128): step
+    # those values down to 240, the largest finite neighbour.
+    top = (values.bitwise_and(0x7F) == 0x78) & (s == 120).unsqueeze(2)
+    values = torch.where(top, values - 1, values)
+    return values.view(R, D), (s + 127).to(torch.uint8)
+
+
+def decode_fp8(values: torch.Tensor, scales: torch.Tensor, out: torch.Tensor, block: int) -> torch.Tensor:
     """out[r, j] = fp8(values[r, j]) * 2**(scales[r, j // block] - 127), rounded once to out's dtype.
 
     Args:

@@ -162,7 +162,7 @@ class EngramMemoryV41(EngramMemoryBase):
         """
         from .hf_config import model_dims
         from .release import read_release
-        from .table import open as open_table
+        from .opening import open as open_table
         from .v41_weights import read_layer_weights
 
         release = read_release(checkpoint_dir)

@@ -41,7 +41,7 @@ import torch
 
 from .dtypes import QUANTIZED_DTYPES, ROW_DTYPES
 from .errors import InputError
-from .fp8 import decode_e4m3
+from .fp8 import E4M3_MAX, decode_fp8, encode_fp8
 from .spec import DEFAULT_SCALE_BLOCK, DTYPES
 
 __all__ = [
@@ -58,14 +58,12 @@ __all__ = [
 ]
 
 DEFAULT_BLOCK = DEFAULT_SCALE_BLOCK
-E4M3_MAX = 448.0
 # Row dtype -> numpy dtype of the stored values ("bfloat16": its bits; "float8_e4m3": raw bytes).
 STORAGE_DTYPES = {name: np.dtype(d.storage) for name, d in ROW_DTYPES.items()}
 # Quantized row dtype -> numpy dtype of the stored scales (float32 per row; E8M0 exponent bytes).
 SCALE_DTYPES = {name: np.dtype(d.scale) for name, d in ROW_DTYPES.items() if d.scale is not None}
 _OUT_DTYPES = (torch.float32, torch.bfloat16)
 _CHUNK_VALUES = 1 << 19  # values decoded per pass on CPU (2 MiB of float32)
-
 
 @dataclasses.dataclass(frozen=True)
 class QuantizedRows:
@@ -101,7 +99,7 @@ def _check_block(dtype: str, D: Any, block: Any) -> None:
         raise InputError(f"D={D!r} is invalid: expected an int >= 1 (values per row)")
     if not isinstance(block, numbers.Integral) or isinstance(block, bool) or block < 1:
         raise InputError(f"block={block!r} is invalid: expected an int >= 1 (values per scale; V4.1 uses 32)")
-    if dtype == "float8_e4m3" and D % block:
+    if ROW_DTYPES[dtype].per_block and D % block:
         raise InputError(
             f"D={D} is not a multiple of block={block}: float8_e4m3 rows keep one scale per block of "
             f"values; pick a block that divides D (V4.1: D=256, block=32)"
@@ -187,33 +185,6 @@ def finite_rows(x: torch.Tensor) -> torch.Tensor:
     return torch.isfinite(x.abs().amax(dim=1))
 
 
-def _pow2_float32(exponent: torch.Tensor) -> torch.Tensor:
-    """2.0**exponent as float32 for int exponents in [-126, 127], built from the bits (exact)."""
-    return ((exponent.to(torch.int32) + 127) << 23).view(torch.float32)
-
-
-def _round_e4m3(x: torch.Tensor) -> torch.Tensor:
-    """float32 -> E4M3 bytes (uint8): round to nearest even, saturate to +-448."""
-    return x.clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn).view(torch.uint8)
-
-
-def _encode_fp8(x: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
-    R, D = x.shape
-    xb = x.view(R, D // block, block)                        # [R, nb, block]
-    amax = xb.abs().amax(dim=2)                              # [R, nb]
-    # amax = m * 2**k with m in [0.5, 1) (exact); 448 = 0.875 * 2**9, so the smallest s with
-    # amax <= 448 * 2**s is k - 9, or k - 8 when m > 0.875.
-    m, k = torch.frexp(amax)
-    s = k - 9 + (m > 0.875).to(torch.int32)
-    s = torch.where(amax > 0, s, -127).clamp(min=-127)      # amax <= float32 max keeps s <= 120
-    values = _round_e4m3(xb * _pow2_float32(-s).unsqueeze(2))  # [R, nb, block]
-    # Only with s = 120 can rounding up overflow float32 on decode (256 * 2**120 = 2**128): step
-    # those values down to 240, the largest finite neighbour.
-    top = (values.bitwise_and(0x7F) == 0x78) & (s == 120).unsqueeze(2)
-    values = torch.where(top, values - 1, values)
-    return values.view(R, D), (s + 127).to(torch.uint8)
-
-
 def _encode_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     scale = x.abs().amax(dim=1, keepdim=True) / 127         # [R, 1] float32
     # near float32's max, a scale rounded up would decode 127 * scale to inf: take the one below
@@ -249,7 +220,7 @@ def encode(rows: np.ndarray | torch.Tensor, dtype: str, block: int = DEFAULT_BLO
     x = _rows_float32(rows)
     _check_block(dtype, int(x.shape[1]), block)
     if dtype == "float8_e4m3":
-        values, scales = _encode_fp8(x, block)
+        values, scales = encode_fp8(x, block)
         return QuantizedRows(values.numpy(), scales.numpy(), dtype, block)
     if dtype == "int8":
         values, scales = _encode_int8(x)
@@ -270,9 +241,9 @@ def _as_tensor(a: Any, name: str) -> torch.Tensor:
     raise InputError(f"{name} must be a numpy array or torch.Tensor, got {type(a).__name__}")
 
 
-_VALUE_TORCH = {"float32": (torch.float32,), "bfloat16": (torch.uint16, torch.bfloat16), "float16": (torch.float16,),
-                "int8": (torch.int8,), "float8_e4m3": (torch.uint8, torch.float8_e4m3fn)}
-_SCALE_TORCH = {"int8": (torch.float32,), "float8_e4m3": (torch.uint8, torch.float8_e8m0fnu)}
+# Row dtype -> the torch dtypes accepted for its stored values and (quantized rows) scales.
+_VALUE_TORCH = {name: tuple(getattr(torch, t) for t in d.value_torch) for name, d in ROW_DTYPES.items()}
+_SCALE_TORCH = {name: tuple(getattr(torch, t) for t in d.scale_torch) for name, d in ROW_DTYPES.items() if d.quantized}
 
 
 def _check_decode_args(values: torch.Tensor, scales: torch.Tensor | None, dtype: str, block: int) -> None:
@@ -362,7 +333,7 @@ def decode(
         return out.copy_(values)
     assert scales is not None
     if dtype == "float8_e4m3":
-        return decode_e4m3(values, scales, out, block)
+        return decode_fp8(values, scales, out, block)
     # Quantized rows decode in chunks of ~_CHUNK_VALUES values: each pass then runs in cache.
     step = R if values.device.type != "cpu" else max(1, _CHUNK_VALUES // D)
     scratch = None

@@ -10,6 +10,7 @@ ENCODE_VALUES values) into a chunk's stored dtype.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from collections.abc import Callable, Iterator
@@ -21,15 +22,16 @@ import torch
 
 from . import chunks as chunk_files
 from .compression import Compression
-from .dtypes import scale_dtype, storage_dtype, torch_dtype
+from .dtypes import ROW_DTYPES, scale_dtype, storage_dtype, storage_torch_dtype, torch_dtype
 from .errors import InputError, TableExistsError
-from .format import CHUNK_ALIGN, LayerLayout, TableMeta, format_version_for, is_table, write_attributes, write_metadata
-from .publish import clean_stale, fsync_tree, partial_dir, publish
+from .format import CHUNK_ALIGN, COMPRESSION_ARRAY, LayerLayout, TableMeta, format_version_for, is_table
+from .publish import aside_table, clean_stale, fsync_tree, partial_dir, publish
 from .quant import encode, finite_rows
 from .spec import TableSpec
 
 __all__ = ["Chunk", "DEFAULT_CHUNK_BYTES", "ENCODE_VALUES", "plan_layout", "write_table", "check_target",
-           "chunk_buffers", "zero_tail", "piece_rows", "store_rows", "encode_into", "as_torch"]
+           "write_metadata", "write_attributes", "chunk_buffers", "zero_tail", "piece_rows", "store_rows",
+           "encode_into", "as_torch"]
 
 DEFAULT_CHUNK_BYTES = 64 << 20  # default chunk file size (rounded down to whole CHUNK_ALIGN rows)
 ENCODE_VALUES = 1 << 17         # float32 values encoded per piece into quantized chunks (512 KiB)
@@ -131,6 +133,9 @@ def _replaceable(path: Path) -> bool:
 def check_target(target: Path, overwrite: bool) -> None:
     """Refuse a target path a table cannot be written to (its parent a file, or something there to keep).
 
+    Writes nothing: a table that a killed replacement left aside (`engram.publish.aside_table`)
+    is judged as if it were back at `target`, where the build's first step puts it.
+
     Raises:
         InputError: an ancestor of `target` is not a folder.
         TableExistsError: something is at `target` and `overwrite` is False, or it is not a table.
@@ -141,13 +146,14 @@ def check_target(target: Path, overwrite: bool) -> None:
     if not ancestor.is_dir():
         raise InputError(f"path={os.fspath(target)!r} cannot be created: {os.fspath(ancestor)!r} is not a folder; "
                          "choose another path")
-    if not os.path.lexists(target) or _empty_dir(target):
+    there = target if os.path.lexists(target) else aside_table(target)
+    if there is None or _empty_dir(there):
         return
     if not overwrite:
         raise TableExistsError(
             f"path={os.fspath(target)!r} already exists: pass overwrite=True to replace the table there, "
             "or choose another path")
-    if not _replaceable(target):
+    if not _replaceable(there):
         raise TableExistsError(
             f"path={os.fspath(target)!r} exists and is not an engram table: overwrite=True replaces only "
             "tables; remove it yourself or choose another path")
@@ -183,9 +189,7 @@ def as_torch(values: Any) -> torch.Tensor:
 
 def store_rows(values: Any, dest: np.ndarray, dtype: str) -> None:
     """Round `values` (numpy or torch, any float dtype) to the float `dtype` into the storage array `dest`."""
-    target = torch.from_numpy(dest)
-    if dtype == "bfloat16":
-        target = target.view(torch.bfloat16)
+    target = torch.from_numpy(dest).view(storage_torch_dtype(dtype))   # bfloat16 rows: their uint16 bits
     target.copy_(as_torch(values).to(device="cpu", dtype=torch_dtype(dtype)))
 
 
@@ -212,3 +216,43 @@ def encode_into(values: Any, chunk: Chunk, at: int, spec: TableSpec, source: str
 
 def _progress_bar(layouts: dict[int, LayerLayout], progress: bool | None, desc: str = "build_table") -> Any:
     return chunk_files.progress_bar(sum(lay.disk_bytes for lay in layouts.values()), desc, progress)
+
+
+# ------------------------------------------------------------------------------------------
+# metadata
+# ------------------------------------------------------------------------------------------
+def write_metadata(root: str | os.PathLike[str], meta: TableMeta) -> None:
+    """Write the zarr group, one array per layer, the compression array and its chunk file.
+
+    Layer chunk files are written by `write_table`; the metadata's checksums
+    may still be empty here and are written with `write_attributes` once known.
+    """
+    import zarr
+    from zarr.codecs import BytesCodec
+
+    spec = meta.spec
+    group = zarr.open_group(os.fspath(root), mode="w-", zarr_format=3)   # never clears the directory
+    plain = {"compressors": None, "filters": None, "serializer": BytesCodec(endian="little"),
+             "fill_value": 0}
+    row = ROW_DTYPES[spec.dtype]
+    for lay in meta.layers.values():
+        group.create_array(lay.array, shape=(lay.rows, spec.head_dim), chunks=(lay.chunk_rows, spec.head_dim),
+                           dtype=row.zarr, attributes={"dtype": spec.dtype}, **plain)
+        if lay.scales is not None:
+            S = spec.scales_per_row
+            group.create_array(lay.scales.array, shape=(lay.rows, S), chunks=(lay.chunk_rows, S), dtype=row.scale_zarr,
+                               attributes={"scales_of": lay.array, "dtype": spec.dtype,
+                                           "scale_block": spec.scale_block if row.per_block else spec.head_dim},
+                               **plain)
+    lookup = meta.compression.lookup
+    group.create_array(COMPRESSION_ARRAY, shape=lookup.shape, chunks=lookup.shape, dtype="int64", **plain)
+    comp_file = Path(root, COMPRESSION_ARRAY, "c", "0")
+    comp_file.parent.mkdir(parents=True, exist_ok=True)
+    comp_file.write_bytes(lookup.astype("<i8").tobytes())
+    write_attributes(root, meta)
+
+
+def write_attributes(root: str | os.PathLike[str], meta: TableMeta) -> None:
+    """(Re)write the group's zarr.json with the engram metadata as its attributes."""
+    doc = {"attributes": {"engram": meta.to_attributes()}, "zarr_format": 3, "node_type": "group"}
+    Path(root, "zarr.json").write_text(json.dumps(doc, indent=1))

@@ -9,14 +9,13 @@ from collections.abc import Callable
 from typing import Any
 
 from ..compression import Compression
+from ..dtypes import BLOCK_DTYPE as BLOCK_DTYPE
 from ..dtypes import ROW_DTYPES as _ROW_DTYPES
 from ..errors import InputError, SpecError
 from ..spec import TableSpec
 
 EXIT_OK, EXIT_CHECK_FAILED, EXIT_USAGE, EXIT_REFUSED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 ROW_DTYPES = tuple(_ROW_DTYPES)   # every row dtype a table can store: the choices of --dtype
-# the one dtype whose scales cover blocks of --scale-block values ("float8_e4m3")
-(BLOCK_DTYPE,) = (name for name, row in _ROW_DTYPES.items() if row.per_block)
 
 
 class Output:
@@ -89,7 +88,7 @@ def load_build_spec(args: argparse.Namespace, comp: Compression) -> TableSpec:
 def spec_and_compression(args: argparse.Namespace) -> tuple[TableSpec, Compression]:
     """From --table PATH, or from --spec plus --tokenizer/--vocab-size."""
     if getattr(args, "table", None):
-        from ..table import open as open_table
+        from ..opening import open as open_table
 
         with open_table(args.table) as table:
             return table.spec, table.compression
