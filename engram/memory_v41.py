@@ -161,8 +161,8 @@ class EngramMemoryV41(EngramMemoryBase):
             >>> branch = mem(hidden_states, token_ids)           # [B, T, 4, 5120]
         """
         from .hf_config import model_dims
-        from .release import read_release
         from .opening import open as open_table
+        from .release import read_release
         from .v41_weights import read_layer_weights
 
         release = read_release(checkpoint_dir)

@@ -702,3 +702,17 @@ def test_inspect_a_v41_checkpoint_directory(capsys, v41_release):
     assert code == 0, err
     assert "DeepSeek-V4.1 checkpoint, rows served in place" in out and "suggested tier: 'ram'" in out
     assert "model.layers.1.engram.embed.weight  F8_E4M3 [" in out and "direct reads" not in out
+
+
+def test_verify_a_v41_checkpoint_directory(capsys, v41_release):
+    ck = v41_release()
+    code, out, err = run(capsys, "verify", str(ck.path))
+    assert code == 0, err
+    assert "ok, 4 row and scale tensor(s): headers unchanged, no NaN codes" in out
+    shard = ck.path / "model-00001-of-00002.safetensors"
+    data = bytearray(shard.read_bytes())
+    with engram.open(ck.path) as table:
+        data[table.tensors(1).scales.offset] = 0xFF                                # an E8M0 NaN scale
+    shard.write_bytes(bytes(data))
+    code, out, err = run(capsys, "verify", str(ck.path), "--json")
+    assert code == 1 and "tensor 'layers.1.engram.embed.scale' row 0 holds a NaN code" in json.loads(out)["error"]
