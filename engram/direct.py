@@ -199,15 +199,20 @@ class DirectReader:
             for chunk in np.unique(ext_chunk).tolist():
                 fadvise(fds[chunk], "DONTNEED")
         # Each row's bytes sit at stage_off[extent] + (its file offset - extent start). Staging and
-        # file offsets of an extent agree modulo BLOCK, so every row starts at a multiple of
-        # g = gcd(row_bytes, BLOCK, file_offset): copy each row as row_bytes/g units of g bytes.
+        # file offsets of an extent agree modulo BLOCK, so when BLOCK is a multiple of row_bytes and
+        # the rows start at a multiple of it in the file, they start at one in the staging buffer:
+        # one index_select of whole rows. Rows at other offsets (a tensor inside a checkpoint
+        # shard) are gathered from a view whose row i is staging bytes [i, i + row_bytes).
         ext_of_row = plan["row_ext"][first_row:stop_row] - first_ext
         pos = stage_off[ext_of_row] + plan["row_byte"][first_row:stop_row] - ext_start[ext_of_row]
-        g = math.gcd(lay.row_bytes, BLOCK, lay.file_offset)
-        units = torch.from_numpy(staging[: staging.size // g * g]).view(-1, g)              # [*, g]
-        index = (pos // g)[:, None] + np.arange(lay.row_bytes // g)                         # [rows, row_bytes/g]
-        rows_out = dest[first_row:stop_row].view(-1, g)                                     # [rows*row_bytes/g, g]
-        torch.index_select(units, 0, torch.from_numpy(index.reshape(-1)), out=rows_out)
+        R = lay.row_bytes
+        if math.gcd(R, BLOCK, lay.file_offset) == R:
+            rows_in = torch.from_numpy(staging[: staging.size // R * R]).view(-1, R)            # [*, R]
+            index = pos // R
+        else:
+            rows_in = torch.from_numpy(staging).as_strided((staging.size - R + 1, R), (1, 1))   # [*, R]
+            index = pos
+        torch.index_select(rows_in, 0, torch.from_numpy(index), out=dest[first_row:stop_row])
 
 
 def _read_extents(fds: list[int], jobs: list[tuple[int, int, int, int, int]], view: memoryview) -> tuple | None:
