@@ -4,7 +4,7 @@ A synthetic checkpoint in the release layout (config.json, tokenizer.json, one s
 holding `layers.1.engram.embed.weight` F8_E4M3 [rows, 256] and its F8_E8M0 scales; N=4, K=8: 24
 heads as released, `--base` rows per head) is written once, its rows imported into an engram
 "float8_e4m3" table (the same bytes), and a "float32" table of the same width built beside them.
-Then, in one run, interleaved, best of `--repeats`:
+Then, in one run, interleaved (`--rounds` rounds of the four lookups), best of all calls:
 
 - open: `engram.open(checkpoint, tier="mmap")` (config, index, shard headers, header checks; the
   tokenizer's compression derived on the first open and cached after) against opening the
@@ -18,7 +18,7 @@ Then, in one run, interleaved, best of `--repeats`:
 "direct" reads the disk (O_DIRECT where the filesystem allows it; `--dir` on a real disk), so it
 uses `--direct-tokens` ids, fewer than the memory tiers.
 
-    python tools/bench_v41.py [--base 16384 --batch 8 --seq 1024 --repeats 5 --threads 1 --dir . --json]
+    python tools/bench_v41.py [--base 16384 --batch 8 --seq 1024 --repeats 3 --rounds 4 --threads 1 --dir . --json]
 """
 
 from __future__ import annotations
@@ -82,7 +82,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=1024)
     ap.add_argument("--direct-tokens", type=int, default=512, help="tokens per lookup on the direct tier")
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=3, help="timed calls per round (best kept)")
+    ap.add_argument("--rounds", type=int, default=4, help="rounds of the four lookups, interleaved")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--tiers", default=",".join(TIERS))
     ap.add_argument("--dir", default=".", help="where the checkpoint and tables are written (a real disk)")
@@ -129,13 +130,13 @@ def run(args: argparse.Namespace, ckpt: Path, work: Path, spec: engram.TableSpec
     for tier in args.tiers.split(","):
         tokens = args.direct_tokens if tier == "direct" else args.batch * args.seq
         ids = rng.integers(0, comp.vocab_size, (max(1, tokens // args.seq), min(tokens, args.seq)))
-        report["tiers"][tier] = bench_tier(tier, ckpt, work, spec, comp, ids, args.repeats)
+        report["tiers"][tier] = bench_tier(tier, ckpt, work, spec, comp, ids, args.repeats, args.rounds)
     return report
 
 
 def bench_tier(tier: str, ckpt: Path, work: Path, spec: engram.TableSpec, comp: engram.Compression,
-               ids: np.ndarray, repeats: int) -> dict:
-    """Tokens/s of the four lookups on one tier, interleaved (each timed twice, best kept), and ratios."""
+               ids: np.ndarray, repeats: int, rounds: int) -> dict:
+    """Tokens/s of the four lookups on one tier, interleaved (`rounds` rounds, best kept), and ratios."""
     prefault = tier == "mmap"
     with engram.open(ckpt, tier=tier, prefault=prefault) as here, \
             engram.open(work / "imported.engram", tier=tier, prefault=prefault) as imp, \
@@ -144,7 +145,7 @@ def bench_tier(tier: str, ckpt: Path, work: Path, spec: engram.TableSpec, comp: 
         calls = {"in_place": lambda: here.lookup(ids, 1), "imported": lambda: imp.lookup(ids, 1),
                  "fp8_bf16": lambda: here.lookup(ids, 1, dtype=torch.bfloat16), "float32": lambda: f32.lookup(ids, 1)}
         t = {name: float("inf") for name in calls}
-        for _ in range(2):
+        for _ in range(rounds):
             for name, fn in calls.items():
                 t[name] = min(t[name], best_time(fn, repeats))
         rows = engram.NgramHasher(spec, comp).global_rows(ids, 1).reshape(-1)
