@@ -240,6 +240,7 @@ def _source_chunks(src: Any, lay: LayerLayout, spec: TableSpec) -> Iterator[Chun
         start, stop = lay.chunk_span(index)
         if _copies_through(src, spec):                     # stored bytes, bit for bit
             values, scales = src.read_stored(start, stop)
+            assert chunk[1] is not None and scales is not None, "float8_e4m3 rows have scales"
             chunk[0][: stop - start] = values
             chunk[1][: stop - start] = scales
             yield zero_tail(chunk, stop - start)

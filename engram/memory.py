@@ -78,6 +78,11 @@ class EngramMemoryBase(nn.Module):
     """
 
     scale_names: ClassVar[tuple[str, ...]] = ()
+    spec: TableSpec
+    comp: Compression
+    table: Any
+    rows: nn.Parameter | None
+    init_std: float
 
     def __init__(self, spec: TableSpec, comp: Compression, *, layer_id: int, hidden_size: int,
                  hc_mult: int = 1, table: Any = None, init_std: float = 0.02) -> None:
@@ -140,6 +145,7 @@ class EngramMemoryBase(nn.Module):
             return self._prefetched(token_ids).to(device=device, dtype=dtype)
         if self.table is not None:
             return self.table.lookup(token_ids, self.layer_id, dtype=dtype).to(device)
+        assert self.rows is not None, "a module without a table holds its rows"
         idx = self.hasher.global_rows(to_numpy_ids(token_ids), self.layer_id)   # [B, T, H] rows of `rows`
         idx = torch.from_numpy(idx).to(self.rows.device)
         return F.embedding(idx, self.rows).flatten(2).to(device=device, dtype=dtype)   # [B, T, H*D]

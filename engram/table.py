@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import functools
 import os
 import threading
 import weakref
@@ -306,7 +307,8 @@ class Table(TableInfo):
                 layers = self.spec.layer_ids
             else:
                 single = isinstance(layer_ids, (int, np.integer)) and not isinstance(layer_ids, bool)
-                layers = tuple(self.spec.check_layer(i) for i in ((layer_ids,) if single else layer_ids))
+                requested: Any = (layer_ids,) if single else layer_ids
+                layers = tuple(self.spec.check_layer(i) for i in requested)
             check_dtype(dtype)
             target = self._prefetcher.target(device)
             with self._state:     # close() either sees this prefetch pending or refuses it here
@@ -323,8 +325,8 @@ class Table(TableInfo):
             out: dict[int, Any] = {}
             for layer_id in layers:
                 if isinstance(target, CudaTransfer):                     # (device tensor, copy event)
-                    out[layer_id] = target.fill_and_copy((*x.shape, self.spec.embed_dim), dtype or self._dtype,
-                                                         lambda host, i=layer_id: self._lookup_layer(x, i, host, dtype))
+                    fill = functools.partial(self._lookup_layer, x, layer_id, dtype=dtype)     # fill(host rows)
+                    out[layer_id] = target.fill_and_copy((*x.shape, self.spec.embed_dim), dtype or self._dtype, fill)
                 else:
                     rows = self._lookup_layer(x, layer_id, None, dtype)
                     out[layer_id] = rows if target is None else rows.to(target)

@@ -61,11 +61,11 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float = 0.0, *,
             if not p.requires_grad or id(p) in seen:
                 continue
             seen.add(id(p))
-            is_engram = isinstance(module, EngramMemoryBase)
-            if is_engram and pname == "rows":
+            engram_module = module if isinstance(module, EngramMemoryBase) else None
+            if engram_module is not None and pname == "rows":
                 groups["engram_rows"].append(p)
             elif not decay_norms_and_biases and (pname == "bias" or _is_norm(module) or
-                                                 (is_engram and pname in module.scale_names)):
+                                                 (engram_module is not None and pname in engram_module.scale_names)):
                 groups["no_decay"].append(p)
             else:
                 groups["decay"].append(p)
