@@ -13,7 +13,8 @@ Quantized rows (`DecodingGatherer`): the engine above gathers the stored values 
 bytes) exactly as it gathers float rows, so the hot-row cache and dedup staging hold encoded
 values (a quarter of float32's bytes: four times the rows per byte of cache); the scales of the
 requested rows are gathered from the tier's resident scale tensor, and one vectorized decode
-(`engram.quant.decode`) writes the result dtype straight into the lookup's output.
+(`engram.quant.decode_into`: `decode` without its argument checks) writes the result dtype
+straight into the lookup's output.
 
 When dedup pays: `torch.unique` over a batch's ids costs about as much as gathering every row
 from memory, and gathering only the unique rows then scattering them back costs as much or more
@@ -32,7 +33,7 @@ import torch
 
 from .cache import HotRowCache
 from .dtypes import storage_torch_dtype
-from .quant import decode
+from .quant import decode_into
 from .spec import TableSpec
 from .stats import StatsCounter
 from .tiers import DirectTier
@@ -188,7 +189,7 @@ class DecodingGatherer:
         """out[i] = row rows[i] decoded (`out` [n, D] contiguous float32 or bfloat16)."""
         values, scales = self.gather_stored(layer_id, rows)
         if rows.size:
-            decode(values, scales, self.dtype, block=self.block, out=out)
+            decode_into(values, scales, self.dtype, self.block, out)     # checked once, at the table's boundary
 
     def _buffer(self, name: str, nbytes: int) -> torch.Tensor:
         return _reused(self._local, name, nbytes)[:nbytes]

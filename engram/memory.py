@@ -20,7 +20,6 @@ where rms normalizes without a weight and w_g is a learned vector of C gate weig
 from __future__ import annotations
 
 import math
-import numbers
 import os
 from typing import Any, ClassVar, Self
 
@@ -29,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .args import check_int, check_real
 from .compression import Compression
 from .errors import InputError, SpecMismatchError
 from .hashing import NgramHasher
@@ -91,8 +91,7 @@ class EngramMemoryBase(nn.Module):
         self.layer_id = spec.check_layer(layer_id)
         self.hidden_size = _positive_int("hidden_size", hidden_size)
         self.hc_mult = _positive_int("hc_mult", hc_mult)
-        if isinstance(init_std, bool) or not isinstance(init_std, numbers.Real) or not init_std >= 0:
-            raise InputError(f"init_std={init_std!r} is invalid: expected a float >= 0 (e.g. 0.02)")
+        check_real("init_std", init_std, 0, " (e.g. 0.02)")
         self.init_std = float(init_std)
         self.spec, self.comp, self.table = spec, comp, table
         if table is not None:
@@ -352,8 +351,7 @@ class EngramMemory(EngramMemoryBase):
 
 
 def _positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise InputError(f"{name}={value!r} is invalid: expected an int >= 1")
+    check_int(name, value, 1)
     return int(value)
 
 

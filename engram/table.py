@@ -166,10 +166,12 @@ class Table(TableInfo):
             return self._lookup_layer(x, self.spec.check_layer(layer_id), out, dtype)
 
     def _compress(self, token_ids: Any) -> np.ndarray:
-        if is_torch(token_ids):
+        torch_ids = is_torch(token_ids)
+        if torch_ids:                       # the shape first: it names the problem before the dtype
             check_ids_2d(token_ids)
         ids = to_numpy_ids(token_ids)
-        check_ids_2d(ids)
+        if not torch_ids:                   # a torch tensor's shape was checked above
+            check_ids_2d(ids)
         self.compression.check_ids(ids)
         return self.compression.lookup[ids]
 

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from . import chunks as chunk_files
+from .args import is_int
 from .compression import Compression
 from .dtypes import ROW_DTYPES, scale_dtype, storage_dtype, storage_torch_dtype, torch_dtype
 from .errors import InputError, TableExistsError
@@ -108,8 +109,7 @@ def _plan_layer(spec: TableSpec, layer_id: int, chunk_rows: int | None) -> Layer
     if chunk_rows is None:   # about DEFAULT_CHUNK_BYTES, split evenly so the last chunk has little padding
         n_chunks = -(-rows // (max(1, DEFAULT_CHUNK_BYTES // (align_rows * row_bytes)) * align_rows))
         chunk_rows = -(-rows // (n_chunks * align_rows)) * align_rows
-    elif isinstance(chunk_rows, bool) or not isinstance(chunk_rows, (int, np.integer)) or chunk_rows < 1 \
-            or chunk_rows % align_rows:
+    elif not is_int(chunk_rows) or chunk_rows < 1 or chunk_rows % align_rows:
         with_scales = f" and {scale_bytes} bytes of scales" if scale_bytes else ""
         raise InputError(
             f"chunk_rows={chunk_rows!r} is invalid: chunk files must be whole multiples of {CHUNK_ALIGN} bytes "
