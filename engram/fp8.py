@@ -143,7 +143,7 @@ def _build_kernels() -> tuple[Any, Any] | None:
     jit = _NUMBA.njit(nogil=True, cache=True, boundscheck=False)
 
     @jit
-    def to_float32(codes, scales, factors, out):
+    def to_float32(codes: np.ndarray, scales: np.ndarray, factors: np.ndarray, out: np.ndarray) -> None:
         rows, D = codes.shape
         tmp = np.empty(D, np.float32)
         bits = tmp.view(np.uint32)
@@ -161,7 +161,7 @@ def _build_kernels() -> tuple[Any, Any] | None:
                 out[r, k] = magnitude | ((c & 0x80) << 24)
 
     @jit
-    def to_bfloat16(codes, scales, factors, out):
+    def to_bfloat16(codes: np.ndarray, scales: np.ndarray, factors: np.ndarray, out: np.ndarray) -> None:
         rows, D = codes.shape
         tmp = np.empty(D, np.float32)
         bits = tmp.view(np.uint32)

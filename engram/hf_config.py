@@ -17,12 +17,12 @@ from `default_rng(10007 * layer_id)`), primes by the reference rule: the `TableS
 from __future__ import annotations
 
 import json
-import numbers
 import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from .args import is_int, is_real
 from .errors import InputError, MissingFileError, SpecError, SpecMismatchError
 from .spec import TableSpec
 
@@ -74,14 +74,14 @@ def _field(cfg: Mapping[str, Any], name: str) -> Any:
 
 def _int(cfg: Mapping[str, Any], name: str) -> int:
     value = _field(cfg, name)
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+    if not is_int(value):
         raise SpecError(f"config field {name}={value!r} is invalid: expected an int")
     return int(value)
 
 
 def _ints(cfg: Mapping[str, Any], name: str) -> tuple[int, ...]:
     value = _field(cfg, name)
-    if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+    if not isinstance(value, list) or not all(is_int(v) for v in value):
         raise SpecError(f"config field {name}={value!r} is invalid: expected a list of ints")
     return tuple(value)
 
@@ -102,8 +102,7 @@ def spec_from_hf_config(source: str | os.PathLike[str] | Mapping[str, Any], comp
     N = _int(cfg, "engram_max_ngram_size")
     K, D = _int(cfg, "engram_n_heads"), _int(cfg, "engram_head_dim")
     base = _field(cfg, "engram_vocab_size")
-    one_base = isinstance(base, int) and not isinstance(base, bool)
-    bases = (base,) * (N - 1) if one_base else _ints(cfg, "engram_vocab_size")
+    bases = (int(base),) * (N - 1) if is_int(base) else _ints(cfg, "engram_vocab_size")
     spec = TableSpec(engram_vocab_size=bases, max_ngram_size=N, n_head_per_ngram=K, n_embed_per_ngram=K * D,
                      layer_ids=layer_ids, compressed_vocab_size=_int(cfg, "engram_compressed_vocab_size"),
                      pad_id=pad_id(cfg), seed=0, hash="multiplicative-xor", dtype="float8_e4m3",
@@ -133,6 +132,6 @@ def model_dims(source: str | os.PathLike[str] | Mapping[str, Any]) -> tuple[int,
     """(hidden_size C, hc_mult G, rms_norm_eps) of a DeepSeek-V4.1 config."""
     cfg = text_config(read_hf_config(source))
     eps = _field(cfg, "rms_norm_eps")
-    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not eps > 0:
+    if not is_real(eps) or not float(eps) > 0:
         raise SpecError(f"config field rms_norm_eps={eps!r} is invalid: expected a float > 0")
     return _int(cfg, "hidden_size"), _int(cfg, "hc_mult"), float(eps)

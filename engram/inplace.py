@@ -34,6 +34,7 @@ from .mapping import PROT_READ, anonymous, map_file_range
 from .release import ReleaseCheckpoint, ReleaseLayer, read_release
 from .safetensors_header import TensorRange, read_header
 from .table import Table
+from .tiers import DirectTier
 
 __all__ = ["ReleaseTable", "open_release", "RangeLayout"]
 
@@ -73,7 +74,7 @@ def _mapped(tdir: TableDir, t: TensorRange, prefault: bool) -> torch.Tensor:
 
 
 def _read_range(fd: int, t: TensorRange, dest: np.ndarray, where: str) -> None:
-    view, done = memoryview(dest), 0
+    view, done = dest.data, 0
     while done < t.nbytes:
         got = os.preadv(fd, [view[done: done + _READ_BYTES]], t.offset + done)
         if got == 0:
@@ -132,10 +133,11 @@ class RangeLayout:
         return Path(root, self.file)
 
 
-class InPlaceDirectTier:
-    """"direct": values pread at their offsets in the shard; scales resident (read at open)."""
+class InPlaceDirectTier(DirectTier):
+    """"direct": values pread at their offsets in the shard; scales resident (read at open).
 
-    name = "direct"
+    A DirectTier (its gather, extent planning and close) over the shards' byte ranges instead of
+    chunk files."""
 
     def __init__(self, tdir: TableDir, release: ReleaseCheckpoint, io_threads: int) -> None:
         layouts: dict[int, Any] = {lid: RangeLayout(lid, layer.values) for lid, layer in release.layers.items()}
@@ -145,17 +147,6 @@ class InPlaceDirectTier:
         except BaseException:
             self.reader.close()
             raise
-
-    def gather(self, layer_id: int, rows: np.ndarray, out: torch.Tensor,
-               sorted_unique: bool = False) -> tuple[int, int]:
-        return self.reader.gather(layer_id, rows, out, sorted_unique=sorted_unique)
-
-    def extent_ids(self, layer_id: int, uniq: np.ndarray) -> np.ndarray:
-        return self.reader.extent_ids(layer_id, uniq)
-
-    def close(self) -> None:
-        self.reader.close()
-        self.scales = {}
 
 
 class ReleaseTable(Table):
@@ -229,7 +220,7 @@ def _scan(tdir: TableDir, t: TensorRange, nan_bits: int, bar: Any) -> None:
         buf = np.empty(step, np.uint8)
         for start in range(0, t.nbytes, step):
             n = min(step, t.nbytes - start)
-            got = os.preadv(fd, [memoryview(buf)[:n]], t.offset + start)
+            got = os.preadv(fd, [buf.data[:n]], t.offset + start)
             if got != n:
                 raise CorruptTableError(f"checkpoint shard {where!r} ended inside tensor {t.name!r}: the file was "
                                         "truncated; download it again")

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .args import is_real
 from .compression import Compression
 from .errors import InputError, SpecMismatchError
 from .memory import EngramMemoryBase
@@ -105,7 +106,7 @@ class EngramMemoryV41(EngramMemoryBase):
                  bias: bool = False) -> None:
         super().__init__(spec, comp, layer_id=layer_id, hidden_size=hidden_size, hc_mult=hc_mult,
                          table=table, init_std=init_std)
-        if eps is not None and (isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0):
+        if eps is not None and (not is_real(eps) or not eps > 0):
             raise InputError(f"eps={eps!r} is invalid: expected a float > 0 (the config's rms_norm_eps) or None")
         if not isinstance(bias, bool):
             raise InputError(f"bias={bias!r} is invalid: expected True or False (the release has no bias)")

@@ -18,6 +18,7 @@ import os
 import struct
 from typing import Any
 
+from .args import is_int
 from .errors import CorruptTableError
 
 __all__ = ["TensorRange", "DTYPE_BYTES", "read_header"]
@@ -101,10 +102,8 @@ def _entry(name: str, entry: Any, file: str, where: str, data_start: int, size: 
     dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
     if dtype not in DTYPE_BYTES:
         raise bad(f"has dtype {dtype!r}, expected one of {sorted(DTYPE_BYTES)}")
-    ints = isinstance(shape, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
-    pair = (isinstance(offsets, list) and len(offsets) == 2
-            and all(isinstance(o, int) and not isinstance(o, bool) for o in offsets))
-    if not ints or not pair:
+    if (not isinstance(shape, list) or not all(is_int(d) and d >= 0 for d in shape)
+            or not isinstance(offsets, list) or len(offsets) != 2 or not all(is_int(o) for o in offsets)):
         raise bad(f"has shape {shape!r} and data_offsets {offsets!r}, expected non-negative ints and [begin, end]")
     begin, end = offsets
     nbytes = math.prod(shape) * DTYPE_BYTES[dtype]
