@@ -208,14 +208,15 @@ def read_release(path: str | os.PathLike[str], tdir: TableDir | None = None) -> 
         found = _engram_tensors(tdir)
         prefix = _prefix(found, spec, where)
         tensors = {name[len(prefix):]: t for name, t in found.items() if name.startswith(prefix)}
-        release = ReleaseCheckpoint(tdir.path, config, spec, compression, tensors, prefix, {})
+        found_only = ReleaseCheckpoint(tdir.path, config, spec, compression, tensors, prefix, {})
         D, S = spec.head_dim, spec.scales_per_row
+        layers = {}
         for lid in spec.layer_ids:
             rows = spec.rows(lid)
-            values = _check(release.tensor(lid, "embed.weight"), (ROW_DTYPE,), (rows, D), where)
-            scales = _check(release.scale_of(lid, "embed.weight"), SCALE_DTYPES, (rows, S), where)
-            release.layers[lid] = ReleaseLayer(lid, values, scales)
-        return release
+            values = _check(found_only.tensor(lid, "embed.weight"), (ROW_DTYPE,), (rows, D), where)
+            scales = _check(found_only.scale_of(lid, "embed.weight"), SCALE_DTYPES, (rows, S), where)
+            layers[lid] = ReleaseLayer(lid, values, scales)
+        return dataclasses.replace(found_only, layers=layers)
     finally:
         if own:
             tdir.close()
