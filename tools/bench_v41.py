@@ -13,7 +13,8 @@ Then, in one run, interleaved (`--rounds` rounds of the four lookups), best of a
   the ratio (target >= 0.9);
 - FP8 -> bfloat16 against float32: `lookup(ids, 1, dtype=torch.bfloat16)` of the FP8 rows against
   `lookup(ids, 1)` of the float32 table on the same tier (target >= 1.0), with the decode's share
-  of the FP8 lookup (`quant.decode` alone on one lookup's gathered values and scales).
+  of the FP8 lookup (`quant.decode` alone on one lookup's gathered values and scales), in ns per
+  value for the compiled loop and for the torch passes (`engram.fp8`).
 
 "direct" reads the disk (O_DIRECT where the filesystem allows it; `--dir` on a real disk), so it
 uses `--direct-tokens` ids, fewer than the memory tiers.
@@ -36,7 +37,7 @@ import torch
 from safetensors.torch import save_file
 
 import engram
-from engram import quant
+from engram import fp8, quant
 from engram.checkpoint import open_checkpoint
 
 TOKENIZER = Path(__file__).resolve().parents[1] / "engram" / "data" / "bpe_bytelevel_4k.tokenizer.json"
@@ -111,7 +112,8 @@ def main() -> None:
     for tier, r in report["tiers"].items():
         print(f"{tier:6s} tokens/s: in place {r['in_place']:,.0f}, imported {r['imported']:,.0f} "
               f"(ratio {r['in_place_ratio']:.2f}); FP8->bf16 {r['fp8_bf16']:,.0f} vs float32 {r['float32']:,.0f} "
-              f"(ratio {r['bf16_vs_f32_ratio']:.2f}, decode {r['decode_share']:.0%} of the FP8 lookup)")
+              f"(ratio {r['bf16_vs_f32_ratio']:.2f}); decode to bf16 {r['decode_ns_per_value']:.2f} ns/value "
+              f"({r['decode_share']:.0%} of the FP8 lookup; torch passes {r['passes_ns_per_value']:.2f})")
 
 
 def run(args: argparse.Namespace, ckpt: Path, work: Path, spec: engram.TableSpec, comp: engram.Compression) -> dict:
@@ -153,9 +155,15 @@ def bench_tier(tier: str, ckpt: Path, work: Path, spec: engram.TableSpec, comp: 
     values, scales = torch.from_numpy(stored.values), torch.from_numpy(stored.scales)
     out = torch.empty(values.shape, dtype=torch.bfloat16)
     decode_s = best_time(lambda: quant.decode(values, scales, "float8_e4m3", out=out), repeats)
+    compiled, fp8.COMPILED = fp8.COMPILED, False                 # the torch passes, for comparison
+    try:
+        passes_s = best_time(lambda: quant.decode(values, scales, "float8_e4m3", out=out), repeats)
+    finally:
+        fp8.COMPILED = compiled
     r = {name: ids.size / s for name, s in t.items()}
     r.update(in_place_ratio=t["imported"] / t["in_place"], bf16_vs_f32_ratio=t["float32"] / t["fp8_bf16"],
-             decode_share=decode_s / t["fp8_bf16"], tokens=ids.size)
+             decode_share=decode_s / t["fp8_bf16"], tokens=ids.size,
+             decode_ns_per_value=decode_s / values.numel() * 1e9, passes_ns_per_value=passes_s / values.numel() * 1e9)
     return r
 
 
