@@ -716,3 +716,19 @@ def test_verify_a_v41_checkpoint_directory(capsys, v41_release):
     shard.write_bytes(bytes(data))
     code, out, err = run(capsys, "verify", str(ck.path), "--json")
     assert code == 1 and "tensor 'layers.1.engram.embed.scale' row 0 holds a NaN code" in json.loads(out)["error"]
+
+
+def test_import_finds_the_v41_release_names_unaided(capsys, v41_release, tmp_path):
+    import torch
+
+    ck = v41_release(naming="hf")
+    (tmp_path / "spec.json").write_text(json.dumps(ck.spec.to_dict()))
+    path = tmp_path / "v41.engram"
+    code, _, err = run(capsys, "import", str(path), "--spec", str(tmp_path / "spec.json"),
+                       "--tokenizer", str(ck.path / "tokenizer.json"), "--weights", str(ck.path))
+    assert code == 0, err
+    ids = np.random.default_rng(0).integers(0, ck.comp.vocab_size, (2, 30))
+    with engram.open(path) as imported, engram.open(ck.path) as in_place:
+        assert imported.spec == in_place.spec
+        for lid in ck.spec.layer_ids:
+            assert torch.equal(imported.lookup(ids, lid), in_place.lookup(ids, lid))

@@ -98,10 +98,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", required=True, nargs="+", metavar="FILE",
                    help="*.safetensors or torch.save files (shards allowed)")
     p.add_argument("--weight-pattern", metavar="PATTERN",
-                   help="tensor name of a layer's rows, {layer_id} replaced (default: the V4.1 name, then "
+                   help="tensor name of a layer's rows, {layer_id} replaced (default: the V4.1 names, as "
+                        "released and with 'model.', then "
                         "'layers.{layer_id}.engram.multi_head_embedding.embedding.weight')")
     p.add_argument("--scale-pattern", metavar="PATTERN",
-                   help="tensor name of FP8 rows' E8M0 scales (default: the weight name with weight_scale_inv)")
+                   help="tensor name of FP8 rows' E8M0 scales (default: the weight name with its 'weight' "
+                        "replaced by 'scale' or 'weight_scale_inv', whichever exists)")
     add_encoding(p)
     p.add_argument("--chunk-rows", type=int_at_least(1), metavar="ROWS",
                    help="rows per chunk file (default: ~64 MiB chunks)")
