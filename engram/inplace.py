@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .chunks import progress_bar
 from .direct import DirectReader
 from .errors import CorruptTableError, InputError
 from .format import TableDir, TableMeta
@@ -192,13 +193,10 @@ class ReleaseTable(Table):
             CorruptTableError: a changed header or file size, or a NaN value (E4M3 0x7F/0xFF) or
                 scale (E8M0 0xFF) in the rows, naming the tensor and the first bad row.
         """
-        from tqdm.auto import tqdm
-
         tdir = TableDir(self.path)
         try:
             total = sum(t.nbytes for layer in self.release.layers.values() for t in (layer.values, layer.scales))
-            with tqdm(total=total, unit="B", unit_scale=True, desc="verify", delay=1.0,
-                      disable=None if progress is None else not progress) as bar:
+            with progress_bar(total, "verify", progress) as bar:
                 for layer in self.release.layers.values():
                     _scan(tdir, layer.values, 0x7F, bar)      # E4M3 NaN: every exponent and mantissa bit set
                     _scan(tdir, layer.scales, 0xFF, bar)      # E8M0 NaN
