@@ -35,7 +35,7 @@ from .mapping import PROT_READ, anonymous, map_file_range
 from .release import ReleaseCheckpoint, ReleaseLayer, read_release
 from .safetensors_header import TensorRange, read_header
 from .table import Table
-from .tiers import DirectTier
+from .tiers import DirectTier, Tier
 
 __all__ = ["ReleaseTable", "open_release", "RangeLayout"]
 
@@ -164,7 +164,7 @@ class ReleaseTable(Table):
         self.release = release
         meta = TableMeta(RELEASE_FORMAT_VERSION, release.spec, release.compression, {})
         if tier == "direct":
-            rows: Any = InPlaceDirectTier(tdir, release, io_threads)
+            rows: Tier = InPlaceDirectTier(tdir, release, io_threads)
         else:
             rows = InPlaceMemoryTier(tier, tdir, release, prefault)
         super().__init__(tdir, meta, tier, prefault, io_threads, dedup, rows=rows)

@@ -47,7 +47,7 @@ from .quant import QuantizedRows
 from .stats import LookupStats, StatsCounter
 from .table_info import TableInfo
 from .tensors import check_ids_2d, is_torch, to_numpy_ids
-from .tiers import open_tier
+from .tiers import Tier, open_tier
 
 __all__ = ["Table"]
 
@@ -59,7 +59,7 @@ class Table(TableInfo):
     """
 
     def __init__(self, tdir: TableDir, meta: TableMeta, tier: str, prefault: bool, io_threads: int,
-                 dedup: bool | None = None, rows: Any = None) -> None:
+                 dedup: bool | None = None, rows: Tier | None = None) -> None:
         # rows: an open tier serving the rows (default: open `tier` over the table's chunk files)
         self._tdir, self._path, self._meta, self._tier_name = tdir, tdir.path, meta, tier
         self._prefault, self._io_threads, self._dedup_arg = prefault, io_threads, dedup
