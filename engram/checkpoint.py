@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from .checkpoint_files import INDEX_NAME, SafetensorsFile, TorchFile, expand_path, open_file
-from .dtypes import ROW_DTYPES
+from .dtypes import BLOCK_DTYPE, ROW_DTYPES
 from .errors import InputError, SpecMismatchError
 
 __all__ = ["Checkpoint", "open_checkpoint", "DEFAULT_WEIGHT_PATTERNS", "INDEX_NAME"]
@@ -53,7 +53,7 @@ _SCALE_SUFFIXES = ("scale", "weight_scale_inv")
 _ROW_DTYPES: dict[Any, str] = {
     **{d.safetensors: name for name, d in ROW_DTYPES.items() if d.safetensors},
     **{getattr(torch, d.value_torch[-1]): name for name, d in ROW_DTYPES.items() if d.safetensors}}
-_SCALE_DTYPES = ("F8_E8M0", "U8", torch.uint8, getattr(torch, "float8_e8m0fnu", torch.uint8))
+_SCALE_DTYPES = (*ROW_DTYPES[BLOCK_DTYPE].scale_safetensors, torch.uint8, getattr(torch, "float8_e8m0fnu", torch.uint8))
 
 
 # -- the checkpoint -----------------------------------------------------------------------------

@@ -42,6 +42,7 @@ class RowDtype:
         value_torch: names of the torch dtypes that hold stored values unchanged (what a decode accepts).
         scale_torch: names of the torch dtypes that hold stored scales unchanged.
         safetensors: the safetensors dtype name of checkpoint rows stored this way, or None.
+        scale_safetensors: the safetensors dtype names checkpoint scales of such rows come in.
     """
 
     name: str
@@ -55,6 +56,7 @@ class RowDtype:
     value_torch: tuple[str, ...] = ()
     scale_torch: tuple[str, ...] = ()
     safetensors: str | None = None
+    scale_safetensors: tuple[str, ...] = ()
 
     @property
     def value_bytes(self) -> int:
@@ -85,7 +87,8 @@ ROW_DTYPES: dict[str, RowDtype] = {d.name: d for d in (
     RowDtype("int8", "i1", "int8", "float32", "int8", scale="<f4", scale_zarr="float32", value_torch=("int8",),
              scale_torch=("float32",)),
     RowDtype("float8_e4m3", "u1", "uint8", "float32", "uint8", scale="u1", scale_zarr="uint8", per_block=True,
-             value_torch=("uint8", "float8_e4m3fn"), scale_torch=("uint8", "float8_e8m0fnu"), safetensors="F8_E4M3"),
+             value_torch=("uint8", "float8_e4m3fn"), scale_torch=("uint8", "float8_e8m0fnu"), safetensors="F8_E4M3",
+             scale_safetensors=("F8_E8M0", "U8")),
 )}
 QUANTIZED_DTYPES = tuple(name for name, d in ROW_DTYPES.items() if d.quantized)
 # the one dtype whose scales cover blocks of `TableSpec.scale_block` values ("float8_e4m3")

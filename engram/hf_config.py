@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from .args import is_int, is_real
+from .dtypes import BLOCK_DTYPE
 from .errors import InputError, MissingFileError, SpecError, SpecMismatchError
 from .spec import TableSpec
 
@@ -105,7 +106,7 @@ def spec_from_hf_config(source: str | os.PathLike[str] | Mapping[str, Any], comp
     bases = (int(base),) * (N - 1) if is_int(base) else _ints(cfg, "engram_vocab_size")
     spec = TableSpec(engram_vocab_size=bases, max_ngram_size=N, n_head_per_ngram=K, n_embed_per_ngram=K * D,
                      layer_ids=layer_ids, compressed_vocab_size=_int(cfg, "engram_compressed_vocab_size"),
-                     pad_id=pad_id(cfg), seed=0, hash="multiplicative-xor", dtype="float8_e4m3",
+                     pad_id=pad_id(cfg), seed=0, hash="multiplicative-xor", dtype=BLOCK_DTYPE,
                      scale_block=SCALE_BLOCK)
     rows = _ints(cfg, "engram_num_embeddings")
     if len(rows) != len(layer_ids):

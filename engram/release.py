@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from .compression import Compression
+from .dtypes import BLOCK_DTYPE, ROW_DTYPES
 from .errors import CorruptTableError, MissingFileError
 from .format import TableDir
 from .hf_config import CONFIG_NAME, read_hf_config, spec_from_hf_config
@@ -43,8 +44,8 @@ TOKENIZER_NAME = "tokenizer.json"
 INDEX_NAME = "model.safetensors.index.json"
 PREFIXES = ("", "model.")                      # as released; Hugging Face conversions
 SCALE_SUFFIXES = ("scale", "weight_scale_inv")  # the scale of "X.weight" is "X.scale" (or "X.weight_scale_inv")
-ROW_DTYPE = "F8_E4M3"
-SCALE_DTYPES = ("F8_E8M0", "U8")               # E8M0 exponent bytes, typed or as plain bytes
+ROW_DTYPE = ROW_DTYPES[BLOCK_DTYPE].safetensors or ""                # "F8_E4M3"
+SCALE_DTYPES = ROW_DTYPES[BLOCK_DTYPE].scale_safetensors             # E8M0 bytes, typed or as "U8"
 
 
 def engram_name(layer_id: int, part: str, prefix: str = "") -> str:
