@@ -60,10 +60,6 @@ def _open_checked(tdir: TableDir, t: TensorRange) -> int:
     return fd
 
 
-def _width(t: TensorRange) -> int:
-    return t.shape[1]
-
-
 def _mapped(tdir: TableDir, t: TensorRange, prefault: bool) -> torch.Tensor:
     fd = _open_checked(tdir, t)
     try:
