@@ -17,6 +17,7 @@ from .errors import TableExistsError as TableExistsError
 from .errors import TableNotFoundError as TableNotFoundError
 from .errors import TokenIdError as TokenIdError
 from .hashing import NgramHasher as NgramHasher
+from .history import NgramHistory as NgramHistory
 from .hotrows import HotRowPlan as HotRowPlan
 from .spec import TableSpec as TableSpec
 from .stats import LookupStats as LookupStats
@@ -67,6 +68,7 @@ __all__ = [
     "LookupStats",
     "MissingFileError",
     "NgramHasher",
+    "NgramHistory",
     "Prefetch",
     "SpecError",
     "SpecMismatchError",

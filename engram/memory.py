@@ -32,6 +32,8 @@ from torch import nn
 from .compression import Compression
 from .errors import InputError, SpecMismatchError
 from .hashing import NgramHasher
+from .history import NgramHistory
+from .module_cache import EngramCache, check_prefetch_context, check_step, commit
 from .norm import BranchRMSNorm
 from .prefetch import Prefetch
 from .shortconv import ShortConv
@@ -125,22 +127,34 @@ class EngramMemoryBase(nn.Module):
         """E: width of one position's concatenated rows."""
         return self.spec.embed_dim
 
-    def lookup(self, token_ids: Any, device: torch.device | str | None = None) -> torch.Tensor:
+    def new_cache(self, batch_size: int, max_rollback: int = 16) -> EngramCache:
+        """An empty generation cache for `batch_size` sequences, for forward(..., cache=); `cache.rollback`
+        can undo up to `max_rollback` tokens. See engram.module_cache."""
+        history = NgramHistory(self.spec, self.comp, batch_size=batch_size, max_rollback=max_rollback)
+        conv = getattr(self, "short_conv", None)
+        return EngramCache(history, None if conv is None else conv.new_past(batch_size, history.max_rollback))
+
+    def lookup(self, token_ids: Any, device: torch.device | str | None = None, *, cache: EngramCache | None = None,
+               mask: Any = None) -> torch.Tensor:
         """The rows that `token_ids` [B,T] address, heads concatenated: [B, T, E].
 
         Hashes on the host (NgramHasher), then gathers from the in-module rows (differentiable)
         or reads the table (no gradient). `token_ids` may also be a `Prefetch` handle from
         `table.prefetch` on this module's table: its rows for this layer are collected
         (`handle.result(layer_id)`). The result is on `device` (default: the module's) in the
-        module's dtype.
+        module's dtype. With a `cache` the ids continue its history; `mask` [B, T] bool marks padding.
         """
         dtype = self._weight.dtype
         device = self._weight.device if device is None else device
+        history = None if cache is None else cache.history
         if isinstance(token_ids, Prefetch):
+            check_prefetch_context(token_ids, history, type(self).__name__)
             return self._prefetched(token_ids).to(device=device, dtype=dtype)
         if self.table is not None:
-            return self.table.lookup(token_ids, self.layer_id, dtype=dtype).to(device)
-        idx = self.hasher.global_rows(to_numpy_ids(token_ids), self.layer_id)   # [B, T, H] rows of `rows`
+            context = {} if history is None and mask is None else {"history": history, "mask": mask}   # duck tables
+            return self.table.lookup(token_ids, self.layer_id, dtype=dtype, **context).to(device)
+        idx = self.hasher.global_rows(to_numpy_ids(token_ids), self.layer_id, history=history,
+                                      mask=mask)                                 # [B, T, H] rows of `rows`
         idx = torch.from_numpy(idx).to(self.rows.device)
         return F.embedding(idx, self.rows).flatten(2).to(device=device, dtype=dtype)   # [B, T, H*D]
 
@@ -300,7 +314,8 @@ class EngramMemory(EngramMemoryBase):
     def _weight(self) -> torch.Tensor:
         return self.value_proj.weight
 
-    def forward(self, hidden_states: torch.Tensor, token_ids: Any) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, token_ids: Any, *, cache: EngramCache | None = None,
+                mask: Any = None) -> torch.Tensor:
         """The Engram branch for `hidden_states` [B,T,G,C] at positions holding `token_ids` [B,T].
 
         Args:
@@ -309,18 +324,29 @@ class EngramMemory(EngramMemoryBase):
                 or on the hidden states' device (ids are hashed on the host either way); or the
                 `Prefetch` handle of `table.prefetch(token_ids)` on this module's table, started
                 before the preceding layers so the rows are ready when this layer runs.
+            cache: from `new_cache`: the positions continue its sequences (generation: prefill,
+                then a few tokens per step); the output equals the full forward's at these
+                positions, and the cache is appended to. A prefetch handle must then come from
+                `table.prefetch(ids, history=cache.history)`.
+            mask: [B, T] bool, False at padding positions (ragged steps): later positions neither
+                look back at them nor convolve over them; their own outputs are not meaningful.
 
         Returns:
             [B, T, G, C]: add it to the residual stream (before the block's attention).
         """
         B, T, G, C = self._check_inputs(hidden_states, token_ids)
-        e = self.lookup(token_ids, device=hidden_states.device)       # [B, T, E] rows of all heads
+        mask = check_step(cache, mask, B, T)                          # [B, T] bool or None
+        e = self.lookup(token_ids, device=hidden_states.device, cache=cache, mask=mask)   # [B, T, E]
         k = self.key_norm(self.key_proj(e).view(B, T, G, C))           # [B, T, G, C] key per branch
         q = self.query_norm(hidden_states)                             # [B, T, G, C]
         gate = signed_sqrt_gate(q, k)                                  # [B, T, G]
         v = self.value_proj(e)                                         # [B, T, C] shared value
         u = gate.unsqueeze(-1) * v.unsqueeze(2)                        # [B, T, G, C]
-        return u + self.short_conv(u)                                  # [B, T, G, C]
+        if cache is None and mask is None:
+            return u + self.short_conv(u)                              # [B, T, G, C]
+        conv, past = self.short_conv.step(u, None if cache is None else cache.conv, mask)   # [B,T,G,C], [B,W,G*C]
+        commit(cache, token_ids, mask, past)
+        return u + conv                                                # [B, T, G, C]
 
     def load_reference_state_dict(self, state_dict: Any) -> None:
         """Load weights saved under the reference's names (deepseek-ai/Engram `Engram` module).

@@ -41,6 +41,7 @@ from .errors import InputError, SpecMismatchError
 from .format import LayerLayout, TableDir, TableMeta, read_metadata
 from .gather import DEDUP_TIERS, DecodingGatherer, RowGatherer
 from .hashing import NgramHasher
+from .history import NgramHistory, prefetch_context
 from .hotrows import HotRowPlan
 from .integrity import verify_chunks
 from .prefetch import CudaTransfer, Prefetch, Prefetcher
@@ -201,7 +202,8 @@ class Table:
 
     # -- lookups ----------------------------------------------------------------------------
     def lookup(self, token_ids: Any, layer_id: int | None, out: torch.Tensor | None = None,
-               dtype: torch.dtype | None = None) -> torch.Tensor | dict[int, torch.Tensor]:
+               dtype: torch.dtype | None = None, *, history: NgramHistory | None = None, mask: Any = None,
+               doc_start: Any = None) -> torch.Tensor | dict[int, torch.Tensor]:
         """The rows that `token_ids` address in one layer, heads concatenated in hash order.
 
         Args:
@@ -212,6 +214,9 @@ class Table:
                 quantized tables dequantize to it (as `engram.quant.decode`: float8_e4m3 rows
                 with one rounding to float32 or bfloat16, int8 rows through their float32
                 product; other float dtypes are converted from the float32 rows).
+            history, mask, doc_start: as for `NgramHasher.hash`: the ids continue the sequences
+                of an `engram.NgramHistory` (only read; `history.append` them after the step),
+                padding positions to skip, document starts the look-back stops at.
 
         Returns:
             A CPU tensor [B, T, E] (E = spec.embed_dim) whatever the ids' device, or
@@ -225,12 +230,13 @@ class Table:
         """
         with self._in_use():
             x = self._compress(token_ids)                                # compressed ids [B, T]
+            grams = self._hasher.context_grams(x, history, mask, doc_start)   # N x [B, T] n-gram columns
             if layer_id is None:
                 if out is not None:
                     raise InputError("out= needs one layer_id, got layer_id=None: pass a layer_id, "
                                      "or drop out= to get {layer_id: tensor}")
-                return {lid: self._lookup_layer(x, lid, None, dtype) for lid in self.spec.layer_ids}
-            return self._lookup_layer(x, self.spec.check_layer(layer_id), out, dtype)
+                return {lid: self._lookup_layer(grams, lid, None, dtype) for lid in self.spec.layer_ids}
+            return self._lookup_layer(grams, self.spec.check_layer(layer_id), out, dtype)
 
     def _compress(self, token_ids: Any) -> np.ndarray:
         if is_torch(token_ids):
@@ -240,16 +246,16 @@ class Table:
         self.compression.check_ids(ids)
         return self.compression.lookup[ids]
 
-    def _lookup_layer(self, x: np.ndarray, layer_id: int, out: torch.Tensor | None,
+    def _lookup_layer(self, grams: list[np.ndarray], layer_id: int, out: torch.Tensor | None,
                       dtype: torch.dtype | None) -> torch.Tensor:
-        B, T = x.shape
+        B, T = grams[0].shape
         H, D = self.spec.heads_per_layer, self.spec.head_dim
         _check_dtype(dtype)
         want = self._dtype if dtype is None else dtype
         if out is not None:
             _check_out(out, (B, T, H * D), want)
         heads_buf, rows = self._scratch.get(H, B, T)
-        heads = self._hasher.hash_compressed(x, layer_id, out=heads_buf)          # [B, T, H] view of [H, B, T]
+        heads = self._hasher.hash_grams(grams, layer_id, out=heads_buf)           # [B, T, H] view of [H, B, T]
         np.add(heads, self._offsets[layer_id], out=rows)                         # [B, T, H] global rows
         gathered = self._gathered_dtype(want)
         if out is not None and want == gathered:
@@ -343,7 +349,8 @@ class Table:
 
     # -- prefetch ---------------------------------------------------------------------------
     def prefetch(self, token_ids: Any, layer_ids: int | Sequence[int] | None = None,
-                 device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Prefetch:
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None, *,
+                 history: NgramHistory | None = None, mask: Any = None, doc_start: Any = None) -> Prefetch:
         """Start the lookup of `token_ids` in the background; collect it with `handle.result()`.
 
         The ids are checked and copied now (errors in them raise here); hashing and gathering run
@@ -358,6 +365,9 @@ class Table:
                 `result()` makes the caller's current stream wait for the copy.
             dtype: result dtype, as for `lookup` (default: `table.dtype`; quantized tables
                 dequantize to it).
+            history, mask, doc_start: as for `lookup`. The history is read now: appending to it
+                afterwards does not change the prefetched rows (decode: prefetch step t+1 as soon
+                as token t is appended).
 
         Returns:
             A Prefetch handle: `result()` == `table.lookup(token_ids, None)` restricted to
@@ -370,6 +380,7 @@ class Table:
         """
         with self._in_use():
             x = self._compress(token_ids)                                 # compressed ids [B, T], a copy
+            grams = self._hasher.context_grams(x, history, mask, doc_start)   # read the history now
             if layer_ids is None:
                 layers = self.spec.layer_ids
             else:
@@ -380,21 +391,23 @@ class Table:
             with self._state:     # close() either sees this prefetch pending or refuses it here
                 if self._closed:
                     raise InputError(f"table at {os.fspath(self._path)!r} is closed: open it again")
-                future = self._prefetcher.submit(lambda: self._prefetch_work(x, layers, dtype, target))
+                future = self._prefetcher.submit(lambda: self._prefetch_work(grams, layers, dtype, target))
             self._stats.add(prefetches=1)
-            return Prefetch(future, layers, self._stats, self._path)
+            return Prefetch(future, layers, self._stats, self._path,
+                            context=prefetch_context(token_ids, history, mask))
 
-    def _prefetch_work(self, x: np.ndarray, layers: tuple[int, ...], dtype: torch.dtype | None,
+    def _prefetch_work(self, grams: list[np.ndarray], layers: tuple[int, ...], dtype: torch.dtype | None,
                        target: torch.device | CudaTransfer | None) -> dict[int, Any]:
         """Runs on the prefetch thread: every layer's rows, on the device asked for."""
         with self._in_use(cancel_if_closed=True):
             out: dict[int, Any] = {}
             for layer_id in layers:
                 if isinstance(target, CudaTransfer):                     # (device tensor, copy event)
-                    out[layer_id] = target.fill_and_copy((*x.shape, self.spec.embed_dim), dtype or self._dtype,
-                                                         lambda host, i=layer_id: self._lookup_layer(x, i, host, dtype))
+                    fill = lambda host, i=layer_id: self._lookup_layer(grams, i, host, dtype)   # noqa: E731
+                    out[layer_id] = target.fill_and_copy((*grams[0].shape, self.spec.embed_dim),
+                                                         dtype or self._dtype, fill)
                 else:
-                    rows = self._lookup_layer(x, layer_id, None, dtype)
+                    rows = self._lookup_layer(grams, layer_id, None, dtype)
                     out[layer_id] = rows if target is None else rows.to(target)
             return out
 
@@ -548,12 +561,13 @@ def _reopen(path: str, tier: str, prefault: bool, io_threads: int, dedup: bool |
 
 
 def lookup(token_ids: Any, table: Table, layer_id: int | None, out: torch.Tensor | None = None,
-           dtype: torch.dtype | None = None) -> torch.Tensor | dict[int, torch.Tensor]:
-    """The rows `token_ids` address in `table`: the same as `table.lookup(token_ids, layer_id)`.
+           dtype: torch.dtype | None = None, **context: Any) -> torch.Tensor | dict[int, torch.Tensor]:
+    """The rows `token_ids` address in `table`: the same as `table.lookup(token_ids, layer_id)`
+    (`history`, `mask`, `doc_start` passed on).
 
     Example:
         >>> e = engram.lookup(token_ids, engram.open("table.engram"), layer_id=1)   # [B, T, E]
     """
     if not isinstance(table, Table):
         raise InputError(f"table must be an engram.Table, got {type(table).__name__}: pass engram.open(path)")
-    return table.lookup(token_ids, layer_id, out=out, dtype=dtype)
+    return table.lookup(token_ids, layer_id, out=out, dtype=dtype, **context)

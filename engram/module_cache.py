@@ -1,0 +1,140 @@
+"""EngramCache: what an Engram layer keeps between generation steps, so steps equal the full pass.
+
+Two parts, changed together: the layer's `NgramHistory` (the ids its n-grams reach back to) and,
+for a layer with a ShortConv, the convolution's past inputs: the last (k-1)*d normalized values
+of each sequence (k taps, dilation d), plus `max_rollback` more so rejected drafts can be undone.
+
+    cache = mem.new_cache(batch_size=B)
+    y = mem(hidden_new, new_ids, cache=cache)    # equals the full forward there; appends to cache
+    cache.rollback(n); cache.reorder(beam_idx); cache.reset(which)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .errors import InputError
+from .history import NgramHistory, check_flags, last_valid_columns, lookback_columns
+
+__all__ = ["EngramCache", "check_prefetch_context", "check_step", "commit", "conv_step"]
+
+
+class EngramCache:
+    """One Engram layer's generation state for B sequences (make it with `mem.new_cache`).
+
+    Attributes:
+        history: the layer's NgramHistory (lookups with `history=` read it).
+        conv: the ShortConv's past inputs [B, (k-1)*d + max_rollback, G*C], newest last (zeros
+            before each sequence's start), or None for a layer without ShortConv.
+
+    `rollback`, `reorder` and `reset` change both parts alike; the layer's forward appends to
+    both. Pickles like its parts (move it to another process with its tensors).
+    """
+
+    def __init__(self, history: NgramHistory, conv: torch.Tensor | None = None) -> None:
+        self.history = history
+        self.conv = conv
+
+    @property
+    def batch_size(self) -> int:
+        return self.history.batch_size
+
+    def rollback(self, n: Any) -> None:
+        """Undo the last `n` tokens (int or [B] ints) of each sequence: see NgramHistory.rollback."""
+        steps = self.history.rollback(n)
+        if self.conv is not None and steps.any():
+            width = self.conv.shape[1]
+            cols = torch.from_numpy(np.arange(width) - steps[:, None])                  # [B, W] old columns
+            past = self.conv.gather(1, cols.clamp_min(0).to(self.conv.device)[..., None].expand_as(self.conv))
+            self.conv = past.masked_fill((cols < 0).to(past.device)[..., None], 0.0)   # [B, W, GC]
+
+    def reorder(self, beam_idx: Any) -> None:
+        """Sequence i becomes the old sequence beam_idx[i] (beam search); B may change."""
+        self.history.reorder(beam_idx)
+        if self.conv is not None:
+            idx = torch.as_tensor(np.asarray(beam_idx.cpu() if torch.is_tensor(beam_idx) else beam_idx))
+            self.conv = self.conv[idx.to(self.conv.device)]
+
+    def reset(self, which: Any = None) -> None:
+        """Start the flagged sequences ([B] bool; None: all) over."""
+        flags = check_flags("which", which, (self.batch_size,))
+        self.history.reset(flags)
+        if self.conv is not None:
+            if flags is None:
+                self.conv = torch.zeros_like(self.conv)
+            else:
+                self.conv = self.conv.masked_fill(torch.from_numpy(flags).to(self.conv.device)[:, None, None], 0.0)
+
+    def commit(self, token_ids: Any, mask: np.ndarray | None, conv: torch.Tensor | None) -> None:
+        """After a layer's step: append its ids to the history and take the ShortConv's new past."""
+        self.history.append(token_ids, mask)
+        if conv is not None:
+            self.conv = conv
+
+    def __repr__(self) -> str:
+        conv = None if self.conv is None else tuple(self.conv.shape)
+        return f"EngramCache({self.history!r}, conv={conv})"
+
+
+def check_step(cache: Any, mask: Any, B: int, T: int) -> np.ndarray | None:
+    """Check a layer forward's `cache` and `mask` for a [B, T] step; the mask as numpy bool or None."""
+    if cache is not None and not isinstance(cache, EngramCache):
+        raise InputError(f"cache must be an EngramCache, got {type(cache).__name__}: pass mem.new_cache(batch_size=B)")
+    if cache is not None and cache.batch_size != B:
+        raise InputError(f"cache holds batch_size={cache.batch_size} sequences but hidden_states has B={B}: "
+                         "pass the cache made for this batch (mem.new_cache(batch_size=B)) or reorder it")
+    return check_flags("mask", mask, (B, T))
+
+
+def commit(cache: EngramCache | None, token_ids: Any, mask: np.ndarray | None, conv: torch.Tensor | None) -> None:
+    """After a layer's step: append its ids (a prefetch handle's own) and the ShortConv's past to `cache`."""
+    if cache is not None:
+        context = getattr(token_ids, "context", None)
+        cache.commit(token_ids if context is None else context.token_ids, mask, conv)
+
+
+def check_prefetch_context(handle: Any, history: NgramHistory | None, owner: str) -> None:
+    """Raise unless a prefetch handle read `history` as it is now (or neither has a history)."""
+    context = handle.context
+    made_with = context is not None and context.history_id is not None
+    if history is None and not made_with:
+        return
+    if history is None or context is None or not context.matches(history):
+        made = "with another history or history state" if made_with else "without a history"
+        step = "uses a cache" if history is not None else "has no cache"
+        raise InputError(f"the prefetch handle was made {made}, but this {owner} step {step}: prefetch with "
+                         "history=cache.history after the previous step (table.prefetch(ids, history=cache.history))")
+
+
+def conv_step(x: torch.Tensor, past: torch.Tensor, weight: torch.Tensor, dilation: int,
+              mask: np.ndarray | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A causal depthwise convolution that continues from `past` inputs, skipping padding.
+
+    Args:
+        x: new inputs [B, T, GC]. past: the last W inputs of each sequence [B, W, GC], W >= (k-1)*d.
+        weight: [GC, 1, k]. dilation: d. mask: [B, T] bool (False: padding, not an input) or None.
+
+    Returns:
+        (y [B, T, GC] before the activation, the new past [B, W, GC]).
+    """
+    B, T, GC = x.shape
+    W, k = past.shape[1], weight.shape[-1]
+    S = (k - 1) * dilation
+    window = torch.cat([past, x], dim=1)                                     # [B, W+T, GC]
+    if mask is None:
+        y = F.conv1d(window[:, W - S:].transpose(1, 2), weight, dilation=dilation, groups=GC)   # [B, GC, T]
+        return y.transpose(1, 2), window[:, T:]
+    valid = np.concatenate([np.ones((B, W), np.bool_), mask], axis=1)         # [B, W+T]
+    offsets = [(k - 1 - i) * dilation for i in range(k)]                      # tap i reads o positions back
+    cols, _ = lookback_columns(valid, None, W, offsets)                       # never cut: W >= S valid before
+    y = x.new_zeros(B, T, GC)
+    for i, col in enumerate(cols):
+        idx = torch.from_numpy(np.ascontiguousarray(col)).to(x.device)        # [B, T]
+        tap = window.gather(1, idx[..., None].expand(B, T, GC))               # [B, T, GC]
+        y = y + tap * weight[:, 0, i]
+    keep = torch.from_numpy(last_valid_columns(valid, W)).to(x.device)      # [B, W]
+    return y, window.gather(1, keep[..., None].expand(B, W, GC))
