@@ -201,6 +201,7 @@ class NgramHasher:
         self.spec = spec
         self.comp = comp
         self._pad = int(comp.lookup[spec.pad_id])
+        self._fingerprint = comp.fingerprint       # computed once: histories are checked against it per lookup
         self._multipliers = {
             layer_id: _reference_multipliers(spec, layer_id) for layer_id in spec.layer_ids
         }
@@ -264,7 +265,7 @@ class NgramHasher:
         `engram.history.ngram_columns`)."""
         shape = x.shape
         if history is not None:
-            history = check_history(history, self.spec, self.comp.fingerprint, shape[0])
+            history = check_history(history, self.spec, self._fingerprint, shape[0])
         mask, doc_start = check_flags("mask", mask, shape), check_flags("doc_start", doc_start, shape)
         return ngram_columns(x, self.spec.max_ngram_size, self._pad, self.comp.lookup, history, mask, doc_start)
 

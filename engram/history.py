@@ -274,7 +274,7 @@ def check_history(history: Any, spec: TableSpec, fingerprint: str, batch_size: i
     if not isinstance(history, NgramHistory):
         raise InputError(f"history must be an engram.NgramHistory, got {type(history).__name__}: pass "
                          "engram.NgramHistory(table.spec, table.compression, batch_size=B)")
-    differ = history.spec.row_fields_differ(spec)
+    differ = [] if history.spec == spec else history.spec.row_fields_differ(spec)
     if differ:
         fields = ", ".join(f"{n}={getattr(history.spec, n)!r} (here: {getattr(spec, n)!r})" for n in differ)
         raise SpecMismatchError(f"history was made for another spec: {fields}: make it with this table's spec, "
