@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from .conversion import convert as convert
     from .memory import EngramMemory as EngramMemory
     from .memory_v41 import EngramMemoryV41 as EngramMemoryV41
+    from .module_cache import EngramCache as EngramCache
     from .prefetch import Prefetch as Prefetch
     from .table import Table as Table
     from .table import lookup as lookup
@@ -41,7 +42,7 @@ if TYPE_CHECKING:
 _LAZY = {"EngramMemory": ".memory", "EngramMemoryV41": ".memory_v41", "Table": ".table", "build_table": ".build",
          "lookup": ".table", "open": ".table", "export_rows": ".training", "param_groups": ".training",
          "open_checkpoint": ".checkpoint", "Checkpoint": ".checkpoint", "Prefetch": ".prefetch",
-         "convert": ".conversion", "ConvertReport": ".conversion"}
+         "convert": ".conversion", "ConvertReport": ".conversion", "EngramCache": ".module_cache"}
 
 
 def __getattr__(name: str) -> Any:
@@ -60,6 +61,7 @@ __all__ = [
     "ConvertReport",
     "CorpusStats",
     "CorruptTableError",
+    "EngramCache",
     "EngramError",
     "EngramMemory",
     "EngramMemoryV41",
