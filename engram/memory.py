@@ -135,14 +135,14 @@ class EngramMemoryBase(nn.Module):
         return EngramCache(history, None if conv is None else conv.new_past(batch_size, history.max_rollback))
 
     def lookup(self, token_ids: Any, device: torch.device | str | None = None, *, cache: EngramCache | None = None,
-               mask: Any = None) -> torch.Tensor:
+               mask: Any = None, doc_start: Any = None) -> torch.Tensor:
         """The rows that `token_ids` [B,T] address, heads concatenated: [B, T, E].
 
         Hashes on the host (NgramHasher), then gathers from the in-module rows (differentiable)
         or reads the table (no gradient). `token_ids` may also be a `Prefetch` handle from
         `table.prefetch` on this module's table: its rows for this layer are collected
         (`handle.result(layer_id)`). The result is on `device` (default: the module's) in the
-        module's dtype. With a `cache` the ids continue its history; `mask` [B, T] bool marks padding.
+        module's dtype. With a `cache` the ids continue its history; `mask` and `doc_start` as for table.lookup.
         """
         dtype = self._weight.dtype
         device = self._weight.device if device is None else device
@@ -150,11 +150,10 @@ class EngramMemoryBase(nn.Module):
         if isinstance(token_ids, Prefetch):
             check_prefetch_context(token_ids, history, type(self).__name__)
             return self._prefetched(token_ids).to(device=device, dtype=dtype)
+        context = {k: v for k, v in (("history", history), ("mask", mask), ("doc_start", doc_start)) if v is not None}
         if self.table is not None:
-            context = {} if history is None and mask is None else {"history": history, "mask": mask}   # duck tables
             return self.table.lookup(token_ids, self.layer_id, dtype=dtype, **context).to(device)
-        idx = self.hasher.global_rows(to_numpy_ids(token_ids), self.layer_id, history=history,
-                                      mask=mask)                                 # [B, T, H] rows of `rows`
+        idx = self.hasher.global_rows(to_numpy_ids(token_ids), self.layer_id, **context)   # [B, T, H] rows of `rows`
         idx = torch.from_numpy(idx).to(self.rows.device)
         return F.embedding(idx, self.rows).flatten(2).to(device=device, dtype=dtype)   # [B, T, H*D]
 
@@ -315,7 +314,7 @@ class EngramMemory(EngramMemoryBase):
         return self.value_proj.weight
 
     def forward(self, hidden_states: torch.Tensor, token_ids: Any, *, cache: EngramCache | None = None,
-                mask: Any = None) -> torch.Tensor:
+                mask: Any = None, doc_start: Any = None) -> torch.Tensor:
         """The Engram branch for `hidden_states` [B,T,G,C] at positions holding `token_ids` [B,T].
 
         Args:
@@ -324,27 +323,28 @@ class EngramMemory(EngramMemoryBase):
                 or on the hidden states' device (ids are hashed on the host either way); or the
                 `Prefetch` handle of `table.prefetch(token_ids)` on this module's table, started
                 before the preceding layers so the rows are ready when this layer runs.
-            cache: from `new_cache`: the positions continue its sequences (generation: prefill,
-                then a few tokens per step); the output equals the full forward's at these
-                positions, and the cache is appended to. A prefetch handle must then come from
-                `table.prefetch(ids, history=cache.history)`.
-            mask: [B, T] bool, False at padding positions (ragged steps): later positions neither
-                look back at them nor convolve over them; their own outputs are not meaningful.
+            cache: from `new_cache`: the positions continue its sequences (generation); the output
+                equals the full forward's there, and the cache is appended to. A prefetch handle
+                must then come from `table.prefetch(ids, history=cache.history)`.
+            mask: [B, T] bool, False at padding (ragged steps): later positions neither look back
+                at it nor convolve over it; the outputs there are not meaningful.
+            doc_start: [B, T] bool, without a cache: a document starts there (packed rows); each
+                document's outputs equal those of the document alone.
 
         Returns:
             [B, T, G, C]: add it to the residual stream (before the block's attention).
         """
         B, T, G, C = self._check_inputs(hidden_states, token_ids)
-        mask = check_step(cache, mask, B, T)                          # [B, T] bool or None
-        e = self.lookup(token_ids, device=hidden_states.device, cache=cache, mask=mask)   # [B, T, E]
+        mask, starts = check_step(cache, mask, doc_start, B, T)       # [B, T] bool or None each
+        e = self.lookup(token_ids, device=hidden_states.device, cache=cache, mask=mask, doc_start=starts)   # [B,T,E]
         k = self.key_norm(self.key_proj(e).view(B, T, G, C))           # [B, T, G, C] key per branch
         q = self.query_norm(hidden_states)                             # [B, T, G, C]
         gate = signed_sqrt_gate(q, k)                                  # [B, T, G]
         v = self.value_proj(e)                                         # [B, T, C] shared value
         u = gate.unsqueeze(-1) * v.unsqueeze(2)                        # [B, T, G, C]
-        if cache is None and mask is None:
+        if cache is None and mask is None and starts is None:
             return u + self.short_conv(u)                              # [B, T, G, C]
-        conv, past = self.short_conv.step(u, None if cache is None else cache.conv, mask)   # [B,T,G,C], [B,W,G*C]
+        conv, past = self.short_conv.step(u, cache and cache.conv, mask, starts)   # [B,T,G,C], [B,W,G*C]
         commit(cache, token_ids, mask, past)
         return u + conv                                                # [B, T, G, C]
 

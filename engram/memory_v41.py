@@ -79,15 +79,15 @@ class EngramMemoryV41(EngramMemoryBase):
         return self.key_value_proj.weight
 
     def forward(self, hidden_states: torch.Tensor, token_ids: Any, *, cache: EngramCache | None = None,
-                mask: Any = None) -> torch.Tensor:
+                mask: Any = None, doc_start: Any = None) -> torch.Tensor:
         """The Engram branch for `hidden_states` [B,T,G,C] at positions holding `token_ids` [B,T].
 
-        Arguments (`cache` from `new_cache`, `mask`) and result as EngramMemory.forward: add the
+        Arguments (`cache` from `new_cache`, `mask`, `doc_start`) and result as EngramMemory.forward: add the
         [B, T, G, C] result to the residual.
         """
         B, T, G, C = self._check_inputs(hidden_states, token_ids)
-        mask = check_step(cache, mask, B, T)                          # [B, T] bool or None
-        e = self.lookup(token_ids, device=hidden_states.device, cache=cache, mask=mask)   # [B, T, E]
+        mask, starts = check_step(cache, mask, doc_start, B, T)       # [B, T] bool or None each
+        e = self.lookup(token_ids, device=hidden_states.device, cache=cache, mask=mask, doc_start=starts)   # [B,T,E]
         kv = self.key_value_proj(e).view(B, T, G + 1, C)               # [B, T, G+1, C]: G keys, value
         k, v = F.rms_norm(kv[:, :, :G], (C,)), kv[:, :, G]             # [B, T, G, C], [B, T, C]
         q = F.rms_norm(hidden_states, (C,)) * self.gate_weight         # [B, T, G, C]

@@ -79,14 +79,18 @@ class EngramCache:
         return f"EngramCache({self.history!r}, conv={conv})"
 
 
-def check_step(cache: Any, mask: Any, B: int, T: int) -> np.ndarray | None:
-    """Check a layer forward's `cache` and `mask` for a [B, T] step; the mask as numpy bool or None."""
+def check_step(cache: Any, mask: Any, doc_start: Any, B: int, T: int) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """Check a layer forward's `cache`, `mask` and `doc_start` for a [B, T] step; the flags as numpy
+    bool arrays or None."""
     if cache is not None and not isinstance(cache, EngramCache):
         raise InputError(f"cache must be an EngramCache, got {type(cache).__name__}: pass mem.new_cache(batch_size=B)")
     if cache is not None and cache.batch_size != B:
         raise InputError(f"cache holds batch_size={cache.batch_size} sequences but hidden_states has B={B}: "
                          "pass the cache made for this batch (mem.new_cache(batch_size=B)) or reorder it")
-    return check_flags("mask", mask, (B, T))
+    if cache is not None and doc_start is not None:
+        raise InputError("doc_start with a cache is not supported: a generation step continues its sequences; "
+                         "start a new one in a slot with cache.reset(which) instead")
+    return check_flags("mask", mask, (B, T)), check_flags("doc_start", doc_start, (B, T))
 
 
 def commit(cache: EngramCache | None, token_ids: Any, mask: np.ndarray | None, conv: torch.Tensor | None) -> None:
@@ -110,12 +114,13 @@ def check_prefetch_context(handle: Any, history: NgramHistory | None, owner: str
 
 
 def conv_step(x: torch.Tensor, past: torch.Tensor, weight: torch.Tensor, dilation: int,
-              mask: np.ndarray | None) -> tuple[torch.Tensor, torch.Tensor]:
+              mask: np.ndarray | None, starts: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """A causal depthwise convolution that continues from `past` inputs, skipping padding.
 
     Args:
         x: new inputs [B, T, GC]. past: the last W inputs of each sequence [B, W, GC], W >= (k-1)*d.
         weight: [GC, 1, k]. dilation: d. mask: [B, T] bool (False: padding, not an input) or None.
+        starts: [B, T] bool or None: a document starts there; taps do not reach before it (zeros).
 
     Returns:
         (y [B, T, GC] before the activation, the new past [B, W, GC]).
@@ -124,19 +129,23 @@ def conv_step(x: torch.Tensor, past: torch.Tensor, weight: torch.Tensor, dilatio
     W, k = past.shape[1], weight.shape[-1]
     S = (k - 1) * dilation
     window = torch.cat([past, x], dim=1)                                     # [B, W+T, GC]
-    if mask is None:       # k shifted slices: cheaper than conv1d's setup for the few positions of a step
+    if mask is None and starts is None:       # k shifted slices: cheaper than conv1d for a step's few positions
         y = x.new_zeros(B, T, GC)
         for i in range(k):
             start = W - S + i * dilation
             y = y + window[:, start: start + T] * weight[:, 0, i]                # [B, T, GC]
         return y, window[:, T:]
-    valid = np.concatenate([np.ones((B, W), np.bool_), mask], axis=1)         # [B, W+T]
+    new = np.ones((B, T), np.bool_) if mask is None else mask
+    valid = np.concatenate([np.ones((B, W), np.bool_), new], axis=1)          # [B, W+T]
+    doc = None if starts is None else np.concatenate([np.zeros((B, W), np.bool_), starts], axis=1)
     offsets = [(k - 1 - i) * dilation for i in range(k)]                      # tap i reads o positions back
-    cols, _ = lookback_columns(valid, None, W, offsets)                       # never cut: W >= S valid before
+    cols, cuts = lookback_columns(valid, doc, W, offsets)                     # cut only at document starts
     y = x.new_zeros(B, T, GC)
-    for i, col in enumerate(cols):
+    for i, (col, cut) in enumerate(zip(cols, cuts, strict=True)):
         idx = torch.from_numpy(np.ascontiguousarray(col)).to(x.device)        # [B, T]
         tap = window.gather(1, idx[..., None].expand(B, T, GC))               # [B, T, GC]
+        if cut.any():
+            tap = tap.masked_fill(torch.from_numpy(cut).to(x.device)[..., None], 0.0)
         y = y + tap * weight[:, 0, i]
     keep = torch.from_numpy(last_valid_columns(valid, W)).to(x.device)      # [B, W]
     return y, window.gather(1, keep[..., None].expand(B, W, GC))

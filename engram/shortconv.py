@@ -59,14 +59,15 @@ class ShortConv(nn.Module):
         width = (self.kernel_size - 1) * self.dilation + extra
         return self.weight.new_zeros(batch_size, width, self.weight.shape[0])
 
-    def step(self, x: torch.Tensor, past: torch.Tensor | None, mask: np.ndarray | None = None
-             ) -> tuple[torch.Tensor, torch.Tensor]:
+    def step(self, x: torch.Tensor, past: torch.Tensor | None, mask: np.ndarray | None = None,
+             starts: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """`forward` of new positions that continue sequences whose earlier inputs are `past`.
 
         Args:
             x: [B, T, G, C] new inputs. past: [B, W, G*C] the last W >= (k-1)*d normalized inputs
                 of each sequence, newest last (zeros before its start), or None (new sequences).
                 mask: [B, T] bool or None; False marks padding, which later positions do not see.
+                starts: [B, T] bool or None; True where a document starts: no tap reaches before it.
 
         Returns:
             ([B, T, G, C] output, [B, W, G*C] the past after these positions).
@@ -74,7 +75,7 @@ class ShortConv(nn.Module):
         B, T, G, C = self._check_input(x)
         past = self.new_past(B) if past is None else past
         x = self.norm(x).reshape(B, T, G * C)                                  # [B, T, G*C]
-        y, past = conv_step(x, past.to(x), self.weight, self.dilation, mask)   # [B, T, G*C], [B, W, G*C]
+        y, past = conv_step(x, past.to(x), self.weight, self.dilation, mask, starts)   # [B, T, G*C], [B, W, G*C]
         return F.silu(y).reshape(B, T, G, C), past                             # [B, T, G, C]
 
     def _check_input(self, x: torch.Tensor) -> tuple[int, int, int, int]:

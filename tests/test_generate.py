@@ -79,6 +79,26 @@ def test_ragged_steps_equal_each_sequence_alone(cls):
 
 
 @pytest.mark.parametrize("cls", VARIANTS)
+def test_packed_documents_equal_each_document_alone(cls):
+    mem = make(cls)
+    hidden, ids = inputs(2, 14, seed=5)
+    starts = torch.zeros(2, 14, dtype=torch.bool)
+    starts[0, [3, 4, 9]] = True
+    starts[1, 7] = True
+    mask = torch.ones(2, 14, dtype=torch.bool)
+    mask[1, 2] = False                                              # padding inside a packed row too
+    with torch.no_grad():
+        got = mem(hidden, ids, doc_start=starts, mask=mask)
+        for row, bounds in ((0, [0, 3, 4, 9, 14]), (1, [0, 7, 14])):
+            for a, b in zip(bounds[:-1], bounds[1:], strict=True):
+                keep = mask[row, a:b]
+                alone = mem(hidden[row, a:b][keep][None], ids[row, a:b][keep][None])
+                close(got[row, a:b][keep][None], alone)
+        with pytest.raises(engram.InputError, match=r"doc_start with a cache is not supported: .* cache.reset"):
+            mem(hidden, ids, doc_start=starts, cache=mem.new_cache(batch_size=2))
+
+
+@pytest.mark.parametrize("cls", VARIANTS)
 def test_rolled_back_drafts_and_beams_leave_the_cache_as_recompute_would(cls):
     mem = make(cls)
     hidden, ids = inputs(2, 14, seed=3)
