@@ -344,7 +344,7 @@ class EngramMemory(EngramMemoryBase):
         u = gate.unsqueeze(-1) * v.unsqueeze(2)                        # [B, T, G, C]
         if cache is None and mask is None and starts is None:
             return u + self.short_conv(u)                              # [B, T, G, C]
-        conv, past = self.short_conv.step(u, cache and cache.conv, mask, starts)   # [B,T,G,C], [B,W,G*C]
+        conv, past = self.short_conv.step(u, None if cache is None else cache.conv, mask, starts)   # [B,T,G,C]
         commit(cache, token_ids, mask, past)
         return u + conv                                                # [B, T, G, C]
 

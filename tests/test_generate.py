@@ -164,7 +164,7 @@ def test_cache_errors_name_the_fix():
         cache.rollback(2)
 
 
-def test_greedy_generation_with_caches_equals_full_recompute(monkeypatch):
+def test_greedy_generation_with_caches_equals_full_recompute(monkeypatch, tmp_path):
     monkeypatch.syspath_prepend(str(TOOLS))
     import generate
     from tiny_lm import TinyLM, TinyLMConfig
@@ -178,6 +178,8 @@ def test_greedy_generation_with_caches_equals_full_recompute(monkeypatch):
     cached = generate.generate(model, prompt, 12)
     assert cached.shape == (2, 17)
     assert torch.equal(cached, generate.generate_by_recompute(model, prompt, 12))
+    backed = generate.table_backed(model, model.engram_modules()[0].comp, tmp_path / "rows.engram")
+    assert torch.equal(generate.generate(backed, prompt, 12, prefetch=True), cached)   # rows prefetched per step
     # Untrained weights soon repeat one token; teacher forcing random tokens checks every step's
     # logits (prefill of 4, then single tokens) against the full forward.
     ids = torch.randint(0, config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(2))
