@@ -375,17 +375,17 @@ class PrefetchContext:
     ids [B, T] and mask (to append to the cache's history), and which history it read, at which
     version (to refuse rows hashed against another state)."""
 
-    def __init__(self, token_ids: np.ndarray, mask: np.ndarray | None, history: NgramHistory | None) -> None:
+    def __init__(self, token_ids: np.ndarray, mask: np.ndarray | None, history: NgramHistory) -> None:
         self.token_ids, self.mask = token_ids, mask
-        self.history_id = None if history is None else id(history)
-        self.version = None if history is None else history.version
+        self.history_id, self.version = id(history), history.version
 
-    def matches(self, history: NgramHistory) -> bool:
-        """True if the prefetch read `history` in its current state."""
-        return self.history_id == id(history) and self.version == history.version
+    def matches(self, history: NgramHistory, mask: np.ndarray | None) -> bool:
+        """True if the prefetch read `history` in its current state, with this `mask`."""
+        same_mask = (mask is None) == (self.mask is None) and (mask is None or np.array_equal(mask, self.mask))
+        return self.history_id == id(history) and self.version == history.version and same_mask
 
 
-def prefetch_context(token_ids: Any, history: NgramHistory | None, mask: Any) -> PrefetchContext:
+def prefetch_context(token_ids: Any, history: NgramHistory, mask: Any) -> PrefetchContext:
     """A PrefetchContext of already checked arguments (the ids and mask are copied)."""
     ids = np.array(to_numpy_ids(token_ids))
     flags = None if mask is None else check_flags("mask", mask, ids.shape)

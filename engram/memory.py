@@ -148,7 +148,7 @@ class EngramMemoryBase(nn.Module):
         device = self._weight.device if device is None else device
         history = None if cache is None else cache.history
         if isinstance(token_ids, Prefetch):
-            check_prefetch_context(token_ids, history, type(self).__name__)
+            check_prefetch_context(token_ids, history, mask, type(self).__name__)
             return self._prefetched(token_ids).to(device=device, dtype=dtype)
         context = {k: v for k, v in (("history", history), ("mask", mask), ("doc_start", doc_start)) if v is not None}
         if self.table is not None:

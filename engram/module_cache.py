@@ -100,14 +100,14 @@ def commit(cache: EngramCache | None, token_ids: Any, mask: np.ndarray | None, c
         cache.commit(token_ids if context is None else context.token_ids, mask, conv)
 
 
-def check_prefetch_context(handle: Any, history: NgramHistory | None, owner: str) -> None:
-    """Raise unless a prefetch handle read `history` as it is now (or neither has a history)."""
+def check_prefetch_context(handle: Any, history: NgramHistory | None, mask: np.ndarray | None, owner: str) -> None:
+    """Raise unless a prefetch handle read `history` as it is now, with `mask` (or neither has a history)."""
     context = handle.context
-    made_with = context is not None and context.history_id is not None
+    made_with = context is not None
     if history is None and not made_with:
         return
-    if history is None or context is None or not context.matches(history):
-        made = "with another history or history state" if made_with else "without a history"
+    if history is None or context is None or not context.matches(history, mask):
+        made = "with another history, history state or mask" if made_with else "without a history"
         step = "uses a cache" if history is not None else "has no cache"
         raise InputError(f"the prefetch handle was made {made}, but this {owner} step {step}: prefetch with "
                          "history=cache.history after the previous step (table.prefetch(ids, history=cache.history))")

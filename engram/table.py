@@ -393,8 +393,8 @@ class Table:
                     raise InputError(f"table at {os.fspath(self._path)!r} is closed: open it again")
                 future = self._prefetcher.submit(lambda: self._prefetch_work(grams, layers, dtype, target))
             self._stats.add(prefetches=1)
-            return Prefetch(future, layers, self._stats, self._path,
-                            context=prefetch_context(token_ids, history, mask))
+            context = None if history is None else prefetch_context(token_ids, history, mask)
+            return Prefetch(future, layers, self._stats, self._path, context=context)
 
     def _prefetch_work(self, grams: list[np.ndarray], layers: tuple[int, ...], dtype: torch.dtype | None,
                        target: torch.device | CudaTransfer | None) -> dict[int, Any]:

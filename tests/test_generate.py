@@ -147,6 +147,15 @@ def test_prefetched_decode_steps_equal_the_full_forward(cls, tmp_path):
             with pytest.raises(engram.InputError, match=r"the prefetch handle was made without a history, but this "
                                rf"{cls.__name__} step uses a cache: prefetch with history=cache.history"):
                 mem(hidden[:, :1], stale, cache=cache)
+            early = table.prefetch(ids[:, :1], history=cache.history)
+            mem(hidden[:, :1], ids[:, :1], cache=cache)              # the cache moved on since
+            with pytest.raises(engram.InputError, match=r"made with another history, history state or mask"):
+                mem(hidden[:, :1], early, cache=cache)
+            lengths = cache.history.lengths
+            with pytest.raises(engram.InputError, match=r"made with another history, history state or mask"):
+                mem(hidden[:, :1], table.prefetch(ids[:, :1], history=cache.history), cache=cache,
+                    mask=np.array([[True], [False]]))
+            assert (cache.history.lengths == lengths).all()          # refused steps appended nothing
 
 
 def test_cache_errors_name_the_fix():
