@@ -385,8 +385,10 @@ class PrefetchContext:
         return self.history_id == id(history) and self.version == history.version and same_mask
 
 
-def prefetch_context(token_ids: Any, history: NgramHistory, mask: Any) -> PrefetchContext:
-    """A PrefetchContext of already checked arguments (the ids and mask are copied)."""
+def prefetch_context(token_ids: Any, history: NgramHistory | None, mask: Any) -> PrefetchContext | None:
+    """A PrefetchContext of already checked arguments (the ids and mask are copied); None without a history."""
+    if history is None:
+        return None
     ids = np.array(to_numpy_ids(token_ids))
     flags = None if mask is None else check_flags("mask", mask, ids.shape)
     return PrefetchContext(ids, None if flags is None else flags.copy(), history)
