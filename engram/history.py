@@ -343,8 +343,9 @@ def ngram_columns(x: np.ndarray, n: int, pad: int, lookup: np.ndarray, history: 
     """
     B, T = x.shape
     P = n - 1
+    tail_starts: np.ndarray | None = None
     if history is None:
-        tail, tail_starts = np.full((B, P), pad, np.int64), None
+        tail = np.full((B, P), pad, np.int64)
     else:
         raw, tail_starts = history.tail()
         tail = lookup[raw]                                                   # [B, P] compressed
