@@ -103,7 +103,7 @@ class DirectReader:
         if use_direct:   # some filesystems accept the flag but fail the first read
             probe = Region(BLOCK, PROT_READ | PROT_WRITE, MAP_PRIVATE)
             try:
-                os.preadv(fd, [memoryview(probe.array(np.uint8, (BLOCK,), writable=True))], 0)
+                os.preadv(fd, [probe.array(np.uint8, (BLOCK,), writable=True).data], 0)
             except OSError as exc:
                 os.close(fd)
                 if exc.errno == errno.EINVAL:
@@ -183,7 +183,7 @@ class DirectReader:
         # Reads in flight: `io_threads` tasks, each issuing its share of the extents one preadv at a
         # time, so exactly min(io_threads, extents) reads are outstanding until the last ones land.
         n_tasks = min(self._io_threads, len(jobs))
-        view = memoryview(staging)
+        view = staging.data
         tasks = [self._executor().submit(_read_extents, fds, jobs[t::n_tasks], view) for t in range(n_tasks)]
         concurrent.futures.wait(tasks)      # every read has landed (or failed) before we go on
         for task in tasks:

@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from .args import check_int, is_int
 from .compression import Compression
 from .errors import InputError, SpecMismatchError, TokenIdError
 from .spec import TableSpec
@@ -71,9 +72,11 @@ class NgramHistory:
         self.fingerprint = comp.fingerprint         # of the compression
         self.vocab_size = comp.vocab_size
         self.context_size = spec.max_ngram_size - 1   # N-1: ids a new position looks back at
-        self.max_rollback = _count("max_rollback", max_rollback, 0)
+        check_int("max_rollback", max_rollback, 0)
+        check_int("batch_size", batch_size, 1)
+        self.max_rollback = int(max_rollback)
         self.version = 0                              # changes with every append/rollback/reorder/reset
-        self._reset_all(_count("batch_size", batch_size, 1))
+        self._reset_all(int(batch_size))
 
     def _reset_all(self, batch_size: int) -> None:
         width = self.context_size + self.max_rollback
@@ -223,7 +226,7 @@ class NgramHistory:
 
     def _check_rollback(self, n: Any) -> np.ndarray:
         B = self.batch_size
-        if isinstance(n, (int, np.integer)) and not isinstance(n, bool):
+        if is_int(n):
             steps = np.full(B, int(n), np.int64)
         else:
             steps = to_numpy_ids(n, "n")
@@ -242,12 +245,6 @@ class NgramHistory:
                 f"rollback n={_show(n)}: sequence {b} can undo only {int(self._undo[b])} tokens (those appended since "
                 f"its start, last reset or rollback, at most max_rollback={self.max_rollback}): undo at most that")
         return steps
-
-
-def _count(name: str, value: Any, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-        raise InputError(f"{name}={value!r} is invalid: expected an int >= {low}")
-    return int(value)
 
 
 def _show(n: Any) -> str:
@@ -382,7 +379,7 @@ class PrefetchContext:
 
     def matches(self, history: NgramHistory, mask: np.ndarray | None) -> bool:
         """True if the prefetch read `history` in its current state, with this `mask`."""
-        same_mask = (mask is None) == (self.mask is None) and (mask is None or np.array_equal(mask, self.mask))
+        same_mask = mask is None if self.mask is None else mask is not None and np.array_equal(mask, self.mask)
         return self.history_id == id(history) and self.version == history.version and same_mask
 
 

@@ -20,7 +20,6 @@ where rms normalizes without a weight and w_g is a learned vector of C gate weig
 from __future__ import annotations
 
 import math
-import numbers
 import os
 from typing import Any, ClassVar, Self
 
@@ -29,11 +28,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .args import check_int, check_real
 from .compression import Compression
 from .errors import InputError, SpecMismatchError
 from .hashing import NgramHasher
-from .history import NgramHistory
-from .module_cache import EngramCache, check_prefetch_context, check_step, commit
+from .module_cache import EngramCache, check_prefetch_context, check_step, commit, new_cache
 from .norm import BranchRMSNorm
 from .prefetch import Prefetch
 from .shortconv import ShortConv
@@ -80,6 +79,11 @@ class EngramMemoryBase(nn.Module):
     """
 
     scale_names: ClassVar[tuple[str, ...]] = ()
+    spec: TableSpec
+    comp: Compression
+    table: Any
+    rows: nn.Parameter | None
+    init_std: float
 
     def __init__(self, spec: TableSpec, comp: Compression, *, layer_id: int, hidden_size: int,
                  hc_mult: int = 1, table: Any = None, init_std: float = 0.02) -> None:
@@ -88,8 +92,7 @@ class EngramMemoryBase(nn.Module):
         self.layer_id = spec.check_layer(layer_id)
         self.hidden_size = _positive_int("hidden_size", hidden_size)
         self.hc_mult = _positive_int("hc_mult", hc_mult)
-        if isinstance(init_std, bool) or not isinstance(init_std, numbers.Real) or not init_std >= 0:
-            raise InputError(f"init_std={init_std!r} is invalid: expected a float >= 0 (e.g. 0.02)")
+        check_real("init_std", init_std, 0, " (e.g. 0.02)")
         self.init_std = float(init_std)
         self.spec, self.comp, self.table = spec, comp, table
         if table is not None:
@@ -128,11 +131,8 @@ class EngramMemoryBase(nn.Module):
         return self.spec.embed_dim
 
     def new_cache(self, batch_size: int, max_rollback: int = 16) -> EngramCache:
-        """An empty generation cache for `batch_size` sequences, for forward(..., cache=); `cache.rollback`
-        can undo up to `max_rollback` tokens. See engram.module_cache."""
-        history = NgramHistory(self.spec, self.comp, batch_size=batch_size, max_rollback=max_rollback)
-        conv = getattr(self, "short_conv", None)
-        return EngramCache(history, None if conv is None else conv.new_past(batch_size, history.max_rollback))
+        """An empty generation cache of `batch_size` sequences for forward(..., cache=); see engram.module_cache."""
+        return new_cache(self, batch_size, max_rollback)
 
     def lookup(self, token_ids: Any, device: torch.device | str | None = None, *, cache: EngramCache | None = None,
                mask: Any = None, doc_start: Any = None) -> torch.Tensor:
@@ -153,6 +153,7 @@ class EngramMemoryBase(nn.Module):
         context = {k: v for k, v in (("history", history), ("mask", mask), ("doc_start", doc_start)) if v is not None}
         if self.table is not None:
             return self.table.lookup(token_ids, self.layer_id, dtype=dtype, **context).to(device)
+        assert self.rows is not None, "a module without a table holds its rows"
         idx = self.hasher.global_rows(to_numpy_ids(token_ids), self.layer_id, **context)   # [B, T, H] rows of `rows`
         idx = torch.from_numpy(idx).to(self.rows.device)
         return F.embedding(idx, self.rows).flatten(2).to(device=device, dtype=dtype)   # [B, T, H*D]
@@ -323,12 +324,11 @@ class EngramMemory(EngramMemoryBase):
                 or on the hidden states' device (ids are hashed on the host either way); or the
                 `Prefetch` handle of `table.prefetch(token_ids)` on this module's table, started
                 before the preceding layers so the rows are ready when this layer runs.
-            cache: from `new_cache`: the positions continue its sequences (generation); the output
-                equals the full forward's there, and the cache is appended to. A prefetch handle
-                must then come from `table.prefetch(ids, history=cache.history)`.
-            mask: [B, T] bool, False at padding (ragged steps): later positions neither look back
-                at it nor convolve over it; the outputs there are not meaningful.
-            doc_start: [B, T] bool, without a cache: a document starts there (packed rows); each
+            cache: from `new_cache`: the positions continue its sequences (the output equals the full
+                forward's there) and are appended to it. A prefetch handle must then come from
+                `table.prefetch(ids, history=cache.history)`.
+            mask: [B, T] bool, False at padding (ragged steps): later positions skip it.
+            doc_start: [B, T] bool, without a cache: documents start there (packed rows); each
                 document's outputs equal those of the document alone.
 
         Returns:
@@ -372,8 +372,7 @@ class EngramMemory(EngramMemoryBase):
 
 
 def _positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise InputError(f"{name}={value!r} is invalid: expected an int >= 1")
+    check_int(name, value, 1)
     return int(value)
 
 

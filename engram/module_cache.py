@@ -19,7 +19,7 @@ import torch
 from .errors import InputError
 from .history import NgramHistory, check_flags, last_valid_columns, lookback_columns
 
-__all__ = ["EngramCache", "check_prefetch_context", "check_step", "commit", "conv_step"]
+__all__ = ["EngramCache", "new_cache", "check_prefetch_context", "check_step", "commit", "conv_step"]
 
 
 class EngramCache:
@@ -77,6 +77,16 @@ class EngramCache:
     def __repr__(self) -> str:
         conv = None if self.conv is None else tuple(self.conv.shape)
         return f"EngramCache({self.history!r}, conv={conv})"
+
+
+def new_cache(layer: Any, batch_size: int, max_rollback: int) -> EngramCache:
+    """An empty cache for an Engram layer (`layer.spec`, `layer.comp`, and `layer.short_conv` if it has one).
+
+    `cache.rollback` can undo up to `max_rollback` tokens per sequence (speculative drafts).
+    """
+    history = NgramHistory(layer.spec, layer.comp, batch_size=batch_size, max_rollback=max_rollback)
+    conv = getattr(layer, "short_conv", None)
+    return EngramCache(history, None if conv is None else conv.new_past(batch_size, history.max_rollback))
 
 
 def check_step(cache: Any, mask: Any, doc_start: Any, B: int, T: int) -> tuple[np.ndarray | None, np.ndarray | None]:

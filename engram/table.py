@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import functools
 import os
 import threading
 import weakref
@@ -90,9 +91,8 @@ class Table(TableInfo):
             if self._closed and cancel_if_closed:
                 raise concurrent.futures.CancelledError(f"table at {os.fspath(self._path)!r} was closed")
             if self._closed:
-                raise InputError(
-                    f"table at {os.fspath(self._path)!r} is closed: open it again with "
-                    f"engram.open({os.fspath(self._path)!r})")
+                path = os.fspath(self._path)
+                raise InputError(f"table at {path!r} is closed: open it again with engram.open({path!r})")
             self._active += 1
         try:
             yield
@@ -142,17 +142,15 @@ class Table(TableInfo):
             token_ids: raw token ids [B, T] (numpy or torch, any integer dtype and device).
             layer_id: one of `spec.layer_ids`, or None for every layer.
             out: optional contiguous CPU tensor [B, T, E] of the result dtype to write into.
-            dtype: result dtype (default: `table.dtype`). Float tables convert their rows to it;
-                quantized tables dequantize to it (as `engram.quant.decode`: float8_e4m3 rows
-                with one rounding to float32 or bfloat16, int8 rows through their float32
-                product; other float dtypes are converted from the float32 rows).
+            dtype: result dtype (default: `table.dtype`). Float tables convert their rows to it; quantized
+                tables dequantize to it (as `engram.quant.decode`: float8_e4m3 rows with one rounding to float32
+                or bfloat16, int8 rows through their float32 product; other dtypes from the float32 rows).
             history, mask, doc_start: as for `NgramHasher.hash` (the ids continue an `NgramHistory`).
 
         Returns:
             A CPU tensor [B, T, E] (E = spec.embed_dim) whatever the ids' device, or
-            {layer_id: tensor} for None. Without `out` the result is a tensor of its own: its memory
-            is recycled by a later lookup only after every reference to it (views and autograd
-            included) is gone.
+            {layer_id: tensor} for None. Without `out` the result is a tensor of its own: a later lookup
+            recycles its memory only after every reference to it (views and autograd included) is gone.
 
         Example:
             >>> with engram.open("table.engram") as table:
@@ -168,10 +166,12 @@ class Table(TableInfo):
             return self._lookup_layer(x, self.spec.check_layer(layer_id), out, dtype)
 
     def _ngrams(self, token_ids: Any, history: NgramHistory | None, mask: Any, doc_start: Any) -> list[np.ndarray]:
-        if is_torch(token_ids):
+        torch_ids = is_torch(token_ids)
+        if torch_ids:                       # the shape first: it names the problem before the dtype
             check_ids_2d(token_ids)
         ids = to_numpy_ids(token_ids)
-        check_ids_2d(ids)
+        if not torch_ids:                   # a torch tensor's shape was checked above
+            check_ids_2d(ids)
         self.compression.check_ids(ids)
         return self._hasher.context_grams(self.compression.lookup[ids], history, mask, doc_start)
 
@@ -292,8 +292,7 @@ class Table(TableInfo):
             device: where the rows should land (default: CPU). With a CUDA device they are
                 gathered into pinned host buffers and copied on a side stream without blocking;
                 `result()` makes the caller's current stream wait for the copy.
-            dtype: result dtype, as for `lookup` (default: `table.dtype`; quantized tables
-                dequantize to it).
+            dtype: result dtype, as for `lookup` (default: `table.dtype`; quantized tables dequantize to it).
             history, mask, doc_start: as for `lookup`; the history is read now (append to it after).
 
         Returns:
@@ -311,7 +310,8 @@ class Table(TableInfo):
                 layers = self.spec.layer_ids
             else:
                 single = isinstance(layer_ids, (int, np.integer)) and not isinstance(layer_ids, bool)
-                layers = tuple(self.spec.check_layer(i) for i in ((layer_ids,) if single else layer_ids))
+                requested: Any = (layer_ids,) if single else layer_ids
+                layers = tuple(self.spec.check_layer(i) for i in requested)
             check_dtype(dtype)
             target = self._prefetcher.target(device)
             with self._state:     # close() either sees this prefetch pending or refuses it here
@@ -328,8 +328,8 @@ class Table(TableInfo):
             out: dict[int, Any] = {}
             for layer_id in layers:
                 if isinstance(target, CudaTransfer):                     # (device tensor, copy event)
-                    out[layer_id] = target.fill_and_copy((*x[0].shape, self.spec.embed_dim), dtype or self._dtype,
-                                                         lambda host, i=layer_id: self._lookup_layer(x, i, host, dtype))
+                    fill = functools.partial(self._lookup_layer, x, layer_id, dtype=dtype)     # fill(host rows)
+                    out[layer_id] = target.fill_and_copy((*x[0].shape, self.spec.embed_dim), dtype or self._dtype, fill)
                 else:
                     rows = self._lookup_layer(x, layer_id, None, dtype)
                     out[layer_id] = rows if target is None else rows.to(target)
