@@ -13,6 +13,7 @@ import numpy as np
 import xxhash
 
 from .errors import InputError, MissingFileError, SpecError, TokenIdError
+from .limits import MAX_VOCAB_SIZE
 from .tensors import is_torch, to_numpy_ids
 
 __all__ = ["Compression", "load_tokenizer"]
@@ -75,6 +76,9 @@ class Compression:
 
     def __init__(self, lookup: Any) -> None:
         arr = np.asarray(lookup.cpu() if is_torch(lookup) else lookup)
+        if arr.size > MAX_VOCAB_SIZE:
+            raise SpecError(f"Compression lookup has {arr.size} ids, more than engram's limit of {MAX_VOCAB_SIZE} "
+                            "(engram.limits.MAX_VOCAB_SIZE): pass the lookup of a real vocabulary")
         if arr.ndim != 1 or arr.size == 0 or not np.issubdtype(arr.dtype, np.integer):
             raise SpecError(
                 f"Compression lookup must be a non-empty 1-D integer array, got dtype={arr.dtype} "
@@ -98,6 +102,9 @@ class Compression:
         """No merging: every raw id is its own compressed id."""
         if not isinstance(vocab_size, (int, np.integer)) or isinstance(vocab_size, bool) or vocab_size < 1:
             raise SpecError(f"vocab_size={vocab_size!r} is invalid: expected an int >= 1")
+        if vocab_size > MAX_VOCAB_SIZE:
+            raise SpecError(f"vocab_size={vocab_size!r} is invalid: expected at most {MAX_VOCAB_SIZE} ids "
+                            "(engram.limits.MAX_VOCAB_SIZE); pass the tokenizer's vocabulary size")
         return cls(np.arange(int(vocab_size), dtype=np.int64))
 
     @classmethod
