@@ -12,6 +12,7 @@ with E8M0 scales in the table's layout (same scale_block) are copied through bit
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from collections.abc import Callable, Iterator, Mapping
@@ -24,11 +25,12 @@ import torch
 from .checkpoint import LayerRows
 from .compression import Compression
 from .dtypes import scale_dtype, storage_dtype, torch_dtype
-from .errors import InputError, TableExistsError
+from .errors import EngramError, InputError, TableExistsError
 from .format import (
     CHUNK_ALIGN,
     LayerLayout,
     TableMeta,
+    array_name,
     check_dtype_supported,
     checksum,
     format_version_for,
@@ -38,7 +40,7 @@ from .format import (
 )
 from .hashing import NgramHasher
 from .mapping import release_pages
-from .publish import clean_stale, fsync_tree, partial_dir, publish, restore_aside
+from .publish import clean_stale, fsync_tree, make_read_only, partial_dir, publish, restore_aside
 from .quant import encode, finite_rows
 from .spec import TableSpec
 from .table import Table
@@ -165,7 +167,7 @@ def write_table(target: Path, spec: TableSpec, comp: Compression, layouts: dict[
     """
     clean_stale(target)
     version = format_version_for(spec)
-    with partial_dir(target) as tmp:
+    with partial_dir(target) as tmp, _naming_the_table(target):
         write_metadata(tmp, TableMeta(version, spec, comp, layouts))
         written = {}
         with _progress_bar(layouts, progress, desc) as bar:
@@ -180,9 +182,22 @@ def write_table(target: Path, spec: TableSpec, comp: Compression, layouts: dict[
                     raise RuntimeError(f"layer {lid}: {len(sums)} chunks produced for {lay.n_chunks}")
                 written[lid] = lay.with_checksums(tuple(sums), tuple(scale_sums))
         write_attributes(tmp, TableMeta(version, spec, comp, written))
+        make_read_only(tmp)
         fsync_tree(tmp)
         publish(tmp, target, overwrite, replaceable=_replaceable)
     return written
+
+
+@contextlib.contextmanager
+def _naming_the_table(target: Path) -> Iterator[None]:
+    """Re-raise an OSError that names no file (a full disk, a quota) naming the table being written."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename is not None or exc.errno is None or isinstance(exc, EngramError):
+            raise
+        raise type(exc)(exc.errno, f"{exc.strerror or exc} while writing the table {os.fspath(target)!r}: "
+                        "free space (or raise the quota) and build again") from exc
 
 
 # ------------------------------------------------------------------------------------------
@@ -240,8 +255,8 @@ def _plan_layer(spec: TableSpec, layer_id: int, chunk_rows: int | None) -> Layer
     chunk_rows = min(int(chunk_rows), -(-rows // align_rows) * align_rows)
     scales = None
     if spec.quantized:
-        scales = LayerLayout(layer_id, f"layer_{layer_id}_scales", rows, scale_bytes, chunk_rows, role="scales")
-    return LayerLayout(layer_id, f"layer_{layer_id}", rows, row_bytes, chunk_rows, scales=scales)
+        scales = LayerLayout(layer_id, array_name(layer_id, scales=True), rows, scale_bytes, chunk_rows, role="scales")
+    return LayerLayout(layer_id, array_name(layer_id), rows, row_bytes, chunk_rows, scales=scales)
 
 
 def _check_weights(weights: Mapping[int, Any] | None, spec: TableSpec) -> dict[int, Any]:

@@ -33,6 +33,11 @@ The group attribute "engram" holds::
      "layers": [{"layer_id": 1, "array": "layer_1", "chunk_rows": 262144,
                  "checksums": ["<xxh3-64 hex of chunk 0>", ...]}, ...]}
 
+Every table written since adds `"metadata_xxh3"`: the xxh3-64 hex digest of the other attributes
+as canonical JSON (`metadata_checksum`), so an edit to a field that changes addressing (`seed`,
+`hash`, `pad_id`, a prime's base size, ...) is refused at open and by `verify` instead of
+silently changing every lookup. Tables written before it keep opening without that check.
+
 Format version 2 adds, per layer of a quantized table, `"scales": {"array": "layer_1_scales",
 "checksums": [...]}`. A table is written with the lowest version that describes it (float tables
 stay version 1, readable by older engram); this engram reads versions `FORMAT_VERSIONS` and
@@ -46,8 +51,10 @@ is imported when a table is written.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import os
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +64,7 @@ import xxhash
 from .compression import Compression
 from .dtypes import ROW_DTYPES
 from .errors import CorruptTableError, SpecError, TableNotFoundError
+from .limits import MAX_VOCAB_SIZE
 from .spec import TableSpec
 
 __all__ = [
@@ -73,6 +81,9 @@ __all__ = [
     "check_dtype_supported",
     "chunk_error",
     "is_table",
+    "array_name",
+    "metadata_checksum",
+    "METADATA_CHECKSUM",
     "read_metadata",
     "write_attributes",
     "write_metadata",
@@ -91,11 +102,24 @@ _BYTES_CODEC = [{"name": "bytes", "configuration": {"endian": "little"}}]
 _BYTES_CODEC_NO_ENDIAN = [{"name": "bytes"}]
 _SINGLE_BYTE = ("int8", "uint8")
 _CHUNK_KEY_ENCODING = {"name": "default", "configuration": {"separator": "/"}}
+# Size caps of the files read whole at open (a table's are far smaller): a hostile or damaged
+# table cannot make open() read without end.
+MAX_GROUP_METADATA_BYTES = 64 << 20      # zarr.json with every chunk checksum
+MAX_ARRAY_METADATA_BYTES = 1 << 20       # an array's zarr.json
+MAX_COMPRESSION_BYTES = 8 * MAX_VOCAB_SIZE
+METADATA_CHECKSUM = "metadata_xxh3"   # the attribute holding `metadata_checksum` of the others
 
 
 def checksum(data: Any) -> str:
     """xxh3-64 hex digest of a bytes-like object (the per-chunk checksum)."""
     return xxhash.xxh3_64_hexdigest(data)
+
+
+def metadata_checksum(attributes: dict[str, Any]) -> str:
+    """xxh3-64 hex digest of the "engram" attributes other than METADATA_CHECKSUM, as canonical JSON
+    (sorted keys, no spaces): it covers every field that fixes addressing and the chunk layout."""
+    body = {k: v for k, v in attributes.items() if k != METADATA_CHECKSUM}
+    return xxhash.xxh3_64_hexdigest(json.dumps(body, sort_keys=True, separators=(",", ":")).encode())
 
 
 def check_dtype_supported(spec: TableSpec) -> None:
@@ -187,13 +211,15 @@ class TableMeta:
     layers: dict[int, LayerLayout]
 
     def to_attributes(self) -> dict[str, Any]:
-        """The group attribute "engram" (JSON-ready)."""
-        return {
+        """The group attribute "engram" (JSON-ready), sealed by its `metadata_checksum`."""
+        attrs: dict[str, Any] = {
             "format_version": self.format_version,
             "spec": self.spec.to_dict(),
             "compression": {"array": COMPRESSION_ARRAY, "xxh3": self.compression.fingerprint},
             "layers": [_layer_attributes(lay) for lay in self.layers.values()],
         }
+        attrs[METADATA_CHECKSUM] = metadata_checksum(attrs)
+        return attrs
 
 
 def _layer_attributes(lay: LayerLayout) -> dict[str, Any]:
@@ -269,16 +295,64 @@ class TableDir:
                                      "pass the directory that engram.build_table wrote") from None
 
     def open(self, relpath: str, flags: int = os.O_RDONLY) -> int:
-        """A file descriptor for `relpath` inside the table (raises FileNotFoundError)."""
-        return os.open(relpath, flags, dir_fd=self.fd)
+        """A file descriptor for the regular file `relpath` inside the table.
 
-    def read_bytes(self, relpath: str) -> bytes:
+        Safe on a table from elsewhere: no path component may be a symbolic link (a table's files
+        are its own, never ones outside its directory), and the file is opened non-blocking and
+        must be a regular file (a FIFO or device in its place is refused instead of hanging or
+        reading without end). Callers check the size they expect.
+
+        Raises:
+            FileNotFoundError: no such file.
+            CorruptTableError: a symbolic link, or something other than a regular file.
+        """
+        *folders, name = relpath.split("/")
+        where = os.fspath(self.path / relpath)
+        dir_fd, opened = self.fd, []
+        try:
+            for folder in folders:
+                dir_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=dir_fd)
+                opened.append(dir_fd)
+            fd = os.open(name, flags | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=dir_fd)
+        except OSError as exc:
+            if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                raise CorruptTableError(
+                    f"{where!r} is not a plain file of the table (a symbolic link, or under one): a table's "
+                    "files must be its own, not links to files elsewhere; rebuild the table or copy it without "
+                    "links (cp -rL)") from None
+            raise
+        finally:
+            for fd_ in opened:
+                os.close(fd_)
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise CorruptTableError(f"{where!r} is not a regular file (a FIFO, device or directory): the table is "
+                                    "damaged or not an engram table; rebuild it")
+        return fd
+
+    def read_bytes(self, relpath: str, limit: int) -> bytes:
+        """The whole file `relpath`, refused (CorruptTableError) if larger than `limit` bytes."""
         fd = self.open(relpath)
         try:
+            size = os.fstat(fd).st_size
+            if size > limit:
+                raise CorruptTableError(
+                    f"{os.fspath(self.path / relpath)!r} has {size} bytes, more than the {limit} a table's "
+                    "file of this kind can have: the table is damaged or not an engram table; rebuild it")
             with os.fdopen(fd, "rb", closefd=False) as f:
-                return f.read()
+                return f.read(limit + 1)
         finally:
             os.close(fd)
+
+    def replaced(self) -> bool:
+        """True if the path no longer leads to the directory this TableDir holds open (the table
+        there was replaced, e.g. by `build_table(..., overwrite=True)`, or removed)."""
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return True
+        held = os.fstat(self.fd)
+        return (st.st_dev, st.st_ino) != (held.st_dev, held.st_ino) or held.st_nlink == 0
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -295,11 +369,13 @@ class TableDir:
 def _load_json(tdir: TableDir, relpath: str, what: str) -> dict[str, Any]:
     path = os.fspath(tdir.path / relpath)
     try:
-        doc = json.loads(tdir.read_bytes(relpath))
+        doc = json.loads(tdir.read_bytes(relpath, MAX_ARRAY_METADATA_BYTES))
     except FileNotFoundError:
         raise CorruptTableError(f"{what} metadata {path!r} is missing: the table is incomplete; "
                                 "rebuild it") from None
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:   # CorruptTableError is an OSError
+        if isinstance(exc, CorruptTableError):
+            raise
         raise CorruptTableError(f"{what} metadata {path!r} is unreadable ({exc}): rebuild the table") from exc
     if not isinstance(doc, dict):
         raise CorruptTableError(f"{what} metadata {path!r} is not a JSON object: rebuild the table")
@@ -309,11 +385,13 @@ def _load_json(tdir: TableDir, relpath: str, what: str) -> dict[str, Any]:
 def _engram_attributes(tdir: TableDir) -> dict[str, Any]:
     where = os.fspath(tdir.path)
     try:
-        doc = json.loads(tdir.read_bytes("zarr.json"))
+        doc = json.loads(tdir.read_bytes("zarr.json", MAX_GROUP_METADATA_BYTES))
     except FileNotFoundError:
         raise TableNotFoundError(f"path={where!r} is not an engram table (no zarr.json group inside): pass "
                                  "the directory that engram.build_table wrote") from None
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:
+        if isinstance(exc, CorruptTableError):
+            raise
         raise CorruptTableError(f"group metadata {os.fspath(tdir.path / 'zarr.json')!r} is unreadable ({exc}): "
                                 "rebuild the table") from exc
     attrs = doc.get("attributes") if isinstance(doc, dict) else None
@@ -356,6 +434,7 @@ def read_metadata(table: TableDir | str | os.PathLike[str]) -> TableMeta:
         raise CorruptTableError(
             f"{where} has format_version={version!r}, but this engram reads only format_version in "
             f"{FORMAT_VERSIONS}: upgrade engram to open newer tables, or rebuild the table")
+    _check_metadata_checksum(where, attrs)
     try:
         spec = TableSpec.from_dict(attrs["spec"])
         check_dtype_supported(spec)
@@ -378,11 +457,40 @@ def read_metadata(table: TableDir | str | os.PathLike[str]) -> TableMeta:
     return TableMeta(version, spec, comp, layers)
 
 
+def _check_metadata_checksum(where: str, attrs: dict[str, Any]) -> None:
+    """Refuse metadata whose recorded checksum does not match (tables without one predate it)."""
+    if METADATA_CHECKSUM not in attrs:
+        return
+    recorded = attrs[METADATA_CHECKSUM]
+    actual = metadata_checksum(attrs)
+    if recorded != actual:
+        raise CorruptTableError(
+            f"{where} has metadata with xxh3 {actual}, recorded {recorded!r}: zarr.json was edited or damaged "
+            "(its spec, compression or chunk layout no longer match what the rows were written for); restore it "
+            "or rebuild the table")
+
+
+def array_name(layer_id: int, scales: bool = False) -> str:
+    """The zarr array of a layer's rows ("layer_1") or of their scales ("layer_1_scales")."""
+    return f"layer_{layer_id}_scales" if scales else f"layer_{layer_id}"
+
+
+def _check_array_name(where: str, name: Any, expected: str) -> None:
+    """Array names are the format's own: a name from elsewhere ("../other.engram/layer_1", an
+    absolute path) would make the table read files outside its directory."""
+    if name != expected:
+        raise CorruptTableError(f"{where}: array {name!r} is not the format's name {expected!r}: the metadata is "
+                                "damaged or hostile (names may not lead elsewhere); rebuild the table")
+
+
 def _read_compression(tdir: TableDir, entry: dict[str, Any]) -> Compression:
+    _check_array_name(f"table at {os.fspath(tdir.path)!r}", entry["array"], COMPRESSION_ARRAY)
     relpath = f"{entry['array']}/c/0"
     path = os.fspath(tdir.path / relpath)
     try:
-        lookup = np.frombuffer(tdir.read_bytes(relpath), dtype="<i8")
+        lookup = np.frombuffer(tdir.read_bytes(relpath, MAX_COMPRESSION_BYTES), dtype="<i8")
+    except CorruptTableError:
+        raise
     except (OSError, ValueError) as exc:
         raise CorruptTableError(f"compression chunk {path!r} is unreadable ({exc}): rebuild the table or "
                                 "restore the file") from exc
@@ -400,8 +508,11 @@ def _read_layer(tdir: TableDir, spec: TableSpec, entry: dict[str, Any]) -> Layer
     if layer_id not in spec.layer_ids:
         raise CorruptTableError(f"{where}: the spec has no such layer (layer_ids={spec.layer_ids}); "
                                 "rebuild the table")
-    row = ROW_DTYPES[spec.dtype]
     scale_entry = entry.get("scales")
+    _check_array_name(where, name, array_name(layer_id))
+    if scale_entry is not None:
+        _check_array_name(where, scale_entry["array"], array_name(layer_id, scales=True))
+    row = ROW_DTYPES[spec.dtype]
     if row.quantized != (scale_entry is not None):
         have = "records a scale array" if scale_entry is not None else "records no scale array"
         raise CorruptTableError(f"{where}: {spec.dtype} rows, but the metadata {have}: the metadata is damaged; "

@@ -6,7 +6,7 @@ import os
 
 from .direct import fadvise
 from .errors import CorruptTableError
-from .format import LayerLayout, TableDir, TableMeta, chunk_error
+from .format import LayerLayout, TableDir, TableMeta, chunk_error, read_metadata
 
 __all__ = ["verify_chunks", "check_chunk"]
 
@@ -14,8 +14,14 @@ _VERIFY_READ = 8 << 20
 
 
 def verify_chunks(tdir: TableDir, meta: TableMeta, progress: bool | None = None) -> None:
-    """Check every chunk file; raise CorruptTableError naming the first bad one and the count."""
+    """Check the metadata (its checksum, and that it still is what the table was opened with), then
+    every chunk file; raise CorruptTableError naming the first problem (and the count of bad chunks)."""
     from tqdm.auto import tqdm
+
+    if read_metadata(tdir) != meta:
+        raise CorruptTableError(
+            f"the metadata of the table at {str(tdir.path)!r} changed after it was opened (zarr.json or the "
+            "compression file was rewritten in place): restore it or rebuild the table, then open it again")
 
     bad: list[CorruptTableError] = []
     total = sum(lay.disk_bytes for lay in meta.layers.values())
