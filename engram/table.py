@@ -25,6 +25,7 @@ import contextlib
 import dataclasses
 import os
 import threading
+import time
 import weakref
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -37,7 +38,7 @@ from .buffers import OutputPool, Scratch
 from .cache import HotRowCache, select_hot_rows
 from .compression import Compression
 from .dtypes import storage_torch_dtype, torch_dtype
-from .errors import InputError, SpecMismatchError
+from .errors import CorruptTableError, InputError, SpecMismatchError, TableNotFoundError
 from .format import LayerLayout, TableDir, TableMeta, read_metadata
 from .gather import DEDUP_TIERS, DecodingGatherer, RowGatherer
 from .hashing import NgramHasher
@@ -51,6 +52,8 @@ from .tensors import check_ids_2d, is_torch, to_numpy_ids
 from .tiers import TIERS, open_tier
 
 __all__ = ["Table", "open", "lookup"]
+
+_OPEN_ATTEMPTS = 8   # opens of a table that is being replaced meanwhile, before giving up
 
 class Table:
     """An open engram table: one row table per layer, read-only. Make one with `engram.open`.
@@ -515,14 +518,40 @@ def open(path: str | os.PathLike[str], tier: str = "mmap", *, prefault: bool = F
         raise InputError(f"io_threads={io_threads!r} is invalid: expected an int >= 1")
     if dedup not in (None, True, False):
         raise InputError(f"dedup={dedup!r} is invalid: expected True, False or None (per tier)")
-    tdir = TableDir(path)   # every file of this table is opened relative to this directory handle
-    try:
-        meta = read_metadata(tdir)
-        _check_expected(tdir.path, meta, spec, compression)
-        return Table(tdir, meta, tier, prefault, io_threads, dedup)
-    except BaseException:
-        tdir.close()
-        raise
+    path = _check_path(path)
+    for attempt in range(_OPEN_ATTEMPTS):
+        try:
+            tdir = TableDir(path)   # every file of this table is opened relative to this directory handle
+        except TableNotFoundError:
+            if attempt == 0:
+                raise
+            time.sleep(0.001 * attempt)   # between the two renames of a replacement: nothing there yet
+            continue
+        try:
+            meta = read_metadata(tdir)
+            _check_expected(tdir.path, meta, spec, compression)
+            return Table(tdir, meta, tier, prefault, io_threads, dedup)
+        except (CorruptTableError, TableNotFoundError):
+            # A table replaced at `path` while it was read (build_table(..., overwrite=True) swaps the
+            # directories, then deletes the old one file by file) looks incomplete: open the new one.
+            swapped = tdir.replaced()
+            tdir.close()
+            if not swapped or attempt == _OPEN_ATTEMPTS - 1:
+                raise
+        except BaseException:
+            tdir.close()
+            raise
+    raise TableNotFoundError(f"no table at path={os.fspath(path)!r}: it was removed while it was being opened")
+
+
+def _check_path(path: Any) -> str | os.PathLike[str]:
+    """`path` if it can name a table directory, else InputError (None, bytes, a NUL inside)."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise InputError(f"path={path!r} is invalid: expected a str or os.PathLike naming a table directory")
+    text = os.fspath(path)
+    if not isinstance(text, str) or "\0" in text or not text:
+        raise InputError(f"path={path!r} is invalid: expected a non-empty text path without NUL characters")
+    return path
 
 
 def _check_expected(root: Path, meta: TableMeta, spec: TableSpec | None, compression: Compression | None) -> None:
