@@ -77,9 +77,7 @@ __all__ = [
     "LayerLayout",
     "TableDir",
     "TableMeta",
-    "checksum",
     "check_dtype_supported",
-    "chunk_error",
     "is_table",
     "array_name",
     "metadata_checksum",
@@ -108,11 +106,6 @@ MAX_GROUP_METADATA_BYTES = 64 << 20      # zarr.json with every chunk checksum
 MAX_ARRAY_METADATA_BYTES = 1 << 20       # an array's zarr.json
 MAX_COMPRESSION_BYTES = 8 * MAX_VOCAB_SIZE
 METADATA_CHECKSUM = "metadata_xxh3"   # the attribute holding `metadata_checksum` of the others
-
-
-def checksum(data: Any) -> str:
-    """xxh3-64 hex digest of a bytes-like object (the per-chunk checksum)."""
-    return xxhash.xxh3_64_hexdigest(data)
 
 
 def metadata_checksum(attributes: dict[str, Any]) -> str:
@@ -567,11 +560,3 @@ def _read_array(tdir: TableDir, spec: TableSpec, where: str, layout: LayerLayout
             f"{where}: {len(layout.checksums)} {what} recorded for {layout.n_chunks} chunks: "
             "the metadata is damaged; rebuild the table")
     return layout
-
-
-def chunk_error(layout: LayerLayout, index: int, path: str | os.PathLike[str], problem: str) -> CorruptTableError:
-    """The CorruptTableError for one damaged chunk file, naming layer, array (for scales), chunk and file."""
-    what = "" if layout.role == "rows" else f" scales (array {layout.array!r})"
-    return CorruptTableError(
-        f"layer {layout.layer_id}{what} chunk {index} ({os.fspath(path)!r}) {problem}: the table is damaged; "
-        "rebuild it or restore the file (engram verify checks every chunk)")
