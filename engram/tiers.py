@@ -71,6 +71,8 @@ def _scales_tensor(region: Region, lay: LayerLayout, meta: TableMeta) -> torch.T
 
 def _load_array(tdir: TableDir, lay: LayerLayout, bar: object | None = None) -> Region:
     """Read every chunk file of one array into a new read-only anonymous region (checksums checked)."""
+    for index in range(lay.n_chunks):      # every file there and of its size before memory is reserved for them
+        os.close(open_chunk(tdir, lay, index))
     region = anonymous(lay.n_chunks * lay.chunk_bytes)
     data = region.array(np.uint8, (region.length,), writable=True)
     for index in range(lay.n_chunks):
