@@ -150,3 +150,17 @@ def test_row_fields_differ_ignores_the_row_encoding():
     assert spec.row_fields_differ(spec.replace(dtype="float8_e4m3", scale_block=16)) == []
     assert spec.row_fields_differ(spec.replace(dtype="int8")) == []
     assert spec.row_fields_differ(spec.replace(seed=3, hash="xxh64")) == ["seed", "hash"]
+
+
+def test_row_fields_differ_reports_every_addressing_field():
+    spec = make()
+    other = {"engram_vocab_size": (646400, 700001), "max_ngram_size": 4, "n_head_per_ngram": 4,
+             "n_embed_per_ngram": 1024, "layer_ids": (1, 16), "compressed_vocab_size": 1234, "pad_id": 3, "seed": 1,
+             "hash": "murmur3"}
+    fields = {f for f in TableSpec.__dataclass_fields__ if f not in ("dtype", "scale_block")}
+    assert set(other) == fields            # a new addressing field needs a case here
+    for field, value in other.items():
+        changes = {field: value}
+        if field == "max_ngram_size":
+            changes["engram_vocab_size"] = (646400,) * 3
+        assert field in spec.row_fields_differ(spec.replace(**changes)), field
