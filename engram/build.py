@@ -24,7 +24,7 @@ import torch
 from .checkpoint import LayerRows
 from .compression import Compression
 from .errors import InputError
-from .format import LayerLayout, check_dtype_supported
+from .format import LayerLayout
 from .hashing import NgramHasher
 from .mapping import release_pages
 from .publish import restore_aside
@@ -101,6 +101,7 @@ def build_table(path: str | os.PathLike[str], spec: TableSpec, comp: Compression
         ...                         n_embed_per_ngram=256, layer_ids=(1,), compressed_vocab_size=1000)
         >>> table = engram.build_table("demo.engram", spec, comp, seed=0)
     """
+    restore_aside(path)       # a table a killed build left aside belongs at `path`: it is there again
     layouts = check_build(path, spec, comp, init=init, std=std, seed=seed, weights=weights, overwrite=overwrite,
                           chunk_rows=chunk_rows)
     sources = {int(layer_id): rows for layer_id, rows in (weights or {}).items()}
@@ -132,8 +133,7 @@ def check_build(path: str | os.PathLike[str], spec: TableSpec, comp: Compression
     NgramHasher(spec, comp)                     # spec and compression must fit together
     _check_weights(weights, spec)
     layouts = plan_layout(spec, chunk_rows)
-    restore_aside(path)       # a table a killed build left aside belongs at `path`: it is there again
-    check_target(Path(path), overwrite)
+    check_target(Path(path), overwrite)     # a table a killed build left aside counts as at `path`
     return layouts
 
 
@@ -145,7 +145,6 @@ def _check_args(spec: Any, comp: Any, init: Any, std: Any, seed: Any, overwrite:
         raise InputError(f"spec must be an engram.TableSpec, got {type(spec).__name__}")
     if not isinstance(comp, Compression):
         raise InputError(f"comp must be an engram.Compression, got {type(comp).__name__}")
-    check_dtype_supported(spec)
     if init not in INITS:
         raise InputError(f"init={init!r} is not an initializer: expected one of {INITS}, or pass weights=")
     if isinstance(std, bool) or not isinstance(std, (int, float)) or not math.isfinite(std) or std < 0:

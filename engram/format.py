@@ -71,13 +71,10 @@ __all__ = [
     "FORMAT_VERSION",
     "FORMAT_VERSIONS",
     "CHUNK_ALIGN",
-    "STORAGE_DTYPES",
-    "STORABLE_DTYPES",
     "format_version_for",
     "LayerLayout",
     "TableDir",
     "TableMeta",
-    "check_dtype_supported",
     "is_table",
     "array_name",
     "metadata_checksum",
@@ -93,9 +90,6 @@ FORMAT_VERSIONS = (1, 2)      # the formats it reads: 1 float rows; 2 adds scale
 # one stitched mapping on systems with 4, 16 or 64 KiB pages, and suit O_DIRECT reads.
 CHUNK_ALIGN = 1 << 16
 COMPRESSION_ARRAY = "compression"
-# Logical row dtype -> zarr data_type of the stored values (see engram.dtypes).
-STORAGE_DTYPES = {name: d.zarr for name, d in ROW_DTYPES.items()}
-STORABLE_DTYPES = tuple(STORAGE_DTYPES)   # every TableSpec dtype (e.g. for `engram build --dtype` choices)
 _BYTES_CODEC = [{"name": "bytes", "configuration": {"endian": "little"}}]
 _BYTES_CODEC_NO_ENDIAN = [{"name": "bytes"}]
 _SINGLE_BYTE = ("int8", "uint8")
@@ -113,12 +107,6 @@ def metadata_checksum(attributes: dict[str, Any]) -> str:
     (sorted keys, no spaces): it covers every field that fixes addressing and the chunk layout."""
     body = {k: v for k, v in attributes.items() if k != METADATA_CHECKSUM}
     return xxhash.xxh3_64_hexdigest(json.dumps(body, sort_keys=True, separators=(",", ":")).encode())
-
-
-def check_dtype_supported(spec: TableSpec) -> None:
-    """Raise SpecError for a row dtype tables cannot store (every TableSpec dtype can)."""
-    if spec.dtype not in STORAGE_DTYPES:
-        raise SpecError(f"TableSpec.dtype={spec.dtype!r} cannot be stored: expected one of {STORABLE_DTYPES}")
 
 
 def format_version_for(spec: TableSpec) -> int:
@@ -430,7 +418,6 @@ def read_metadata(table: TableDir | str | os.PathLike[str]) -> TableMeta:
     _check_metadata_checksum(where, attrs)
     try:
         spec = TableSpec.from_dict(attrs["spec"])
-        check_dtype_supported(spec)
         if version < format_version_for(spec):
             raise CorruptTableError(
                 f"{where} has format_version={version!r}, which cannot hold {spec.dtype} rows (their scales need "

@@ -15,11 +15,10 @@ values (a quarter of float32's bytes: four times the rows per byte of cache); th
 requested rows are gathered from the tier's resident scale tensor, and one vectorized decode
 (`engram.quant.decode`) writes the result dtype straight into the lookup's output.
 
-When dedup pays (measured here, 2.1M-row layer, 256 B rows, one thread): `torch.unique` costs
-10-14 ms on 524,288 ids and 0.7 ms on 16,384 (`np.unique` with return_inverse: 38-80 ms and
-0.7 ms); an in-RAM gather of all 524,288 rows costs 19-25 ms, and gathering only the unique rows
-then scattering them back costs as much or more (16-44 ms) even at 15% unique. So dedup never
-pays where a row read is a memory copy, and always where it is a disk read (microseconds):
+When dedup pays: `torch.unique` over a batch's ids costs about as much as gathering every row
+from memory, and gathering only the unique rows then scattering them back costs as much or more
+even when few rows are distinct (README, "Design measurements"). So dedup never pays where a
+row read is a memory copy, and always where it is a disk read (microseconds):
 DEDUP_TIERS = ("direct",) by default; `engram.open(..., dedup=True|False)` overrides.
 """
 

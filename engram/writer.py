@@ -22,7 +22,7 @@ import torch
 
 from . import chunks as chunk_files
 from .compression import Compression
-from .dtypes import scale_dtype, storage_dtype, torch_dtype
+from .dtypes import scale_dtype, storage_dtype, storage_torch_dtype, torch_dtype
 from .errors import EngramError, InputError, TableExistsError
 from .format import (
     CHUNK_ALIGN,
@@ -34,7 +34,7 @@ from .format import (
     write_attributes,
     write_metadata,
 )
-from .publish import clean_stale, fsync_tree, make_read_only, partial_dir, publish
+from .publish import aside_table, clean_stale, fsync_tree, make_read_only, partial_dir, publish
 from .quant import encode, finite_rows
 from .spec import TableSpec
 
@@ -154,6 +154,9 @@ def _replaceable(path: Path) -> bool:
 def check_target(target: Path, overwrite: bool) -> None:
     """Refuse a target path a table cannot be written to (its parent a file, or something there to keep).
 
+    Writes nothing: a table that a killed replacement left aside (`engram.publish.aside_table`)
+    is judged as if it were back at `target`, where the build's first step puts it.
+
     Raises:
         InputError: an ancestor of `target` is not a folder.
         TableExistsError: something is at `target` and `overwrite` is False, or it is not a table.
@@ -164,13 +167,14 @@ def check_target(target: Path, overwrite: bool) -> None:
     if not ancestor.is_dir():
         raise InputError(f"path={os.fspath(target)!r} cannot be created: {os.fspath(ancestor)!r} is not a folder; "
                          "choose another path")
-    if not os.path.lexists(target) or _empty_dir(target):
+    there = target if os.path.lexists(target) else aside_table(target)
+    if there is None or _empty_dir(there):
         return
     if not overwrite:
         raise TableExistsError(
             f"path={os.fspath(target)!r} already exists: pass overwrite=True to replace the table there, "
             "or choose another path")
-    if not _replaceable(target):
+    if not _replaceable(there):
         raise TableExistsError(
             f"path={os.fspath(target)!r} exists and is not an engram table: overwrite=True replaces only "
             "tables; remove it yourself or choose another path")
@@ -206,9 +210,7 @@ def as_torch(values: Any) -> torch.Tensor:
 
 def store_rows(values: Any, dest: np.ndarray, dtype: str) -> None:
     """Round `values` (numpy or torch, any float dtype) to the float `dtype` into the storage array `dest`."""
-    target = torch.from_numpy(dest)
-    if dtype == "bfloat16":
-        target = target.view(torch.bfloat16)
+    target = torch.from_numpy(dest).view(storage_torch_dtype(dtype))   # bfloat16 rows: their uint16 bits
     target.copy_(as_torch(values).to(device="cpu", dtype=torch_dtype(dtype)))
 
 

@@ -393,10 +393,9 @@ def _subparsers():
 @pytest.mark.parametrize("command", ["build", "import", "convert"])
 def test_dtype_choices_are_the_row_dtypes(command):
     import engram.dtypes
-    import engram.format
 
     dtype = next(a for a in _subparsers()[command]._actions if a.dest == "dtype")
-    assert tuple(dtype.choices) == tuple(engram.dtypes.ROW_DTYPES) == tuple(engram.format.STORAGE_DTYPES)
+    assert tuple(dtype.choices) == tuple(engram.dtypes.ROW_DTYPES)
     assert {"int8", "float8_e4m3"} <= set(dtype.choices)
 
 
@@ -411,15 +410,6 @@ def test_help_states_each_default_once(capsys):
     assert "'layers.{layer_id}.engram.multi_head_embedding.embedding.weight')" in out
     code, out, _ = run(capsys, "bench", "--help")
     assert "(default: ram mmap direct)" in out and "(default: 8)" in out
-
-
-def test_dry_run_refuses_a_dtype_tables_cannot_store(capsys, spec_file, tmp_path, monkeypatch):
-    import engram.format
-
-    monkeypatch.setattr(engram.format, "STORAGE_DTYPES", {"float32": "float32"})
-    code, _, err = run(capsys, "build", str(tmp_path / "t"), "--spec", spec_file, "--vocab-size", "300", "--dry-run",
-                       "--dtype", "bfloat16")
-    assert code == 3 and "TableSpec.dtype='bfloat16'" in err
 
 
 def test_dry_run_refuses_a_spec_that_does_not_fit_the_compression(capsys, tmp_path):

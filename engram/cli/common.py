@@ -9,6 +9,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..compression import Compression
+from ..dtypes import BLOCK_DTYPE as BLOCK_DTYPE
 from ..dtypes import ROW_DTYPES as _ROW_DTYPES
 from ..errors import InputError, SpecError, SpecMismatchError
 from ..spec import TableSpec
@@ -16,8 +17,6 @@ from ..spec import TableSpec
 EXIT_OK, EXIT_CHECK_FAILED, EXIT_USAGE, EXIT_REFUSED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 _MAX_SPEC_BYTES = 1 << 20   # a spec file is a few hundred bytes
 ROW_DTYPES = tuple(_ROW_DTYPES)   # every row dtype a table can store: the choices of --dtype
-# the one dtype whose scales cover blocks of --scale-block values ("float8_e4m3")
-(BLOCK_DTYPE,) = (name for name, row in _ROW_DTYPES.items() if row.per_block)
 
 
 class Output:
