@@ -8,7 +8,9 @@ xxh3-64 digest is recorded in the table's metadata.
 
 from __future__ import annotations
 
+import ctypes
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +20,8 @@ import xxhash
 from .errors import CorruptTableError
 from .format import LayerLayout, TableDir, TableMeta, read_metadata
 
-__all__ = ["checksum", "chunk_error", "open_chunk", "read_chunk", "check_chunk", "verify_chunks", "write_chunk",
-           "progress_bar", "fadvise"]
+__all__ = ["ChunkWatch", "checksum", "chunk_error", "open_chunk", "read_chunk", "check_chunk", "verify_chunks",
+           "write_chunk", "progress_bar", "fadvise"]
 
 _VERIFY_READ = 8 << 20
 
@@ -143,3 +145,115 @@ def write_chunk(path: Path, block: np.ndarray, bar: Any) -> str:
         os.close(fd)
     bar.update(len(data))
     return checksum(data)
+
+
+# inotify events that a change of a file's bytes or attributes raises (linux/inotify.h)
+_IN_MODIFY, _IN_ATTRIB, _IN_CLOSE_WRITE = 0x2, 0x4, 0x8
+
+
+class _Inotify:
+    """A non-blocking inotify descriptor (Linux, through libc): has any watched file changed?"""
+
+    def __init__(self, fd: int, add_watch: Any) -> None:
+        self.fd, self._add_watch, self.pid = fd, add_watch, os.getpid()
+
+    @classmethod
+    def create(cls) -> _Inotify | None:
+        """A new descriptor, or None where the system has none (not Linux, out of instances)."""
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            init, add_watch = libc.inotify_init1, libc.inotify_add_watch
+        except (OSError, AttributeError):
+            return None
+        add_watch.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32]
+        fd = init(os.O_NONBLOCK | os.O_CLOEXEC)
+        return None if fd < 0 else cls(fd, add_watch)
+
+    def watch(self, fd: int) -> bool:
+        """Watch the file open as `fd` (its inode, whatever its path becomes); False if refused
+        (e.g. the user's inotify watches are used up)."""
+        path = os.fsencode(f"/proc/self/fd/{fd}")
+        return self._add_watch(self.fd, path, _IN_MODIFY | _IN_ATTRIB | _IN_CLOSE_WRITE) >= 0
+
+    def changed(self) -> bool:
+        """True if an event arrived since the last call (all pending events are consumed)."""
+        seen = False
+        while True:
+            try:
+                if not os.read(self.fd, 1 << 16):
+                    return seen
+            except BlockingIOError:
+                return seen
+            seen = True
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+class ChunkWatch:
+    """Notices chunk files changed in place under an open table (truncated, rewritten, touched).
+
+    A mapped file truncated under a reader kills it with SIGBUS at the next read of a lost page, and
+    one rewritten in place changes rows silently. The tiers that read files after open ("mmap",
+    "direct") call `check()` before every gather: it raises CorruptTableError once a watched file's
+    size or modification time differs from what they were at open, instead of reading it.
+
+    The check is cheap: each file stays open (so its fstat describes the very inode being read), and
+    an inotify descriptor, which the kernel marks in the same system call that changes a watched
+    file, is read without blocking (one system call per gather); the files are fstat-ed again only
+    after an event. Without inotify (other systems, the user's watches used up, a forked child
+    sharing the parent's descriptor) every check fstat-s every file. A file deleted or replaced by
+    rename (as engram's own publish replaces tables) is no change: the open file keeps its bytes.
+
+    What no check can close: a file truncated after the check, while the gather reads it.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self._root = root
+        self._files: list[tuple[int, LayerLayout, int, tuple[int, int]]] = []
+        self._notify = _Inotify.create()
+        self._lock = threading.Lock()
+        self._error: CorruptTableError | None = None
+
+    def add(self, fd: int, lay: LayerLayout, index: int) -> None:
+        """Watch chunk `index` of `lay`, open as `fd` (the watch keeps a duplicate of it open)."""
+        own = os.dup(fd)
+        st = os.fstat(own)
+        self._files.append((own, lay, index, (st.st_size, st.st_mtime_ns)))
+        if self._notify is not None and not self._notify.watch(own):
+            self._notify.close()
+            self._notify = None
+
+    def check(self) -> None:
+        """Raise CorruptTableError if a watched file changed since it was opened (and at every later call)."""
+        if self._error is None and self._notify is not None and self._notify.pid == os.getpid():
+            with self._lock:          # another thread may be confirming an event it consumed
+                if self._error is None and not self._notify.changed():
+                    return
+        with self._lock:
+            if self._error is None:
+                self._error = self._find_change()
+            if self._error is not None:
+                raise self._error
+
+    def _find_change(self) -> CorruptTableError | None:
+        for fd, lay, index, (size, mtime) in self._files:
+            st = os.fstat(fd)
+            if (st.st_size, st.st_mtime_ns) != (size, mtime):
+                what = f"its size went from {size} to {st.st_size} bytes" if st.st_size != size else \
+                    "it was rewritten or touched (its modification time changed)"
+                return CorruptTableError(
+                    f"layer {lay.layer_id} chunk {index} ({os.fspath(lay.chunk_path(self._root, index))!r}) changed "
+                    f"after the table was opened: {what}. A file of an open table was written in place (cp or "
+                    "rsync --inplace over it?): its rows are not read; replace tables only by engram's atomic "
+                    "publish (overwrite=True), and open the table again")
+        return None
+
+    def close(self) -> None:
+        """Close the watched files and the inotify descriptor (callers make sure no gather runs)."""
+        for fd, *_ in self._files:
+            os.close(fd)
+        self._files = []
+        if self._notify is not None:
+            self._notify.close()
+            self._notify = None

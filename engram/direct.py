@@ -30,6 +30,7 @@ import errno
 import math
 import os
 import threading
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -110,6 +111,12 @@ class DirectReader:
                     return None
                 raise
         return fd
+
+    def files(self) -> Iterator[tuple[LayerLayout, int, int]]:
+        """(layout, chunk index, open file descriptor) of every chunk file read."""
+        for layer_id, fds in self._fds.items():
+            for index, fd in enumerate(fds):
+                yield self._layouts[layer_id], index, fd
 
     def _close_fds(self) -> None:
         for fds in self._fds.values():
