@@ -78,7 +78,8 @@ def test_files_changed_under_an_open_reader_are_refused_not_read(tmp_path):
     work = tmp_path / "work"
     work.mkdir()
     out = finish(child(UNDER_A_READER, str(source), str(work)))
-    outcomes = {(tier, prefault, change): outcome for tier, prefault, change, outcome in map(json.loads, out.splitlines())}
+    lines = [json.loads(line) for line in out.splitlines()]
+    outcomes = {(tier, prefault, change): outcome for tier, prefault, change, outcome in lines}
     for (tier, _, change), outcome in outcomes.items():
         if tier == "ram" or change == "replace":
             assert outcome == "same rows", (tier, change)    # rows in memory, or files unlinked but kept whole
