@@ -27,10 +27,10 @@ from .errors import InputError
 from .format import LayerLayout
 from .hashing import NgramHasher
 from .mapping import release_pages
+from .opening import open as open_table
 from .publish import restore_aside
 from .spec import TableSpec
 from .table import Table
-from .table import open as open_table
 from .writer import (
     Chunk,
     check_target,

@@ -36,11 +36,11 @@ import torch
 from .dtypes import ROW_DTYPES
 from .errors import InputError, SpecError
 from .format import LayerLayout
+from .opening import open as open_table
 from .publish import restore_aside
 from .quant import decode
 from .spec import DTYPES, TableSpec
 from .table import Table
-from .table import open as open_table
 from .writer import (
     Chunk,
     check_target,

@@ -80,8 +80,6 @@ __all__ = [
     "metadata_checksum",
     "METADATA_CHECKSUM",
     "read_metadata",
-    "write_attributes",
-    "write_metadata",
 ]
 
 FORMAT_VERSION = 2            # the newest format this engram writes
@@ -209,46 +207,6 @@ def _layer_attributes(lay: LayerLayout) -> dict[str, Any]:
     if lay.scales is not None:
         entry["scales"] = {"array": lay.scales.array, "checksums": list(lay.scales.checksums)}
     return entry
-
-
-# ------------------------------------------------------------------------------------------
-# writing
-# ------------------------------------------------------------------------------------------
-def write_metadata(root: str | os.PathLike[str], meta: TableMeta) -> None:
-    """Write the zarr group, one array per layer, the compression array and its chunk file.
-
-    Layer chunk files are written by the caller (see `engram.build`); the metadata's checksums
-    may still be empty here and are written with `write_attributes` once known.
-    """
-    import zarr
-    from zarr.codecs import BytesCodec
-
-    spec = meta.spec
-    group = zarr.open_group(os.fspath(root), mode="w-", zarr_format=3)   # never clears the directory
-    plain = {"compressors": None, "filters": None, "serializer": BytesCodec(endian="little"),
-             "fill_value": 0}
-    row = ROW_DTYPES[spec.dtype]
-    for lay in meta.layers.values():
-        group.create_array(lay.array, shape=(lay.rows, spec.head_dim), chunks=(lay.chunk_rows, spec.head_dim),
-                           dtype=row.zarr, attributes={"dtype": spec.dtype}, **plain)
-        if lay.scales is not None:
-            S = spec.scales_per_row
-            group.create_array(lay.scales.array, shape=(lay.rows, S), chunks=(lay.chunk_rows, S), dtype=row.scale_zarr,
-                               attributes={"scales_of": lay.array, "dtype": spec.dtype,
-                                           "scale_block": spec.scale_block if row.per_block else spec.head_dim},
-                               **plain)
-    lookup = meta.compression.lookup
-    group.create_array(COMPRESSION_ARRAY, shape=lookup.shape, chunks=lookup.shape, dtype="int64", **plain)
-    comp_file = Path(root, COMPRESSION_ARRAY, "c", "0")
-    comp_file.parent.mkdir(parents=True, exist_ok=True)
-    comp_file.write_bytes(lookup.astype("<i8").tobytes())
-    write_attributes(root, meta)
-
-
-def write_attributes(root: str | os.PathLike[str], meta: TableMeta) -> None:
-    """(Re)write the group's zarr.json with the engram metadata as its attributes."""
-    doc = {"attributes": {"engram": meta.to_attributes()}, "zarr_format": 3, "node_type": "group"}
-    Path(root, "zarr.json").write_text(json.dumps(doc, indent=1))
 
 
 # ------------------------------------------------------------------------------------------

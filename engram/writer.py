@@ -11,6 +11,7 @@ ENCODE_VALUES values) into a chunk's stored dtype.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 from collections.abc import Callable, Iterator
@@ -22,24 +23,16 @@ import torch
 
 from . import chunks as chunk_files
 from .compression import Compression
-from .dtypes import scale_dtype, storage_dtype, storage_torch_dtype, torch_dtype
+from .dtypes import ROW_DTYPES, scale_dtype, storage_dtype, storage_torch_dtype, torch_dtype
 from .errors import EngramError, InputError, TableExistsError
-from .format import (
-    CHUNK_ALIGN,
-    LayerLayout,
-    TableMeta,
-    array_name,
-    format_version_for,
-    is_table,
-    write_attributes,
-    write_metadata,
-)
+from .format import CHUNK_ALIGN, COMPRESSION_ARRAY, LayerLayout, TableMeta, array_name, format_version_for, is_table
 from .publish import aside_table, clean_stale, fsync_tree, make_read_only, partial_dir, publish
 from .quant import encode, finite_rows
 from .spec import TableSpec
 
 __all__ = ["Chunk", "DEFAULT_CHUNK_BYTES", "ENCODE_VALUES", "plan_layout", "write_table", "check_target",
-           "chunk_buffers", "zero_tail", "piece_rows", "store_rows", "encode_into", "as_torch"]
+           "write_metadata", "write_attributes", "chunk_buffers", "zero_tail", "piece_rows", "store_rows",
+           "encode_into", "as_torch"]
 
 DEFAULT_CHUNK_BYTES = 64 << 20  # default chunk file size (rounded down to whole CHUNK_ALIGN rows)
 ENCODE_VALUES = 1 << 17         # float32 values encoded per piece into quantized chunks (512 KiB)
@@ -237,3 +230,43 @@ def encode_into(values: Any, chunk: Chunk, at: int, spec: TableSpec, source: str
 
 def _progress_bar(layouts: dict[int, LayerLayout], progress: bool | None, desc: str = "build_table") -> Any:
     return chunk_files.progress_bar(sum(lay.disk_bytes for lay in layouts.values()), desc, progress)
+
+
+# ------------------------------------------------------------------------------------------
+# metadata
+# ------------------------------------------------------------------------------------------
+def write_metadata(root: str | os.PathLike[str], meta: TableMeta) -> None:
+    """Write the zarr group, one array per layer, the compression array and its chunk file.
+
+    Layer chunk files are written by `write_table`; the metadata's checksums
+    may still be empty here and are written with `write_attributes` once known.
+    """
+    import zarr
+    from zarr.codecs import BytesCodec
+
+    spec = meta.spec
+    group = zarr.open_group(os.fspath(root), mode="w-", zarr_format=3)   # never clears the directory
+    plain = {"compressors": None, "filters": None, "serializer": BytesCodec(endian="little"),
+             "fill_value": 0}
+    row = ROW_DTYPES[spec.dtype]
+    for lay in meta.layers.values():
+        group.create_array(lay.array, shape=(lay.rows, spec.head_dim), chunks=(lay.chunk_rows, spec.head_dim),
+                           dtype=row.zarr, attributes={"dtype": spec.dtype}, **plain)
+        if lay.scales is not None:
+            S = spec.scales_per_row
+            group.create_array(lay.scales.array, shape=(lay.rows, S), chunks=(lay.chunk_rows, S), dtype=row.scale_zarr,
+                               attributes={"scales_of": lay.array, "dtype": spec.dtype,
+                                           "scale_block": spec.scale_block if row.per_block else spec.head_dim},
+                               **plain)
+    lookup = meta.compression.lookup
+    group.create_array(COMPRESSION_ARRAY, shape=lookup.shape, chunks=lookup.shape, dtype="int64", **plain)
+    comp_file = Path(root, COMPRESSION_ARRAY, "c", "0")
+    comp_file.parent.mkdir(parents=True, exist_ok=True)
+    comp_file.write_bytes(lookup.astype("<i8").tobytes())
+    write_attributes(root, meta)
+
+
+def write_attributes(root: str | os.PathLike[str], meta: TableMeta) -> None:
+    """(Re)write the group's zarr.json with the engram metadata as its attributes."""
+    doc = {"attributes": {"engram": meta.to_attributes()}, "zarr_format": 3, "node_type": "group"}
+    Path(root, "zarr.json").write_text(json.dumps(doc, indent=1))

@@ -152,7 +152,7 @@ def test_open_during_a_replacement_opens_the_new_table(table_path, tmp_path, mon
     engram.build_table(new, spec, COMP, seed=7).close()
     with engram.open(new) as t:
         expected = t.rows(1, np.arange(spec.rows(1)))
-    real, calls = engram.table.read_metadata, []
+    real, calls = engram.opening.read_metadata, []
 
     def replaced_while_reading(tdir):
         calls.append(tdir)
@@ -162,7 +162,7 @@ def test_open_during_a_replacement_opens_the_new_table(table_path, tmp_path, mon
             shutil.rmtree(tmp_path / "old.engram")
         return real(tdir)
 
-    monkeypatch.setattr(engram.table, "read_metadata", replaced_while_reading)
+    monkeypatch.setattr(engram.opening, "read_metadata", replaced_while_reading)
     with engram.open(path, tier="ram") as table:
         assert torch.equal(table.rows(1, np.arange(spec.rows(1))), expected)
     assert len(calls) == 2

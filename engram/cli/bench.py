@@ -1,4 +1,4 @@
-"""Lookup throughput of a table on this machine, with the baselines measured in the same run.
+"""Lookup throughput of a table on this machine, with the baselines measured in the same run (`engram bench`).
 
 Used by `engram bench` and the benchmark drivers in tools/. Baselines:
 - `embedding`: the straightforward PyTorch way: the reference algorithm's numpy hash (np.pad
@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import InputError
+from ..errors import InputError
 
 __all__ = ["reference_hash", "best_time", "drop_caches", "bench_table"]
 
@@ -95,9 +95,9 @@ def bench_table(path: str | os.PathLike[str], tiers: Sequence[str] = ("ram", "mm
     """
     import torch
 
-    from .hashing import NgramHasher
-    from .table import open as open_table
-    from .tiers import TIERS
+    from ..hashing import NgramHasher
+    from ..opening import open as open_table
+    from ..tiers import TIERS
 
     for tier in tiers:
         if tier not in TIERS:
