@@ -18,7 +18,9 @@ import numpy as np
 import xxhash
 
 from .errors import CorruptTableError
-from .format import LayerLayout, TableDir, TableMeta, read_metadata
+from .format import LayerLayout, TableMeta
+from .metadata import read_metadata
+from .tabledir import TableDir
 
 __all__ = ["ChunkWatch", "checksum", "chunk_error", "open_chunk", "read_chunk", "check_chunk", "verify_chunks",
            "write_chunk", "progress_bar", "fadvise"]

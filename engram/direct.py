@@ -36,8 +36,9 @@ import numpy as np
 import torch
 
 from .chunks import chunk_error, fadvise, open_chunk
-from .format import LayerLayout, TableDir
+from .format import LayerLayout
 from .mapping import MAP_PRIVATE, PROT_READ, PROT_WRITE, Region
+from .tabledir import TableDir
 
 __all__ = ["DirectReader", "BLOCK", "EXTENT_BYTES"]
 

@@ -51,20 +51,14 @@ is imported when a table is written.
 from __future__ import annotations
 
 import dataclasses
-import errno
 import json
 import os
-import stat
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import xxhash
 
 from .compression import Compression
-from .dtypes import ROW_DTYPES
-from .errors import CorruptTableError, SpecError, TableNotFoundError
-from .limits import MAX_VOCAB_SIZE
 from .spec import TableSpec
 
 __all__ = [
@@ -73,13 +67,10 @@ __all__ = [
     "CHUNK_ALIGN",
     "format_version_for",
     "LayerLayout",
-    "TableDir",
     "TableMeta",
-    "is_table",
     "array_name",
     "metadata_checksum",
     "METADATA_CHECKSUM",
-    "read_metadata",
 ]
 
 FORMAT_VERSION = 2            # the newest format this engram writes
@@ -88,15 +79,6 @@ FORMAT_VERSIONS = (1, 2)      # the formats it reads: 1 float rows; 2 adds scale
 # one stitched mapping on systems with 4, 16 or 64 KiB pages, and suit O_DIRECT reads.
 CHUNK_ALIGN = 1 << 16
 COMPRESSION_ARRAY = "compression"
-_BYTES_CODEC = [{"name": "bytes", "configuration": {"endian": "little"}}]
-_BYTES_CODEC_NO_ENDIAN = [{"name": "bytes"}]
-_SINGLE_BYTE = ("int8", "uint8")
-_CHUNK_KEY_ENCODING = {"name": "default", "configuration": {"separator": "/"}}
-# Size caps of the files read whole at open (a table's are far smaller): a hostile or damaged
-# table cannot make open() read without end.
-MAX_GROUP_METADATA_BYTES = 64 << 20      # zarr.json with every chunk checksum
-MAX_ARRAY_METADATA_BYTES = 1 << 20       # an array's zarr.json
-MAX_COMPRESSION_BYTES = 8 * MAX_VOCAB_SIZE
 METADATA_CHECKSUM = "metadata_xxh3"   # the attribute holding `metadata_checksum` of the others
 
 
@@ -105,6 +87,11 @@ def metadata_checksum(attributes: dict[str, Any]) -> str:
     (sorted keys, no spaces): it covers every field that fixes addressing and the chunk layout."""
     body = {k: v for k, v in attributes.items() if k != METADATA_CHECKSUM}
     return xxhash.xxh3_64_hexdigest(json.dumps(body, sort_keys=True, separators=(",", ":")).encode())
+
+
+def array_name(layer_id: int, scales: bool = False) -> str:
+    """The zarr array of a layer's rows ("layer_1") or of their scales ("layer_1_scales")."""
+    return f"layer_{layer_id}_scales" if scales else f"layer_{layer_id}"
 
 
 def format_version_for(spec: TableSpec) -> int:
@@ -207,301 +194,3 @@ def _layer_attributes(lay: LayerLayout) -> dict[str, Any]:
     if lay.scales is not None:
         entry["scales"] = {"array": lay.scales.array, "checksums": list(lay.scales.checksums)}
     return entry
-
-
-# ------------------------------------------------------------------------------------------
-# reading
-# ------------------------------------------------------------------------------------------
-class TableDir:
-    """An open table directory: every file is opened relative to one directory handle.
-
-    All reads of one open table then come from the same table, even if `build_table(...,
-    overwrite=True)` swaps another one in at the same path meanwhile.
-
-    Raises:
-        TableNotFoundError: nothing, or no directory, at `path`.
-    """
-
-    def __init__(self, path: str | os.PathLike[str]) -> None:
-        self.path = Path(path)
-        try:
-            self.fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY)
-        except FileNotFoundError:
-            raise TableNotFoundError(f"no table at path={os.fspath(path)!r}: build one with "
-                                     "engram.build_table") from None
-        except NotADirectoryError:
-            raise TableNotFoundError(f"path={os.fspath(path)!r} is not an engram table (not a directory): "
-                                     "pass the directory that engram.build_table wrote") from None
-
-    def open(self, relpath: str, flags: int = os.O_RDONLY) -> int:
-        """A file descriptor for the regular file `relpath` inside the table.
-
-        Safe on a table from elsewhere: no path component may be a symbolic link (a table's files
-        are its own, never ones outside its directory), and the file is opened non-blocking and
-        must be a regular file (a FIFO or device in its place is refused instead of hanging or
-        reading without end). Callers check the size they expect.
-
-        Raises:
-            FileNotFoundError: no such file.
-            CorruptTableError: a symbolic link, or something other than a regular file.
-        """
-        *folders, name = relpath.split("/")
-        where = os.fspath(self.path / relpath)
-        dir_fd, opened = self.fd, []
-        try:
-            for folder in folders:
-                dir_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=dir_fd)
-                opened.append(dir_fd)
-            fd = os.open(name, flags | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=dir_fd)
-        except OSError as exc:
-            if exc.errno in (errno.ELOOP, errno.ENOTDIR):
-                raise CorruptTableError(
-                    f"{where!r} is not a plain file of the table (a symbolic link, or under one): a table's "
-                    "files must be its own, not links to files elsewhere; rebuild the table or copy it without "
-                    "links (cp -rL)") from None
-            raise
-        finally:
-            for fd_ in opened:
-                os.close(fd_)
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            os.close(fd)
-            raise CorruptTableError(f"{where!r} is not a regular file (a FIFO, device or directory): the table is "
-                                    "damaged or not an engram table; rebuild it")
-        return fd
-
-    def read_bytes(self, relpath: str, limit: int) -> bytes:
-        """The whole file `relpath`, refused (CorruptTableError) if larger than `limit` bytes."""
-        fd = self.open(relpath)
-        try:
-            size = os.fstat(fd).st_size
-            if size > limit:
-                raise CorruptTableError(
-                    f"{os.fspath(self.path / relpath)!r} has {size} bytes, more than the {limit} a table's "
-                    "file of this kind can have: the table is damaged or not an engram table; rebuild it")
-            with os.fdopen(fd, "rb", closefd=False) as f:
-                return f.read(limit + 1)
-        finally:
-            os.close(fd)
-
-    def replaced(self) -> bool:
-        """True if the path no longer leads to the directory this TableDir holds open (the table
-        there was replaced, e.g. by `build_table(..., overwrite=True)`, or removed)."""
-        try:
-            st = os.stat(self.path)
-        except OSError:
-            return True
-        held = os.fstat(self.fd)
-        return (st.st_dev, st.st_ino) != (held.st_dev, held.st_ino) or held.st_nlink == 0
-
-    def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-
-    def __enter__(self) -> TableDir:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-def _load_json(tdir: TableDir, relpath: str, what: str) -> dict[str, Any]:
-    path = os.fspath(tdir.path / relpath)
-    try:
-        doc = json.loads(tdir.read_bytes(relpath, MAX_ARRAY_METADATA_BYTES))
-    except FileNotFoundError:
-        raise CorruptTableError(f"{what} metadata {path!r} is missing: the table is incomplete; "
-                                "rebuild it") from None
-    except (OSError, ValueError, RecursionError) as exc:   # CorruptTableError is an OSError
-        if isinstance(exc, CorruptTableError):
-            raise
-        raise CorruptTableError(f"{what} metadata {path!r} is unreadable ({exc}): rebuild the table") from exc
-    if not isinstance(doc, dict):
-        raise CorruptTableError(f"{what} metadata {path!r} is not a JSON object: rebuild the table")
-    return doc
-
-
-def _engram_attributes(tdir: TableDir) -> dict[str, Any]:
-    where = os.fspath(tdir.path)
-    try:
-        doc = json.loads(tdir.read_bytes("zarr.json", MAX_GROUP_METADATA_BYTES))
-    except FileNotFoundError:
-        raise TableNotFoundError(f"path={where!r} is not an engram table (no zarr.json group inside): pass "
-                                 "the directory that engram.build_table wrote") from None
-    except (OSError, ValueError, RecursionError) as exc:
-        if isinstance(exc, CorruptTableError):
-            raise
-        raise CorruptTableError(f"group metadata {os.fspath(tdir.path / 'zarr.json')!r} is unreadable ({exc}): "
-                                "rebuild the table") from exc
-    attrs = doc.get("attributes") if isinstance(doc, dict) else None
-    attrs = attrs.get("engram") if isinstance(attrs, dict) else None
-    if not isinstance(attrs, dict) or doc.get("zarr_format") != 3 or doc.get("node_type") != "group":
-        raise TableNotFoundError(
-            f"path={where!r} holds zarr metadata but no engram table (no zarr v3 group with an 'engram' "
-            "attribute): pass the directory that engram.build_table wrote")
-    return attrs
-
-
-def is_table(path: str | os.PathLike[str]) -> bool:
-    """True if `path` is a directory whose zarr group carries engram metadata (valid or not)."""
-    try:
-        with TableDir(path) as tdir:
-            _engram_attributes(tdir)
-    except (TableNotFoundError, CorruptTableError):
-        return False
-    return True
-
-
-def read_metadata(table: TableDir | str | os.PathLike[str]) -> TableMeta:
-    """Read and validate a table's metadata (no chunk data is read).
-
-    Args:
-        table: an open TableDir, or the table's path.
-
-    Raises:
-        TableNotFoundError: nothing, or no engram table, at the path.
-        CorruptTableError: unknown format version, malformed or inconsistent metadata, a
-            compression array that does not match its recorded digest.
-    """
-    if not isinstance(table, TableDir):
-        with TableDir(table) as tdir:
-            return read_metadata(tdir)
-    where = f"table at {os.fspath(table.path)!r}"
-    attrs = _engram_attributes(table)
-    version = attrs.get("format_version")
-    if isinstance(version, bool) or version not in FORMAT_VERSIONS:
-        raise CorruptTableError(
-            f"{where} has format_version={version!r}, but this engram reads only format_version in "
-            f"{FORMAT_VERSIONS}: upgrade engram to open newer tables, or rebuild the table")
-    _check_metadata_checksum(where, attrs)
-    try:
-        spec = TableSpec.from_dict(attrs["spec"])
-        if version < format_version_for(spec):
-            raise CorruptTableError(
-                f"{where} has format_version={version!r}, which cannot hold {spec.dtype} rows (their scales need "
-                f"format_version {format_version_for(spec)}): the metadata is damaged; rebuild the table")
-        comp = _read_compression(table, attrs["compression"])
-        layers = {lay.layer_id: lay for lay in (_read_layer(table, spec, d) for d in attrs["layers"])}
-    except (KeyError, TypeError, SpecError) as exc:
-        raise CorruptTableError(
-            f"{where} has invalid metadata ({type(exc).__name__}: {exc}): rebuild the table") from exc
-    if tuple(layers) != spec.layer_ids:
-        raise CorruptTableError(
-            f"{where} stores layers {tuple(layers)} but its spec has layer_ids={spec.layer_ids}: rebuild the table")
-    if comp.compressed_vocab_size != spec.compressed_vocab_size:
-        raise CorruptTableError(
-            f"{where} stores a compression with compressed_vocab_size={comp.compressed_vocab_size} but its "
-            f"spec says {spec.compressed_vocab_size}: rebuild the table")
-    return TableMeta(version, spec, comp, layers)
-
-
-def _check_metadata_checksum(where: str, attrs: dict[str, Any]) -> None:
-    """Refuse metadata whose recorded checksum does not match (tables without one predate it)."""
-    if METADATA_CHECKSUM not in attrs:
-        return
-    recorded = attrs[METADATA_CHECKSUM]
-    actual = metadata_checksum(attrs)
-    if recorded != actual:
-        raise CorruptTableError(
-            f"{where} has metadata with xxh3 {actual}, recorded {recorded!r}: zarr.json was edited or damaged "
-            "(its spec, compression or chunk layout no longer match what the rows were written for); restore it "
-            "or rebuild the table")
-
-
-def array_name(layer_id: int, scales: bool = False) -> str:
-    """The zarr array of a layer's rows ("layer_1") or of their scales ("layer_1_scales")."""
-    return f"layer_{layer_id}_scales" if scales else f"layer_{layer_id}"
-
-
-def _check_array_name(where: str, name: Any, expected: str) -> None:
-    """Array names are the format's own: a name from elsewhere ("../other.engram/layer_1", an
-    absolute path) would make the table read files outside its directory."""
-    if name != expected:
-        raise CorruptTableError(f"{where}: array {name!r} is not the format's name {expected!r}: the metadata is "
-                                "damaged or hostile (names may not lead elsewhere); rebuild the table")
-
-
-def _read_compression(tdir: TableDir, entry: dict[str, Any]) -> Compression:
-    _check_array_name(f"table at {os.fspath(tdir.path)!r}", entry["array"], COMPRESSION_ARRAY)
-    relpath = f"{entry['array']}/c/0"
-    path = os.fspath(tdir.path / relpath)
-    try:
-        lookup = np.frombuffer(tdir.read_bytes(relpath, MAX_COMPRESSION_BYTES), dtype="<i8")
-    except CorruptTableError:
-        raise
-    except (OSError, ValueError) as exc:
-        raise CorruptTableError(f"compression chunk {path!r} is unreadable ({exc}): rebuild the table or "
-                                "restore the file") from exc
-    comp = Compression(lookup) if lookup.size else None
-    if comp is None or comp.fingerprint != entry["xxh3"]:
-        raise CorruptTableError(
-            f"compression chunk {path!r} does not match its recorded xxh3 {entry['xxh3']!r}: the file is "
-            "damaged; rebuild the table or restore the file")
-    return comp
-
-
-def _read_layer(tdir: TableDir, spec: TableSpec, entry: dict[str, Any]) -> LayerLayout:
-    layer_id, name, chunk_rows = entry["layer_id"], entry["array"], entry["chunk_rows"]
-    where = f"table at {os.fspath(tdir.path)!r}, layer {layer_id!r}"
-    if layer_id not in spec.layer_ids:
-        raise CorruptTableError(f"{where}: the spec has no such layer (layer_ids={spec.layer_ids}); "
-                                "rebuild the table")
-    scale_entry = entry.get("scales")
-    _check_array_name(where, name, array_name(layer_id))
-    if scale_entry is not None:
-        _check_array_name(where, scale_entry["array"], array_name(layer_id, scales=True))
-    row = ROW_DTYPES[spec.dtype]
-    if row.quantized != (scale_entry is not None):
-        have = "records a scale array" if scale_entry is not None else "records no scale array"
-        raise CorruptTableError(f"{where}: {spec.dtype} rows, but the metadata {have}: the metadata is damaged; "
-                                "rebuild the table")
-    row_bytes = [spec.row_bytes] + ([spec.scale_row_bytes] if row.quantized else [])
-    if not isinstance(chunk_rows, int) or chunk_rows < 1 or any((chunk_rows * b) % CHUNK_ALIGN for b in row_bytes):
-        sizes = f"rows of {spec.row_bytes} B"
-        if row.quantized:
-            sizes += (f" and scale rows of {spec.scale_row_bytes} B (scale_block={spec.scale_block}: if the "
-                      "spec's scale_block was edited, it no longer matches the stored scales)")
-        raise CorruptTableError(
-            f"{where}: chunk_rows={chunk_rows!r} does not give chunk files a multiple of {CHUNK_ALIGN} "
-            f"bytes with {sizes}: the metadata is damaged; rebuild the table with engram.build_table")
-    layout = _read_array(tdir, spec, where, LayerLayout(
-        layer_id, name, spec.rows(layer_id), spec.row_bytes, chunk_rows, tuple(str(c) for c in entry["checksums"])),
-        row.zarr, spec.head_dim)
-    if scale_entry is not None:
-        scales = _read_array(tdir, spec, where, LayerLayout(
-            layer_id, scale_entry["array"], spec.rows(layer_id), spec.scale_row_bytes, chunk_rows,
-            tuple(str(c) for c in scale_entry["checksums"]), role="scales"), row.scale_zarr, spec.scales_per_row)
-        layout = dataclasses.replace(layout, scales=scales)
-    return layout
-
-
-def _read_array(tdir: TableDir, spec: TableSpec, where: str, layout: LayerLayout, data_type: str | None,
-                width: int) -> LayerLayout:
-    """Check one array's zarr.json and checksum count against what engram maps; returns `layout`."""
-    name = layout.array
-    label = "array" if layout.role == "rows" else "scale array"
-    array = _load_json(tdir, f"{name}/zarr.json", f"layer {layout.layer_id} {label}")
-    expected = {
-        "zarr_format": 3, "node_type": "array",
-        "shape": [layout.rows, width],
-        "data_type": data_type,
-        "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [layout.chunk_rows, width]}},
-        "chunk_key_encoding": _CHUNK_KEY_ENCODING,
-        "codecs": _BYTES_CODEC,
-    }
-    for key, want in expected.items():
-        got = array.get(key)
-        if key == "codecs" and got == _BYTES_CODEC_NO_ENDIAN and data_type in _SINGLE_BYTE:
-            continue                       # zarr writes no endian for single-byte values
-        if got != want:
-            raise CorruptTableError(
-                f"{where}: array {name!r} has {key}={got!r}, expected {want!r} (engram maps "
-                "plain little-endian row-block chunks): rebuild the table with engram.build_table")
-    if array.get("storage_transformers") not in (None, []):
-        raise CorruptTableError(f"{where}: array {name!r} uses storage transformers; rebuild the table")
-    if len(layout.checksums) != layout.n_chunks:
-        what = "chunk checksums" if layout.role == "rows" else f"chunk checksums of array {name!r}"
-        raise CorruptTableError(
-            f"{where}: {len(layout.checksums)} {what} recorded for {layout.n_chunks} chunks: "
-            "the metadata is damaged; rebuild the table")
-    return layout

@@ -13,9 +13,11 @@ import torch
 
 from .compression import Compression
 from .errors import CorruptTableError, InputError, SpecMismatchError, TableNotFoundError
-from .format import TableDir, TableMeta, read_metadata
+from .format import TableMeta
+from .metadata import read_metadata
 from .spec import TableSpec
 from .table import Table
+from .tabledir import TableDir
 from .tiers import TIERS
 
 __all__ = ["open", "lookup", "reopen"]

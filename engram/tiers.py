@@ -33,8 +33,9 @@ import torch
 from .chunks import ChunkWatch, open_chunk, progress_bar, read_chunk
 from .direct import DirectReader
 from .dtypes import row_dtype, storage_dtype, storage_torch_dtype, torch_dtype
-from .format import LayerLayout, TableDir, TableMeta
+from .format import LayerLayout, TableMeta
 from .mapping import PROT_READ, Region, anonymous, stitch_files
+from .tabledir import TableDir
 
 __all__ = ["TIERS", "Tier", "open_tier", "torch_dtype", "storage_dtype"]
 

@@ -25,7 +25,8 @@ from . import chunks as chunk_files
 from .compression import Compression
 from .dtypes import ROW_DTYPES, scale_dtype, storage_dtype, storage_torch_dtype, torch_dtype
 from .errors import EngramError, InputError, TableExistsError
-from .format import CHUNK_ALIGN, COMPRESSION_ARRAY, LayerLayout, TableMeta, array_name, format_version_for, is_table
+from .format import CHUNK_ALIGN, COMPRESSION_ARRAY, LayerLayout, TableMeta, array_name, format_version_for
+from .metadata import is_table
 from .publish import aside_table, clean_stale, fsync_tree, make_read_only, partial_dir, publish
 from .quant import encode, finite_rows
 from .spec import TableSpec

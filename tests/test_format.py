@@ -20,8 +20,8 @@ from engram.format import (
     FORMAT_VERSIONS,
     METADATA_CHECKSUM,
     metadata_checksum,
-    read_metadata,
 )
+from engram.metadata import read_metadata
 
 VOCAB = 600
 # Merges id pairs, so compression is not the identity.
