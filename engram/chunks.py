@@ -18,12 +18,12 @@ import numpy as np
 import xxhash
 
 from .errors import CorruptTableError
-from .format import LayerLayout, TableMeta
+from .format import CHECKED_BLOCK, LayerLayout, TableMeta
 from .metadata import read_metadata
 from .tabledir import TableDir
 
-__all__ = ["ChunkWatch", "checksum", "chunk_error", "open_chunk", "read_chunk", "check_chunk", "verify_chunks",
-           "write_chunk", "progress_bar", "fadvise"]
+__all__ = ["ChunkWatch", "block_digests", "block_error", "checksum", "chunk_error", "open_chunk", "read_chunk",
+           "check_chunk", "verify_chunks", "write_chunk", "progress_bar", "fadvise"]
 
 _VERIFY_READ = 8 << 20
 
@@ -131,6 +131,22 @@ def verify_chunks(tdir: TableDir, meta: TableMeta, progress: bool | None = None)
     if bad:
         more = f" ({len(bad) - 1} more bad chunks)" if len(bad) > 1 else ""
         raise CorruptTableError(f"{bad[0]}{more}") from bad[0]
+
+
+def block_digests(data: Any) -> np.ndarray:
+    """The xxh3-64 digest of every CHECKED_BLOCK-byte block of a chunk's bytes: uint64 [n_blocks],
+    little-endian (the block checksum file of that chunk; the "direct" tier checks what it reads)."""
+    view = memoryview(data).cast("B")
+    digest = xxhash.xxh3_64_intdigest
+    n = len(view) // CHECKED_BLOCK
+    return np.fromiter((digest(view[i * CHECKED_BLOCK:(i + 1) * CHECKED_BLOCK]) for i in range(n)), "<u8", n)
+
+
+def block_error(lay: LayerLayout, path: Path, chunk: int, block: int, got: int, recorded: int) -> CorruptTableError:
+    """The CorruptTableError for a block of a chunk file whose digest is not the recorded one."""
+    first = block * CHECKED_BLOCK
+    return chunk_error(lay, chunk, path, f"block {block} (bytes {first}-{first + CHECKED_BLOCK - 1}) has xxh3 "
+                       f"{got:016x}, recorded {recorded:016x}: its contents changed since the table was written")
 
 
 def write_chunk(path: Path, block: np.ndarray, bar: Any) -> str:

@@ -26,6 +26,12 @@ values, with the same row chunking and the same plain-bytes rules::
 so any zarr reader can open both and decode them (`engram.quant.decode`). `chunk_rows` is then a
 multiple of what makes both the value and the scale chunk files whole multiples of `CHUNK_ALIGN`.
 
+Each layer also stores the xxh3-64 digest of every 4 KiB block (`CHECKED_BLOCK`) of its values'
+chunk files, which the "direct" tier checks each block it reads against::
+
+      layer_1_blocks/zarr.json     uint64 [n_chunks, chunk_bytes // 4096], chunks [1, *]
+      layer_1_blocks/c/0/0 ...     the digests of layer_1/c/0/0, little-endian
+
 The group attribute "engram" holds::
 
     {"format_version": 1, "spec": spec.to_dict(),
@@ -36,7 +42,9 @@ The group attribute "engram" holds::
 Every table written since adds `"metadata_xxh3"`: the xxh3-64 hex digest of the other attributes
 as canonical JSON (`metadata_checksum`), so an edit to a field that changes addressing (`seed`,
 `hash`, `pad_id`, a prime's base size, ...) is refused at open and by `verify` instead of
-silently changing every lookup. Tables written before it keep opening without that check.
+silently changing every lookup; and per layer `"blocks": {"array": "layer_1_blocks",
+"checksums": [...]}`. Tables written before either keep opening without those checks (and older
+engram ignores both, so the format version stays).
 
 Format version 2 adds, per layer of a quantized table, `"scales": {"array": "layer_1_scales",
 "checksums": [...]}`. A table is written with the lowest version that describes it (float tables
@@ -69,6 +77,8 @@ __all__ = [
     "LayerLayout",
     "TableMeta",
     "array_name",
+    "blocks_layout",
+    "CHECKED_BLOCK",
     "metadata_checksum",
     "METADATA_CHECKSUM",
 ]
@@ -78,6 +88,7 @@ FORMAT_VERSIONS = (1, 2)      # the formats it reads: 1 float rows; 2 adds scale
 # Chunk files are whole multiples of this many bytes: they then start at page boundaries inside
 # one stitched mapping on systems with 4, 16 or 64 KiB pages, and suit O_DIRECT reads.
 CHUNK_ALIGN = 1 << 16
+CHECKED_BLOCK = 4096   # the values' chunk files have an xxh3-64 digest per block of this many bytes
 COMPRESSION_ARRAY = "compression"
 METADATA_CHECKSUM = "metadata_xxh3"   # the attribute holding `metadata_checksum` of the others
 
@@ -89,9 +100,18 @@ def metadata_checksum(attributes: dict[str, Any]) -> str:
     return xxhash.xxh3_64_hexdigest(json.dumps(body, sort_keys=True, separators=(",", ":")).encode())
 
 
-def array_name(layer_id: int, scales: bool = False) -> str:
-    """The zarr array of a layer's rows ("layer_1") or of their scales ("layer_1_scales")."""
-    return f"layer_{layer_id}_scales" if scales else f"layer_{layer_id}"
+def array_name(layer_id: int, scales: bool = False, blocks: bool = False) -> str:
+    """The zarr array of a layer's rows ("layer_1"), their scales ("layer_1_scales") or the block
+    checksums of their chunk files ("layer_1_blocks")."""
+    return f"layer_{layer_id}" + ("_scales" if scales else "_blocks" if blocks else "")
+
+
+def blocks_layout(lay: LayerLayout) -> LayerLayout:
+    """The layout of the block checksums of the values of `lay`: one file of uint64 digests per chunk
+    file (zarr array [n_chunks, chunk_bytes // CHECKED_BLOCK], chunks of one row)."""
+    per_chunk = lay.chunk_bytes // CHECKED_BLOCK
+    return LayerLayout(lay.layer_id, array_name(lay.layer_id, blocks=True), lay.n_chunks, 8 * per_chunk, 1,
+                       role="blocks")
 
 
 def format_version_for(spec: TableSpec) -> int:
@@ -104,7 +124,9 @@ class LayerLayout:
     """Where one layer's rows live: a zarr array of `rows` x D split into row-block chunk files.
 
     The scales of a quantized layer are described by a LayerLayout of their own (`scales`, with
-    `role="scales"`): same rows and chunk_rows, their own array, row bytes and checksums.
+    `role="scales"`): same rows and chunk_rows, their own array, row bytes and checksums. So are the
+    block checksums of the values' chunk files (`blocks`, `role="blocks"`, see `blocks_layout`):
+    one "row" of digests per chunk file; tables written before them have none.
 
     Attributes:
         layer_id: the model layer.
@@ -114,7 +136,8 @@ class LayerLayout:
         chunk_rows: rows per chunk file (the last file is zero-padded to full size).
         checksums: xxh3-64 hex digest per chunk file, in chunk order.
         scales: the layout of the layer's scale array (quantized dtypes), else None.
-        role: "rows" for the values, "scales" for a scale array.
+        blocks: the layout of the block checksums of the values, else None.
+        role: "rows" for the values, "scales" for a scale array, "blocks" for block checksums.
     """
 
     layer_id: int
@@ -125,20 +148,23 @@ class LayerLayout:
     checksums: tuple[str, ...] = ()
     scales: LayerLayout | None = None
     role: str = "rows"
+    blocks: LayerLayout | None = None
 
     @property
     def disk_bytes(self) -> int:
-        """Bytes of every chunk file of the layer, scale files included."""
-        return self.n_chunks * self.chunk_bytes + (0 if self.scales is None else self.scales.disk_bytes)
+        """Bytes of every chunk file of the layer, scale and block checksum files included."""
+        return sum(lay.n_chunks * lay.chunk_bytes for lay in self.arrays())
 
-    def with_checksums(self, checksums: tuple[str, ...], scale_checksums: tuple[str, ...] = ()) -> LayerLayout:
-        """A copy with the given chunk checksums (and the scale array's)."""
+    def with_checksums(self, checksums: tuple[str, ...], scale_checksums: tuple[str, ...] = (),
+                       block_checksums: tuple[str, ...] = ()) -> LayerLayout:
+        """A copy with the given chunk checksums (and the scale and block checksum arrays')."""
         scales = None if self.scales is None else dataclasses.replace(self.scales, checksums=tuple(scale_checksums))
-        return dataclasses.replace(self, checksums=tuple(checksums), scales=scales)
+        blocks = None if self.blocks is None else dataclasses.replace(self.blocks, checksums=tuple(block_checksums))
+        return dataclasses.replace(self, checksums=tuple(checksums), scales=scales, blocks=blocks)
 
     def arrays(self) -> tuple[LayerLayout, ...]:
-        """The layouts of every array of the layer: values, then scales if any."""
-        return (self,) if self.scales is None else (self, self.scales)
+        """The layouts of every array of the layer: values, then scales and block checksums if any."""
+        return tuple(lay for lay in (self, self.scales, self.blocks) if lay is not None)
 
     @property
     def n_chunks(self) -> int:
@@ -193,4 +219,6 @@ def _layer_attributes(lay: LayerLayout) -> dict[str, Any]:
                              "checksums": list(lay.checksums)}
     if lay.scales is not None:
         entry["scales"] = {"array": lay.scales.array, "checksums": list(lay.scales.checksums)}
+    if lay.blocks is not None:
+        entry["blocks"] = {"array": lay.blocks.array, "checksums": list(lay.blocks.checksums)}
     return entry

@@ -26,6 +26,7 @@ from .format import (
     LayerLayout,
     TableMeta,
     array_name,
+    blocks_layout,
     format_version_for,
     metadata_checksum,
 )
@@ -209,6 +210,12 @@ def _read_layer(tdir: TableDir, spec: TableSpec, entry: dict[str, Any]) -> Layer
             layer_id, scale_entry["array"], spec.rows(layer_id), spec.scale_row_bytes, chunk_rows,
             tuple(str(c) for c in scale_entry["checksums"]), role="scales"), row.scale_zarr, spec.scales_per_row)
         layout = dataclasses.replace(layout, scales=scales)
+    block_entry = entry.get("blocks")
+    if block_entry is not None:            # tables written before block checksums have none
+        _check_array_name(where, block_entry["array"], array_name(layer_id, blocks=True))
+        blocks = dataclasses.replace(blocks_layout(layout), checksums=tuple(str(c) for c in block_entry["checksums"]))
+        layout = dataclasses.replace(layout, blocks=_read_array(tdir, spec, where, blocks, "uint64",
+                                                                blocks.row_bytes // 8))
     return layout
 
 
@@ -216,7 +223,7 @@ def _read_array(tdir: TableDir, spec: TableSpec, where: str, layout: LayerLayout
                 width: int) -> LayerLayout:
     """Check one array's zarr.json and checksum count against what engram maps; returns `layout`."""
     name = layout.array
-    label = "array" if layout.role == "rows" else "scale array"
+    label = {"rows": "array", "scales": "scale array", "blocks": "block checksum array"}[layout.role]
     array = _load_json(tdir, f"{name}/zarr.json", f"layer {layout.layer_id} {label}")
     expected = {
         "zarr_format": 3, "node_type": "array",

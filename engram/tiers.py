@@ -84,6 +84,15 @@ def _load_array(tdir: TableDir, lay: LayerLayout, bar: object | None = None) -> 
     return region
 
 
+def _load_block_digests(tdir: TableDir, blocks: LayerLayout) -> np.ndarray:
+    """The recorded block digests of a layer's chunk files: uint64 [n_chunks, blocks per chunk] (the
+    files' own checksums checked)."""
+    digests = np.empty((blocks.n_chunks, blocks.row_bytes // 8), "<u8")
+    for index in range(blocks.n_chunks):
+        read_chunk(tdir, blocks, index, digests[index].view(np.uint8))
+    return digests
+
+
 class _InAddressSpace:
     """A tier whose rows are addressable memory: one index_select per gather."""
 
@@ -160,6 +169,9 @@ class DirectTier:
         try:
             for lay, index, fd in self.reader.files():
                 self.watch.add(fd, lay, index)
+            for lay in meta.layers.values():   # block digests: 1/512 of the values, checked on every read
+                if lay.blocks is not None:
+                    self.reader.block_digests[lay.layer_id] = _load_block_digests(tdir, lay.blocks)
             for lay in meta.layers.values():   # resident: one sequential read at open (see the module notes)
                 if lay.scales is not None:
                     self.scales[lay.layer_id] = _scales_tensor(_load_array(tdir, lay.scales), lay.scales, meta)

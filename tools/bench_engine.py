@@ -26,6 +26,15 @@ Sections (--sections, default all):
   to several times it; reports the lookup time left exposed (time blocked in result()) as a share
   of the step time (median and worst step), and the step without prefetch (lookup called at
   layer 2), steps of both kinds alternating.
+- blocks: the cost of the "direct" tier's block checks (every 4 KiB block read against its
+  recorded xxh3-64): cold `direct` lookups with the checks on (the default) and off, alternating
+  in one run, page cache dropped before each (the tier reads with O_DIRECT where it can anyway).
+  Ratio = checked rows/s over unchecked rows/s.
+- window: what a file truncated under an "mmap" reader can still do. The tier checks its files
+  (ChunkWatch) before each gather; a truncation after that check, while the gather reads, is the
+  window no check made from Python closes (the process then dies of SIGBUS). It is the time from
+  the check to the end of the gather, measured per batch shape on a hot "mmap" table, with the
+  cost of the check itself (one non-blocking read of an inotify descriptor) beside it.
 - dedup: when reading each distinct row once pays on the in-memory tiers: np.unique vs
   torch.unique, and "ram" lookups with dedup on vs off, on random and real-text batches.
 
@@ -53,7 +62,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from tiny_data import TOKENIZER, stdlib_files  # noqa: E402
 
 LAYER = 1
-SECTIONS = ("cold", "cache", "pipeline", "dedup")
+SECTIONS = ("cold", "cache", "pipeline", "dedup", "blocks", "window")
 
 
 def make_table(args, comp: engram.Compression) -> Path:
@@ -64,11 +73,13 @@ def make_table(args, comp: engram.Compression) -> Path:
                             compressed_vocab_size=comp.compressed_vocab_size)
     path = Path(args.dir) / "engine.engram"
     try:
-        with engram.open(path, spec=spec, compression=comp):
-            return path
+        with engram.open(path, spec=spec, compression=comp) as table:
+            if table.layout(LAYER).blocks is not None:     # tables written before block checksums are rebuilt
+                return path
     except engram.EngramError:
-        engram.build_table(path, spec, comp, seed=0, overwrite=path.exists(), progress=not args.json).close()
-        return path
+        pass
+    engram.build_table(path, spec, comp, seed=0, overwrite=path.exists(), progress=not args.json).close()
+    return path
 
 
 def global_rows(table, ids: np.ndarray) -> np.ndarray:
@@ -125,6 +136,50 @@ def cold(args, path: Path, comp: engram.Compression) -> dict:
                         "pread_pool_rows_per_s": uniq.size / pool_s, "vs_pread_pool": pool_s / engine_s}
             finally:
                 pool.close()
+    return out
+
+
+def blocks(args, path: Path, comp: engram.Compression) -> dict:
+    rng = np.random.default_rng(1)
+    out = {}
+    with engram.open(path, tier="direct", io_threads=args.io_threads[0]) as table:
+        reader = table._tier.reader          # the block checks are on by default; off here only to measure them
+        assert reader.block_digests, "the bench table has no block checksums"
+        for B, T in ((1, 1024), (1, 4096), (8, 4096)):
+            ids = rng.integers(0, comp.vocab_size, (B, T))
+            unique = np.unique(global_rows(table, ids)).size
+            best = {True: float("inf"), False: float("inf")}
+            for rep in range(2 * args.cold_repeats):         # on, off, on, off, ...: same conditions for both
+                reader.verify_blocks = rep % 2 == 0
+                drop_caches()
+                start = time.perf_counter()
+                table.lookup(ids, LAYER)
+                best[reader.verify_blocks] = min(best[reader.verify_blocks], time.perf_counter() - start)
+            reader.verify_blocks = True
+            out[f"{B}x{T}"] = {"unique_rows": int(unique), "o_direct": reader.o_direct,
+                               "checked_rows_per_s": unique / best[True], "unchecked_rows_per_s": unique / best[False],
+                               "checked_vs_unchecked": best[False] / best[True]}
+    return out
+
+
+def window(args, path: Path, comp: engram.Compression) -> dict:
+    rng = np.random.default_rng(2)
+    out = {}
+    with engram.open(path, tier="mmap") as table:
+        tier = table._tier
+        table.lookup(rng.integers(0, comp.vocab_size, (8, 4096)), LAYER)            # fault the pages in
+        check_s = best_time(tier.watch.check, 1000) if tier.watch is not None else 0.0
+        for B, T in ((1, 1), (1, 128), (8, 4096)):
+            rows = global_rows(table, rng.integers(0, comp.vocab_size, (B, T)))
+            dest = torch.empty((rows.size, table.spec.head_dim), dtype=torch.float32)
+            spans = []
+            for _ in range(args.repeats * 20):
+                start = time.perf_counter()
+                tier.gather(LAYER, rows, dest)               # the check, then the index_select over mapped pages
+                spans.append(time.perf_counter() - start)
+            out[f"{B}x{T}"] = {"rows": int(rows.size), "window_median_s": float(np.median(spans)),
+                               "window_max_s": float(np.max(spans)), "check_s": check_s,
+                               "check_share": check_s / float(np.median(spans))}
     return out
 
 
@@ -298,6 +353,10 @@ def main(argv: list[str] | None = None) -> dict:
         results["pipeline"] = pipeline(args, path, comp)
     if "dedup" in args.sections:
         results["dedup"] = dedup(args, path, seqs, comp)
+    if "blocks" in args.sections:
+        results["blocks"] = blocks(args, path, comp)
+    if "window" in args.sections:
+        results["window"] = window(args, path, comp)
     print(json.dumps(results, indent=1) if args.json else report(results))
     return results
 
@@ -342,6 +401,18 @@ def report(r: dict) -> str:
             lines.append(f"{name:<16}{d['unique_fraction']:>8.2f}{d['np_unique_s'] * 1e3:>14.2f}"
                          f"{d['torch_unique_s'] * 1e3:>17.2f}{d['ram_lookup_dedup_off_s'] * 1e3:>9.2f}"
                          f"{d['ram_lookup_dedup_on_s'] * 1e3:>9.2f}{d['dedup_on_vs_off']:>11.2f}")
+    if "blocks" in r:
+        lines.append(f"\n{'direct block checks':<22}{'unique':>9}{'checked rows/s':>16}{'unchecked rows/s':>18}"
+                     f"{'ratio':>7}")
+        for name, b in r["blocks"].items():
+            lines.append(f"{name:<22}{b['unique_rows']:>9}{b['checked_rows_per_s']:>16.3e}"
+                         f"{b['unchecked_rows_per_s']:>18.3e}{b['checked_vs_unchecked']:>7.3f}")
+    if "window" in r:
+        lines.append(f"\n{'mmap SIGBUS window':<22}{'rows':>8}{'median us':>11}{'max us':>10}{'check us':>10}"
+                     f"{'check share':>13}")
+        for name, w in r["window"].items():
+            lines.append(f"{name:<22}{w['rows']:>8}{w['window_median_s'] * 1e6:>11.1f}{w['window_max_s'] * 1e6:>10.1f}"
+                         f"{w['check_s'] * 1e6:>10.2f}{w['check_share']:>13.2%}")
     return "\n".join(lines)
 
 
