@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import select
 import threading
 from pathlib import Path
 from typing import Any
@@ -174,6 +175,7 @@ class _Inotify:
 
     def __init__(self, fd: int, add_watch: Any) -> None:
         self.fd, self._add_watch, self.pid = fd, add_watch, os.getpid()
+        self._local = threading.local()     # a poll object per thread (one may not be polled concurrently)
 
     @classmethod
     def create(cls) -> _Inotify | None:
@@ -192,6 +194,14 @@ class _Inotify:
         (e.g. the user's inotify watches are used up)."""
         path = os.fsencode(f"/proc/self/fd/{fd}")
         return self._add_watch(self.fd, path, _IN_MODIFY | _IN_ATTRIB | _IN_CLOSE_WRITE) >= 0
+
+    def pending(self) -> bool:
+        """True if events wait to be read (nothing is consumed): the cheap test of every gather."""
+        poller = getattr(self._local, "poller", None)
+        if poller is None:
+            poller = self._local.poller = select.poll()
+            poller.register(self.fd, select.POLLIN)
+        return bool(poller.poll(0))
 
     def changed(self) -> bool:
         """True if an event arrived since the last call (all pending events are consumed)."""
@@ -244,9 +254,12 @@ class ChunkWatch:
 
     def check(self) -> None:
         """Raise CorruptTableError if a watched file changed since it was opened (and at every later call)."""
-        if self._error is None and self._notify is not None and self._notify.pid == os.getpid():
+        notify = self._notify
+        if self._error is None and notify is not None and notify.pid == os.getpid():
+            if not notify.pending():
+                return
             with self._lock:          # another thread may be confirming an event it consumed
-                if self._error is None and not self._notify.changed():
+                if self._error is None and not notify.changed():
                     return
         with self._lock:
             if self._error is None:

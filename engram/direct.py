@@ -200,7 +200,7 @@ class DirectReader:
         # Each block read is checked against its recorded digest by the thread that read it, while the
         # other reads are still in flight, before any row of it is used.
         digests = self.block_digests.get(lay.layer_id) if self.verify_blocks else None
-        check = None if digests is None else (digests.reshape(-1), digests.shape[1])
+        check = None if digests is None else (memoryview(digests.reshape(-1)).cast("B").cast("Q"), digests.shape[1])
         tasks = [self._executor().submit(_read_extents, fds, jobs[t::n_tasks], view, check) for t in range(n_tasks)]
         concurrent.futures.wait(tasks)      # every read has landed (or failed) before we go on
         for task in tasks:
@@ -228,22 +228,27 @@ class DirectReader:
 
 
 def _read_extents(fds: list[int], jobs: list[tuple[int, int, int, int]], view: memoryview,
-                  check: tuple[np.ndarray, int] | None) -> tuple | None:
+                  check: tuple[memoryview, int] | None) -> tuple | None:
     """Read each (chunk, file offset, length, staging offset) and, with `check` (the recorded block
     digests, flat, and blocks per chunk file), check every block read; return the first short read
     (chunk, got, length) or bad block (chunk, block, digest, recorded), if any."""
     preadv, digest = os.preadv, xxhash.xxh3_64_intdigest
     for chunk, start, length, stage in jobs:
-        got = preadv(fds[chunk], [view[stage: stage + length]], start)
+        buf = view[stage: stage + length]
+        got = preadv(fds[chunk], [buf], start)
         if got != length:
             return chunk, got, length
         if check is not None:
             recorded, per_chunk = check
             first = chunk * per_chunk + start // BLOCK
+            if length == BLOCK:                  # the common case: one block, no slicing
+                if digest(buf) != recorded[first]:
+                    return chunk, start // BLOCK, digest(buf), recorded[first]
+                continue
             for k in range(length // BLOCK):
-                d = digest(view[stage + k * BLOCK: stage + (k + 1) * BLOCK])
-                if d != recorded.item(first + k):
-                    return chunk, start // BLOCK + k, d, recorded.item(first + k)
+                block = buf[k * BLOCK: (k + 1) * BLOCK]
+                if digest(block) != recorded[first + k]:
+                    return chunk, start // BLOCK + k, digest(block), recorded[first + k]
     return None
 
 
