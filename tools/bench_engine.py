@@ -33,9 +33,13 @@ Sections (--sections, default all):
 - window: what a file truncated under an "mmap" reader can still do. The tier checks its files
   (ChunkWatch) before each gather; a truncation after that check, while the gather reads, is the
   window no check made from Python closes (the process then dies of SIGBUS). It is the time from
-  the check to the end of the gather, measured per batch shape on a hot "mmap" table, with the
+  the check to the end of the gather, measured per batch shape on a hot "mmap" table (prefault;
+  a gather that faults pages in from disk stays open for that long too), with the
   cost of the check itself (one zero-timeout poll of an inotify descriptor) beside it, as a share
   of the tier's gather and of the whole lookup (hashing included).
+- sigbus: the same window as odds: a child process looks up batches on "mmap" in a loop while
+  this one truncates a chunk file at a random moment; per batch shape, how many of --sigbus-trials
+  children were refused (CorruptTableError at their next lookup) and how many died of SIGBUS.
 - dedup: when reading each distinct row once pays on the in-memory tiers: np.unique vs
   torch.unique, and "ram" lookups with dedup on vs off, on random and real-text batches.
 
@@ -63,7 +67,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from tiny_data import TOKENIZER, stdlib_files  # noqa: E402
 
 LAYER = 1
-SECTIONS = ("cold", "cache", "pipeline", "dedup", "blocks", "window")
+SECTIONS = ("cold", "cache", "pipeline", "dedup", "blocks", "window", "sigbus")
 
 
 def make_table(args, comp: engram.Compression) -> Path:
@@ -170,9 +174,8 @@ def blocks(args, path: Path, comp: engram.Compression) -> dict:
 def window(args, path: Path, comp: engram.Compression) -> dict:
     rng = np.random.default_rng(2)
     out = {}
-    with engram.open(path, tier="mmap") as table:
+    with engram.open(path, tier="mmap", prefault=True) as table:                    # hot: every page resident
         tier = table._tier
-        table.lookup(rng.integers(0, comp.vocab_size, (8, 4096)), LAYER)            # fault the pages in
         check_s = best_time(tier.watch.check, 1000) if tier.watch is not None else 0.0
         for B, T in ((1, 1), (1, 128), (8, 4096)):
             rows = global_rows(table, rng.integers(0, comp.vocab_size, (B, T)))
@@ -188,6 +191,52 @@ def window(args, path: Path, comp: engram.Compression) -> dict:
                                "window_max_s": float(np.max(spans)), "check_s": check_s,
                                "check_share": check_s / float(np.median(spans)), "lookup_s": lookup_s,
                                "check_share_of_lookup": check_s / lookup_s}
+    return out
+
+
+_LOOKS_UP = """
+import sys, numpy as np, engram
+table = engram.open(sys.argv[1], tier="mmap", prefault=True)
+ids = np.random.default_rng(0).integers(0, table.compression.vocab_size, (int(sys.argv[2]), int(sys.argv[3])))
+print("ready", flush=True)
+try:
+    while True:
+        table.lookup(ids, 1)
+except engram.CorruptTableError:
+    print("refused", flush=True)
+"""
+
+
+def sigbus(args, comp: engram.Compression) -> dict:
+    import shutil
+    import signal
+    import subprocess
+
+    spec = engram.TableSpec(engram_vocab_size=(1 << 16, 1 << 16), max_ngram_size=3, n_head_per_ngram=8,
+                            n_embed_per_ngram=8 * 64, layer_ids=(1,), compressed_vocab_size=comp.compressed_vocab_size)
+    source = Path(args.dir) / f"sigbus-{args.sigbus_chunk_rows}.engram"
+    if not source.exists():
+        engram.build_table(source, spec, comp, seed=0, chunk_rows=args.sigbus_chunk_rows, progress=False).close()
+    rng = np.random.default_rng(3)
+    out = {}
+    for B, T in ((1, 128), (8, 4096)):
+        counts = {"refused": 0, "sigbus": 0}
+        for trial in range(args.sigbus_trials):
+            path = Path(args.dir) / f"sigbus-{trial}.engram"
+            shutil.rmtree(path, ignore_errors=True)
+            shutil.copytree(source, path)
+            chunk = path / "layer_1" / "c" / "3" / "0"
+            os.chmod(chunk, 0o644)
+            child = subprocess.Popen([sys.executable, "-c", _LOOKS_UP, str(path), str(B), str(T)], text=True,
+                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+            assert child.stdout is not None and child.stdout.readline().strip() == "ready"
+            time.sleep(float(rng.uniform(0.2, 0.5)))
+            os.truncate(chunk, 0)
+            stdout, _ = child.communicate(timeout=120)
+            outcome = "sigbus" if child.returncode == -signal.SIGBUS else "refused" if "refused" in stdout else "other"
+            counts[outcome] = counts.get(outcome, 0) + 1
+            shutil.rmtree(path)
+        out[f"{B}x{T}"] = counts
     return out
 
 
@@ -344,6 +393,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--pipe-steps", type=int, default=10, help="pipeline steps per point, each way (default 10)")
     parser.add_argument("--compute-ratios", type=float, nargs="+", default=[0.25, 0.5, 0.8, 1.25, 2.0, 4.0],
                         help="compute before the Engram layer / lookup time (default 0.25 ... 4)")
+    parser.add_argument("--sigbus-trials", type=int, default=20, help="children per batch shape (default 20)")
+    parser.add_argument("--sigbus-chunk-rows", type=int, default=1 << 16,
+                        help="rows per chunk file of the sigbus table (default 65536: 16 MiB files)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
 
@@ -365,6 +417,8 @@ def main(argv: list[str] | None = None) -> dict:
         results["blocks"] = blocks(args, path, comp)
     if "window" in args.sections:
         results["window"] = window(args, path, comp)
+    if "sigbus" in args.sections:
+        results["sigbus"] = sigbus(args, comp)
     print(json.dumps(results, indent=1) if args.json else report(results))
     return results
 
@@ -422,6 +476,11 @@ def report(r: dict) -> str:
         for name, w in r["window"].items():
             lines.append(f"{name:<22}{w['rows']:>8}{w['window_median_s'] * 1e6:>11.1f}{w['window_max_s'] * 1e6:>10.1f}"
                          f"{w['check_s'] * 1e6:>10.2f}{w['check_share']:>11.2%}{w['check_share_of_lookup']:>11.2%}")
+    if "sigbus" in r:
+        lines.append("\nmmap reader, a chunk truncated under its lookup loop: children refused / killed by SIGBUS")
+        for name, c in r["sigbus"].items():
+            lines.append(f"{name:<22}{c.get('refused', 0):>4} refused {c.get('sigbus', 0):>4} SIGBUS"
+                         + (f" {c['other']:>4} other" if c.get("other") else ""))
     return "\n".join(lines)
 
 
