@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .args import check_int
 from .checkpoint import LayerRows
 from .compression import Compression
 from .errors import InputError
@@ -149,8 +150,7 @@ def _check_args(spec: Any, comp: Any, init: Any, std: Any, seed: Any, overwrite:
         raise InputError(f"init={init!r} is not an initializer: expected one of {INITS}, or pass weights=")
     if isinstance(std, bool) or not isinstance(std, (int, float)) or not math.isfinite(std) or std < 0:
         raise InputError(f"std={std!r} is invalid: expected a finite float >= 0 (e.g. 0.02)")
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise InputError(f"seed={seed!r} is invalid: expected an int >= 0")
+    check_int("seed", seed, 0)
     if not isinstance(overwrite, bool):
         raise InputError(f"overwrite={overwrite!r} is invalid: expected True or False")
 
@@ -240,6 +240,7 @@ def _source_chunks(src: Any, lay: LayerLayout, spec: TableSpec) -> Iterator[Chun
         start, stop = lay.chunk_span(index)
         if _copies_through(src, spec):                     # stored bytes, bit for bit
             values, scales = src.read_stored(start, stop)
+            assert chunk[1] is not None and scales is not None, "float8_e4m3 rows have scales"
             chunk[0][: stop - start] = values
             chunk[1][: stop - start] = scales
             yield zero_tail(chunk, stop - start)

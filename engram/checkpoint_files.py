@@ -32,7 +32,7 @@ class SafetensorsFile:
         from safetensors import SafetensorError, safe_open
 
         try:
-            self._f = safe_open(str(path), framework="pt")
+            self._f: Any = safe_open(str(path), framework="pt")      # None once closed
         except (SafetensorError, OSError, ValueError) as exc:
             raise CorruptTableError(f"checkpoint file {str(path)!r} is not a readable safetensors file: {exc}") from exc
         self.names = set(self._f.keys())

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import xxhash
 
+from .args import check_int
 from .errors import InputError, MissingFileError, SpecError, TokenIdError
 from .limits import MAX_VOCAB_SIZE
 from .tensors import is_torch, to_numpy_ids
@@ -100,8 +101,7 @@ class Compression:
     @classmethod
     def identity(cls, vocab_size: int) -> Compression:
         """No merging: every raw id is its own compressed id."""
-        if not isinstance(vocab_size, (int, np.integer)) or isinstance(vocab_size, bool) or vocab_size < 1:
-            raise SpecError(f"vocab_size={vocab_size!r} is invalid: expected an int >= 1")
+        check_int("vocab_size", vocab_size, 1, error=SpecError)
         if vocab_size > MAX_VOCAB_SIZE:
             raise SpecError(f"vocab_size={vocab_size!r} is invalid: expected at most {MAX_VOCAB_SIZE} ids "
                             "(engram.limits.MAX_VOCAB_SIZE); pass the tokenizer's vocabulary size")

@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .args import check_int
 from .dtypes import ROW_DTYPES
 from .errors import InputError, SpecError
 from .format import LayerLayout
@@ -239,8 +240,7 @@ def _check_args(dtype: Any, scale_block: Any, overwrite: Any, sample_rows: Any, 
         raise InputError(f"scale_block={scale_block!r} applies to dtype='float8_e4m3' only, got dtype={dtype!r}: "
                          "drop scale_block")
     for name, value in (("sample_rows", sample_rows), ("seed", seed)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
-            raise InputError(f"{name}={value!r} is invalid: expected an int >= 0")
+        check_int(name, value, 0)
     if not isinstance(overwrite, bool):
         raise InputError(f"overwrite={overwrite!r} is invalid: expected True or False")
 

@@ -110,7 +110,7 @@ class DirectReader:
         if use_direct:   # some filesystems accept the flag but fail the first read
             probe = Region(BLOCK, PROT_READ | PROT_WRITE, MAP_PRIVATE)
             try:
-                os.preadv(fd, [memoryview(probe.array(np.uint8, (BLOCK,), writable=True))], 0)
+                os.preadv(fd, [probe.array(np.uint8, (BLOCK,), writable=True).data], 0)
             except OSError as exc:
                 os.close(fd)
                 if exc.errno == errno.EINVAL:
@@ -196,7 +196,7 @@ class DirectReader:
         # Reads in flight: `io_threads` tasks, each issuing its share of the extents one preadv at a
         # time, so exactly min(io_threads, extents) reads are outstanding until the last ones land.
         n_tasks = min(self._io_threads, len(jobs))
-        view = memoryview(staging)
+        view = staging.data
         # Each block read is checked against its recorded digest by the thread that read it, while the
         # other reads are still in flight, before any row of it is used.
         digests = self.block_digests.get(lay.layer_id) if self.verify_blocks else None

@@ -32,12 +32,12 @@ exact rescaling by 2**-120, subnormals included), then one multiply applies the 
 from __future__ import annotations
 
 import dataclasses
-import numbers
 from typing import Any
 
 import numpy as np
 import torch
 
+from .args import check_int
 from .dtypes import QUANTIZED_DTYPES, ROW_DTYPES
 from .errors import InputError
 from .fp8 import E4M3_MAX, decode_fp8, encode_fp8
@@ -54,6 +54,7 @@ __all__ = [
     "bytes_per_row",
     "encode",
     "decode",
+    "decode_into",
 ]
 
 DEFAULT_BLOCK = DEFAULT_SCALE_BLOCK
@@ -94,10 +95,8 @@ def _check_dtype(dtype: Any) -> str:
 
 
 def _check_block(dtype: str, D: Any, block: Any) -> None:
-    if not isinstance(D, numbers.Integral) or isinstance(D, bool) or D < 1:
-        raise InputError(f"D={D!r} is invalid: expected an int >= 1 (values per row)")
-    if not isinstance(block, numbers.Integral) or isinstance(block, bool) or block < 1:
-        raise InputError(f"block={block!r} is invalid: expected an int >= 1 (values per scale; V4.1 uses 32)")
+    check_int("D", D, 1, " (values per row)")
+    check_int("block", block, 1, " (values per scale; V4.1 uses 32)")
     if ROW_DTYPES[dtype].per_block and D % block:
         raise InputError(
             f"D={D} is not a multiple of block={block}: float8_e4m3 rows keep one scale per block of "
@@ -324,7 +323,14 @@ def decode(
     values = _as_tensor(values, "values")
     scales = None if scales is None else _as_tensor(scales, "scales")
     _check_decode_args(values, scales, dtype, block)
-    out = _output(values, out, out_dtype)
+    return decode_into(values, scales, dtype, block, _output(values, out, out_dtype))
+
+
+def decode_into(values: torch.Tensor, scales: torch.Tensor | None, dtype: str, block: int,
+                out: torch.Tensor) -> torch.Tensor:
+    """`decode` without its checks, for arguments already known to fit (the table's gather engine):
+    `values`/`scales` as stored and `out` a contiguous float32 or bfloat16 tensor of the values' shape
+    and device. Returns `out`."""
     R, D = values.shape
     if dtype == "bfloat16":
         return out.copy_(values.view(torch.bfloat16))

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import functools
 import os
 import threading
 import weakref
@@ -166,10 +167,12 @@ class Table(TableInfo):
             return self._lookup_layer(x, self.spec.check_layer(layer_id), out, dtype)
 
     def _compress(self, token_ids: Any) -> np.ndarray:
-        if is_torch(token_ids):
+        torch_ids = is_torch(token_ids)
+        if torch_ids:                       # the shape first: it names the problem before the dtype
             check_ids_2d(token_ids)
         ids = to_numpy_ids(token_ids)
-        check_ids_2d(ids)
+        if not torch_ids:                   # a torch tensor's shape was checked above
+            check_ids_2d(ids)
         self.compression.check_ids(ids)
         return self.compression.lookup[ids]
 
@@ -307,7 +310,8 @@ class Table(TableInfo):
                 layers = self.spec.layer_ids
             else:
                 single = isinstance(layer_ids, (int, np.integer)) and not isinstance(layer_ids, bool)
-                layers = tuple(self.spec.check_layer(i) for i in ((layer_ids,) if single else layer_ids))
+                requested: Any = (layer_ids,) if single else layer_ids
+                layers = tuple(self.spec.check_layer(i) for i in requested)
             check_dtype(dtype)
             target = self._prefetcher.target(device)
             with self._state:     # close() either sees this prefetch pending or refuses it here
@@ -324,8 +328,8 @@ class Table(TableInfo):
             out: dict[int, Any] = {}
             for layer_id in layers:
                 if isinstance(target, CudaTransfer):                     # (device tensor, copy event)
-                    out[layer_id] = target.fill_and_copy((*x.shape, self.spec.embed_dim), dtype or self._dtype,
-                                                         lambda host, i=layer_id: self._lookup_layer(x, i, host, dtype))
+                    fill = functools.partial(self._lookup_layer, x, layer_id, dtype=dtype)     # fill(host rows)
+                    out[layer_id] = target.fill_and_copy((*x.shape, self.spec.embed_dim), dtype or self._dtype, fill)
                 else:
                     rows = self._lookup_layer(x, layer_id, None, dtype)
                     out[layer_id] = rows if target is None else rows.to(target)

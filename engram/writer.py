@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from . import chunks as chunk_files
+from .args import is_int
 from .compression import Compression
 from .dtypes import ROW_DTYPES, scale_dtype, storage_dtype, storage_torch_dtype, torch_dtype
 from .errors import EngramError, InputError, TableExistsError
@@ -83,6 +84,7 @@ def write_table(target: Path, spec: TableSpec, comp: Compression, layouts: dict[
                 for index, (values, scales) in enumerate(chunks(lay)):
                     sums.append(chunk_files.write_chunk(lay.chunk_path(tmp, index), values, bar))
                     if lay.scales is not None:
+                        assert scales is not None, "a quantized layer's chunk has scales"
                         scale_sums.append(chunk_files.write_chunk(lay.scales.chunk_path(tmp, index), scales, bar))
                     if lay.blocks is not None:
                         block_sums.append(chunk_files.write_chunk(lay.blocks.chunk_path(tmp, index),
@@ -135,12 +137,11 @@ def _plan_layer(spec: TableSpec, layer_id: int, chunk_rows: int | None) -> Layer
     if chunk_rows is None:   # about DEFAULT_CHUNK_BYTES, split evenly so the last chunk has little padding
         n_chunks = -(-rows // (max(1, DEFAULT_CHUNK_BYTES // (align_rows * row_bytes)) * align_rows))
         chunk_rows = -(-rows // (n_chunks * align_rows)) * align_rows
-    elif isinstance(chunk_rows, bool) or not isinstance(chunk_rows, (int, np.integer)) or chunk_rows < 1 \
-            or chunk_rows % align_rows:
-        scales = f" and {scale_bytes} bytes of scales" if scale_bytes else ""
+    elif not is_int(chunk_rows) or chunk_rows < 1 or chunk_rows % align_rows:
+        with_scales = f" and {scale_bytes} bytes of scales" if scale_bytes else ""
         raise InputError(
             f"chunk_rows={chunk_rows!r} is invalid: chunk files must be whole multiples of {CHUNK_ALIGN} bytes "
-            f"so they map at page boundaries; with {row_bytes}-byte rows{scales} use a positive multiple of "
+            f"so they map at page boundaries; with {row_bytes}-byte rows{with_scales} use a positive multiple of "
             f"{align_rows} (or None for about 64 MiB chunks)")
     chunk_rows = min(int(chunk_rows), -(-rows // align_rows) * align_rows)
     scales = None
@@ -239,8 +240,10 @@ def encode_into(values: Any, chunk: Chunk, at: int, spec: TableSpec, source: str
         raise InputError(f"{source} row {bad} contains NaN or inf (after conversion to float32): "
                          f"{spec.dtype} rows must be finite; fix or drop that row first") from None
     n = len(q.values)
-    chunk[0][at: at + n] = q.values
-    chunk[1][at: at + n] = q.scales
+    values, scales = chunk
+    assert scales is not None, "a quantized chunk has scales"
+    values[at: at + n] = q.values
+    scales[at: at + n] = q.scales
 
 
 def _progress_bar(layouts: dict[int, LayerLayout], progress: bool | None, desc: str = "build_table") -> Any:
@@ -261,7 +264,7 @@ def write_metadata(root: str | os.PathLike[str], meta: TableMeta) -> None:
 
     spec = meta.spec
     group = zarr.open_group(os.fspath(root), mode="w-", zarr_format=3)   # never clears the directory
-    plain = {"compressors": None, "filters": None, "serializer": BytesCodec(endian="little"),
+    plain: dict[str, Any] = {"compressors": None, "filters": None, "serializer": BytesCodec(endian="little"),
              "fill_value": 0}
     row = ROW_DTYPES[spec.dtype]
     for lay in meta.layers.values():
