@@ -200,7 +200,7 @@ class DirectReader:
         # Each block read is checked against its recorded digest by the thread that read it, while the
         # other reads are still in flight, before any row of it is used.
         digests = self.block_digests.get(lay.layer_id) if self.verify_blocks else None
-        check = None if digests is None else (memoryview(digests.reshape(-1)).cast("B").cast("Q"), digests.shape[1])
+        check = None if digests is None else (digests.reshape(-1).data.cast("B").cast("Q"), digests.shape[1])
         tasks = [self._executor().submit(_read_extents, fds, jobs[t::n_tasks], view, check) for t in range(n_tasks)]
         concurrent.futures.wait(tasks)      # every read has landed (or failed) before we go on
         for task in tasks:
