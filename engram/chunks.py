@@ -226,29 +226,29 @@ class ChunkWatch:
     "direct") call `check()` before every gather: it raises CorruptTableError once a watched file's
     size or modification time differs from what they were at open, instead of reading it.
 
-    The check is cheap: each file stays open (so its fstat describes the very inode being read), and
-    an inotify descriptor, which the kernel marks in the same system call that changes a watched
-    file, is read without blocking (one system call per gather); the files are fstat-ed again only
-    after an event. Without inotify (other systems, the user's watches used up, a forked child
-    sharing the parent's descriptor) every check fstat-s every file. A file deleted or replaced by
-    rename (as engram's own publish replaces tables) is no change: the open file keeps its bytes.
+    The check is cheap: an inotify descriptor watching each file's inode, which the kernel marks
+    when a watched file is modified, is polled (one system call per gather, nothing read); only
+    after an event are the files stat-ed again, through the table's directory handle. Without
+    inotify (other systems, the user's watches used up, a forked child sharing the parent's
+    descriptor) every check stats every file. No file descriptor is held for this. A file deleted
+    or replaced by rename (as engram's own publish replaces tables) is no change: the inode being
+    read keeps its bytes.
 
     What no check can close: a file truncated after the check, while the gather reads it.
     """
 
-    def __init__(self, root: Path) -> None:
-        self._root = root
-        self._files: list[tuple[int, LayerLayout, int, tuple[int, int]]] = []
+    def __init__(self, tdir: TableDir) -> None:
+        self._tdir = tdir
+        self._files: list[tuple[LayerLayout, int, tuple[int, int, int]]] = []
         self._notify = _Inotify.create()
         self._lock = threading.Lock()
         self._error: CorruptTableError | None = None
 
     def add(self, fd: int, lay: LayerLayout, index: int) -> None:
-        """Watch chunk `index` of `lay`, open as `fd` (the watch keeps a duplicate of it open)."""
-        own = os.dup(fd)
-        st = os.fstat(own)
-        self._files.append((own, lay, index, (st.st_size, st.st_mtime_ns)))
-        if self._notify is not None and not self._notify.watch(own):
+        """Watch chunk `index` of `lay`, open as `fd` (the caller may close `fd` afterwards)."""
+        st = os.fstat(fd)
+        self._files.append((lay, index, (st.st_ino, st.st_size, st.st_mtime_ns)))
+        if self._notify is not None and not self._notify.watch(fd):
             self._notify.close()
             self._notify = None
 
@@ -268,22 +268,25 @@ class ChunkWatch:
                 raise self._error
 
     def _find_change(self) -> CorruptTableError | None:
-        for fd, lay, index, (size, mtime) in self._files:
-            st = os.fstat(fd)
+        for lay, index, (ino, size, mtime) in self._files:
+            try:
+                st = os.stat(lay.chunk_relpath(index), dir_fd=self._tdir.fd, follow_symlinks=False)
+            except FileNotFoundError:
+                continue              # unlinked (a replaced table deleted): the inode read is whole
+            if st.st_ino != ino:
+                continue              # another file renamed over it: the inode read is unchanged
             if (st.st_size, st.st_mtime_ns) != (size, mtime):
                 what = f"its size went from {size} to {st.st_size} bytes" if st.st_size != size else \
                     "it was rewritten or touched (its modification time changed)"
                 return CorruptTableError(
-                    f"layer {lay.layer_id} chunk {index} ({os.fspath(lay.chunk_path(self._root, index))!r}) changed "
-                    f"after the table was opened: {what}. A file of an open table was written in place (cp or "
-                    "rsync --inplace over it?): its rows are not read; replace tables only by engram's atomic "
+                    f"layer {lay.layer_id} chunk {index} ({os.fspath(lay.chunk_path(self._tdir.path, index))!r}) "
+                    f"changed after the table was opened: {what}. A file of an open table was written in place (cp "
+                    "or rsync --inplace over it?): its rows are not read; replace tables only by engram's atomic "
                     "publish (overwrite=True), and open the table again")
         return None
 
     def close(self) -> None:
-        """Close the watched files and the inotify descriptor (callers make sure no gather runs)."""
-        for fd, *_ in self._files:
-            os.close(fd)
+        """Close the inotify descriptor (callers make sure no gather runs)."""
         self._files = []
         if self._notify is not None:
             self._notify.close()

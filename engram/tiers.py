@@ -149,7 +149,7 @@ class MmapTier(_InAddressSpace):
 
     def __init__(self, tdir: TableDir, meta: TableMeta, prefault: bool = False) -> None:
         super().__init__()
-        self.watch = ChunkWatch(tdir.path)
+        self.watch = ChunkWatch(tdir)
         try:
             for lay in meta.layers.values():
                 self.weights[lay.layer_id] = _values_tensor(_map_array(tdir, lay, prefault, self.watch), lay, meta)
@@ -167,7 +167,7 @@ class DirectTier:
     def __init__(self, tdir: TableDir, meta: TableMeta, io_threads: int = 32, o_direct: bool | None = None) -> None:
         self.scales: dict[int, torch.Tensor] = {}
         self.reader = DirectReader(tdir, meta.layers, io_threads=io_threads, o_direct=o_direct)
-        self.watch = ChunkWatch(tdir.path)
+        self.watch = ChunkWatch(tdir)
         try:
             for lay, index, fd in self.reader.files():
                 self.watch.add(fd, lay, index)
