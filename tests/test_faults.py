@@ -164,7 +164,7 @@ def test_readers_see_the_old_or_the_new_table_during_rebuilds(tmp_path):
         with engram.open(path) as table:
             expected.append(table.rows(1, np.arange(SPEC.rows(1))).numpy())
     np.save(tmp_path / "expected.npy", np.stack(expected))
-    writer = child(REBUILDS, str(path), "8")
-    readers = [child(READS_WHILE_REBUILT, str(path), str(tmp_path / "expected.npy"), "30") for _ in range(2)]
+    writer = child(REBUILDS, str(path), "6")
+    readers = [child(READS_WHILE_REBUILT, str(path), str(tmp_path / "expected.npy"), "24") for _ in range(2)]
     finish(writer)
-    assert [int(finish(r)) for r in readers] == [30, 30]
+    assert [int(finish(r)) for r in readers] == [24, 24]
