@@ -37,7 +37,7 @@ from .cache import HotRowCache, select_hot_rows
 from .chunks import verify_chunks
 from .dtypes import storage_torch_dtype, torch_dtype
 from .errors import InputError
-from .format import TableDir, TableMeta
+from .format import TableMeta
 from .gather import DEDUP_TIERS, DecodingGatherer, RowGatherer
 from .hashing import NgramHasher
 from .history import NgramHistory, prefetch_context
@@ -47,6 +47,7 @@ from .prefetch import CudaTransfer, Prefetch, Prefetcher
 from .quant import QuantizedRows
 from .stats import LookupStats, StatsCounter
 from .table_info import TableInfo
+from .tabledir import TableDir
 from .tensors import check_ids_2d, is_torch, to_numpy_ids
 from .tiers import open_tier
 
