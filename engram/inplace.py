@@ -27,14 +27,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from .chunks import progress_bar
+from .chunks import ChunkWatch, progress_bar
 from .direct import DirectReader
 from .errors import CorruptTableError, InputError
-from .format import TableDir, TableMeta
+from .format import TableMeta
 from .mapping import PROT_READ, anonymous, map_file_range
 from .release import ReleaseCheckpoint, ReleaseLayer, read_release
 from .safetensors_header import TensorRange, read_header
 from .table import Table
+from .tabledir import TableDir
 from .tiers import DirectTier, Tier
 
 __all__ = ["ReleaseTable", "open_release", "RangeLayout"]
@@ -60,9 +61,11 @@ def _open_checked(tdir: TableDir, t: TensorRange) -> int:
     return fd
 
 
-def _mapped(tdir: TableDir, t: TensorRange, prefault: bool) -> torch.Tensor:
+def _mapped(tdir: TableDir, t: TensorRange, prefault: bool, watch: ChunkWatch, layer_id: int) -> torch.Tensor:
     fd = _open_checked(tdir, t)
     try:
+        lay: Any = RangeLayout(layer_id, t)          # what ChunkWatch needs of a LayerLayout
+        watch.add(fd, lay, 0)                         # a shard written in place is refused, not read
         region, delta = map_file_range(fd, t.offset, t.nbytes, populate=prefault)
     finally:
         os.close(fd)                 # the mapping keeps the file open
@@ -99,15 +102,24 @@ class InPlaceMemoryTier:
         self.name = name
         self.weights: dict[int, torch.Tensor] = {}
         self.scales: dict[int, torch.Tensor] = {}
-        for lid, layer in release.layers.items():
-            for t, into in ((layer.values, self.weights), (layer.scales, self.scales)):
-                into[lid] = _mapped(tdir, t, prefault) if name == "mmap" else _loaded(tdir, t)
+        self.watch = ChunkWatch(tdir) if name == "mmap" else None     # "ram" reads nothing after open
+        try:
+            for lid, layer in release.layers.items():
+                for t, into in ((layer.values, self.weights), (layer.scales, self.scales)):
+                    into[lid] = _loaded(tdir, t) if self.watch is None else _mapped(tdir, t, prefault, self.watch, lid)
+        except BaseException:
+            self.close()
+            raise
 
     def gather(self, layer_id: int, rows: np.ndarray, out: torch.Tensor, sorted_unique: bool = False) -> None:
+        if self.watch is not None:
+            self.watch.check()
         torch.index_select(self.weights[layer_id], 0, torch.from_numpy(rows), out=out)
 
     def close(self) -> None:
         self.weights, self.scales = {}, {}      # mappings go once no tensor refers to them
+        if self.watch is not None:
+            self.watch.close()
 
 
 class RangeLayout:
@@ -138,11 +150,15 @@ class InPlaceDirectTier(DirectTier):
 
     def __init__(self, tdir: TableDir, release: ReleaseCheckpoint, io_threads: int) -> None:
         layouts: dict[int, Any] = {lid: RangeLayout(lid, layer.values) for lid, layer in release.layers.items()}
+        self.scales = {}
         self.reader = DirectReader(tdir, layouts, io_threads=io_threads)
+        self.watch = ChunkWatch(tdir)
         try:
+            for lay, index, fd in self.reader.files():
+                self.watch.add(fd, lay, index)
             self.scales = {lid: _loaded(tdir, layer.scales) for lid, layer in release.layers.items()}
         except BaseException:
-            self.reader.close()
+            self.close()
             raise
 
 
@@ -159,6 +175,7 @@ class ReleaseTable(Table):
                  dedup: bool | None = None) -> None:
         self.release = release
         meta = TableMeta(RELEASE_FORMAT_VERSION, release.spec, release.compression, {})
+        self.release_meta = meta       # format version 0, spec, compression, no chunk layouts
         if tier == "direct":
             rows: Tier = InPlaceDirectTier(tdir, release, io_threads)
         else:

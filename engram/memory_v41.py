@@ -13,6 +13,7 @@ from .args import is_real
 from .compression import Compression
 from .errors import InputError, SpecMismatchError
 from .memory import EngramMemoryBase
+from .module_cache import EngramCache, check_step, commit
 from .spec import TableSpec
 
 __all__ = ["EngramMemoryV41", "v41_gate", "upgrade_state_dict", "LEGACY_NAMES"]
@@ -182,17 +183,21 @@ class EngramMemoryV41(EngramMemoryBase):
         mem.load_state_dict(weights)
         return mem
 
-    def forward(self, hidden_states: torch.Tensor, token_ids: Any) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, token_ids: Any, *, cache: EngramCache | None = None,
+                mask: Any = None, doc_start: Any = None) -> torch.Tensor:
         """The Engram branch for `hidden_states` [B,T,G,C] at positions holding `token_ids` [B,T].
 
-        Arguments and result as EngramMemory.forward: add the [B, T, G, C] result to the residual.
+        Arguments (`cache` from `new_cache`, `mask`, `doc_start`) and result as EngramMemory.forward: add the
+        [B, T, G, C] result to the residual.
         """
         B, T, G, C = self._check_inputs(hidden_states, token_ids)
-        e = self.lookup(token_ids, device=hidden_states.device)       # [B, T, E] rows of all heads
+        mask, starts = check_step(cache, mask, doc_start, B, T)       # [B, T] bool or None each
+        e = self.lookup(token_ids, device=hidden_states.device, cache=cache, mask=mask, doc_start=starts)   # [B,T,E]
         kv = self.wkv(e).view(B, T, G + 1, C)                          # [B, T, G+1, C]: G keys, value
         k, v = kv[:, :, :G], kv[:, :, G]                               # [B, T, G, C], [B, T, C]
         acc = torch.promote_types(kv.dtype, torch.float32)             # the gate in float32 (float64 stays)
         eps = torch.finfo(hidden_states.dtype).eps if self.eps is None else self.eps
         weight = (self.q_weight * self.k_weight).to(acc)               # [G, C]
         gate = v41_gate(hidden_states.to(acc), k.to(acc), weight, eps)  # [B, T, G]
+        commit(cache, token_ids, mask, None)                          # generation: append the ids
         return (gate.unsqueeze(-1) * v.unsqueeze(2).to(acc)).to(kv.dtype)   # [B, T, G, C]

@@ -32,10 +32,10 @@ from typing import Any
 from .compression import Compression
 from .dtypes import BLOCK_DTYPE, ROW_DTYPES
 from .errors import CorruptTableError, MissingFileError
-from .format import TableDir
 from .hf_config import CONFIG_NAME, read_hf_config, spec_from_hf_config
 from .safetensors_header import TensorRange, read_header
 from .spec import TableSpec
+from .tabledir import TableDir
 
 __all__ = ["ReleaseCheckpoint", "ReleaseLayer", "read_release", "is_release_dir", "engram_name",
            "TOKENIZER_NAME", "INDEX_NAME", "PREFIXES", "SCALE_SUFFIXES"]

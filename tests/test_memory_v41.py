@@ -353,6 +353,16 @@ def test_cuda_module_takes_host_or_device_ids():
             torch.testing.assert_close(out.cpu(), expected, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("hc_mult", [1, 2])
+def test_fresh_module_matches_the_formula_in_float64(hc_mult):
+    """At init scale (small keys: the key norm's eps matters) and in float64, with tight tolerances."""
+    mem = make(hc_mult=hc_mult, hidden_size=16).double()
+    hidden, ids = inputs(mem, T=9)
+    with torch.no_grad():
+        want = formula64(rows_of(mem, ids), hidden.double(), mem.wkv.weight, mem.q_weight, mem.k_weight, mem.eps)
+        torch.testing.assert_close(mem(hidden.double(), ids), want, rtol=1e-10, atol=1e-13)
+
+
 # -- the released layer ---------------------------------------------------------------------------
 def test_from_checkpoint_loads_the_released_layer_and_follows_the_formula(v41_release):
     from engram import quant
