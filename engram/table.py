@@ -199,8 +199,7 @@ class Table(TableInfo):
         return result.to(want) if out is None else out.copy_(result)
 
     def _gathered_dtype(self, want: torch.dtype) -> torch.dtype:
-        """The dtype rows are gathered in: the stored one for float tables, the decoded one (float32
-        or bfloat16) for quantized tables."""
+        """The dtype rows are gathered in: stored (float tables) or decoded to float32/bfloat16 (quantized)."""
         if self._decoder is None:
             return self._dtype
         return want if want in (torch.float32, torch.bfloat16) else torch.float32
