@@ -40,6 +40,7 @@ from .hashing import NgramHasher
 from .mapping import release_pages
 from .publish import clean_stale, fsync_tree, partial_dir, publish, restore_aside
 from .quant import encode, finite_rows
+from .shards import ShardRange, plan_shards
 from .spec import TableSpec
 from .table import Table
 from .table import open as open_table
@@ -59,7 +60,8 @@ Chunk = tuple[np.ndarray, "np.ndarray | None"]
 
 def build_table(path: str | os.PathLike[str], spec: TableSpec, comp: Compression, init: str = "normal",
                 std: float = 0.02, seed: int = 0, weights: Mapping[int, Any] | None = None,
-                overwrite: bool = False, chunk_rows: int | None = None, progress: bool | None = None) -> Table:
+                overwrite: bool = False, chunk_rows: int | None = None, progress: bool | None = None,
+                shard: tuple[int, int] | None = None) -> Table:
     """Write a table for `spec` and `comp` at `path` and open it.
 
     Rows are written chunk by chunk; memory use does not grow with the table. The table appears
@@ -94,6 +96,9 @@ def build_table(path: str | os.PathLike[str], spec: TableSpec, comp: Compression
             chunk_rows * spec.scale_row_bytes) must be a multiple of 65536. Default: chunks of
             about 64 MiB of values (smaller when a layer is smaller).
         progress: show a progress bar (None: only on a terminal, after a second).
+        shard: (rank, parts): write only part `rank` of the table split into `parts` (the rows
+            `engram.shards.plan_shards(spec, parts)[rank]` holds), equal to the same rows of the
+            whole build, for `engram.distributed.ShardedTable`; `weights` are still whole layers.
 
     Returns:
         The new table, opened with `engram.open(path)`.
@@ -110,22 +115,24 @@ def build_table(path: str | os.PathLike[str], spec: TableSpec, comp: Compression
         >>> table = engram.build_table("demo.engram", spec, comp, seed=0)
     """
     layouts = check_build(path, spec, comp, init=init, std=std, seed=seed, weights=weights, overwrite=overwrite,
-                          chunk_rows=chunk_rows)
+                          chunk_rows=chunk_rows, shard=shard)
     sources = {int(layer_id): rows for layer_id, rows in (weights or {}).items()}
     target = Path(path)
+    part = None if shard is None else plan_shards(spec, shard[1])[shard[0]]
 
     def chunks(lay: LayerLayout) -> Iterator[Chunk]:
+        first = 0 if part is None else part.start(lay.layer_id)
         if lay.layer_id in sources:
-            return _source_chunks(sources[lay.layer_id], lay, spec)
-        return _init_chunks(lay, spec, init, std, seed)
+            return _source_chunks(sources[lay.layer_id], lay, spec, first)
+        return _init_chunks(lay, spec, init, std, seed, first)
 
-    write_table(target, spec, comp, layouts, chunks, overwrite, progress)
+    write_table(target, spec, comp, layouts, chunks, overwrite, progress, shard=part)
     return open_table(target)
 
 
 def check_build(path: str | os.PathLike[str], spec: TableSpec, comp: Compression, *, init: str = "normal",
                 std: float = 0.02, seed: int = 0, weights: Mapping[int, Any] | None = None, overwrite: bool = False,
-                chunk_rows: int | None = None) -> dict[int, LayerLayout]:
+                chunk_rows: int | None = None, shard: tuple[int, int] | None = None) -> dict[int, LayerLayout]:
     """Every check `build_table` makes before it writes, writing nothing: a dry run.
 
     Arguments as `build_table` (`weights` are checked for layers, shapes and dtypes, not read).
@@ -139,7 +146,13 @@ def check_build(path: str | os.PathLike[str], spec: TableSpec, comp: Compression
     _check_args(spec, comp, init, std, seed, overwrite)
     NgramHasher(spec, comp)                     # spec and compression must fit together
     _check_weights(weights, spec)
-    layouts = plan_layout(spec, chunk_rows)
+    part = None
+    if shard is not None:
+        if not (isinstance(shard, tuple) and len(shard) == 2 and all(isinstance(v, int) for v in shard)
+                and 0 <= shard[0] < shard[1]):
+            raise InputError(f"shard={shard!r} is invalid: expected (rank, parts) with 0 <= rank < parts, e.g. (0, 4)")
+        part = plan_shards(spec, shard[1])[shard[0]]
+    layouts = plan_layout(spec, chunk_rows, part)
     restore_aside(path)       # a table a killed build left aside belongs at `path`: it is there again
     _check_target(Path(path), overwrite)
     return layouts
@@ -147,7 +160,7 @@ def check_build(path: str | os.PathLike[str], spec: TableSpec, comp: Compression
 
 def write_table(target: Path, spec: TableSpec, comp: Compression, layouts: dict[int, LayerLayout],
                 chunks: Callable[[LayerLayout], Iterator[Chunk]], overwrite: bool, progress: bool | None,
-                desc: str = "build_table") -> dict[int, LayerLayout]:
+                desc: str = "build_table", shard: ShardRange | None = None) -> dict[int, LayerLayout]:
     """Write a table whose chunks `chunks(layout)` yields, layer by layer, and publish it atomically.
 
     Args:
@@ -159,14 +172,16 @@ def write_table(target: Path, spec: TableSpec, comp: Compression, layouts: dict[
         overwrite: replace an existing table at `target`.
         progress: progress bar (None: only on a terminal, after a second).
         desc: the progress bar's label.
+        shard: the rows of each layer this table holds, for one part of a sharded table (the
+            layouts then have `shard.rows(layer_id)` rows); None for a whole table.
 
     Returns:
         The layouts with their checksums.
     """
     clean_stale(target)
-    version = format_version_for(spec)
+    version = format_version_for(spec, shard)
     with partial_dir(target) as tmp:
-        write_metadata(tmp, TableMeta(version, spec, comp, layouts))
+        write_metadata(tmp, TableMeta(version, spec, comp, layouts, shard))
         written = {}
         with _progress_bar(layouts, progress, desc) as bar:
             for lid, lay in layouts.items():
@@ -179,7 +194,7 @@ def write_table(target: Path, spec: TableSpec, comp: Compression, layouts: dict[
                 if len(sums) != lay.n_chunks:
                     raise RuntimeError(f"layer {lid}: {len(sums)} chunks produced for {lay.n_chunks}")
                 written[lid] = lay.with_checksums(tuple(sums), tuple(scale_sums))
-        write_attributes(tmp, TableMeta(version, spec, comp, written))
+        write_attributes(tmp, TableMeta(version, spec, comp, written, shard))
         fsync_tree(tmp)
         publish(tmp, target, overwrite, replaceable=_replaceable)
     return written
@@ -204,12 +219,14 @@ def _check_args(spec: Any, comp: Any, init: Any, std: Any, seed: Any, overwrite:
         raise InputError(f"overwrite={overwrite!r} is invalid: expected True or False")
 
 
-def plan_layout(spec: TableSpec, chunk_rows: int | None = None) -> dict[int, LayerLayout]:
+def plan_layout(spec: TableSpec, chunk_rows: int | None = None,
+                shard: ShardRange | None = None) -> dict[int, LayerLayout]:
     """How `build_table` would split each layer into chunk files (checksums still empty).
 
     Args:
         spec: the table spec.
         chunk_rows: as for build_table (None: about 64 MiB chunks, split evenly).
+        shard: plan one part of a sharded table: each layer holds `shard.rows(layer_id)` rows.
 
     Returns:
         {layer_id: LayerLayout}; disk use is sum(lay.n_chunks * lay.chunk_bytes).
@@ -218,15 +235,15 @@ def plan_layout(spec: TableSpec, chunk_rows: int | None = None) -> dict[int, Lay
         >>> {lid: lay.n_chunks for lid, lay in plan_layout(spec).items()}
         {1: 5, 15: 5}
     """
-    return {lid: _plan_layer(spec, lid, chunk_rows) for lid in spec.layer_ids}
+    return {lid: _plan_layer(spec, lid, chunk_rows, spec.rows(lid) if shard is None else shard.rows(lid))
+            for lid in spec.layer_ids}
 
 
-def _plan_layer(spec: TableSpec, layer_id: int, chunk_rows: int | None) -> LayerLayout:
+def _plan_layer(spec: TableSpec, layer_id: int, chunk_rows: int | None, rows: int) -> LayerLayout:
     """The layer's layout: chunk rows a multiple of the alignment, no larger than needed."""
     row_bytes, scale_bytes = spec.row_bytes, spec.scale_row_bytes
     # the smallest rows giving whole CHUNK_ALIGNs, for the values and (quantized rows) the scales
     align_rows = math.lcm(*(CHUNK_ALIGN // math.gcd(CHUNK_ALIGN, b) for b in (row_bytes, scale_bytes) if b))
-    rows = spec.rows(layer_id)
     if chunk_rows is None:   # about DEFAULT_CHUNK_BYTES, split evenly so the last chunk has little padding
         n_chunks = -(-rows // (max(1, DEFAULT_CHUNK_BYTES // (align_rows * row_bytes)) * align_rows))
         chunk_rows = -(-rows // (n_chunks * align_rows)) * align_rows
@@ -323,8 +340,9 @@ def _piece_rows(spec: TableSpec) -> int:
     return max(1, ENCODE_VALUES // spec.head_dim)
 
 
-def _init_chunks(lay: LayerLayout, spec: TableSpec, init: str, std: float, seed: int) -> Iterator[Chunk]:
-    """Seeded chunks in the stored dtype, zero rows past the end."""
+def _init_chunks(lay: LayerLayout, spec: TableSpec, init: str, std: float, seed: int,
+                 first: int = 0) -> Iterator[Chunk]:
+    """Seeded chunks in the stored dtype, zero rows past the end; local row 0 is global row `first`."""
     chunk = _chunk_buffers(lay, spec)
     block = chunk[0]
     if spec.quantized:   # drawn in float32 pieces, each encoded into the chunk
@@ -333,7 +351,7 @@ def _init_chunks(lay: LayerLayout, spec: TableSpec, init: str, std: float, seed:
             start, stop = lay.chunk_span(index)
             for p in range(start, stop, len(piece)) if init == "normal" else ():
                 q = min(p + len(piece), stop)
-                _normal_rows(piece[: q - p], p, lay.layer_id, seed, std)
+                _normal_rows(piece[: q - p], first + p, lay.layer_id, seed, std)
                 _encode_into(piece[: q - p], chunk, p - start, spec, f"init of layer {lay.layer_id}", p)
             yield _zero_tail(chunk, stop - start)
         return
@@ -342,7 +360,7 @@ def _init_chunks(lay: LayerLayout, spec: TableSpec, init: str, std: float, seed:
     for index in range(lay.n_chunks):
         start, stop = lay.chunk_span(index)
         if init == "normal":
-            _normal_rows(values[: stop - start], start, lay.layer_id, seed, std)
+            _normal_rows(values[: stop - start], first + start, lay.layer_id, seed, std)
             if values is not block:
                 _store(values[: stop - start], block[: stop - start], spec.dtype)
         yield _zero_tail(chunk, stop - start)
@@ -404,14 +422,16 @@ def _copies_through(src: Any, spec: TableSpec) -> bool:
             and src.block == spec.scale_block)
 
 
-def _source_chunks(src: Any, lay: LayerLayout, spec: TableSpec) -> Iterator[Chunk]:
-    """Chunks copied from trained rows, one slice at a time (np.memmap pages released after use)."""
+def _source_chunks(src: Any, lay: LayerLayout, spec: TableSpec, first: int = 0) -> Iterator[Chunk]:
+    """Chunks copied from trained rows, one slice at a time (np.memmap pages released after use);
+    local row 0 is row `first` of `src`."""
     chunk = _chunk_buffers(lay, spec)
     if isinstance(src, torch.Tensor):
         src = src.detach()
     step = _piece_rows(spec) if spec.quantized else lay.chunk_rows
     for index in range(lay.n_chunks):
         start, stop = lay.chunk_span(index)
+        start, stop = start + first, stop + first          # rows of src
         if _copies_through(src, spec):                     # stored bytes, bit for bit
             values, scales = src.read_stored(start, stop)
             chunk[0][: stop - start] = values

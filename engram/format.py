@@ -34,7 +34,9 @@ The group attribute "engram" holds::
                  "checksums": ["<xxh3-64 hex of chunk 0>", ...]}, ...]}
 
 Format version 2 adds, per layer of a quantized table, `"scales": {"array": "layer_1_scales",
-"checksums": [...]}`. A table is written with the lowest version that describes it (float tables
+"checksums": [...]}`. Format version 3 marks one part of a row-sharded table (`engram.shards`):
+`"shard": {"rank": r, "parts": W, "ranges": [[layer_id, start, stop], ...]}`, and each layer's
+arrays hold only its `stop - start` rows. A table is written with the lowest version that describes it (float tables
 stay version 1, readable by older engram); this engram reads versions `FORMAT_VERSIONS` and
 refuses others.
 
@@ -57,6 +59,7 @@ import xxhash
 from .compression import Compression
 from .dtypes import ROW_DTYPES
 from .errors import CorruptTableError, SpecError, TableNotFoundError
+from .shards import ShardRange
 from .spec import TableSpec
 
 __all__ = [
@@ -78,8 +81,8 @@ __all__ = [
     "write_metadata",
 ]
 
-FORMAT_VERSION = 2            # the newest format this engram writes
-FORMAT_VERSIONS = (1, 2)      # the formats it reads: 1 float rows; 2 adds scale arrays
+FORMAT_VERSION = 3            # the newest format this engram writes
+FORMAT_VERSIONS = (1, 2, 3)   # the formats it reads: 1 float rows; 2 adds scale arrays; 3 shards
 # Chunk files are whole multiples of this many bytes: they then start at page boundaries inside
 # one stitched mapping on systems with 4, 16 or 64 KiB pages, and suit O_DIRECT reads.
 CHUNK_ALIGN = 1 << 16
@@ -104,9 +107,10 @@ def check_dtype_supported(spec: TableSpec) -> None:
         raise SpecError(f"TableSpec.dtype={spec.dtype!r} cannot be stored: expected one of {STORABLE_DTYPES}")
 
 
-def format_version_for(spec: TableSpec) -> int:
-    """The lowest format version that describes a table of `spec`: 2 for quantized rows, else 1."""
-    return 2 if spec.quantized else 1
+def format_version_for(spec: TableSpec, shard: ShardRange | None = None) -> int:
+    """The lowest format version that describes a table of `spec`: 3 for a shard, 2 for quantized
+    rows, else 1."""
+    return 3 if shard is not None else 2 if spec.quantized else 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -185,15 +189,19 @@ class TableMeta:
     spec: TableSpec
     compression: Compression
     layers: dict[int, LayerLayout]
+    shard: ShardRange | None = None      # the rows a part of a sharded table holds; None: every row
 
     def to_attributes(self) -> dict[str, Any]:
         """The group attribute "engram" (JSON-ready)."""
-        return {
+        attrs = {
             "format_version": self.format_version,
             "spec": self.spec.to_dict(),
             "compression": {"array": COMPRESSION_ARRAY, "xxh3": self.compression.fingerprint},
             "layers": [_layer_attributes(lay) for lay in self.layers.values()],
         }
+        if self.shard is not None:
+            attrs["shard"] = self.shard.to_dict()
+        return attrs
 
 
 def _layer_attributes(lay: LayerLayout) -> dict[str, Any]:
@@ -363,8 +371,9 @@ def read_metadata(table: TableDir | str | os.PathLike[str]) -> TableMeta:
             raise CorruptTableError(
                 f"{where} has format_version={version!r}, which cannot hold {spec.dtype} rows (their scales need "
                 f"format_version {format_version_for(spec)}): the metadata is damaged; rebuild the table")
+        shard = _read_shard(attrs, spec, version, where)
         comp = _read_compression(table, attrs["compression"])
-        layers = {lay.layer_id: lay for lay in (_read_layer(table, spec, d) for d in attrs["layers"])}
+        layers = {lay.layer_id: lay for lay in (_read_layer(table, spec, d, shard) for d in attrs["layers"])}
     except (KeyError, TypeError, SpecError) as exc:
         raise CorruptTableError(
             f"{where} has invalid metadata ({type(exc).__name__}: {exc}): rebuild the table") from exc
@@ -375,7 +384,22 @@ def read_metadata(table: TableDir | str | os.PathLike[str]) -> TableMeta:
         raise CorruptTableError(
             f"{where} stores a compression with compressed_vocab_size={comp.compressed_vocab_size} but its "
             f"spec says {spec.compressed_vocab_size}: rebuild the table")
-    return TableMeta(version, spec, comp, layers)
+    return TableMeta(version, spec, comp, layers, shard)
+
+
+def _read_shard(attrs: dict[str, Any], spec: TableSpec, version: int, where: str) -> ShardRange | None:
+    """The stored shard range (format version 3 only), checked against the spec."""
+    entry = attrs.get("shard")
+    if (entry is not None) != (version >= 3):
+        raise CorruptTableError(f"{where} has format_version={version!r} {'with' if entry is not None else 'without'} "
+                                "a shard range: the metadata is damaged; rebuild the table")
+    if entry is None:
+        return None
+    try:
+        return ShardRange.from_dict(entry, spec)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CorruptTableError(f"{where} has an invalid shard range ({exc}): the metadata is damaged; "
+                                "split the table again with engram shard") from exc
 
 
 def _read_compression(tdir: TableDir, entry: dict[str, Any]) -> Compression:
@@ -394,7 +418,7 @@ def _read_compression(tdir: TableDir, entry: dict[str, Any]) -> Compression:
     return comp
 
 
-def _read_layer(tdir: TableDir, spec: TableSpec, entry: dict[str, Any]) -> LayerLayout:
+def _read_layer(tdir: TableDir, spec: TableSpec, entry: dict[str, Any], shard: ShardRange | None) -> LayerLayout:
     layer_id, name, chunk_rows = entry["layer_id"], entry["array"], entry["chunk_rows"]
     where = f"table at {os.fspath(tdir.path)!r}, layer {layer_id!r}"
     if layer_id not in spec.layer_ids:
@@ -415,12 +439,13 @@ def _read_layer(tdir: TableDir, spec: TableSpec, entry: dict[str, Any]) -> Layer
         raise CorruptTableError(
             f"{where}: chunk_rows={chunk_rows!r} does not give chunk files a multiple of {CHUNK_ALIGN} "
             f"bytes with {sizes}: the metadata is damaged; rebuild the table with engram.build_table")
+    rows = spec.rows(layer_id) if shard is None else shard.rows(layer_id)
     layout = _read_array(tdir, spec, where, LayerLayout(
-        layer_id, name, spec.rows(layer_id), spec.row_bytes, chunk_rows, tuple(str(c) for c in entry["checksums"])),
+        layer_id, name, rows, spec.row_bytes, chunk_rows, tuple(str(c) for c in entry["checksums"])),
         row.zarr, spec.head_dim)
     if scale_entry is not None:
         scales = _read_array(tdir, spec, where, LayerLayout(
-            layer_id, scale_entry["array"], spec.rows(layer_id), spec.scale_row_bytes, chunk_rows,
+            layer_id, scale_entry["array"], rows, spec.scale_row_bytes, chunk_rows,
             tuple(str(c) for c in scale_entry["checksums"]), role="scales"), row.scale_zarr, spec.scales_per_row)
         layout = dataclasses.replace(layout, scales=scales)
     return layout

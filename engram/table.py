@@ -45,6 +45,7 @@ from .hotrows import HotRowPlan
 from .integrity import verify_chunks
 from .prefetch import CudaTransfer, Prefetch, Prefetcher
 from .quant import QuantizedRows
+from .shards import ShardRange
 from .spec import TableSpec
 from .stats import LookupStats, StatsCounter
 from .tensors import check_ids_2d, is_torch, to_numpy_ids
@@ -121,6 +122,13 @@ class Table:
         return self._engine.dedup
 
     @property
+    def shard(self) -> ShardRange | None:
+        """For one part of a row-sharded table (`engram shard`), the rows of each layer it holds;
+        None for a whole table. A part is looked up through `engram.distributed.ShardedTable`;
+        its `rows` and `stored_rows` take global rows inside its ranges."""
+        return self._meta.shard
+
+    @property
     def nbytes(self) -> int:
         """Bytes of rows over all layers, scales included (chunk padding excluded)."""
         return self.spec.total_bytes
@@ -149,8 +157,9 @@ class Table:
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"tier={self._tier_name!r}"
+        part = "" if self.shard is None else f", shard={str(self.shard)!r}"
         return (f"Table(path={os.fspath(self._path)!r}, {state}, layer_ids={self.spec.layer_ids}, "
-                f"dtype={self.spec.dtype!r}, rows={self.spec.total_rows}x{self.spec.head_dim})")
+                f"dtype={self.spec.dtype!r}, rows={self.spec.total_rows}x{self.spec.head_dim}{part})")
 
     # -- lifetime ---------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -233,6 +242,10 @@ class Table:
             return self._lookup_layer(x, self.spec.check_layer(layer_id), out, dtype)
 
     def _compress(self, token_ids: Any) -> np.ndarray:
+        if self.shard is not None:
+            raise InputError(
+                f"table at {os.fspath(self._path)!r} is {self.shard} of a sharded table, so it cannot look up "
+                "token ids alone: open every part with engram.distributed.ShardedTable, one per rank")
         if is_torch(token_ids):
             check_ids_2d(token_ids)
         ids = to_numpy_ids(token_ids)
@@ -276,12 +289,31 @@ class Table:
         else:
             self._decoder.gather(layer_id, rows, out)
 
+    def gather_local(self, layer_id: int, rows: np.ndarray, out: torch.Tensor) -> None:
+        """out[i] = stored row rows[i] of this table's layer, unchecked (the caller checked them):
+        for `engram.distributed`, which reads a part's rows by local index (global row minus the
+        part's start) through the table's dedup, hot-row cache and counters.
+
+        Args:
+            layer_id: a checked layer id.
+            rows: contiguous int64 [n], 0 <= row < the layer's stored rows.
+            out: contiguous [n, D] of the dtype lookups gather for the wanted result dtype.
+        """
+        with self._in_use():
+            self._gather(layer_id, rows, out)
+
+    def gathered_dtype(self, dtype: torch.dtype | None) -> torch.dtype:
+        """The dtype rows are gathered in for a lookup that returns `dtype` (None: `table.dtype`)."""
+        _check_dtype(dtype)
+        return self._gathered_dtype(self._dtype if dtype is None else dtype)
+
     def rows(self, layer_id: int, row_indices: Any, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Rows by global row index: [n] ints -> a new tensor [n, D].
 
         Args:
             layer_id: one of `spec.layer_ids`.
-            row_indices: [n] global rows of the layer (0 <= row < spec.rows(layer_id)).
+            row_indices: [n] global rows of the layer (0 <= row < spec.rows(layer_id); for a part
+                of a sharded table, inside the part's range of the layer).
             dtype: result dtype (default: `table.dtype`); quantized tables dequantize to it, as in
                 `lookup`. `stored_rows` gives the stored values and scales unchanged.
 
@@ -332,14 +364,15 @@ class Table:
         if isinstance(row_indices, (list, tuple)) and not row_indices:
             row_indices = np.empty(0, np.int64)              # np.asarray([]) is float64
         idx = to_numpy_ids(row_indices, name="row_indices")
-        n_rows = self.spec.rows(layer_id)
+        lo, hi = (0, self.spec.rows(layer_id)) if self.shard is None else self.shard.ranges[layer_id]
         if idx.ndim != 1:
             raise InputError(f"row_indices must be 1-D, got shape {idx.shape}: flatten them first")
-        if idx.size and (idx.min() < 0 or idx.max() >= n_rows):
-            bad = int(idx.min()) if idx.min() < 0 else int(idx.max())
-            raise InputError(f"row_indices holds {bad}, outside [0, {n_rows}) for layer {layer_id}: "
-                             f"use global rows 0 <= row < spec.rows({layer_id})")
-        return layer_id, np.ascontiguousarray(idx, dtype=np.int64)
+        if idx.size and (idx.min() < lo or idx.max() >= hi):
+            bad = int(idx.min()) if idx.min() < lo else int(idx.max())
+            where = f"spec.rows({layer_id})" if self.shard is None else f"{hi}, the rows this part holds"
+            raise InputError(f"row_indices holds {bad}, outside [{lo}, {hi}) for layer {layer_id}: "
+                             f"use global rows {lo} <= row < {where}")
+        return layer_id, np.ascontiguousarray(idx - lo if lo else idx, dtype=np.int64)
 
     # -- prefetch ---------------------------------------------------------------------------
     def prefetch(self, token_ids: Any, layer_ids: int | Sequence[int] | None = None,
@@ -423,6 +456,9 @@ class Table:
         """
         with self._in_use():
             chosen = select_hot_rows(plan, self.spec, self.compression, fraction, rows, max_bytes)
+            if self.shard is not None:     # the hottest rows of the whole table that this part holds
+                spans = self.shard.ranges
+                chosen = {i: r[(r >= spans[i][0]) & (r < spans[i][1])] - spans[i][0] for i, r in chosen.items()}
             cache = HotRowCache.load(chosen, self.spec, self._stored_dtype, self._read_sorted)
             self._engine.cache = cache          # lookups in flight finish with the cache they began with
             return {layer_id: int(r.size) for layer_id, r in chosen.items()}

@@ -40,7 +40,7 @@ def engram_attrs(path) -> dict:
 
 def test_group_attributes_hold_version_spec_compression_and_checksums(table_dir):
     attrs = engram_attrs(table_dir)
-    assert attrs["format_version"] == 1 and FORMAT_VERSIONS == (1, FORMAT_VERSION) == (1, 2)   # float rows: 1
+    assert attrs["format_version"] == 1 and FORMAT_VERSIONS == (1, 2, FORMAT_VERSION) == (1, 2, 3)   # float rows: 1
     assert "scales" not in attrs["layers"][0] and "scale_block" not in attrs["spec"]
     assert attrs["spec"] == make_spec().to_dict()
     assert attrs["compression"] == {"array": "compression", "xxh3": COMP.fingerprint}
