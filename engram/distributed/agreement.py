@@ -84,7 +84,8 @@ def _check(seen: list[dict[str, Any]], world: int) -> list[ShardRange]:
         parts.append(part)
     problem = check_ranges(spec, parts)
     if problem is not None:
-        held = "; ".join(f"rank {r}: {os.fspath(d['path'])!r} ({p})" for r, (d, p) in enumerate(zip(seen, parts, strict=True)))
+        held = "; ".join(f"rank {r}: {os.fspath(d['path'])!r} ({p})"
+                         for r, (d, p) in enumerate(zip(seen, parts, strict=True)))
         raise ShardMismatchError(f"the parts opened do not cover every row once: {problem}. Opened: {held}: "
                                  "give each rank a different part of one split")
     return parts
