@@ -100,7 +100,7 @@ class RowExchange:
             inverse = torch.from_numpy(np.argsort(perm))[inverse]
         local = uniq_np - self._starts[layer_id][slot]
         send_counts = np.bincount(owner, minlength=self.world).tolist()
-        recv_counts = self._headers(send_counts, layer_id, dtype, op)
+        recv_counts = self.headers(send_counts, layer_id, dtype, op)
         recv_local = self._all_to_all(torch.from_numpy(np.ascontiguousarray(local)), recv_counts, send_counts)
         self.counter.add(exchanges=1, rows_requested=int(rows.size), rows_unique=int(uniq_np.size),
                          rows_remote=int(uniq_np.size - send_counts[self.rank]),
@@ -108,7 +108,7 @@ class RowExchange:
                          bytes_received=8 * (sum(recv_counts) - recv_counts[self.rank]))
         return Routed(uniq_np, inverse, local, send_counts, recv_counts, recv_local.numpy())
 
-    def _headers(self, send_counts: list[int], layer_id: int, dtype: torch.dtype, op: int) -> list[int]:
+    def headers(self, send_counts: list[int], layer_id: int, dtype: torch.dtype, op: int) -> list[int]:
         """Exchange [count, layer, dtype, op] with every rank; refuse a mismatch on every rank."""
         mine = [layer_id, DTYPE_CODES[dtype], op]
         send = torch.tensor([[c, *mine] for c in send_counts], dtype=torch.int64)      # [W, 4]
