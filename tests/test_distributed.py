@@ -50,10 +50,12 @@ def _rank_main(rank: int, world: int, port: int, root: str, names: list[str]) ->
                             timeout=datetime.timedelta(seconds=20))
     results = {}
     for name in names:
+        start = time.perf_counter()
         try:
             results[name] = {"ok": True, "value": CASES[name](rank, world, Path(root))}
         except Exception:
             results[name] = {"ok": False, "error": traceback.format_exc()}
+        results[name]["seconds"] = time.perf_counter() - start
         Path(root, f"results-{world}-{rank}.json").write_text(json.dumps(results))
     dist.destroy_process_group()
 
