@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .dtypes import ROW_DTYPES
 from .errors import CorruptTableError, InputError, MissingFileError, SpecMismatchError
 
 __all__ = ["Checkpoint", "open_checkpoint", "DEFAULT_WEIGHT_PATTERNS", "INDEX_NAME"]
@@ -45,9 +46,9 @@ INDEX_NAME = "model.safetensors.index.json"
 _SCALE_SUFFIX = ("weight", "weight_scale_inv")
 _TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 # Stored dtype (safetensors name or torch dtype) -> engram row dtype.
-_ROW_DTYPES: dict[Any, str] = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F8_E4M3": "float8_e4m3",
-                               torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16",
-                               torch.float8_e4m3fn: "float8_e4m3"}
+_ROW_DTYPES: dict[Any, str] = {
+    **{d.safetensors: name for name, d in ROW_DTYPES.items() if d.safetensors},
+    **{getattr(torch, d.value_torch[-1]): name for name, d in ROW_DTYPES.items() if d.safetensors}}
 _SCALE_DTYPES = ("F8_E8M0", "U8", torch.uint8, getattr(torch, "float8_e8m0fnu", torch.uint8))
 
 
@@ -368,7 +369,7 @@ class Checkpoint:
             raise InputError(f"tensor {weight!r} has dtype {stored} and shape {shape}: expected a 2-D "
                              f"[rows, D] tensor of {sorted({str(k) for k in _ROW_DTYPES if isinstance(k, str)})}")
         dtype, scale, block = _ROW_DTYPES[stored], None, None
-        if dtype == "float8_e4m3":
+        if ROW_DTYPES[dtype].per_block:
             scale, block = self._scale(layer_id, weight, shape)
         layer = _Layer(weight, (int(shape[0]), int(shape[1])), dtype, scale, block)
         self._layers[layer_id] = layer

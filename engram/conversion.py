@@ -33,17 +33,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from .build import (
-    Chunk,
-    _check_target,
-    _chunk_buffers,
-    _encode_into,
-    _piece_rows,
-    _store,
-    _zero_tail,
-    plan_layout,
-    write_table,
-)
 from .dtypes import ROW_DTYPES
 from .errors import InputError, SpecError
 from .format import LayerLayout
@@ -52,6 +41,17 @@ from .quant import decode
 from .spec import DTYPES, TableSpec
 from .table import Table
 from .table import open as open_table
+from .writer import (
+    Chunk,
+    check_target,
+    chunk_buffers,
+    encode_into,
+    piece_rows,
+    plan_layout,
+    store_rows,
+    write_table,
+    zero_tail,
+)
 
 __all__ = ["convert", "check_convert", "ConvertReport", "LayerReport"]
 
@@ -229,7 +229,7 @@ def check_convert(source: TableSpec, dst: str | os.PathLike[str], *, dtype: str,
     _check_args(dtype, scale_block, overwrite, 0, 0)
     spec = _target_spec(source, dtype, scale_block)
     restore_aside(dst)        # a table a killed build left aside belongs at `dst`: it is there again
-    _check_target(Path(dst), overwrite)
+    check_target(Path(dst), overwrite)
     return spec
 
 
@@ -269,8 +269,8 @@ def _sample(rows: int, sample_rows: int, seed: int, layer_id: int) -> np.ndarray
 def _converted_chunks(table: Table, spec: TableSpec, lay: LayerLayout, copied: bool, sample: np.ndarray,
                       errors: _Errors) -> Iterator[Chunk]:
     """The chunks of one layer of the converted table, read from `table` piece by piece."""
-    chunk = _chunk_buffers(lay, spec)
-    step = _piece_rows(spec)
+    chunk = chunk_buffers(lay, spec)
+    step = piece_rows(spec)
     for index in range(lay.n_chunks):
         start, stop = lay.chunk_span(index)
         for p in range(start, stop, step):
@@ -287,15 +287,15 @@ def _converted_chunks(table: Table, spec: TableSpec, lay: LayerLayout, copied: b
                 continue
             x = table.rows(lay.layer_id, rows, dtype=torch.float32)                 # [q - p, D] decoded
             if spec.quantized:
-                _encode_into(x, chunk, at, spec, f"source table layer {lay.layer_id}", p)
+                encode_into(x, chunk, at, spec, f"source table layer {lay.layer_id}", p)
             else:
-                _store(x, chunk[0][at:end], spec.dtype)
+                store_rows(x, chunk[0][at:end], spec.dtype)
             if picked.size:
                 local = picked - start
                 scales = None if chunk[1] is None else chunk[1][local]
                 errors.add(x[torch.from_numpy(picked - p)],
                            decode(chunk[0][local], scales, spec.dtype, block=spec.scale_block))
-        yield _zero_tail(chunk, stop - start)
+        yield zero_tail(chunk, stop - start)
 
 
 class _Errors:

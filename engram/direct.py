@@ -36,22 +36,17 @@ import threading
 import numpy as np
 import torch
 
-from .format import LayerLayout, TableDir, chunk_error
+from .chunks import chunk_error, fadvise, open_chunk
+from .format import LayerLayout, TableDir
 from .mapping import MAP_PRIVATE, PROT_READ, PROT_WRITE, Region
 
-__all__ = ["DirectReader", "BLOCK", "EXTENT_BYTES", "fadvise"]
+__all__ = ["DirectReader", "BLOCK", "EXTENT_BYTES"]
 
 BLOCK = 4096                # alignment of O_DIRECT offsets, lengths and buffers
 EXTENT_BYTES = 128 << 10    # extents never cross a multiple of this (bounds one read)
 GAP_BYTES = 8 << 10         # rows up to this far apart are read in one extent, gap included
 STAGE_BYTES = 32 << 20      # staging buffer per window of extents (bounds memory per call)
 _O_DIRECT = getattr(os, "O_DIRECT", 0)
-
-
-def fadvise(fd: int, advice: str) -> None:
-    """posix_fadvise(fd, 0, 0, POSIX_FADV_<advice>) over the whole file, where the OS has it."""
-    if hasattr(os, "posix_fadvise"):
-        os.posix_fadvise(fd, 0, 0, getattr(os, f"POSIX_FADV_{advice}"))
 
 
 class DirectReader:
@@ -87,28 +82,22 @@ class DirectReader:
         for layer_id, lay in self._layouts.items():
             fds = self._fds.setdefault(layer_id, [])
             for index in range(lay.n_chunks):
-                path = lay.chunk_path(tdir.path, index)
-                try:
-                    fd = self._open_one(tdir, lay.chunk_relpath(index), use_direct)
-                except FileNotFoundError:
-                    raise chunk_error(lay, index, path, "is missing") from None
+                fd = self._open_one(tdir, lay, index, use_direct)     # size checked
                 if fd is None:          # the filesystem refuses O_DIRECT: read through the cache
                     if o_direct:
-                        raise OSError(errno.EINVAL, f"O_DIRECT is not supported for {os.fspath(path)!r}")
+                        raise OSError(errno.EINVAL, "O_DIRECT is not supported for "
+                                      f"{os.fspath(lay.chunk_path(tdir.path, index))!r}")
                     self._close_fds()
                     return self._open_all(tdir, False)
                 fds.append(fd)
-                if os.fstat(fd).st_size != lay.chunk_bytes:
-                    raise chunk_error(lay, index, path, f"has {os.fstat(fd).st_size} bytes, expected "
-                                      f"{lay.chunk_bytes}")
                 if not use_direct:
                     fadvise(fd, "RANDOM")
         return use_direct
 
     @staticmethod
-    def _open_one(tdir: TableDir, relpath: str, use_direct: bool) -> int | None:
+    def _open_one(tdir: TableDir, lay: LayerLayout, index: int, use_direct: bool) -> int | None:
         try:
-            fd = tdir.open(relpath, os.O_RDONLY | (_O_DIRECT if use_direct else 0))
+            fd = open_chunk(tdir, lay, index, os.O_RDONLY | (_O_DIRECT if use_direct else 0))
         except OSError as exc:
             if use_direct and exc.errno == errno.EINVAL:
                 return None

@@ -1,6 +1,7 @@
 """Row dtypes: the one table of how each `TableSpec.dtype` is stored, scaled and decoded.
 
-Every other module (spec, format, quant, tiers, build) derives what it needs from `ROW_DTYPES`:
+Every other module (spec, format, quant, tiers, writer, checkpoint, the CLI) derives what it needs from
+`ROW_DTYPES`; adding a row dtype touches this table and the codec (`engram.quant`) only:
 
 | dtype         | stored values (numpy / zarr)  | scales                                   | decoded to |
 |---------------|-------------------------------|------------------------------------------|------------|
@@ -21,8 +22,8 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["RowDtype", "ROW_DTYPES", "QUANTIZED_DTYPES", "row_dtype", "storage_dtype", "scale_dtype",
-           "torch_dtype", "storage_torch_dtype", "is_quantized"]
+__all__ = ["RowDtype", "ROW_DTYPES", "QUANTIZED_DTYPES", "BLOCK_DTYPE", "row_dtype", "storage_dtype", "scale_dtype",
+           "torch_dtype", "storage_torch_dtype"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +39,9 @@ class RowDtype:
         scale: numpy dtype string of the stored scales, or None (float dtypes store none).
         scale_zarr: zarr v3 data_type of the scales, or None.
         per_block: scales cover blocks of `TableSpec.scale_block` values (True) or whole rows.
+        value_torch: names of the torch dtypes that hold stored values unchanged (what a decode accepts).
+        scale_torch: names of the torch dtypes that hold stored scales unchanged.
+        safetensors: the safetensors dtype name of checkpoint rows stored this way, or None.
     """
 
     name: str
@@ -48,6 +52,9 @@ class RowDtype:
     scale: str | None = None
     scale_zarr: str | None = None
     per_block: bool = False
+    value_torch: tuple[str, ...] = ()
+    scale_torch: tuple[str, ...] = ()
+    safetensors: str | None = None
 
     @property
     def value_bytes(self) -> int:
@@ -71,23 +78,23 @@ class RowDtype:
 
 
 ROW_DTYPES: dict[str, RowDtype] = {d.name: d for d in (
-    RowDtype("float32", "<f4", "float32", "float32", "float32"),
-    RowDtype("bfloat16", "<u2", "uint16", "bfloat16", "bfloat16"),
-    RowDtype("float16", "<f2", "float16", "float16", "float16"),
-    RowDtype("int8", "i1", "int8", "float32", "int8", scale="<f4", scale_zarr="float32"),
-    RowDtype("float8_e4m3", "u1", "uint8", "float32", "uint8", scale="u1", scale_zarr="uint8", per_block=True),
+    RowDtype("float32", "<f4", "float32", "float32", "float32", value_torch=("float32",), safetensors="F32"),
+    RowDtype("bfloat16", "<u2", "uint16", "bfloat16", "bfloat16", value_torch=("uint16", "bfloat16"),
+             safetensors="BF16"),
+    RowDtype("float16", "<f2", "float16", "float16", "float16", value_torch=("float16",), safetensors="F16"),
+    RowDtype("int8", "i1", "int8", "float32", "int8", scale="<f4", scale_zarr="float32", value_torch=("int8",),
+             scale_torch=("float32",)),
+    RowDtype("float8_e4m3", "u1", "uint8", "float32", "uint8", scale="u1", scale_zarr="uint8", per_block=True,
+             value_torch=("uint8", "float8_e4m3fn"), scale_torch=("uint8", "float8_e8m0fnu"), safetensors="F8_E4M3"),
 )}
 QUANTIZED_DTYPES = tuple(name for name, d in ROW_DTYPES.items() if d.quantized)
+# the one dtype whose scales cover blocks of `TableSpec.scale_block` values ("float8_e4m3")
+(BLOCK_DTYPE,) = (name for name, d in ROW_DTYPES.items() if d.per_block)
 
 
 def row_dtype(name: str) -> RowDtype:
     """The RowDtype of a `TableSpec.dtype` string (KeyError for unknown names)."""
     return ROW_DTYPES[name]
-
-
-def is_quantized(name: str) -> bool:
-    """True for dtypes that store scales ("int8", "float8_e4m3")."""
-    return ROW_DTYPES[name].quantized
 
 
 def storage_dtype(name: str) -> np.dtype:

@@ -54,7 +54,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import xxhash
 
 from .compression import Compression
 from .dtypes import ROW_DTYPES
@@ -66,15 +65,10 @@ __all__ = [
     "FORMAT_VERSION",
     "FORMAT_VERSIONS",
     "CHUNK_ALIGN",
-    "STORAGE_DTYPES",
-    "STORABLE_DTYPES",
     "format_version_for",
     "LayerLayout",
     "TableDir",
     "TableMeta",
-    "checksum",
-    "check_dtype_supported",
-    "chunk_error",
     "is_table",
     "read_metadata",
     "write_attributes",
@@ -87,24 +81,10 @@ FORMAT_VERSIONS = (1, 2, 3)   # the formats it reads: 1 float rows; 2 adds scale
 # one stitched mapping on systems with 4, 16 or 64 KiB pages, and suit O_DIRECT reads.
 CHUNK_ALIGN = 1 << 16
 COMPRESSION_ARRAY = "compression"
-# Logical row dtype -> zarr data_type of the stored values (see engram.dtypes).
-STORAGE_DTYPES = {name: d.zarr for name, d in ROW_DTYPES.items()}
-STORABLE_DTYPES = tuple(STORAGE_DTYPES)   # every TableSpec dtype (e.g. for `engram build --dtype` choices)
 _BYTES_CODEC = [{"name": "bytes", "configuration": {"endian": "little"}}]
 _BYTES_CODEC_NO_ENDIAN = [{"name": "bytes"}]
 _SINGLE_BYTE = ("int8", "uint8")
 _CHUNK_KEY_ENCODING = {"name": "default", "configuration": {"separator": "/"}}
-
-
-def checksum(data: Any) -> str:
-    """xxh3-64 hex digest of a bytes-like object (the per-chunk checksum)."""
-    return xxhash.xxh3_64_hexdigest(data)
-
-
-def check_dtype_supported(spec: TableSpec) -> None:
-    """Raise SpecError for a row dtype tables cannot store (every TableSpec dtype can)."""
-    if spec.dtype not in STORAGE_DTYPES:
-        raise SpecError(f"TableSpec.dtype={spec.dtype!r} cannot be stored: expected one of {STORABLE_DTYPES}")
 
 
 def format_version_for(spec: TableSpec, shard: ShardRange | None = None) -> int:
@@ -366,7 +346,6 @@ def read_metadata(table: TableDir | str | os.PathLike[str]) -> TableMeta:
             f"{FORMAT_VERSIONS}: upgrade engram to open newer tables, or rebuild the table")
     try:
         spec = TableSpec.from_dict(attrs["spec"])
-        check_dtype_supported(spec)
         if version < format_version_for(spec):
             raise CorruptTableError(
                 f"{where} has format_version={version!r}, which cannot hold {spec.dtype} rows (their scales need "
@@ -481,11 +460,3 @@ def _read_array(tdir: TableDir, spec: TableSpec, where: str, layout: LayerLayout
             f"{where}: {len(layout.checksums)} {what} recorded for {layout.n_chunks} chunks: "
             "the metadata is damaged; rebuild the table")
     return layout
-
-
-def chunk_error(layout: LayerLayout, index: int, path: str | os.PathLike[str], problem: str) -> CorruptTableError:
-    """The CorruptTableError for one damaged chunk file, naming layer, array (for scales), chunk and file."""
-    what = "" if layout.role == "rows" else f" scales (array {layout.array!r})"
-    return CorruptTableError(
-        f"layer {layout.layer_id}{what} chunk {index} ({os.fspath(path)!r}) {problem}: the table is damaged; "
-        "rebuild it or restore the file (engram verify checks every chunk)")

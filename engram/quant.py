@@ -107,7 +107,7 @@ def _check_block(dtype: str, D: Any, block: Any) -> None:
         raise InputError(f"D={D!r} is invalid: expected an int >= 1 (values per row)")
     if not isinstance(block, numbers.Integral) or isinstance(block, bool) or block < 1:
         raise InputError(f"block={block!r} is invalid: expected an int >= 1 (values per scale; V4.1 uses 32)")
-    if dtype == "float8_e4m3" and D % block:
+    if ROW_DTYPES[dtype].per_block and D % block:
         raise InputError(
             f"D={D} is not a multiple of block={block}: float8_e4m3 rows keep one scale per block of "
             f"values; pick a block that divides D (V4.1: D=256, block=32)"
@@ -276,9 +276,9 @@ def _as_tensor(a: Any, name: str) -> torch.Tensor:
     raise InputError(f"{name} must be a numpy array or torch.Tensor, got {type(a).__name__}")
 
 
-_VALUE_TORCH = {"float32": (torch.float32,), "bfloat16": (torch.uint16, torch.bfloat16), "float16": (torch.float16,),
-                "int8": (torch.int8,), "float8_e4m3": (torch.uint8, torch.float8_e4m3fn)}
-_SCALE_TORCH = {"int8": (torch.float32,), "float8_e4m3": (torch.uint8, torch.float8_e8m0fnu)}
+# Row dtype -> the torch dtypes accepted for its stored values and (quantized rows) scales.
+_VALUE_TORCH = {name: tuple(getattr(torch, t) for t in d.value_torch) for name, d in ROW_DTYPES.items()}
+_SCALE_TORCH = {name: tuple(getattr(torch, t) for t in d.scale_torch) for name, d in ROW_DTYPES.items() if d.quantized}
 
 
 def _check_decode_args(values: torch.Tensor, scales: torch.Tensor | None, dtype: str, block: int) -> None:

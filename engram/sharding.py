@@ -16,13 +16,13 @@ from pathlib import Path
 
 import numpy as np
 
-from .build import Chunk, check_build, plan_layout, write_table
-from .dtypes import scale_dtype, storage_dtype
+from .build import check_build
 from .errors import InputError
 from .format import LayerLayout
 from .shards import ShardRange, plan_shards
 from .table import Table
 from .table import open as open_table
+from .writer import Chunk, chunk_buffers, plan_layout, write_table, zero_tail
 
 __all__ = ["shard_table", "shard_path", "check_shard_table"]
 
@@ -90,14 +90,12 @@ def _copied_chunks(src: Table, lay: LayerLayout, part: ShardRange) -> Iterator[C
     """The part's chunks of one layer: the source's stored values (and scales), zero rows past the end."""
     spec = src.spec
     first = part.start(lay.layer_id)
-    values = np.zeros((lay.chunk_rows, spec.head_dim), storage_dtype(spec.dtype))
-    scales = None if not spec.quantized else np.zeros((lay.chunk_rows, spec.scales_per_row), scale_dtype(spec.dtype))
+    chunk = chunk_buffers(lay, spec)
+    values, scales = chunk
     for index in range(lay.n_chunks):
         start, stop = lay.chunk_span(index)
         stored = src.stored_rows(lay.layer_id, np.arange(first + start, first + stop, dtype=np.int64))
         values[: stop - start] = stored.values.view(values.dtype)
-        values[stop - start:] = 0
         if scales is not None:
             scales[: stop - start] = stored.scales
-            scales[stop - start:] = 0
-        yield values, scales
+        yield zero_tail(chunk, stop - start)

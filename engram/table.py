@@ -35,6 +35,7 @@ import torch
 
 from .buffers import OutputPool, Scratch
 from .cache import HotRowCache, select_hot_rows
+from .chunks import verify_chunks
 from .compression import Compression
 from .dtypes import storage_torch_dtype, torch_dtype
 from .errors import InputError, SpecMismatchError
@@ -42,7 +43,6 @@ from .format import LayerLayout, TableDir, TableMeta, read_metadata
 from .gather import DEDUP_TIERS, DecodingGatherer, RowGatherer
 from .hashing import NgramHasher
 from .hotrows import HotRowPlan
-from .integrity import verify_chunks
 from .prefetch import CudaTransfer, Prefetch, Prefetcher
 from .quant import QuantizedRows
 from .shards import ShardRange

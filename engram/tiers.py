@@ -30,9 +30,10 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from .chunks import open_chunk, progress_bar, read_chunk
 from .direct import DirectReader
 from .dtypes import row_dtype, storage_dtype, storage_torch_dtype, torch_dtype
-from .format import LayerLayout, TableDir, TableMeta, checksum, chunk_error
+from .format import LayerLayout, TableDir, TableMeta
 from .mapping import PROT_READ, Region, anonymous, stitch_files
 
 __all__ = ["TIERS", "Tier", "open_tier", "torch_dtype", "storage_dtype"]
@@ -73,7 +74,7 @@ def _load_array(tdir: TableDir, lay: LayerLayout, bar: object | None = None) -> 
     region = anonymous(lay.n_chunks * lay.chunk_bytes)
     data = region.array(np.uint8, (region.length,), writable=True)
     for index in range(lay.n_chunks):
-        _load_chunk(tdir, lay, index, data[index * lay.chunk_bytes: (index + 1) * lay.chunk_bytes])
+        read_chunk(tdir, lay, index, data[index * lay.chunk_bytes: (index + 1) * lay.chunk_bytes])
         if bar is not None:
             bar.update(lay.chunk_bytes)
     region.protect(PROT_READ)
@@ -102,40 +103,12 @@ class RamTier(_InAddressSpace):
     name = "ram"
 
     def __init__(self, tdir: TableDir, meta: TableMeta) -> None:
-        from tqdm.auto import tqdm
-
         super().__init__()
-        total = sum(lay.disk_bytes for lay in meta.layers.values())
-        with tqdm(total=total, unit="B", unit_scale=True, desc="load", delay=1.0, mininterval=0.5,
-                  disable=None) as bar:
+        with progress_bar(sum(lay.disk_bytes for lay in meta.layers.values()), "load") as bar:
             for lay in meta.layers.values():
                 self.weights[lay.layer_id] = _values_tensor(_load_array(tdir, lay, bar), lay, meta)
                 if lay.scales is not None:
                     self.scales[lay.layer_id] = _scales_tensor(_load_array(tdir, lay.scales, bar), lay.scales, meta)
-
-
-def _load_chunk(tdir: TableDir, lay: LayerLayout, index: int, dest: np.ndarray) -> None:
-    """Read one chunk file into `dest` and check its size and checksum."""
-    path = lay.chunk_path(tdir.path, index)
-    try:
-        fd = tdir.open(lay.chunk_relpath(index))
-    except FileNotFoundError:
-        raise chunk_error(lay, index, path, "is missing") from None
-    try:
-        size = os.fstat(fd).st_size
-        if size != lay.chunk_bytes:
-            raise chunk_error(lay, index, path, f"has {size} bytes, expected {lay.chunk_bytes}")
-        view, done = memoryview(dest), 0
-        while done < lay.chunk_bytes:
-            got = os.readv(fd, [view[done:]])
-            if got == 0:
-                raise chunk_error(lay, index, path, f"ended after {done} of {lay.chunk_bytes} bytes")
-            done += got
-    finally:
-        os.close(fd)
-    digest = checksum(dest)
-    if digest != lay.checksums[index]:
-        raise chunk_error(lay, index, path, f"has xxh3 {digest}, recorded {lay.checksums[index]}")
 
 
 def _map_array(tdir: TableDir, lay: LayerLayout, prefault: bool) -> Region:
@@ -143,14 +116,7 @@ def _map_array(tdir: TableDir, lay: LayerLayout, prefault: bool) -> Region:
     fds: list[int] = []
     try:
         for index in range(lay.n_chunks):
-            path = lay.chunk_path(tdir.path, index)
-            try:
-                fds.append(tdir.open(lay.chunk_relpath(index)))
-            except FileNotFoundError:
-                raise chunk_error(lay, index, path, "is missing") from None
-            size = os.fstat(fds[-1]).st_size
-            if size != lay.chunk_bytes:
-                raise chunk_error(lay, index, path, f"has {size} bytes, expected {lay.chunk_bytes}")
+            fds.append(open_chunk(tdir, lay, index))
         return stitch_files(fds, lay.chunk_bytes, populate=prefault)
     finally:
         for fd in fds:      # the mappings keep the files open

@@ -30,9 +30,9 @@ def golden():
 @pytest.fixture
 def disk_full_at_third_chunk(monkeypatch):
     """Table writes fail with ENOSPC at their third chunk file (a build or conversion mid-way)."""
-    from engram import build
+    from engram import chunks
 
-    real, calls = build._write_chunk, []
+    real, calls = chunks.write_chunk, []
 
     def failing(path, block, bar):
         calls.append(path)
@@ -40,4 +40,4 @@ def disk_full_at_third_chunk(monkeypatch):
             raise OSError(28, "No space left on device")
         return real(path, block, bar)
 
-    monkeypatch.setattr(build, "_write_chunk", failing)
+    monkeypatch.setattr(chunks, "write_chunk", failing)

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import engram
-from engram import build, publish, quant
+from engram import build, chunks, publish, quant, writer
 from engram.build import INIT_BLOCK_ROWS
 
 VOCAB = 600
@@ -142,7 +142,7 @@ def stored(table, layer_id: int):
 
 @pytest.mark.parametrize("dtype", list(QUANT))
 def test_quantized_init_encodes_the_float32_draws(tmp_path, dtype, monkeypatch):
-    monkeypatch.setattr(build, "ENCODE_VALUES", 5000)        # pieces of 312 rows: not aligned to anything
+    monkeypatch.setattr(writer, "ENCODE_VALUES", 5000)        # pieces of 312 rows: not aligned to anything
     spec = quant_spec(dtype)
     with engram.build_table(tmp_path / "f32", make_spec(), COMP, seed=4) as f32, \
             engram.build_table(tmp_path / "q", spec, COMP, seed=4, chunk_rows=16384) as q, \
@@ -162,7 +162,7 @@ def test_quantized_init_encodes_the_float32_draws(tmp_path, dtype, monkeypatch):
 @pytest.mark.parametrize("kind", ["numpy-f64", "torch-bf16", "memmap"])
 @pytest.mark.parametrize("dtype", list(QUANT))
 def test_quantized_weights_import(tmp_path, dtype, kind, monkeypatch):
-    monkeypatch.setattr(build, "ENCODE_VALUES", 40000)
+    monkeypatch.setattr(writer, "ENCODE_VALUES", 40000)
     spec = quant_spec(dtype)
     rows = torch.randn(spec.rows(1), spec.head_dim, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     rows[5] = 0
@@ -285,15 +285,15 @@ CHILD = textwrap.dedent("""
     import sys, time
     import numpy as np
     import engram
-    from engram import build
+    from engram import chunks
 
-    real = build._write_chunk
+    real = chunks.write_chunk
     def slow(path, block, bar):
         digest = real(path, block, bar)
         print("chunk", flush=True)
         time.sleep(0.2)
         return digest
-    build._write_chunk = slow
+    chunks.write_chunk = slow
     comp = engram.Compression(np.arange(600) // 2)
     spec = engram.TableSpec(engram_vocab_size=(2000, 2100), max_ngram_size=3, n_head_per_ngram=2,
                             n_embed_per_ngram=32, layer_ids=(1, 5), compressed_vocab_size=300)
@@ -394,7 +394,7 @@ def test_memory_does_not_grow_with_the_table(tmp_path, source, dtype, chunk_rows
 @pytest.mark.parametrize("can_swap", [True, False])
 def test_overwrite_never_deletes_what_appears_at_the_path_during_the_build(tmp_path, monkeypatch, can_swap):
     target = tmp_path / "t"
-    real = build._write_chunk
+    real = chunks.write_chunk
 
     def write_and_race(path, block, bar):                  # someone else's files land at the target
         if not target.exists():
@@ -402,7 +402,7 @@ def test_overwrite_never_deletes_what_appears_at_the_path_during_the_build(tmp_p
             (target / "precious.txt").write_text("mine")
         return real(path, block, bar)
 
-    monkeypatch.setattr(build, "_write_chunk", write_and_race)
+    monkeypatch.setattr(chunks, "write_chunk", write_and_race)
     if not can_swap:
         monkeypatch.setattr(publish, "_exchange", lambda a, b: False)
     with pytest.raises(engram.TableExistsError, match=r"holds something other than an engram table \(it appeared "

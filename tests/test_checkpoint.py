@@ -264,7 +264,7 @@ def v41_table_checkpoint(tmp_path):
 
 def test_v41_rows_are_copied_into_a_table_bit_for_bit(v41_table_checkpoint, tmp_path, monkeypatch):
     import engram
-    from engram import build, quant
+    from engram import quant, writer
 
     path, values, scales = v41_table_checkpoint
     spec, comp = v41_spec(), engram.Compression(np.arange(600) // 2)
@@ -272,7 +272,7 @@ def test_v41_rows_are_copied_into_a_table_bit_for_bit(v41_table_checkpoint, tmp_
     def no_codec(*args, **kwargs):
         raise AssertionError("FP8 checkpoint rows must be copied, not decoded and re-encoded")
 
-    monkeypatch.setattr(build, "encode", no_codec)
+    monkeypatch.setattr(writer, "encode", no_codec)
     with open_checkpoint(path) as ckpt:
         table = engram.build_table(tmp_path / "t.engram", spec, comp, weights={1: ckpt.rows(1)})
     monkeypatch.undo()

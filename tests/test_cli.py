@@ -142,7 +142,7 @@ def test_build_refuses_a_table_that_would_not_fit(capsys, tmp_path, monkeypatch)
     big.write_text(json.dumps({**SPEC, "engram_vocab_size": [10**9, 10**9], "n_embed_per_ngram": 4096}))
     import engram.cli.write as write
 
-    monkeypatch.setattr(write, "_free_bytes", lambda path: 10 << 30)
+    monkeypatch.setattr(write, "free_bytes", lambda path: 10 << 30)
     code, out, _ = run(capsys, "build", str(tmp_path / "x"), "--spec", str(big), "--vocab-size", "10", "--dry-run")
     assert code == 3 and "would NOT fit" in out                          # the plan, and the refusal
     code, _, err = run(capsys, "build", str(tmp_path / "x"), "--spec", str(big), "--vocab-size", "10")
@@ -366,18 +366,18 @@ def test_os_errors_exit_3_and_interrupts_130(capsys, spec_file, corpus, monkeypa
 def test_free_bytes_of_a_path_whose_parents_do_not_exist_yet(capsys, spec_file, tmp_path):
     import shutil
 
-    from engram.cli.common import _free_bytes
+    from engram.cli.common import free_bytes
 
     deep = tmp_path / "a" / "b" / "t.engram"
-    assert abs(_free_bytes(str(deep)) - shutil.disk_usage(tmp_path).free) < 1 << 30
+    assert abs(free_bytes(str(deep)) - shutil.disk_usage(tmp_path).free) < 1 << 30
     code, out, _ = run(capsys, "build", str(deep), "--spec", spec_file, "--vocab-size", "300", "--dry-run")
     assert code == 0 and "would build" in out and not (tmp_path / "a").exists()
 
 
 def test_human_bytes():
-    from engram.cli.common import _human_bytes
+    from engram.cli.common import human_bytes
 
-    assert [_human_bytes(n) for n in (0, 1023, 1024, 1536 << 20, 1 << 40, 5 << 50)] == [
+    assert [human_bytes(n) for n in (0, 1023, 1024, 1536 << 20, 1 << 40, 5 << 50)] == [
         "0 B", "1023 B", "1.0 KiB", "1.5 GiB", "1.0 TiB", "5120.0 TiB"]
 
 
@@ -393,10 +393,9 @@ def _subparsers():
 @pytest.mark.parametrize("command", ["build", "import", "convert"])
 def test_dtype_choices_are_the_row_dtypes(command):
     import engram.dtypes
-    import engram.format
 
     dtype = next(a for a in _subparsers()[command]._actions if a.dest == "dtype")
-    assert tuple(dtype.choices) == tuple(engram.dtypes.ROW_DTYPES) == tuple(engram.format.STORAGE_DTYPES)
+    assert tuple(dtype.choices) == tuple(engram.dtypes.ROW_DTYPES)
     assert {"int8", "float8_e4m3"} <= set(dtype.choices)
 
 
@@ -411,15 +410,6 @@ def test_help_states_each_default_once(capsys):
     assert "'layers.{layer_id}.engram.multi_head_embedding.embedding.weight')" in out
     code, out, _ = run(capsys, "bench", "--help")
     assert "(default: ram mmap direct)" in out and "(default: 8)" in out
-
-
-def test_dry_run_refuses_a_dtype_tables_cannot_store(capsys, spec_file, tmp_path, monkeypatch):
-    import engram.format
-
-    monkeypatch.setattr(engram.format, "STORAGE_DTYPES", {"float32": "float32"})
-    code, _, err = run(capsys, "build", str(tmp_path / "t"), "--spec", spec_file, "--vocab-size", "300", "--dry-run",
-                       "--dtype", "bfloat16")
-    assert code == 3 and "TableSpec.dtype='bfloat16'" in err
 
 
 def test_dry_run_refuses_a_spec_that_does_not_fit_the_compression(capsys, tmp_path):

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import engram
-from engram import build, quant
+from engram import quant, writer
 from engram.conversion import ConvertReport
 
 VOCAB = 600
@@ -95,7 +95,7 @@ def test_same_encoding_is_copied_bit_for_bit(sources, tmp_path, monkeypatch):
     def no_codec(*args, **kwargs):
         raise AssertionError("a table converted to its own encoding must be copied, not re-encoded")
 
-    monkeypatch.setattr(build, "encode", no_codec)
+    monkeypatch.setattr(writer, "encode", no_codec)
     report = engram.convert(sources["float8_e4m3"], tmp_path / "copy", dtype="float8_e4m3")
     assert report.copied and report.max_rel_error == 0.0
     with engram.open(sources["float8_e4m3"]) as src, engram.open(tmp_path / "copy") as out:

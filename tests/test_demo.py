@@ -29,9 +29,9 @@ def test_docstring_states_the_table_size(monkeypatch):
     monkeypatch.syspath_prepend(str(TOOLS))
     import demo
 
-    from engram.cli.common import _load_spec
+    from engram.cli.common import load_spec
 
-    spec = _load_spec(str(demo.SPEC), engram.Compression.from_tokenizer_file(demo.TOKENIZER))
+    spec = load_spec(str(demo.SPEC), engram.Compression.from_tokenizer_file(demo.TOKENIZER))
     layer_mib = {round(spec.layer_bytes(i) / 2**20) for i in spec.layer_ids}
     assert len(spec.layer_ids) == 2 and len(layer_mib) == 1
     assert f"two layers of ~{layer_mib.pop()} MiB, ~{round(spec.total_bytes / 2**20)} MiB in all" in demo.__doc__

@@ -22,11 +22,11 @@ from .common import (
     EXIT_USAGE,
     ROW_DTYPES,
     Output,
-    _add_encoding,
-    _add_source,
-    _add_vocab,
-    _float_at_least_zero,
-    _int_at_least,
+    add_encoding,
+    add_source,
+    add_vocab,
+    float_at_least_zero,
+    int_at_least,
 )
 from .corpus import cmd_hash, cmd_stats
 from .read import cmd_bench, cmd_inspect, cmd_verify
@@ -80,12 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path", metavar="PATH", help="table directory to create")
     p.add_argument("--spec", required=True, metavar="SPEC.json",
                    help="TableSpec fields as JSON (compressed_vocab_size may be left out)")
-    _add_vocab(p, required=True)
+    add_vocab(p, required=True)
     p.add_argument("--init", default="normal", choices=("normal", "zeros"), help="initial rows")
-    p.add_argument("--std", type=_float_at_least_zero, default=0.02, help="standard deviation of --init normal")
-    p.add_argument("--seed", type=_int_at_least(0), default=0, help="seed of the initial rows")
-    _add_encoding(p)
-    p.add_argument("--chunk-rows", type=_int_at_least(1), metavar="ROWS",
+    p.add_argument("--std", type=float_at_least_zero, default=0.02, help="standard deviation of --init normal")
+    p.add_argument("--seed", type=int_at_least(0), default=0, help="seed of the initial rows")
+    add_encoding(p)
+    p.add_argument("--chunk-rows", type=int_at_least(1), metavar="ROWS",
                    help="rows per chunk file (default: ~64 MiB chunks)")
     p.add_argument("--dry-run", action="store_true", help="print what would be written; write nothing")
     p.add_argument("--overwrite", action="store_true", help="replace an existing table at PATH")
@@ -94,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("import", help="build a table from trained rows in checkpoint files")
     p.add_argument("path", metavar="PATH", help="table directory to create")
     p.add_argument("--spec", required=True, metavar="SPEC.json", help="TableSpec fields as JSON")
-    _add_vocab(p, required=True)
+    add_vocab(p, required=True)
     p.add_argument("--weights", required=True, nargs="+", metavar="FILE",
                    help="*.safetensors or torch.save files (shards allowed)")
     p.add_argument("--weight-pattern", metavar="PATTERN",
@@ -102,8 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "'layers.{layer_id}.engram.multi_head_embedding.embedding.weight')")
     p.add_argument("--scale-pattern", metavar="PATTERN",
                    help="tensor name of FP8 rows' E8M0 scales (default: the weight name with weight_scale_inv)")
-    _add_encoding(p)
-    p.add_argument("--chunk-rows", type=_int_at_least(1), metavar="ROWS",
+    add_encoding(p)
+    p.add_argument("--chunk-rows", type=int_at_least(1), metavar="ROWS",
                    help="rows per chunk file (default: ~64 MiB chunks)")
     p.add_argument("--dry-run", action="store_true",
                    help="check the checkpoint's tensors and print rows, bytes and chunks per layer; write nothing")
@@ -114,19 +114,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("src", metavar="SRC", help="table directory to read")
     p.add_argument("dst", metavar="DST", help="table directory to create (SRC itself with --overwrite)")
     p.add_argument("--dtype", required=True, choices=ROW_DTYPES, help="row dtype of the new table")
-    p.add_argument("--scale-block", type=_int_at_least(1), metavar="B",
+    p.add_argument("--scale-block", type=int_at_least(1), metavar="B",
                    help=f"values per E8M0 scale of {BLOCK_DTYPE} rows, a divisor of D (default: SRC's, 32 unless "
                         "set)")
-    p.add_argument("--sample-rows", type=_int_at_least(0), default=65536, metavar="N",
+    p.add_argument("--sample-rows", type=int_at_least(0), default=65536, metavar="N",
                    help="rows per layer the error is measured on, 0 for none")
-    p.add_argument("--seed", type=_int_at_least(0), default=0, metavar="S", help="seed of the error sample")
+    p.add_argument("--seed", type=int_at_least(0), default=0, metavar="S", help="seed of the error sample")
     p.add_argument("--dry-run", action="store_true", help="print the bytes before and after; write nothing")
     p.add_argument("--overwrite", action="store_true", help="replace an existing table at DST")
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("inspect", help="describe a table")
     p.add_argument("path", metavar="PATH", help="table directory")
-    p.add_argument("--sample-rows", type=_int_at_least(0), default=1000, metavar="N",
+    p.add_argument("--sample-rows", type=int_at_least(0), default=1000, metavar="N",
                    help="rows sampled per layer for norm statistics, 0 for none")
     p.set_defaults(func=cmd_inspect)
 
@@ -138,21 +138,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path", metavar="PATH", help="table directory")
     p.add_argument("--tier", nargs="+", default=["ram", "mmap", "direct"], choices=("ram", "mmap", "direct"),
                    help="tiers to measure")
-    p.add_argument("--batch", type=_int_at_least(1), default=8, metavar="B", help="sequences per lookup")
-    p.add_argument("--seq", type=_int_at_least(1), default=4096, metavar="T", help="tokens per sequence")
+    p.add_argument("--batch", type=int_at_least(1), default=8, metavar="B", help="sequences per lookup")
+    p.add_argument("--seq", type=int_at_least(1), default=4096, metavar="T", help="tokens per sequence")
     p.add_argument("--layer", type=int, metavar="LAYER_ID", help="layer to look up (default: the first)")
-    p.add_argument("--repeats", type=_int_at_least(1), default=5, help="best of this many lookups")
+    p.add_argument("--repeats", type=int_at_least(1), default=5, help="best of this many lookups")
     p.add_argument("--cold", action="store_true", help="drop the page cache before each mmap/direct lookup (root)")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("hash", help="show the rows a text addresses")
-    _add_source(p)
+    add_source(p)
     p.add_argument("--tokenizer", required=True, metavar="TOKENIZER.json", help="tokenizer of the table")
     p.add_argument("--text", required=True, help="text to tokenize and hash")
     p.set_defaults(func=cmd_hash)
 
     p = sub.add_parser("stats", help="n-gram and row statistics of a corpus")
-    _add_source(p)
+    add_source(p)
     p.add_argument("--tokenizer", required=True, metavar="TOKENIZER.json", help="tokenizer of the table")
     p.add_argument("corpus", nargs="+", metavar="CORPUS_FILE", help="text files")
     p.add_argument("--all-families", action="store_true", help="compare collision rates of all hash families")

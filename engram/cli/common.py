@@ -9,14 +9,13 @@ from collections.abc import Callable
 from typing import Any
 
 from ..compression import Compression
+from ..dtypes import BLOCK_DTYPE as BLOCK_DTYPE
 from ..dtypes import ROW_DTYPES as _ROW_DTYPES
 from ..errors import InputError, SpecError
 from ..spec import TableSpec
 
 EXIT_OK, EXIT_CHECK_FAILED, EXIT_USAGE, EXIT_REFUSED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 ROW_DTYPES = tuple(_ROW_DTYPES)   # every row dtype a table can store: the choices of --dtype
-# the one dtype whose scales cover blocks of --scale-block values ("float8_e4m3")
-(BLOCK_DTYPE,) = (name for name, row in _ROW_DTYPES.items() if row.per_block)
 
 
 class Output:
@@ -27,7 +26,7 @@ class Output:
 
 
 # -- shared argument handling ----------------------------------------------------------------
-def _load_compression(args: argparse.Namespace) -> Compression:
+def load_compression(args: argparse.Namespace) -> Compression:
     if getattr(args, "tokenizer", None):
         return Compression.from_tokenizer_file(args.tokenizer)
     return Compression.identity(args.vocab_size)
@@ -47,12 +46,12 @@ def _read_spec(path: str, comp: Compression | None) -> Any:
     return d
 
 
-def _load_spec(path: str, comp: Compression | None) -> TableSpec:
+def load_spec(path: str, comp: Compression | None) -> TableSpec:
     """A spec from a JSON file of TableSpec fields."""
     return TableSpec.from_dict(_read_spec(path, comp))
 
 
-def _with_encoding(spec: TableSpec, dtype: str, scale_block: int | None) -> TableSpec:
+def with_encoding(spec: TableSpec, dtype: str, scale_block: int | None) -> TableSpec:
     """`spec` with rows stored as `dtype` (and `scale_block`, from --scale-block), or a SpecError naming the flag."""
     if scale_block is not None and dtype != BLOCK_DTYPE:
         raise InputError(f"--scale-block {scale_block} applies to {BLOCK_DTYPE} rows only, but the rows are "
@@ -65,7 +64,7 @@ def _with_encoding(spec: TableSpec, dtype: str, scale_block: int | None) -> Tabl
         raise SpecError(f"{exc}; pass --scale-block B with B a divisor of D={spec.head_dim}") from exc
 
 
-def _load_build_spec(args: argparse.Namespace, comp: Compression) -> TableSpec:
+def load_build_spec(args: argparse.Namespace, comp: Compression) -> TableSpec:
     """The spec of `build` / `import`: the --spec file, --dtype over its dtype, --scale-block over its block."""
     d = _read_spec(args.spec, comp)
     if not isinstance(d, dict):
@@ -76,7 +75,7 @@ def _load_build_spec(args: argparse.Namespace, comp: Compression) -> TableSpec:
     # every other field checked first (as float32 rows), so a refused row encoding is named as such
     base = TableSpec.from_dict({k: v for k, v in d.items() if k not in ("dtype", "scale_block")})
     if args.scale_block is not None:
-        return _with_encoding(base, dtype, args.scale_block)
+        return with_encoding(base, dtype, args.scale_block)
     block = {"scale_block": d["scale_block"]} if "scale_block" in d else {}
     try:
         return base.replace(dtype=dtype, **block)
@@ -86,38 +85,38 @@ def _load_build_spec(args: argparse.Namespace, comp: Compression) -> TableSpec:
         raise SpecError(f"{exc}; pass --scale-block B with B a divisor of D={base.head_dim}") from exc
 
 
-def _spec_and_compression(args: argparse.Namespace) -> tuple[TableSpec, Compression]:
+def spec_and_compression(args: argparse.Namespace) -> tuple[TableSpec, Compression]:
     """From --table PATH, or from --spec plus --tokenizer/--vocab-size."""
     if getattr(args, "table", None):
         from ..table import open as open_table
 
         with open_table(args.table) as table:
             return table.spec, table.compression
-    comp = _load_compression(args)
-    return _load_spec(args.spec, comp), comp
+    comp = load_compression(args)
+    return load_spec(args.spec, comp), comp
 
 
-def _add_source(p: argparse.ArgumentParser, table_ok: bool = True) -> None:
+def add_source(p: argparse.ArgumentParser, table_ok: bool = True) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     if table_ok:
         src.add_argument("--table", metavar="PATH", help="take spec and compression from this table")
     src.add_argument("--spec", metavar="SPEC.json", help="TableSpec fields as JSON")
 
 
-def _add_vocab(p: argparse.ArgumentParser, required: bool) -> None:
+def add_vocab(p: argparse.ArgumentParser, required: bool) -> None:
     vocab = p.add_mutually_exclusive_group(required=required)
     vocab.add_argument("--tokenizer", metavar="TOKENIZER.json", help="Hugging Face tokenizers file")
-    vocab.add_argument("--vocab-size", type=_int_at_least(1), metavar="V", help="identity compression over V ids")
+    vocab.add_argument("--vocab-size", type=int_at_least(1), metavar="V", help="identity compression over V ids")
 
 
-def _add_encoding(p: argparse.ArgumentParser) -> None:
+def add_encoding(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=ROW_DTYPES, help="row dtype (default: the spec's)")
-    p.add_argument("--scale-block", type=_int_at_least(1), metavar="B",
+    p.add_argument("--scale-block", type=int_at_least(1), metavar="B",
                    help=f"values per E8M0 scale of {BLOCK_DTYPE} rows, a divisor of D (default: the spec's, 32 "
                         "unless set)")
 
 
-def _int_at_least(low: int) -> Callable[[str], int]:
+def int_at_least(low: int) -> Callable[[str], int]:
     """An argparse type: an int >= `low` (anything else is a usage error, exit 2)."""
     def parse(text: str) -> int:
         try:
@@ -132,7 +131,7 @@ def _int_at_least(low: int) -> Callable[[str], int]:
     return parse
 
 
-def _float_at_least_zero(text: str) -> float:
+def float_at_least_zero(text: str) -> float:
     """An argparse type: a finite float >= 0 (anything else is a usage error, exit 2)."""
     try:
         x = float(text)
@@ -143,7 +142,7 @@ def _float_at_least_zero(text: str) -> float:
     return x
 
 
-def _check_output_file(flag: str, path: str | None, example: str) -> None:
+def check_output_file(flag: str, path: str | None, example: str) -> None:
     """Refuse an output file that could not be written, before any long work starts."""
     if path is None:
         return
@@ -157,12 +156,12 @@ def _check_output_file(flag: str, path: str | None, example: str) -> None:
         raise InputError(f"{flag} {path!r}: the folder {folder!r} is not writable: pass a path you can write")
 
 
-def _fmt_int(n: int) -> str:
+def fmt_int(n: int) -> str:
     return f"{n:,}"
 
 
 
-def _layer_plan(spec: TableSpec, chunk_rows: int | None) -> dict[int, dict[str, int]]:
+def layer_plan(spec: TableSpec, chunk_rows: int | None) -> dict[int, dict[str, int]]:
     from ..build import plan_layout
 
     return {lid: {"rows": lay.rows, "bytes": spec.layer_bytes(lid), "chunks": lay.n_chunks,
@@ -170,7 +169,7 @@ def _layer_plan(spec: TableSpec, chunk_rows: int | None) -> dict[int, dict[str, 
             for lid, lay in plan_layout(spec, chunk_rows).items()}
 
 
-def _free_bytes(path: str) -> int:
+def free_bytes(path: str) -> int:
     """Free bytes on the filesystem a table at `path` goes to (build creates missing parents)."""
     import shutil
 
@@ -180,7 +179,7 @@ def _free_bytes(path: str) -> int:
     return shutil.disk_usage(folder).free
 
 
-def _human_bytes(n: float) -> str:
+def human_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if abs(n) < 1024:
             return f"{int(n)} B" if unit == "B" else f"{n:.1f} {unit}"
@@ -188,13 +187,13 @@ def _human_bytes(n: float) -> str:
     return f"{n:.1f} TiB"
 
 
-def _plan_text(plan: dict[int, dict[str, int]]) -> list[str]:
-    return [f"  layer {lid}: {_fmt_int(p['rows'])} rows, {_human_bytes(p['bytes'])} "
-            f"({_human_bytes(p['disk_bytes'])} on disk), {p['chunks']} chunk(s) of {_fmt_int(p['chunk_rows'])} rows"
+def plan_text(plan: dict[int, dict[str, int]]) -> list[str]:
+    return [f"  layer {lid}: {fmt_int(p['rows'])} rows, {human_bytes(p['bytes'])} "
+            f"({human_bytes(p['disk_bytes'])} on disk), {p['chunks']} chunk(s) of {fmt_int(p['chunk_rows'])} rows"
             for lid, p in plan.items()]
 
 
-def _encoding(spec: TableSpec) -> dict[str, Any]:
+def encoding(spec: TableSpec) -> dict[str, Any]:
     """How the spec stores a row: dtype, scales and bytes (the same keys for every dtype)."""
     return {"dtype": spec.dtype, "quantized": spec.quantized,
             "scale_block": spec.scale_block if spec.dtype == BLOCK_DTYPE else None,
@@ -202,7 +201,7 @@ def _encoding(spec: TableSpec) -> dict[str, Any]:
             "scale_bytes_per_row": spec.scale_row_bytes, "stored_row_bytes": spec.stored_row_bytes}
 
 
-def _encoding_text(spec: TableSpec) -> str:
+def encoding_text(spec: TableSpec) -> str:
     """E.g. "float8_e4m3 rows of D=256 (256 B of values + 8 B of E8M0 scales, one per 32 values: 264 B stored)"."""
     D = spec.head_dim
     if not spec.quantized:
@@ -215,14 +214,14 @@ def _encoding_text(spec: TableSpec) -> str:
             f"stored per row, decoded to {_ROW_DTYPES[spec.dtype].torch})")
 
 
-def _check_disk(path: str, needed: int, free: int) -> None:
+def check_disk(path: str, needed: int, free: int) -> None:
     if needed > free:
         raise SpecError(
-            f"the table needs {_human_bytes(needed)} on disk but only {_human_bytes(free)} is free beside "
+            f"the table needs {human_bytes(needed)} on disk but only {human_bytes(free)} is free beside "
             f"{path!r}: free space, build elsewhere, or pick a smaller spec / dtype")
 
 
-def _check_build(args: argparse.Namespace, spec: TableSpec, comp: Compression, weights: Any = None) -> None:
+def check_build_args(args: argparse.Namespace, spec: TableSpec, comp: Compression, weights: Any = None) -> None:
     """What build_table checks before it writes, so `--dry-run` refuses what a real build would."""
     from ..build import check_build
 

@@ -12,9 +12,9 @@ from ..errors import SpecError
 from ..spec import HASH_FAMILIES
 from .common import (
     Output,
-    _check_output_file,
-    _fmt_int,
-    _spec_and_compression,
+    check_output_file,
+    fmt_int,
+    spec_and_compression,
 )
 
 
@@ -22,7 +22,7 @@ from .common import (
 def cmd_hash(args: argparse.Namespace) -> Output:
     from ..hashing import NgramHasher
 
-    spec, comp = _spec_and_compression(args)
+    spec, comp = spec_and_compression(args)
     tokenizer = load_tokenizer(args.tokenizer)
     encoding = tokenizer.encode(args.text, add_special_tokens=False)
     ids = np.array([encoding.ids], dtype=np.int64)
@@ -75,9 +75,9 @@ def _plot_coverage(stats: Any, path: str) -> None:
 def cmd_stats(args: argparse.Namespace) -> Output:
     from ..corpus import corpus_stats, tokenize_files
 
-    _check_output_file("--hot-rows", args.hot_rows, "hot_rows.npz")
-    _check_output_file("--plot", args.plot, "coverage.png")
-    spec, comp = _spec_and_compression(args)
+    check_output_file("--hot-rows", args.hot_rows, "hot_rows.npz")
+    check_output_file("--plot", args.plot, "coverage.png")
+    spec, comp = spec_and_compression(args)
     sequences = tokenize_files(args.corpus, args.tokenizer, progress=None if not args.json else False)
     families = HASH_FAMILIES if args.all_families else None
     stats = corpus_stats(sequences, spec, comp, families=families)
@@ -88,13 +88,13 @@ def cmd_stats(args: argparse.Namespace) -> Output:
     if args.plot:
         _plot_coverage(stats, args.plot)
         payload["plot_file"] = args.plot
-    lines = [f"{_fmt_int(payload['tokens'])} tokens in {len(args.corpus)} file(s)"]
+    lines = [f"{fmt_int(payload['tokens'])} tokens in {len(args.corpus)} file(s)"]
     for n, o in payload["orders"].items():
-        lines.append(f"  order {n}: {_fmt_int(o['distinct'])} distinct n-grams, Zipf exponent "
+        lines.append(f"  order {n}: {fmt_int(o['distinct'])} distinct n-grams, Zipf exponent "
                      f"{o['zipf_exponent']:.3f}")
     for layer_id, layer in payload["layers"].items():
-        cov = ", ".join(f"{level:.0%}: {_fmt_int(rows)}" for level, rows in layer["coverage"].items())
-        lines.append(f"layer {layer_id}: {_fmt_int(layer['rows_touched'])} of {_fmt_int(layer['rows'])} rows "
+        cov = ", ".join(f"{level:.0%}: {fmt_int(rows)}" for level, rows in layer["coverage"].items())
+        lines.append(f"layer {layer_id}: {fmt_int(layer['rows_touched'])} of {fmt_int(layer['rows'])} rows "
                      f"touched; rows serving {cov} of lookups")
         for family, fam in layer["families"].items():
             touched = np.mean([h["share_touched"] for h in fam["heads"]])

@@ -11,10 +11,10 @@ import numpy as np
 from .common import (
     EXIT_CHECK_FAILED,
     Output,
-    _encoding,
-    _encoding_text,
-    _fmt_int,
-    _human_bytes,
+    encoding,
+    encoding_text,
+    fmt_int,
+    human_bytes,
 )
 
 
@@ -60,27 +60,27 @@ def cmd_inspect(args: argparse.Namespace) -> Output:
                 entry["sample"] = _row_sample(table, lid, args.sample_rows, rng)
             layers[lid] = entry
         payload = {"path": args.path, "format_version": table.format_version, "spec": spec.to_dict(),
-                   "encoding": _encoding(spec),
+                   "encoding": encoding(spec),
                    "compression": {"vocab_size": table.compression.vocab_size,
                                    "compressed_vocab_size": table.compression.compressed_vocab_size,
                                    "fingerprint": table.compression.fingerprint},
                    "bytes": spec.total_bytes, "disk_bytes": sum(e["disk_bytes"] for e in layers.values()),
                    "layers": layers}
     lines = [f"{args.path}: engram table, format version {payload['format_version']}",
-             f"  {_encoding_text(spec)}",
+             f"  {encoding_text(spec)}",
              f"  N={spec.max_ngram_size}, K={spec.n_head_per_ngram} ({spec.heads_per_layer} heads/layer, "
              f"E={spec.embed_dim}); hash {spec.hash}, seed {spec.seed}, pad_id {spec.pad_id}",
              f"  compression: {table.compression.vocab_size:,} raw ids -> "
              f"{table.compression.compressed_vocab_size:,} (fingerprint {table.compression.fingerprint})",
-             f"  {_human_bytes(spec.total_bytes)} of rows in {len(layers)} layer(s), "
-             f"{_human_bytes(payload['disk_bytes'])} on disk"]
+             f"  {human_bytes(spec.total_bytes)} of rows in {len(layers)} layer(s), "
+             f"{human_bytes(payload['disk_bytes'])} on disk"]
     for lid, e in layers.items():
-        lines.append(f"  layer {lid}: {_fmt_int(e['rows'])} rows, {_human_bytes(e['bytes'])} "
-                     f"({_human_bytes(e['disk_bytes'])} on disk), {e['chunks']} chunk(s) of "
-                     f"{_fmt_int(e['chunk_rows'])} rows, {e['checksums']}/{e['chunks']} checksums")
+        lines.append(f"  layer {lid}: {fmt_int(e['rows'])} rows, {human_bytes(e['bytes'])} "
+                     f"({human_bytes(e['disk_bytes'])} on disk), {e['chunks']} chunk(s) of "
+                     f"{fmt_int(e['chunk_rows'])} rows, {e['checksums']}/{e['chunks']} checksums")
         if e["scales"] is not None:
             sc = e["scales"]
-            lines.append(f"    scales in {sc['array']}: {_human_bytes(sc['disk_bytes'])} on disk, "
+            lines.append(f"    scales in {sc['array']}: {human_bytes(sc['disk_bytes'])} on disk, "
                          f"{sc['checksums']}/{e['chunks']} checksums")
         lines.append(f"    head sizes: {e['table_sizes']}")
         if "multipliers" in e:
@@ -123,7 +123,7 @@ def cmd_bench(args: argparse.Namespace) -> Output:
     lines = [f"lookup of B={w['batch']} x T={w['seq']} tokens, layer {w['layer_id']}, {w['heads']} heads x "
              f"{w['dtype']} rows of {w['row_bytes']} B{stored}, one thread"]
     if w["baselines_skipped"]:
-        lines.append(f"  (baselines skipped: their in-RAM copy of the layer, {_human_bytes(w['baseline_bytes'])}, "
+        lines.append(f"  (baselines skipped: their in-RAM copy of the layer, {human_bytes(w['baseline_bytes'])}, "
                      "is over their budget)")
     elif w["quantized"]:
         lines.append(f"  baselines gather the rows decoded once to {w['decoded_dtype']} in RAM "
