@@ -418,3 +418,26 @@ def test_shard_ranges_are_balanced_and_stored_with_each_part(root):
             part.lookup(np.zeros((1, 2), np.int64), 4)
         with pytest.raises(engram.InputError, match=rf"outside \[{lo}, {hi}\)"):
             part.rows(4, [hi])
+
+
+def _edit_attributes(path: Path, edit) -> None:
+    doc = json.loads((path / "zarr.json").read_text())
+    edit(doc["attributes"]["engram"])
+    (path / "zarr.json").write_text(json.dumps(doc))
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda a: a.pop("shard"), "format_version=3 without a shard range"),
+    (lambda a: a.update(format_version=1), "format_version=1 with a shard range"),
+    (lambda a: a["shard"]["ranges"][0].__setitem__(2, 10**9), r"invalid shard range .* not inside a layer"),
+    (lambda a: a["shard"].update(rank=2), r"invalid shard range \(shard rank=2 of parts=2"),
+    (lambda a: a["shard"]["ranges"][0].__setitem__(1, 1), r"array 'layer_1' has shape=\[\d+, 32\], expected"),
+])
+def test_damaged_shard_metadata_is_refused(root, tmp_path, edit, match):
+    import shutil
+
+    part = tmp_path / "part"
+    shutil.copytree(shard_path(root / "full", 1, 2), part)
+    _edit_attributes(part, edit)
+    with pytest.raises(engram.CorruptTableError, match=match):
+        engram.open(part)

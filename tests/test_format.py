@@ -131,11 +131,11 @@ def test_directory_without_a_table_is_table_not_found(tmp_path):
         engram.open(tmp_path / "plain")
 
 
-@pytest.mark.parametrize("version", [3, 0, "1", None])
+@pytest.mark.parametrize("version", [4, 0, "1", None])
 def test_unknown_format_version_is_refused(copy, version):
     rewrite_json(copy / "zarr.json", lambda d: d["attributes"]["engram"].update(format_version=version))
     with pytest.raises(engram.CorruptTableError, match=rf"format_version={version!r}, but this engram reads only "
-                       r"format_version in \(1, 2\): upgrade engram"):
+                       r"format_version in \(1, 2, 3\): upgrade engram"):
         engram.open(copy)
 
 
