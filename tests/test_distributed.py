@@ -194,12 +194,12 @@ def _case_train(rank: int, world: int, root: Path) -> dict:
     full = engram.open(root / "full")
     spec, comp = full.spec, full.compression
     torch.manual_seed(0)
-    ref = torch.nn.ModuleList(engram.EngramMemory(spec, comp, layer_id=lid, hidden_size=C) for lid in (1, 4))
+    kinds = {1: engram.EngramMemory, 4: engram.EngramMemoryV41}                # both variants take the rows
+    ref = torch.nn.ModuleList(kinds[lid](spec, comp, layer_id=lid, hidden_size=C) for lid in (1, 4))
     for mem in ref:
         mem.rows.data.copy_(full.rows(mem.layer_id, np.arange(spec.rows(mem.layer_id)), dtype=torch.float32))
     rows = ShardedRows(shard_path(root / "full", rank, world), lr=lr_rows)
-    model = torch.nn.ModuleList(engram.EngramMemory(spec, comp, layer_id=lid, hidden_size=C, table=rows)
-                                for lid in (1, 4))
+    model = torch.nn.ModuleList(kinds[lid](spec, comp, layer_id=lid, hidden_size=C, table=rows) for lid in (1, 4))
     model.load_state_dict({k: v for k, v in ref.state_dict().items() if not k.endswith("rows")})
     dense_ref = [p for n, p in ref.named_parameters() if not n.endswith("rows")]
     opt_ref = torch.optim.Adam(dense_ref, lr=lr)
