@@ -54,13 +54,17 @@ class WireCounter:
         with self._lock:
             return dict(self.totals)
 
+    def reset(self) -> None:
+        with self._lock:
+            self.totals = dict.fromkeys(self.totals, 0)
+
 
 @dataclasses.dataclass
 class Routed:
     """One rank's request, grouped by owner: what it sends and how to put the answers back."""
 
-    uniq: np.ndarray            # int64 [u] distinct global rows, grouped by owner
-    inverse: torch.Tensor       # int64 [n]: request i is uniq[inverse[i]]
+    uniq: np.ndarray            # int64 [u] the global rows sent (distinct where deduplicated), grouped by owner
+    inverse: torch.Tensor | None  # int64 [n]: request i is uniq[inverse[i]]; None: uniq is the request
     local: np.ndarray           # int64 [u] the rows as their owners' local indices
     send_counts: list[int]      # [W] rows asked of each rank
     recv_counts: list[int]      # [W] rows each rank asks of this one (after the headers)
@@ -75,8 +79,8 @@ class RowExchange:
         parts: the ShardRange each rank of the group holds, by group rank.
     """
 
-    def __init__(self, group: dist.ProcessGroup | None, parts: Sequence[ShardRange]) -> None:
-        self.group = group
+    def __init__(self, group: dist.ProcessGroup | None, parts: Sequence[ShardRange], dedup: bool = True) -> None:
+        self.group, self.dedup = group, dedup
         self.world = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
         self.counter = WireCounter()
@@ -89,15 +93,22 @@ class RowExchange:
 
     # -- routing ----------------------------------------------------------------------------
     def route(self, layer_id: int, rows: np.ndarray, dtype: torch.dtype, op: int) -> Routed:
-        """Dedup and group `rows` (int64 [n] global rows) by owner, then exchange headers and ids."""
-        uniq, inverse = torch.unique(torch.from_numpy(rows), sorted=True, return_inverse=True)
-        uniq_np = uniq.numpy()
+        """Group `rows` (int64 [n] global rows; deduplicated first if `dedup`) by owner, then
+        exchange headers and ids."""
+        inverse: torch.Tensor | None = None
+        if self.dedup:
+            uniq, inverse = torch.unique(torch.from_numpy(rows), sorted=True, return_inverse=True)
+            uniq_np = uniq.numpy()
+        else:
+            uniq_np = rows
         slot = owners(self._starts[layer_id], uniq_np)               # [u] index into starts
         owner = self._rank_of[layer_id][slot]                         # [u] owning rank
-        if owner.size > 1 and np.any(owner[1:] < owner[:-1]):         # ranks hold ranges out of rank order
-            perm = np.argsort(owner, kind="stable")
+        if owner.size > 1 and np.any(owner[1:] < owner[:-1]):         # not yet grouped by owner
+            perm = np.argsort(owner.astype(np.int16), kind="stable")  # a radix sort: O(n)
             uniq_np, owner, slot = uniq_np[perm], owner[perm], slot[perm]
-            inverse = torch.from_numpy(np.argsort(perm))[inverse]
+            back = np.empty_like(perm)
+            back[perm] = np.arange(perm.size)                         # request i went out at back[i]
+            inverse = torch.from_numpy(back) if inverse is None else torch.from_numpy(back)[inverse]
         local = uniq_np - self._starts[layer_id][slot]
         send_counts = np.bincount(owner, minlength=self.world).tolist()
         recv_counts = self.headers(send_counts, layer_id, dtype, op)
@@ -140,16 +151,24 @@ class RowExchange:
         return out
 
     # -- payloads ---------------------------------------------------------------------------
-    def answer(self, routed: Routed, serve: Callable[[np.ndarray], torch.Tensor]) -> torch.Tensor:
-        """Rows back: `serve(recv_local)` gives this rank's answers [m, D]; returns [u, D] for `uniq`."""
+    def answer(self, routed: Routed, serve: Callable[[np.ndarray], torch.Tensor],
+               out: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows back: `serve(recv_local)` gives this rank's answers [m, D]; returns [u, D] for `uniq`
+        (into `out` if given)."""
         served = serve(routed.recv_local)                                     # [m, D] in request order
-        return self.send_bytes(served, routed.recv_counts, routed.send_counts)
+        return self.send_bytes(served, routed.recv_counts, routed.send_counts, out)
 
-    def send_bytes(self, rows: torch.Tensor, send_counts: list[int], recv_counts: list[int]) -> torch.Tensor:
-        """all_to_all_single of row tensors [sum(send_counts), D] as raw bytes; returns [sum(recv_counts), D]."""
+    def send_bytes(self, rows: torch.Tensor, send_counts: list[int], recv_counts: list[int],
+                   out: torch.Tensor | None = None) -> torch.Tensor:
+        """all_to_all_single of row tensors [sum(send_counts), D] as raw bytes; returns [sum(recv_counts), D]
+        (into `out`, a contiguous tensor of that shape and the rows' dtype, if given)."""
         width = rows.shape[1]
         raw = rows.contiguous().view(torch.uint8).reshape(rows.shape[0], -1)  # [n, D*itemsize]
-        back = self._all_to_all(raw, recv_counts, send_counts)
+        if out is None:
+            back = self._all_to_all(raw, recv_counts, send_counts)
+        else:
+            back = out.view(torch.uint8).reshape(sum(recv_counts), raw.shape[1])
+            dist.all_to_all_single(back, raw, recv_counts, send_counts, group=self.group)
         row_bytes = raw.shape[1]
         self.counter.add(bytes_sent=row_bytes * (sum(send_counts) - send_counts[self.rank]),
                          bytes_received=row_bytes * (sum(recv_counts) - recv_counts[self.rank]))

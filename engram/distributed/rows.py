@@ -52,13 +52,15 @@ class ShardedRows:
         group: the process group whose ranks hold the parts (None: every rank, over a new group).
         lr: the rows' learning rate (the paper: 5x the model's base rate, `engram.param_groups`).
         betas, eps: Adam's, as `torch.optim.SparseAdam`.
+        wire_dedup: send each distinct row of a lookup (and its summed gradient) once, as
+            `ShardedTable`'s.
 
     Raises:
         ShardMismatchError: the parts opened on the ranks are not the parts of one table (on every rank).
     """
 
     def __init__(self, path: str | os.PathLike[str], group: dist.ProcessGroup | None = None, *, lr: float,
-                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, wire_dedup: bool = False) -> None:
         group = new_group(group)
         opened: list[Any] = []
 
@@ -73,7 +75,7 @@ class ShardedRows:
             table = opened[0]
             part = parts[dist.get_rank(group)]
             rows = {lid: table.rows(lid, np.arange(*part.ranges[lid]), dtype=torch.float32) for lid in part.ranges}
-            self._setup(group, parts, table.spec, table.compression, rows)
+            self._setup(group, parts, table.spec, table.compression, rows, wire_dedup)
         finally:
             for t in opened:
                 t.close()
@@ -81,20 +83,20 @@ class ShardedRows:
 
     @classmethod
     def from_state(cls, group: dist.ProcessGroup, parts: list[ShardRange], spec: TableSpec, comp: Compression,
-                   rows: dict[int, torch.Tensor]) -> ShardedRows:
+                   rows: dict[int, torch.Tensor], wire_dedup: bool = False) -> ShardedRows:
         """A ShardedRows of given rows (used by `load`); optimizer settings are set by the caller."""
         self = cls.__new__(cls)
-        self._setup(group, parts, spec, comp, rows)
+        self._setup(group, parts, spec, comp, rows, wire_dedup)
         return self
 
     def _setup(self, group: dist.ProcessGroup, parts: list[ShardRange], spec: TableSpec, comp: Compression,
-               rows: dict[int, torch.Tensor]) -> None:
+               rows: dict[int, torch.Tensor], wire_dedup: bool) -> None:
         self.group, self.parts, self.spec, self.compression = group, parts, spec, comp
         self.local = {lid: r.requires_grad_(True) for lid, r in rows.items()}   # {layer: float32 [n_local, D]}
         self.exp_avg = {lid: torch.zeros_like(r) for lid, r in rows.items()}
         self.exp_avg_sq = {lid: torch.zeros_like(r) for lid, r in rows.items()}
         self.steps = dict.fromkeys(rows, 0)
-        self._exchange = RowExchange(group, parts)
+        self._exchange = RowExchange(group, parts, wire_dedup)
         self._hasher = NgramHasher(spec, comp)
         self._offsets = {lid: np.asarray(spec.head_offsets(lid), np.int64) for lid in spec.layer_ids}
         self._grads: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {lid: [] for lid in rows}
@@ -152,12 +154,16 @@ class ShardedRows:
         routed = self._exchange.route(layer_id, rows, torch.float32, OP_LOOKUP)
         local = self.local[layer_id]
         uniq = self._exchange.answer(routed, lambda idx: local[torch.from_numpy(idx)])   # [u, D]
-        return uniq[routed.inverse], routed                                               # [n, D]
+        return (uniq if routed.inverse is None else uniq[routed.inverse]), routed           # [n, D]
 
     def _backward(self, layer_id: int, routed: Routed, grad: torch.Tensor) -> None:
         """Sum the gradient [n, D] per distinct row, send each to its owner, keep what arrives."""
-        summed = torch.zeros((routed.uniq.size, grad.shape[1]), dtype=torch.float32)
-        summed.index_add_(0, routed.inverse, grad.to(torch.float32))                    # [u, D]
+        grad = grad.to(torch.float32)
+        if routed.inverse is None:                                                       # sent as requested
+            summed = grad
+        else:
+            summed = torch.zeros((routed.uniq.size, grad.shape[1]), dtype=torch.float32)
+            summed.index_add_(0, routed.inverse, grad)                                   # [u, D]
         again = self._exchange.headers(routed.send_counts, layer_id, torch.float32, OP_GRAD)
         if again != routed.recv_counts:
             raise RuntimeError(f"layer {layer_id}: the backward exchange does not match its lookup")
@@ -207,11 +213,12 @@ class ShardedRows:
         return save_rows(self, prefix)
 
     @classmethod
-    def load(cls, prefix: str | os.PathLike[str], group: dist.ProcessGroup | None = None) -> ShardedRows:
+    def load(cls, prefix: str | os.PathLike[str], group: dist.ProcessGroup | None = None, *,
+             wire_dedup: bool = False) -> ShardedRows:
         """Rows and optimizer state saved by `save` with any number of ranks, split for this group."""
         from .state import load_rows
 
-        return load_rows(prefix, new_group(group))
+        return load_rows(prefix, new_group(group), wire_dedup)
 
 
 class _Lookup(torch.autograd.Function):

@@ -94,7 +94,7 @@ def _saved_set(prefix: str | os.PathLike[str]) -> list[tuple[Path, dict[str, Any
     return out
 
 
-def load_rows(prefix: str | os.PathLike[str], group: dist.ProcessGroup) -> ShardedRows:
+def load_rows(prefix: str | os.PathLike[str], group: dist.ProcessGroup, wire_dedup: bool = False) -> ShardedRows:
     """Every rank reads the rows the even split over `group` gives it (see the module doc)."""
     from .rows import ShardedRows
 
@@ -120,7 +120,7 @@ def load_rows(prefix: str | os.PathLike[str], group: dist.ProcessGroup) -> Shard
     comp = Compression(_read(saved[0][0], "compression", None))
     state = {name: {lid: _gather(saved, olds, name, lid, part.ranges[lid]) for lid in spec.layer_ids}
              for name in ("rows", "exp_avg", "exp_avg_sq")}
-    rows = ShardedRows.from_state(group, parts, spec, comp, state["rows"])
+    rows = ShardedRows.from_state(group, parts, spec, comp, state["rows"], wire_dedup)
     first = saved[0][1]
     rows.exp_avg, rows.exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
     rows.steps = {int(lid): int(n) for lid, n in first["steps"]}

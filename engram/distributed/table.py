@@ -23,8 +23,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from ..buffers import OutputPool
 from ..compression import Compression
 from ..errors import InputError
+from ..gather import KEEP_BUFFER_BYTES
 from ..hashing import NgramHasher
 from ..hotrows import HotRowPlan
 from ..prefetch import Prefetch
@@ -69,7 +71,11 @@ class ShardedTable:
             group of one, a whole table.
         group: the process group whose ranks hold the parts (None: every rank, over a new group
             of its own). A group passed in should carry nothing else while prefetches run.
-        tier, prefault, io_threads, dedup: how this rank reads its part, as for `engram.open`.
+        tier, prefault, io_threads, dedup: how this rank reads its part, as for `engram.open`
+            (`dedup`: the owner reads each distinct row asked of it once).
+        wire_dedup: send each distinct row of a lookup to its owner once (and get it back
+            once): fewer bytes on the wire for a sort of the lookup's rows, which pays only on
+            slow links (see the README's sharding figures); off by default.
 
     Raises:
         ShardMismatchError: the parts opened on the ranks are not the parts of one table (other
@@ -84,7 +90,10 @@ class ShardedTable:
     """
 
     def __init__(self, path: str | os.PathLike[str], group: dist.ProcessGroup | None = None, tier: str = "mmap", *,
-                 prefault: bool = False, io_threads: int = 32, dedup: bool | None = None) -> None:
+                 prefault: bool = False, io_threads: int = 32, dedup: bool | None = None,
+                 wire_dedup: bool = False) -> None:
+        if not isinstance(wire_dedup, bool):
+            raise InputError(f"wire_dedup={wire_dedup!r} is invalid: expected True or False")
         self._group = new_group(group)
         opened: list[Table] = []
 
@@ -102,11 +111,13 @@ class ShardedTable:
                 table.close()
             raise
         self._table = opened[0]
-        self._exchange = RowExchange(self._group, self.parts)
+        self._exchange = RowExchange(self._group, self.parts, wire_dedup)
         self._hasher = NgramHasher(self.spec, self.compression)
         self._offsets = {lid: np.asarray(self.spec.head_offsets(lid), np.int64) for lid in self.spec.layer_ids}
         self._thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="engram-sharded")
         self._prefetch_stats = StatsCounter()
+        self._outputs = OutputPool()
+        self._buffers: dict[str, torch.Tensor] = {}      # reused by the exchange thread only
 
     # -- what it is -------------------------------------------------------------------------
     @property
@@ -206,17 +217,32 @@ class ShardedTable:
         for layer_id in layers:
             rows = self._hasher.hash_compressed(x, layer_id) + self._offsets[layer_id]   # [B, T, H] global rows
             routed = self._exchange.route(layer_id, rows.reshape(-1), gathered, OP_LOOKUP)
-            uniq = self._exchange.answer(routed, lambda local, i=layer_id: self._serve(i, local, gathered))  # [u, D]
-            result = torch.empty((B, T, H * D), dtype=gathered)
-            torch.index_select(uniq, 0, routed.inverse, out=result.view(B * T * H, D))    # [B*T*H, D]
+            result = self._outputs.take((B, T, H * D), gathered)
+            serve = lambda local, i=layer_id: self._serve(i, local, gathered)            # noqa: E731
+            if routed.inverse is None:            # sent in request order: the rows land in place
+                self._exchange.answer(routed, serve, out=result.view(B * T * H, D))
+            else:
+                got = self._buffer("received", (routed.uniq.size, D), gathered)           # [u, D]
+                self._exchange.answer(routed, serve, out=got)
+                torch.index_select(got, 0, routed.inverse, out=result.view(B * T * H, D))  # [B*T*H, D]
             out[layer_id] = result if want == gathered else result.to(want)
         return out
 
     def _serve(self, layer_id: int, local: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
         """The rows other ranks asked of this one: local rows [m] -> [m, D] (dedup, cache, tier)."""
-        out = torch.empty((local.size, self.spec.head_dim), dtype=dtype)
+        out = self._buffer("served", (local.size, self.spec.head_dim), dtype)
         self._table.gather_local(layer_id, local, out)
         return out
+
+    def _buffer(self, name: str, shape: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
+        """A reused buffer of the exchange thread (a fresh one costs a page fault per 4 KiB)."""
+        nbytes = shape[0] * shape[1] * dtype.itemsize
+        buf = self._buffers.get(name)
+        if buf is None or buf.numel() < nbytes:
+            buf = torch.empty(max(nbytes, 1), dtype=torch.uint8)
+            if nbytes <= KEEP_BUFFER_BYTES:
+                self._buffers[name] = buf
+        return buf[:nbytes].view(dtype).view(shape)
 
     # -- cache, counters, lifetime ----------------------------------------------------------
     def load_hot_rows(self, plan: HotRowPlan | str | os.PathLike[str], **amount: Any) -> dict[int, int]:
@@ -232,6 +258,11 @@ class ShardedTable:
         """What this rank's exchanges moved: rows requested / unique / remote, bytes sent / received
         to and from other ranks (ids and rows; self-sends excluded)."""
         return self._exchange.counter.snapshot()
+
+    def reset_stats(self) -> None:
+        """Zero this rank's counters: `stats()` and `wire_stats()`."""
+        self._table.reset_stats()
+        self._exchange.counter.reset()
 
     def close(self) -> None:
         """Wait for exchanges in flight, then close this rank's part. Idempotent."""
