@@ -45,7 +45,8 @@ V41_DECODED_ROW_BYTES = 512     # the same row decoded to bfloat16, as owners se
 V41_ROWS_PER_TOKEN = 48
 
 
-def _rank(rank: int, world: int, port: int, root: str, batch: int, seq: int, repeats: int, out: str) -> None:
+def _rank(rank: int, world: int, port: int, root: str, batch: int, seq: int, repeats: int, out: str,
+          wire_dedup: bool) -> None:
     import torch.distributed as dist
 
     from engram.distributed import ShardedTable
@@ -54,7 +55,7 @@ def _rank(rank: int, world: int, port: int, root: str, batch: int, seq: int, rep
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=120))
     path = Path(root, "table") if world == 1 else shard_path(Path(root, "table"), rank, world)
-    st = ShardedTable(path, tier="mmap")
+    st = ShardedTable(path, tier="mmap", wire_dedup=wire_dedup)
     vocab = st.compression.vocab_size
     ids = [np.random.default_rng([rank, i]).integers(0, vocab, (batch, seq)) for i in range(repeats + 1)]
     st.lookup(ids[0], 1)                                   # warm: pages, buffers, connections
@@ -83,11 +84,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_ranks(world: int, root: Path, batch: int, seq: int, repeats: int) -> dict:
+def run_ranks(world: int, root: Path, batch: int, seq: int, repeats: int, wire_dedup: bool) -> dict:
     import torch.multiprocessing as mp
 
     out = root / f"result-{world}.json"
-    mp.start_processes(_rank, args=(world, _free_port(), os.fspath(root), batch, seq, repeats, os.fspath(out)),
+    mp.start_processes(_rank, args=(world, _free_port(), os.fspath(root), batch, seq, repeats, os.fspath(out),
+                                    wire_dedup),
                        nprocs=world, join=True, start_method="spawn")
     return json.loads(out.read_text())
 
@@ -131,6 +133,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=1024)
     p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--wire-dedup", action="store_true", help="send each distinct row of a lookup once")
     p.add_argument("--host-ram-gib", type=float, default=256.0, help="plan: RAM of one host")
     p.add_argument("--usable", type=float, default=0.75, help="plan: share of a host's RAM for the table")
     p.add_argument("--link-gbit", type=float, default=100.0, help="plan: network bandwidth per host, Gbit/s")
@@ -152,17 +155,18 @@ def main(argv: list[str] | None = None) -> dict:
         base_s = baseline(root, args.batch, args.seq, args.repeats)
         result = {"workload": {"batch": args.batch, "seq": args.seq, "heads": spec.heads_per_layer,
                                "row_bytes": spec.row_bytes, "table_bytes": spec.total_bytes,
-                               "cpus": os.cpu_count()},
+                               "cpus": os.cpu_count(), "wire_dedup": args.wire_dedup},
                   "unsharded_tokens_per_s": tokens / base_s, "ranks": {}}
         for w in args.ranks:
-            r = run_ranks(w, root, args.batch, args.seq, args.repeats)
+            r = run_ranks(w, root, args.batch, args.seq, args.repeats, args.wire_dedup)
             own = tokens * args.repeats                   # tokens rank 0 looked up in the timed steps
             wire = r["wire"]
             result["ranks"][w] = {
                 "tokens_per_s": w * tokens / r["step_seconds"],
                 "per_rank_tokens_per_s": tokens / r["step_seconds"],
                 "vs_unsharded": (w * tokens / r["step_seconds"]) / (tokens / base_s),
-                "bytes_sent_per_token": wire["bytes_sent"] / own, "bytes_received_per_token": wire["bytes_received"] / own,
+                "bytes_sent_per_token": wire["bytes_sent"] / own,
+                "bytes_received_per_token": wire["bytes_received"] / own,
                 "unique_fraction": wire["rows_unique"] / max(1, wire["rows_requested"]),
             }
         top = result["ranks"][max(args.ranks)]
@@ -179,7 +183,8 @@ def main(argv: list[str] | None = None) -> dict:
 def _print(r: dict, args: argparse.Namespace) -> None:
     w = r["workload"]
     print(f"lookup of [{w['batch']}, {w['seq']}] ids per rank, one layer of {w['table_bytes'] / 2**20:.0f} MiB, "
-          f"{w['heads']} heads x {w['row_bytes']} B rows, mmap (hot), {w['cpus']} CPUs")
+          f"{w['heads']} heads x {w['row_bytes']} B rows, mmap (hot), {w['cpus']} CPUs, "
+          f"wire_dedup={w['wire_dedup']}")
     print(f"  unsharded, one process        {r['unsharded_tokens_per_s'] / 1e6:7.3f} M tokens/s")
     for n, e in r["ranks"].items():
         print(f"  {n} rank(s), sharded            {e['tokens_per_s'] / 1e6:7.3f} M tokens/s  "
