@@ -109,21 +109,28 @@ def baseline(root: Path, batch: int, seq: int, repeats: int) -> float:
     return statistics.median(times)
 
 
-def plan_v41(rows_per_s_per_rank: float, host_ram_gib: float, usable: float, link_gbit: float,
-             unique_fraction: float) -> dict:
-    """V4.1's table over hosts: parts, wire bytes per token, expected tokens/s per rank."""
+def plan_v41(unsharded_rows_per_s: float, sharded_rows_per_s: float, host_ram_gib: float, usable: float,
+             link_gbit: float, unique_fraction: float) -> dict:
+    """V4.1's table over hosts of `host_ram_gib`: parts, wire bytes per token, expected tokens/s per rank.
+
+    Bounds per rank, in tokens/s: the gather (this run's unsharded rows/s in one process, over 48
+    rows a token), the transport (this run's sharded rows/s per rank at the most ranks: hashing,
+    gloo over loopback TCP, gathers and scatters), and the link (--link-gbit over the wire bytes
+    of a token). Expected: the least of the three.
+    """
     per_host = host_ram_gib * 2**30 * usable
     parts = max(1, math.ceil(V41_BYTES / per_host))
     remote = (parts - 1) / parts                        # share of a token's rows held by another host
-    rows = V41_ROWS_PER_TOKEN * unique_fraction          # distinct rows a rank asks for, per token
+    rows = V41_ROWS_PER_TOKEN * unique_fraction          # rows a rank sends per token
     wire = {name: rows * remote * (8 + row) for name, row in
             (("decoded_bf16", V41_DECODED_ROW_BYTES), ("stored_fp8", V41_ROW_BYTES))}
-    link = link_gbit * 1e9 / 8
-    gather_bound = rows_per_s_per_rank / V41_ROWS_PER_TOKEN
-    return {"hosts_needed": parts, "gib_per_host": V41_BYTES / parts / 2**30, "remote_share": remote,
-            "wire_bytes_per_token": wire, "gather_bound_tokens_per_s": gather_bound,
-            "link_bound_tokens_per_s": {k: link / v if v else math.inf for k, v in wire.items()},
-            "expected_tokens_per_s": {k: min(gather_bound, link / v if v else math.inf) for k, v in wire.items()}}
+    link = {k: link_gbit * 1e9 / 8 / v if v else math.inf for k, v in wire.items()}
+    gather = unsharded_rows_per_s / V41_ROWS_PER_TOKEN
+    transport = sharded_rows_per_s / V41_ROWS_PER_TOKEN if parts > 1 else math.inf
+    return {"host_ram_gib": host_ram_gib, "parts": parts, "gib_per_part": V41_BYTES / parts / 2**30,
+            "remote_share": remote, "wire_bytes_per_token": wire, "gather_bound": gather,
+            "transport_bound": transport, "link_bound": link,
+            "expected_tokens_per_s": {k: min(gather, transport, v) for k, v in link.items()}}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -134,7 +141,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--seq", type=int, default=1024)
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--wire-dedup", action="store_true", help="send each distinct row of a lookup once")
-    p.add_argument("--host-ram-gib", type=float, default=256.0, help="plan: RAM of one host")
+    p.add_argument("--host-ram-gib", type=float, nargs="+", default=[64.0, 128.0, 256.0],
+                   help="plan: RAM of one host (one plan per value)")
     p.add_argument("--usable", type=float, default=0.75, help="plan: share of a host's RAM for the table")
     p.add_argument("--link-gbit", type=float, default=100.0, help="plan: network bandwidth per host, Gbit/s")
     p.add_argument("--dir", help="where to build the table (default: a temporary directory)")
@@ -170,9 +178,10 @@ def main(argv: list[str] | None = None) -> dict:
                 "unique_fraction": wire["rows_unique"] / max(1, wire["rows_requested"]),
             }
         top = result["ranks"][max(args.ranks)]
-        rows_per_s = top["per_rank_tokens_per_s"] * spec.heads_per_layer
-        result["plan_v41"] = plan_v41(rows_per_s, args.host_ram_gib, args.usable, args.link_gbit,
-                                      top["unique_fraction"])
+        H = spec.heads_per_layer
+        rates = (result["unsharded_tokens_per_s"] * H, top["per_rank_tokens_per_s"] * H)   # rows/s
+        result["plan_v41"] = [plan_v41(*rates, ram, args.usable, args.link_gbit, top["unique_fraction"])
+                              for ram in args.host_ram_gib]
     if args.json:
         print(json.dumps(result, indent=2))
     else:
@@ -191,16 +200,17 @@ def _print(r: dict, args: argparse.Namespace) -> None:
               f"({e['vs_unsharded']:.2f}x unsharded; {e['per_rank_tokens_per_s'] / 1e6:.3f} M per rank; "
               f"{e['bytes_sent_per_token']:.0f} B out + {e['bytes_received_per_token']:.0f} B in per token, "
               f"{e['unique_fraction']:.2f} distinct)")
-    p = r["plan_v41"]
-    print(f"plan, V4.1 (188.8 GiB) on hosts of {args.host_ram_gib:.0f} GiB ({args.usable:.0%} for the table), "
-          f"{args.link_gbit:.0f} Gbit/s links:")
-    print(f"  {p['hosts_needed']} parts of {p['gib_per_host']:.1f} GiB, {p['remote_share']:.0%} of rows remote")
-    for k in ("decoded_bf16", "stored_fp8"):
-        print(f"  rows sent {k:12s}: {p['wire_bytes_per_token'][k]:6.0f} B/token on the wire -> link bound "
-              f"{p['link_bound_tokens_per_s'][k] / 1e6:.2f} M tokens/s; gather bound "
-              f"{p['gather_bound_tokens_per_s'] / 1e6:.2f} M; expected {p['expected_tokens_per_s'][k] / 1e6:.2f} M "
-              "tokens/s per rank")
-
+    print(f"plan, V4.1 (188.8 GiB, 48 rows of 264 B a token): {args.usable:.0%} of each host's RAM for the table, "
+          f"{args.link_gbit:.0f} Gbit/s links; per rank, M tokens/s:")
+    print("  host RAM  parts  GiB/part  remote  wire B/token (bf16 / fp8)  gather  transport  link (bf16 / fp8)  "
+          "expected (bf16 / fp8)")
+    for p in r["plan_v41"]:
+        wire, link, exp = p["wire_bytes_per_token"], p["link_bound"], p["expected_tokens_per_s"]
+        print(f"  {p['host_ram_gib']:5.0f} GiB  {p['parts']:5d}  {p['gib_per_part']:8.1f}  {p['remote_share']:6.0%}  "
+              f"{wire['decoded_bf16']:12.0f} / {wire['stored_fp8']:5.0f}  {p['gather_bound'] / 1e6:6.3f}  "
+              f"{p['transport_bound'] / 1e6:9.3f}  {link['decoded_bf16'] / 1e6:7.2f} / "
+              f"{link['stored_fp8'] / 1e6:5.2f}  "
+              f"{exp['decoded_bf16'] / 1e6:9.3f} / {exp['stored_fp8'] / 1e6:5.3f}")
 
 if __name__ == "__main__":
     main(sys.argv[1:])
