@@ -114,9 +114,9 @@ def plan_v41(unsharded_rows_per_s: float, sharded_rows_per_s: float, host_ram_gi
     """V4.1's table over hosts of `host_ram_gib`: parts, wire bytes per token, expected tokens/s per rank.
 
     Bounds per rank, in tokens/s: the gather (this run's unsharded rows/s in one process, over 48
-    rows a token), the transport (this run's sharded rows/s per rank at the most ranks: hashing,
-    gloo over loopback TCP, gathers and scatters), and the link (--link-gbit over the wire bytes
-    of a token). Expected: the least of the three.
+    rows a token), the transport (this run's sharded rows/s per rank at the most ranks that each
+    have a core: hashing, gloo over loopback TCP, gathers and scatters), and the link
+    (--link-gbit over the wire bytes of a token). Expected: the least of the three.
     """
     per_host = host_ram_gib * 2**30 * usable
     parts = max(1, math.ceil(V41_BYTES / per_host))
@@ -177,7 +177,8 @@ def main(argv: list[str] | None = None) -> dict:
                 "bytes_received_per_token": wire["bytes_received"] / own,
                 "unique_fraction": wire["rows_unique"] / max(1, wire["rows_requested"]),
             }
-        top = result["ranks"][max(args.ranks)]
+        fit = [w for w in args.ranks if w <= (os.cpu_count() or 1)]    # ranks that each have a core
+        top = result["ranks"][max(fit or args.ranks)]
         H = spec.heads_per_layer
         rates = (result["unsharded_tokens_per_s"] * H, top["per_rank_tokens_per_s"] * H)   # rows/s
         result["plan_v41"] = [plan_v41(*rates, ram, args.usable, args.link_gbit, top["unique_fraction"])
