@@ -24,6 +24,7 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check engram tests tools
+	$(VENV)/bin/mypy
 
 bench: $(STAMP)
 	$(PY) tools/bench_hash.py

@@ -30,16 +30,16 @@ if TYPE_CHECKING:
     from .conversion import convert as convert
     from .memory import EngramMemory as EngramMemory
     from .memory_v41 import EngramMemoryV41 as EngramMemoryV41
+    from .opening import lookup as lookup
+    from .opening import open as open
     from .prefetch import Prefetch as Prefetch
     from .table import Table as Table
-    from .table import lookup as lookup
-    from .table import open as open
     from .training import export_rows as export_rows
     from .training import param_groups as param_groups
 
 # Names whose modules import torch load on first use, so `import engram` stays fast.
 _LAZY = {"EngramMemory": ".memory", "EngramMemoryV41": ".memory_v41", "Table": ".table", "build_table": ".build",
-         "lookup": ".table", "open": ".table", "export_rows": ".training", "param_groups": ".training",
+         "lookup": ".opening", "open": ".opening", "export_rows": ".training", "param_groups": ".training",
          "open_checkpoint": ".checkpoint", "Checkpoint": ".checkpoint", "Prefetch": ".prefetch",
          "convert": ".conversion", "ConvertReport": ".conversion"}
 

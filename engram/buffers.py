@@ -14,6 +14,7 @@ from __future__ import annotations
 import collections
 import sys
 import threading
+from typing import Any
 
 import numpy as np
 import torch
@@ -26,7 +27,7 @@ def _refcounts(bufs: list[np.ndarray]) -> list[int]:
 
 
 # numpy dtype holding each torch dtype's values (bfloat16 as its uint16 bits)
-_STORAGE = {torch.float32: np.dtype(np.float32), torch.float16: np.dtype(np.float16),
+_STORAGE: dict[torch.dtype, np.dtype[Any]] = {torch.float32: np.dtype(np.float32), torch.float16: np.dtype(np.float16),
             torch.bfloat16: np.dtype(np.uint16)}
 # The count of a buffer referenced only by the pool's list, measured the same way it is checked.
 _UNREFERENCED = _refcounts([np.empty(0)])[0]

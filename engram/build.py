@@ -21,17 +21,18 @@ from typing import Any
 import numpy as np
 import torch
 
+from .args import check_int
 from .checkpoint import LayerRows
 from .compression import Compression
 from .errors import InputError
 from .format import LayerLayout
 from .hashing import NgramHasher
 from .mapping import release_pages
+from .opening import open as open_table
 from .publish import restore_aside
 from .shards import plan_shards
 from .spec import TableSpec
 from .table import Table
-from .table import open as open_table
 from .writer import (
     Chunk,
     check_target,
@@ -106,6 +107,7 @@ def build_table(path: str | os.PathLike[str], spec: TableSpec, comp: Compression
         ...                         n_embed_per_ngram=256, layer_ids=(1,), compressed_vocab_size=1000)
         >>> table = engram.build_table("demo.engram", spec, comp, seed=0)
     """
+    restore_aside(path)       # a table a killed build left aside belongs at `path`: it is there again
     layouts = check_build(path, spec, comp, init=init, std=std, seed=seed, weights=weights, overwrite=overwrite,
                           chunk_rows=chunk_rows, shard=shard)
     sources = {int(layer_id): rows for layer_id, rows in (weights or {}).items()}
@@ -145,8 +147,7 @@ def check_build(path: str | os.PathLike[str], spec: TableSpec, comp: Compression
             raise InputError(f"shard={shard!r} is invalid: expected (rank, parts) with 0 <= rank < parts, e.g. (0, 4)")
         part = plan_shards(spec, shard[1])[shard[0]]
     layouts = plan_layout(spec, chunk_rows, part)
-    restore_aside(path)       # a table a killed build left aside belongs at `path`: it is there again
-    check_target(Path(path), overwrite)
+    check_target(Path(path), overwrite)     # a table a killed build left aside counts as at `path`
     return layouts
 
 
@@ -162,8 +163,7 @@ def _check_args(spec: Any, comp: Any, init: Any, std: Any, seed: Any, overwrite:
         raise InputError(f"init={init!r} is not an initializer: expected one of {INITS}, or pass weights=")
     if isinstance(std, bool) or not isinstance(std, (int, float)) or not math.isfinite(std) or std < 0:
         raise InputError(f"std={std!r} is invalid: expected a finite float >= 0 (e.g. 0.02)")
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise InputError(f"seed={seed!r} is invalid: expected an int >= 0")
+    check_int("seed", seed, 0)
     if not isinstance(overwrite, bool):
         raise InputError(f"overwrite={overwrite!r} is invalid: expected True or False")
 
@@ -256,6 +256,7 @@ def _source_chunks(src: Any, lay: LayerLayout, spec: TableSpec, first: int = 0) 
         start, stop = start + first, stop + first          # rows of src
         if _copies_through(src, spec):                     # stored bytes, bit for bit
             values, scales = src.read_stored(start, stop)
+            assert chunk[1] is not None and scales is not None, "float8_e4m3 rows have scales"
             chunk[0][: stop - start] = values
             chunk[1][: stop - start] = scales
             yield zero_tail(chunk, stop - start)

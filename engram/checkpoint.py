@@ -22,10 +22,9 @@ block (the mapped pages they touch show as file-backed, reclaimable RSS until `c
 
 from __future__ import annotations
 
-import json
 import os
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,8 +32,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from .checkpoint_files import INDEX_NAME, SafetensorsFile, TorchFile, expand_path, open_file
 from .dtypes import ROW_DTYPES
-from .errors import CorruptTableError, InputError, MissingFileError, SpecMismatchError
+from .errors import InputError, SpecMismatchError
 
 __all__ = ["Checkpoint", "open_checkpoint", "DEFAULT_WEIGHT_PATTERNS", "INDEX_NAME"]
 
@@ -42,117 +42,12 @@ DEFAULT_WEIGHT_PATTERNS = (
     "model.layers.{layer_id}.engram.embedding.weight",                  # V4.1-style FP8 checkpoints
     "layers.{layer_id}.engram.multi_head_embedding.embedding.weight",   # reference-module models
 )
-INDEX_NAME = "model.safetensors.index.json"
 _SCALE_SUFFIX = ("weight", "weight_scale_inv")
-_TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 # Stored dtype (safetensors name or torch dtype) -> engram row dtype.
 _ROW_DTYPES: dict[Any, str] = {
     **{d.safetensors: name for name, d in ROW_DTYPES.items() if d.safetensors},
     **{getattr(torch, d.value_torch[-1]): name for name, d in ROW_DTYPES.items() if d.safetensors}}
 _SCALE_DTYPES = ("F8_E8M0", "U8", torch.uint8, getattr(torch, "float8_e8m0fnu", torch.uint8))
-
-
-# -- one file -----------------------------------------------------------------------------------
-
-class _SafetensorsFile:
-    def __init__(self, path: Path) -> None:
-        from safetensors import SafetensorError, safe_open
-
-        try:
-            self._f = safe_open(str(path), framework="pt")
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise CorruptTableError(f"checkpoint file {str(path)!r} is not a readable safetensors file: {exc}") from exc
-        self.names = set(self._f.keys())
-
-    def info(self, name: str) -> tuple[Any, tuple[int, ...]]:
-        s = self._f.get_slice(name)
-        return s.get_dtype(), tuple(s.get_shape())
-
-    def read(self, name: str, start: int, stop: int) -> torch.Tensor:
-        return self._f.get_slice(name)[start:stop]          # a fresh tensor read from the file
-
-    def close(self) -> None:
-        self._f = None
-
-
-class _TorchFile:
-    def __init__(self, path: Path) -> None:
-        try:
-            obj = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-        except Exception as exc:  # torch raises RuntimeError, pickle errors, ... for bad files
-            raise CorruptTableError(
-                f"checkpoint file {str(path)!r} could not be loaded with torch.load(mmap=True, weights_only=True): "
-                f"{exc}; re-save it with torch.save (zip format) or convert it to safetensors"
-            ) from exc
-        self._tensors = _flatten(obj)
-        self.names = set(self._tensors)
-
-    def info(self, name: str) -> tuple[Any, tuple[int, ...]]:
-        t = self._tensors[name]
-        return t.dtype, tuple(t.shape)
-
-    def read(self, name: str, start: int, stop: int) -> torch.Tensor:
-        return self._tensors[name][start:stop].clone()      # copy out of the map: no views kept
-
-    def close(self) -> None:
-        self._tensors = {}
-
-
-def _flatten(obj: Any, prefix: str = "") -> dict[str, torch.Tensor]:
-    """Tensors of a (nested) state dict under dotted names; other values are skipped."""
-    out: dict[str, torch.Tensor] = {}
-    if isinstance(obj, Mapping):
-        for key, value in obj.items():
-            out.update(_flatten(value, f"{prefix}{key}."))
-    elif isinstance(obj, torch.Tensor):
-        out[prefix[:-1]] = obj
-    return out
-
-
-def _open_file(path: Path) -> _SafetensorsFile | _TorchFile:
-    with open(path, "rb") as f:
-        head = f.read(9)
-    if head[:4] == b"PK\x03\x04":
-        return _TorchFile(path)
-    if len(head) == 9 and head[8:9] == b"{":
-        return _SafetensorsFile(path)
-    raise InputError(f"checkpoint file {str(path)!r} is neither safetensors nor a torch.save (zip) file: "
-                     f"pass *.safetensors shards, their {INDEX_NAME}, or torch.save files")
-
-
-# -- finding the files --------------------------------------------------------------------------
-
-def _read_index(path: Path) -> dict[str, Path]:
-    try:
-        weight_map = json.loads(path.read_text())["weight_map"]
-        if not isinstance(weight_map, dict):
-            raise TypeError("weight_map is not an object")
-    except (ValueError, KeyError, TypeError) as exc:
-        raise CorruptTableError(f"checkpoint index {str(path)!r} has no valid \"weight_map\": {exc!r}") from exc
-    resolved = {str(name): path.parent / str(file) for name, file in weight_map.items()}
-    for file in sorted(set(resolved.values())):
-        if not file.is_file():
-            raise MissingFileError(f"checkpoint shard {str(file)!r} named in {str(path)!r} does not exist: "
-                                     f"download every shard the index lists")
-    return resolved
-
-
-def _expand(path: Path) -> tuple[list[Path], dict[str, Path]]:
-    """A path -> (files to list, names already mapped by an index)."""
-    if path.is_dir():
-        if (path / INDEX_NAME).is_file():
-            return [], _read_index(path / INDEX_NAME)
-        files = sorted(path.glob("*.safetensors")) or sorted(p for p in path.iterdir() if p.suffix in _TORCH_SUFFIXES)
-        if not files:
-            raise MissingFileError(f"checkpoint directory {str(path)!r} holds no *.safetensors, {INDEX_NAME} or "
-                                     f"torch.save ({', '.join(_TORCH_SUFFIXES)}) files")
-        return files, {}
-    if not path.is_file():
-        raise MissingFileError(f"checkpoint path {str(path)!r} does not exist: pass checkpoint files, "
-                                 f"their directory or {INDEX_NAME}")
-    if path.suffix == ".json":
-        return [], _read_index(path)
-    return [path], {}
 
 
 # -- the checkpoint -----------------------------------------------------------------------------
@@ -225,10 +120,10 @@ class Checkpoint:
     """
 
     def __init__(self, names: dict[str, Path], weight_pattern: str, scale_pattern: str | None,
-                 opened: dict[Path, _SafetensorsFile | _TorchFile] | None = None) -> None:
+                 opened: dict[Path, SafetensorsFile | TorchFile] | None = None) -> None:
         self._names = names
         self.weight_pattern, self.scale_pattern = weight_pattern, scale_pattern
-        self._files: dict[Path, _SafetensorsFile | _TorchFile] = dict(opened or {})
+        self._files: dict[Path, SafetensorsFile | TorchFile] = dict(opened or {})
         self._layers: dict[int, _Layer] = {}
         self._closed = False
         regex = re.compile(re.escape(weight_pattern).replace(re.escape("{layer_id}"), r"(\d+)") + r"\Z")
@@ -343,12 +238,12 @@ class Checkpoint:
             raise InputError(f"row range start={start!r}, stop={stop!r} is invalid for layer {layer_id} "
                              f"with {rows} rows: expected ints with 0 <= start <= stop <= {rows}")
 
-    def _file(self, name: str) -> _SafetensorsFile | _TorchFile:
+    def _file(self, name: str) -> SafetensorsFile | TorchFile:
         if self._closed:
             raise InputError("this Checkpoint is closed: open it again with open_checkpoint(...)")
         path = self._names[name]
         if path not in self._files:
-            self._files[path] = _open_file(path)
+            self._files[path] = open_file(path)
         return self._files[path]
 
     def _missing(self, what: str, name: str, fix: str) -> InputError:
@@ -443,12 +338,12 @@ def open_checkpoint(
     if not items:
         raise InputError("paths is empty: pass checkpoint files, their directory or index json")
     names: dict[str, Path] = {}
-    opened: dict[Path, _SafetensorsFile | _TorchFile] = {}
+    opened: dict[Path, SafetensorsFile | TorchFile] = {}
     for item in items:
-        files, indexed = _expand(Path(item))
+        files, indexed = expand_path(Path(item))
         found = list(indexed.items())
         for file in files:
-            opened[file] = _open_file(file)
+            opened[file] = open_file(file)
             found += [(name, file) for name in sorted(opened[file].names)]
         for name, file in found:
             if names.setdefault(name, file) != file:

@@ -75,7 +75,7 @@ def read_chunk(tdir: TableDir, lay: LayerLayout, index: int, dest: np.ndarray) -
     path = lay.chunk_path(tdir.path, index)
     fd = open_chunk(tdir, lay, index)
     try:
-        view, done = memoryview(dest), 0
+        view, done = dest.data, 0
         while done < lay.chunk_bytes:
             got = os.readv(fd, [view[done:]])
             if got == 0:
@@ -127,7 +127,7 @@ def verify_chunks(tdir: TableDir, meta: TableMeta, progress: bool | None = None)
 def write_chunk(path: Path, block: np.ndarray, bar: Any) -> str:
     """Write one chunk file (created, written whole, fsynced), advance `bar` and return its checksum."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    data = memoryview(block).cast("B")
+    data = block.data.cast("B")
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     try:
         done = 0

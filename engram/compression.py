@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import xxhash
 
+from .args import check_int
 from .errors import InputError, MissingFileError, SpecError, TokenIdError
 from .tensors import is_torch, to_numpy_ids
 
@@ -96,8 +97,7 @@ class Compression:
     @classmethod
     def identity(cls, vocab_size: int) -> Compression:
         """No merging: every raw id is its own compressed id."""
-        if not isinstance(vocab_size, (int, np.integer)) or isinstance(vocab_size, bool) or vocab_size < 1:
-            raise SpecError(f"vocab_size={vocab_size!r} is invalid: expected an int >= 1")
+        check_int("vocab_size", vocab_size, 1, error=SpecError)
         return cls(np.arange(int(vocab_size), dtype=np.int64))
 
     @classmethod

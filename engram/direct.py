@@ -8,16 +8,14 @@ cross an `EXTENT_BYTES` boundary); read the extents with `io_threads` `preadv` c
 thread pool of that size, each thread issuing its share one call at a time; the GIL is released
 during each call); then copy every row out of the staging buffer.
 
-Why read through gaps: on the disk here (O_DIRECT, 32 reads in flight) a read costs
-max(~15 us, its bytes at ~1.2 GB/s): 4 KiB and 8 KiB reads both run at ~60k/s, 16 KiB at ~45k/s,
-128 KiB at ~9-10k/s. Two blocks read apart cost two ~15 us slots; read as one extent across a gap
-of up to two blocks they cost one slot of at most 16 KiB.
-
-Queue depth: `engram.open(path, tier="direct", io_threads=32)` keeps exactly
-min(io_threads, extents) reads outstanding per gather (the disk here, 4 KiB random reads:
-16-19k/s at depth 1, 35-86k/s at depth 32 over several days; it is a shared virtual disk).
-Concurrent gathers of one table share the pool, so io_threads also bounds the table's reads in
-flight as a whole.
+Why read through gaps: on SSDs and virtual disks a small read costs about as much as a few
+blocks (a fixed per-read cost dominates until reads grow large), so two blocks read apart cost
+two read slots while one extent across a small gap costs one slightly larger read. Queue depth:
+`engram.open(path, tier="direct", io_threads=32)` keeps exactly min(io_threads, extents) reads
+outstanding per gather, since such disks serve random reads several times faster with many in
+flight than one at a time. Concurrent gathers of one table share the pool, so io_threads also
+bounds the table's reads in flight as a whole. The figures behind these choices are in the
+README ("Design measurements").
 
 Files are opened with O_DIRECT where the filesystem allows it (reads go straight to the device;
 buffers, offsets and lengths are 4 KiB-aligned). Elsewhere (tmpfs, some network filesystems)
@@ -105,7 +103,7 @@ class DirectReader:
         if use_direct:   # some filesystems accept the flag but fail the first read
             probe = Region(BLOCK, PROT_READ | PROT_WRITE, MAP_PRIVATE)
             try:
-                os.preadv(fd, [memoryview(probe.array(np.uint8, (BLOCK,), writable=True))], 0)
+                os.preadv(fd, [probe.array(np.uint8, (BLOCK,), writable=True).data], 0)
             except OSError as exc:
                 os.close(fd)
                 if exc.errno == errno.EINVAL:
@@ -185,7 +183,7 @@ class DirectReader:
         # Reads in flight: `io_threads` tasks, each issuing its share of the extents one preadv at a
         # time, so exactly min(io_threads, extents) reads are outstanding until the last ones land.
         n_tasks = min(self._io_threads, len(jobs))
-        view = memoryview(staging)
+        view = staging.data
         tasks = [self._executor().submit(_read_extents, fds, jobs[t::n_tasks], view) for t in range(n_tasks)]
         concurrent.futures.wait(tasks)      # every read has landed (or failed) before we go on
         for task in tasks:

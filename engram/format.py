@@ -34,11 +34,10 @@ The group attribute "engram" holds::
                  "checksums": ["<xxh3-64 hex of chunk 0>", ...]}, ...]}
 
 Format version 2 adds, per layer of a quantized table, `"scales": {"array": "layer_1_scales",
-"checksums": [...]}`. Format version 3 marks one part of a row-sharded table (`engram.shards`):
-`"shard": {"rank": r, "parts": W, "ranges": [[layer_id, start, stop], ...]}`, and each layer's
-arrays hold only its `stop - start` rows. A table is written with the lowest version that describes it (float tables
-stay version 1, readable by older engram); this engram reads versions `FORMAT_VERSIONS` and
-refuses others.
+"checksums": [...]}`; version 3 marks a part of a sharded table (`engram.shards`): `"shard": {"rank":
+r, "parts": W, "ranges": [[layer_id, start, stop], ...]}`, its arrays holding those rows only. A
+table is written with the lowest version that describes it (float tables stay version 1, readable
+by older engram); this engram reads versions `FORMAT_VERSIONS` and refuses others.
 
 bfloat16 rows are stored as their uint16 bits and float8_e4m3 rows as uint8 bytes (zarr has
 neither dtype); the logical dtype lives in the spec. Reading the metadata needs only `json`: zarr
@@ -58,7 +57,7 @@ import numpy as np
 from .compression import Compression
 from .dtypes import ROW_DTYPES
 from .errors import CorruptTableError, SpecError, TableNotFoundError
-from .shards import ShardRange
+from .shards import ShardRange, read_shard
 from .spec import TableSpec
 
 __all__ = [
@@ -71,8 +70,6 @@ __all__ = [
     "TableMeta",
     "is_table",
     "read_metadata",
-    "write_attributes",
-    "write_metadata",
 ]
 
 FORMAT_VERSION = 3            # the newest format this engram writes
@@ -88,8 +85,7 @@ _CHUNK_KEY_ENCODING = {"name": "default", "configuration": {"separator": "/"}}
 
 
 def format_version_for(spec: TableSpec, shard: ShardRange | None = None) -> int:
-    """The lowest format version that describes a table of `spec`: 3 for a shard, 2 for quantized
-    rows, else 1."""
+    """The lowest format version that describes a table of `spec` (a part: `shard`): 3, 2, or 1."""
     return 3 if shard is not None else 2 if spec.quantized else 1
 
 
@@ -173,15 +169,13 @@ class TableMeta:
 
     def to_attributes(self) -> dict[str, Any]:
         """The group attribute "engram" (JSON-ready)."""
-        attrs = {
+        return {
             "format_version": self.format_version,
             "spec": self.spec.to_dict(),
             "compression": {"array": COMPRESSION_ARRAY, "xxh3": self.compression.fingerprint},
             "layers": [_layer_attributes(lay) for lay in self.layers.values()],
+            **({} if self.shard is None else {"shard": self.shard.to_dict()}),
         }
-        if self.shard is not None:
-            attrs["shard"] = self.shard.to_dict()
-        return attrs
 
 
 def _layer_attributes(lay: LayerLayout) -> dict[str, Any]:
@@ -190,46 +184,6 @@ def _layer_attributes(lay: LayerLayout) -> dict[str, Any]:
     if lay.scales is not None:
         entry["scales"] = {"array": lay.scales.array, "checksums": list(lay.scales.checksums)}
     return entry
-
-
-# ------------------------------------------------------------------------------------------
-# writing
-# ------------------------------------------------------------------------------------------
-def write_metadata(root: str | os.PathLike[str], meta: TableMeta) -> None:
-    """Write the zarr group, one array per layer, the compression array and its chunk file.
-
-    Layer chunk files are written by the caller (see `engram.build`); the metadata's checksums
-    may still be empty here and are written with `write_attributes` once known.
-    """
-    import zarr
-    from zarr.codecs import BytesCodec
-
-    spec = meta.spec
-    group = zarr.open_group(os.fspath(root), mode="w-", zarr_format=3)   # never clears the directory
-    plain = {"compressors": None, "filters": None, "serializer": BytesCodec(endian="little"),
-             "fill_value": 0}
-    row = ROW_DTYPES[spec.dtype]
-    for lay in meta.layers.values():
-        group.create_array(lay.array, shape=(lay.rows, spec.head_dim), chunks=(lay.chunk_rows, spec.head_dim),
-                           dtype=row.zarr, attributes={"dtype": spec.dtype}, **plain)
-        if lay.scales is not None:
-            S = spec.scales_per_row
-            group.create_array(lay.scales.array, shape=(lay.rows, S), chunks=(lay.chunk_rows, S), dtype=row.scale_zarr,
-                               attributes={"scales_of": lay.array, "dtype": spec.dtype,
-                                           "scale_block": spec.scale_block if row.per_block else spec.head_dim},
-                               **plain)
-    lookup = meta.compression.lookup
-    group.create_array(COMPRESSION_ARRAY, shape=lookup.shape, chunks=lookup.shape, dtype="int64", **plain)
-    comp_file = Path(root, COMPRESSION_ARRAY, "c", "0")
-    comp_file.parent.mkdir(parents=True, exist_ok=True)
-    comp_file.write_bytes(lookup.astype("<i8").tobytes())
-    write_attributes(root, meta)
-
-
-def write_attributes(root: str | os.PathLike[str], meta: TableMeta) -> None:
-    """(Re)write the group's zarr.json with the engram metadata as its attributes."""
-    doc = {"attributes": {"engram": meta.to_attributes()}, "zarr_format": 3, "node_type": "group"}
-    Path(root, "zarr.json").write_text(json.dumps(doc, indent=1))
 
 
 # ------------------------------------------------------------------------------------------
@@ -350,9 +304,9 @@ def read_metadata(table: TableDir | str | os.PathLike[str]) -> TableMeta:
             raise CorruptTableError(
                 f"{where} has format_version={version!r}, which cannot hold {spec.dtype} rows (their scales need "
                 f"format_version {format_version_for(spec)}): the metadata is damaged; rebuild the table")
-        shard = _read_shard(attrs, spec, version, where)
+        shard = read_shard(attrs.get("shard"), spec, version, where)
         comp = _read_compression(table, attrs["compression"])
-        layers = {lay.layer_id: lay for lay in (_read_layer(table, spec, d, shard) for d in attrs["layers"])}
+        layers = {lay.layer_id: lay for lay in (_read_layer(table, spec, d, shard or spec) for d in attrs["layers"])}
     except (KeyError, TypeError, SpecError) as exc:
         raise CorruptTableError(
             f"{where} has invalid metadata ({type(exc).__name__}: {exc}): rebuild the table") from exc
@@ -364,21 +318,6 @@ def read_metadata(table: TableDir | str | os.PathLike[str]) -> TableMeta:
             f"{where} stores a compression with compressed_vocab_size={comp.compressed_vocab_size} but its "
             f"spec says {spec.compressed_vocab_size}: rebuild the table")
     return TableMeta(version, spec, comp, layers, shard)
-
-
-def _read_shard(attrs: dict[str, Any], spec: TableSpec, version: int, where: str) -> ShardRange | None:
-    """The stored shard range (format version 3 only), checked against the spec."""
-    entry = attrs.get("shard")
-    if (entry is not None) != (version >= 3):
-        raise CorruptTableError(f"{where} has format_version={version!r} {'with' if entry is not None else 'without'} "
-                                "a shard range: the metadata is damaged; rebuild the table")
-    if entry is None:
-        return None
-    try:
-        return ShardRange.from_dict(entry, spec)
-    except (ValueError, KeyError, TypeError) as exc:
-        raise CorruptTableError(f"{where} has an invalid shard range ({exc}): the metadata is damaged; "
-                                "split the table again with engram shard") from exc
 
 
 def _read_compression(tdir: TableDir, entry: dict[str, Any]) -> Compression:
@@ -397,7 +336,7 @@ def _read_compression(tdir: TableDir, entry: dict[str, Any]) -> Compression:
     return comp
 
 
-def _read_layer(tdir: TableDir, spec: TableSpec, entry: dict[str, Any], shard: ShardRange | None) -> LayerLayout:
+def _read_layer(tdir: TableDir, spec: TableSpec, entry: dict[str, Any], holds: ShardRange | TableSpec) -> LayerLayout:
     layer_id, name, chunk_rows = entry["layer_id"], entry["array"], entry["chunk_rows"]
     where = f"table at {os.fspath(tdir.path)!r}, layer {layer_id!r}"
     if layer_id not in spec.layer_ids:
@@ -418,13 +357,12 @@ def _read_layer(tdir: TableDir, spec: TableSpec, entry: dict[str, Any], shard: S
         raise CorruptTableError(
             f"{where}: chunk_rows={chunk_rows!r} does not give chunk files a multiple of {CHUNK_ALIGN} "
             f"bytes with {sizes}: the metadata is damaged; rebuild the table with engram.build_table")
-    rows = spec.rows(layer_id) if shard is None else shard.rows(layer_id)
-    layout = _read_array(tdir, spec, where, LayerLayout(
-        layer_id, name, rows, spec.row_bytes, chunk_rows, tuple(str(c) for c in entry["checksums"])),
+    layout = _read_array(tdir, spec, where, LayerLayout(   # `holds`: the part's ranges, or the whole spec
+        layer_id, name, holds.rows(layer_id), spec.row_bytes, chunk_rows, tuple(str(c) for c in entry["checksums"])),
         row.zarr, spec.head_dim)
     if scale_entry is not None:
         scales = _read_array(tdir, spec, where, LayerLayout(
-            layer_id, scale_entry["array"], rows, spec.scale_row_bytes, chunk_rows,
+            layer_id, scale_entry["array"], holds.rows(layer_id), spec.scale_row_bytes, chunk_rows,
             tuple(str(c) for c in scale_entry["checksums"]), role="scales"), row.scale_zarr, spec.scales_per_row)
         layout = dataclasses.replace(layout, scales=scales)
     return layout

@@ -13,28 +13,33 @@ Quantized rows (`DecodingGatherer`): the engine above gathers the stored values 
 bytes) exactly as it gathers float rows, so the hot-row cache and dedup staging hold encoded
 values (a quarter of float32's bytes: four times the rows per byte of cache); the scales of the
 requested rows are gathered from the tier's resident scale tensor, and one vectorized decode
-(`engram.quant.decode`) writes the result dtype straight into the lookup's output.
+(`engram.quant.decode_into`: `decode` without its argument checks) writes the result dtype
+straight into the lookup's output.
 
-When dedup pays (measured here, 2.1M-row layer, 256 B rows, one thread): `torch.unique` costs
-10-14 ms on 524,288 ids and 0.7 ms on 16,384 (`np.unique` with return_inverse: 38-80 ms and
-0.7 ms); an in-RAM gather of all 524,288 rows costs 19-25 ms, and gathering only the unique rows
-then scattering them back costs as much or more (16-44 ms) even at 15% unique. So dedup never
-pays where a row read is a memory copy, and always where it is a disk read (microseconds):
+When dedup pays: `torch.unique` over a batch's ids costs about as much as gathering every row
+from memory, and gathering only the unique rows then scattering them back costs as much or more
+even when few rows are distinct (README, "Design measurements"). So dedup never pays where a
+row read is a memory copy, and always where it is a disk read (microseconds):
 DEDUP_TIERS = ("direct",) by default; `engram.open(..., dedup=True|False)` overrides.
 """
 
 from __future__ import annotations
 
 import threading
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from .cache import HotRowCache
 from .dtypes import storage_torch_dtype
-from .quant import decode
+from .quant import decode_into
 from .spec import TableSpec
 from .stats import StatsCounter
+from .tiers import DirectTier
+
+if TYPE_CHECKING:
+    from .tiers import Tier
 
 __all__ = ["DEDUP_TIERS", "RowGatherer", "DecodingGatherer", "unique_inverse"]
 
@@ -73,7 +78,7 @@ class RowGatherer:
         stats: where to count.
     """
 
-    def __init__(self, tier, dedup: bool, stats: StatsCounter) -> None:
+    def __init__(self, tier: Tier, dedup: bool, stats: StatsCounter) -> None:
         self.tier, self.dedup, self.stats = tier, dedup, stats
         self.cache: HotRowCache | None = None     # replaced whole, never changed in place
         self._disk = tier.name == "direct"
@@ -100,8 +105,10 @@ class RowGatherer:
         staged = self._staging(u, out)                                    # [u, D]: hits, then misses
         if hit.size == 0:
             read = self.tier.gather(layer_id, keys, staged, sorted_unique=True)
+            assert inverse is not None, "a batch without cache hits reaches here only with dedup"
             index = inverse
         else:
+            assert slots is not None and layer_cache is not None, "hits come from a layer cache"
             miss = np.flatnonzero(slots < 0)
             if self._disk and self.dedup and miss.size:
                 hit, miss = self._read_through(layer_id, keys, slots >= 0)
@@ -122,6 +129,7 @@ class RowGatherer:
         """(hit, miss) positions in the sorted distinct `keys` once cached rows that lie between two
         misses of one read extent are read with them (they cost no extra read; leaving them out
         could split that read in two). The cache then never makes a gather issue more reads."""
+        assert isinstance(self.tier, DirectTier), "reads through cached rows only on the direct tier"
         ext = self.tier.extent_ids(layer_id, keys)                            # [u] non-decreasing
         pos = np.arange(keys.size)
         before = np.maximum.accumulate(np.where(cached, -1, pos))            # last miss at or before i
@@ -181,7 +189,7 @@ class DecodingGatherer:
         """out[i] = row rows[i] decoded (`out` [n, D] contiguous float32 or bfloat16)."""
         values, scales = self.gather_stored(layer_id, rows)
         if rows.size:
-            decode(values, scales, self.dtype, block=self.block, out=out)
+            decode_into(values, scales, self.dtype, self.block, out)     # checked once, at the table's boundary
 
     def _buffer(self, name: str, nbytes: int) -> torch.Tensor:
         return _reused(self._local, name, nbytes)[:nbytes]

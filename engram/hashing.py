@@ -50,7 +50,11 @@ def _reference_multipliers(spec: TableSpec, layer_id: int) -> np.ndarray:
 # 64-bit mixing in numpy uint64 arithmetic (wrapping). `words[k]` is the [B,T] uint64 array of
 # the k-th id of the key, oldest first.
 # --------------------------------------------------------------------------------------------
-def _rotl(x: np.ndarray, r: int) -> np.ndarray:
+# A uint64 array, or one uint64 (the seeded accumulators start as scalars).
+_U64Values = np.ndarray | np.uint64
+
+
+def _rotl(x: _U64Values, r: int) -> _U64Values:
     return (x << _U64(r)) | (x >> _U64(64 - r))
 
 
@@ -61,7 +65,7 @@ _XXH_P4 = _U64(0x85EBCA77C2B2AE63)
 _XXH_P5 = _U64(0x27D4EB2F165667C5)
 
 
-def _xxh_round(acc: np.ndarray | np.uint64, lane: np.ndarray) -> np.ndarray:
+def _xxh_round(acc: _U64Values, lane: _U64Values) -> _U64Values:
     return _rotl(acc + lane * _XXH_P2, 31) * _XXH_P1
 
 
@@ -72,7 +76,7 @@ def _xxh64(words: list[np.ndarray], seed: int) -> np.ndarray:
     i = 0
     if n_bytes >= 32:
         p1, p2 = int(_XXH_P1), int(_XXH_P2)
-        acc = [_U64((seed + v) % 2**64) for v in (p1 + p2, p2, 0, -p1)]
+        acc: list[_U64Values] = [_U64((seed + v) % 2**64) for v in (p1 + p2, p2, 0, -p1)]
         while len(lanes) - i >= 4:  # 32-byte stripes
             acc = [_xxh_round(a, lanes[i + j]) for j, a in enumerate(acc)]
             i += 4
@@ -91,7 +95,7 @@ def _xxh64(words: list[np.ndarray], seed: int) -> np.ndarray:
     h ^= h >> _U64(29)
     h *= _XXH_P3
     h ^= h >> _U64(32)
-    return h
+    return np.asarray(h)
 
 
 _MM_C1 = _U64(0x87C37B91114253D5)

@@ -48,6 +48,7 @@ class HotRowPlan:
             if not 0.0 <= fraction <= 1.0:
                 raise InputError(f"fraction={fraction!r} must be within [0, 1]")
             count = int(round(fraction * rows.size))
+        assert count is not None
         return rows[: max(0, int(count))]
 
     def check_matches(self, spec: TableSpec, comp: Compression) -> None:

@@ -17,6 +17,7 @@ import weakref
 from collections.abc import Sequence
 
 import numpy as np
+import numpy.typing as npt
 
 __all__ = ["Region", "stitch_files", "anonymous", "HUGEPAGE"]
 
@@ -84,11 +85,12 @@ class Region:
         finalizer = weakref.finalize(self._buffer, _unmap, base, length + extra)
         finalizer.atexit = False   # at exit the process releases its address space anyway
 
-    def array(self, dtype: np.dtype | str, shape: Sequence[int], offset: int = 0, writable: bool = False) -> np.ndarray:
+    def array(self, dtype: npt.DTypeLike, shape: Sequence[int], offset: int = 0, writable: bool = False) -> np.ndarray:
         """A numpy view of the region (read-only unless `writable`); it keeps the region alive."""
         dtype = np.dtype(dtype)
         count = int(np.prod(shape))
-        arr = np.frombuffer(self._buffer, dtype=dtype, count=count, offset=offset).reshape(shape)
+        # numpy's stubs do not list ctypes arrays, which export the buffer protocol np.frombuffer reads
+        arr = np.frombuffer(self._buffer, dtype=dtype, count=count, offset=offset).reshape(shape)  # type: ignore[call-overload]
         arr.flags.writeable = writable
         return arr
 

@@ -20,7 +20,6 @@ where rms normalizes without a weight and w_g is a learned vector of C gate weig
 from __future__ import annotations
 
 import math
-import numbers
 import os
 from typing import Any, ClassVar, Self
 
@@ -29,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .args import check_int, check_real
 from .compression import Compression
 from .errors import InputError, SpecMismatchError
 from .hashing import NgramHasher
@@ -78,6 +78,11 @@ class EngramMemoryBase(nn.Module):
     """
 
     scale_names: ClassVar[tuple[str, ...]] = ()
+    spec: TableSpec
+    comp: Compression
+    table: Any
+    rows: nn.Parameter | None
+    init_std: float
 
     def __init__(self, spec: TableSpec, comp: Compression, *, layer_id: int, hidden_size: int,
                  hc_mult: int = 1, table: Any = None, init_std: float = 0.02) -> None:
@@ -86,8 +91,7 @@ class EngramMemoryBase(nn.Module):
         self.layer_id = spec.check_layer(layer_id)
         self.hidden_size = _positive_int("hidden_size", hidden_size)
         self.hc_mult = _positive_int("hc_mult", hc_mult)
-        if isinstance(init_std, bool) or not isinstance(init_std, numbers.Real) or not init_std >= 0:
-            raise InputError(f"init_std={init_std!r} is invalid: expected a float >= 0 (e.g. 0.02)")
+        check_real("init_std", init_std, 0, " (e.g. 0.02)")
         self.init_std = float(init_std)
         self.spec, self.comp, self.table = spec, comp, table
         if table is not None:
@@ -140,6 +144,7 @@ class EngramMemoryBase(nn.Module):
             return self._prefetched(token_ids).to(device=device, dtype=dtype)
         if self.table is not None:
             return self.table.lookup(token_ids, self.layer_id, dtype=dtype).to(device)
+        assert self.rows is not None, "a module without a table holds its rows"
         idx = self.hasher.global_rows(to_numpy_ids(token_ids), self.layer_id)   # [B, T, H] rows of `rows`
         idx = torch.from_numpy(idx).to(self.rows.device)
         return F.embedding(idx, self.rows).flatten(2).to(device=device, dtype=dtype)   # [B, T, H*D]
@@ -346,8 +351,7 @@ class EngramMemory(EngramMemoryBase):
 
 
 def _positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise InputError(f"{name}={value!r} is invalid: expected an int >= 1")
+    check_int(name, value, 1)
     return int(value)
 
 

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from .errors import TableExistsError
 
-__all__ = ["partial_dir", "publish", "clean_stale", "restore_aside", "fsync_tree", "fsync_path"]
+__all__ = ["partial_dir", "publish", "clean_stale", "restore_aside", "aside_table", "fsync_tree", "fsync_path"]
 
 _AT_FDCWD = -100
 _RENAME_EXCHANGE = 2
@@ -96,6 +96,19 @@ def restore_aside(target: str | os.PathLike[str]) -> Path | None:
             os.rename(aside, target)
             fsync_path(target.parent)
             return partial
+    return None
+
+
+def aside_table(target: str | os.PathLike[str]) -> Path | None:
+    """The table `restore_aside` would put back at `target`, if any, left where it is (nothing is moved).
+
+    Checks that must not change the disk (dry runs) look at it as if it were at `target`.
+    """
+    target = Path(target)
+    for partial in _stale_partials(target):
+        aside = partial / _ASIDE
+        if aside.is_dir() and not os.path.lexists(target):
+            return aside
     return None
 
 

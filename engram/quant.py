@@ -32,14 +32,15 @@ exact rescaling by 2**-120, subnormals included), then one multiply applies the 
 from __future__ import annotations
 
 import dataclasses
-import numbers
 from typing import Any
 
 import numpy as np
 import torch
 
+from .args import check_int
 from .dtypes import QUANTIZED_DTYPES, ROW_DTYPES
 from .errors import InputError
+from .fp8 import E4M3_MAX, decode_fp8, encode_fp8
 from .spec import DEFAULT_SCALE_BLOCK, DTYPES
 
 __all__ = [
@@ -53,25 +54,16 @@ __all__ = [
     "bytes_per_row",
     "encode",
     "decode",
+    "decode_into",
 ]
 
 DEFAULT_BLOCK = DEFAULT_SCALE_BLOCK
-E4M3_MAX = 448.0
 # Row dtype -> numpy dtype of the stored values ("bfloat16": its bits; "float8_e4m3": raw bytes).
 STORAGE_DTYPES = {name: np.dtype(d.storage) for name, d in ROW_DTYPES.items()}
 # Quantized row dtype -> numpy dtype of the stored scales (float32 per row; E8M0 exponent bytes).
 SCALE_DTYPES = {name: np.dtype(d.scale) for name, d in ROW_DTYPES.items() if d.scale is not None}
 _OUT_DTYPES = (torch.float32, torch.bfloat16)
 _CHUNK_VALUES = 1 << 19  # values decoded per pass on CPU (2 MiB of float32)
-
-# E4M3 byte -> float bits with the same value times 2**-120: the sign goes to the top bit, the 7
-# exponent+mantissa bits land at the bottom of the 8-bit exponent field (bias 127 instead of 7),
-# which keeps subnormals exact. (shift, mask keeping the sign and those 7 bits) per output dtype.
-_E4M3_BITS = {torch.float32: (torch.int32, 20, 0x87F00000 - (1 << 32)),
-              torch.bfloat16: (torch.int16, 4, 0x87F0 - (1 << 16))}
-_E4M3_SHIFT = 120  # decoded bits are fp8 * 2**-120
-_E8M0_SHIFTED_MAX = 255 - _E4M3_SHIFT  # e + 120 must still fit an E8M0 byte below 255 (NaN)
-
 
 @dataclasses.dataclass(frozen=True)
 class QuantizedRows:
@@ -103,10 +95,8 @@ def _check_dtype(dtype: Any) -> str:
 
 
 def _check_block(dtype: str, D: Any, block: Any) -> None:
-    if not isinstance(D, numbers.Integral) or isinstance(D, bool) or D < 1:
-        raise InputError(f"D={D!r} is invalid: expected an int >= 1 (values per row)")
-    if not isinstance(block, numbers.Integral) or isinstance(block, bool) or block < 1:
-        raise InputError(f"block={block!r} is invalid: expected an int >= 1 (values per scale; V4.1 uses 32)")
+    check_int("D", D, 1, " (values per row)")
+    check_int("block", block, 1, " (values per scale; V4.1 uses 32)")
     if ROW_DTYPES[dtype].per_block and D % block:
         raise InputError(
             f"D={D} is not a multiple of block={block}: float8_e4m3 rows keep one scale per block of "
@@ -193,33 +183,6 @@ def finite_rows(x: torch.Tensor) -> torch.Tensor:
     return torch.isfinite(x.abs().amax(dim=1))
 
 
-def _pow2_float32(exponent: torch.Tensor) -> torch.Tensor:
-    """2.0**exponent as float32 for int exponents in [-126, 127], built from the bits (exact)."""
-    return ((exponent.to(torch.int32) + 127) << 23).view(torch.float32)
-
-
-def _round_e4m3(x: torch.Tensor) -> torch.Tensor:
-    """float32 -> E4M3 bytes (uint8): round to nearest even, saturate to +-448."""
-    return x.clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn).view(torch.uint8)
-
-
-def _encode_fp8(x: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
-    R, D = x.shape
-    xb = x.view(R, D // block, block)                        # [R, nb, block]
-    amax = xb.abs().amax(dim=2)                              # [R, nb]
-    # amax = m * 2**k with m in [0.5, 1) (exact); 448 = 0.875 * 2**9, so the smallest s with
-    # amax <= 448 * 2**s is k - 9, or k - 8 when m > 0.875.
-    m, k = torch.frexp(amax)
-    s = k - 9 + (m > 0.875).to(torch.int32)
-    s = torch.where(amax > 0, s, -127).clamp(min=-127)      # amax <= float32 max keeps s <= 120
-    values = _round_e4m3(xb * _pow2_float32(-s).unsqueeze(2))  # [R, nb, block]
-    # Only with s = 120 can rounding up overflow float32 on decode (256 * 2**120 = 2**128): step
-    # those values down to 240, the largest finite neighbour.
-    top = (values.bitwise_and(0x7F) == 0x78) & (s == 120).unsqueeze(2)
-    values = torch.where(top, values - 1, values)
-    return values.view(R, D), (s + 127).to(torch.uint8)
-
-
 def _encode_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     scale = x.abs().amax(dim=1, keepdim=True) / 127         # [R, 1] float32
     # near float32's max, a scale rounded up would decode 127 * scale to inf: take the one below
@@ -255,7 +218,7 @@ def encode(rows: np.ndarray | torch.Tensor, dtype: str, block: int = DEFAULT_BLO
     x = _rows_float32(rows)
     _check_block(dtype, int(x.shape[1]), block)
     if dtype == "float8_e4m3":
-        values, scales = _encode_fp8(x, block)
+        values, scales = encode_fp8(x, block)
         return QuantizedRows(values.numpy(), scales.numpy(), dtype, block)
     if dtype == "int8":
         values, scales = _encode_int8(x)
@@ -319,27 +282,6 @@ def _output(values: torch.Tensor, out: torch.Tensor | None, out_dtype: torch.dty
     return out
 
 
-def _decode_fp8(values: torch.Tensor, scales: torch.Tensor, out: torch.Tensor, block: int) -> None:
-    R, D = values.shape
-    nb = D // block
-    e = scales.view(torch.uint8)                              # [R, nb] biased exponents
-    int_dtype, shift, mask = _E4M3_BITS[out.dtype]
-    bits = out.view(int_dtype)
-    bits.copy_(values.view(torch.int8))                       # sign-extend each byte
-    bits.bitwise_left_shift_(shift).bitwise_and_(mask)        # out = fp8 * 2**-120, exactly
-    lo, hi = torch.aminmax(out)                               # NaN bytes decode to +-480 * 2**-120 here
-    has_nan = bool(hi > E4M3_MAX * 2.0**-_E4M3_SHIFT) or bool(lo < -E4M3_MAX * 2.0**-_E4M3_SHIFT)
-    out3 = out.view(R, nb, block)
-    if int(e.max()) < _E8M0_SHIFTED_MAX:
-        factor = (e + _E4M3_SHIFT).view(torch.float8_e8m0fnu).to(out.dtype)   # 2**(e - 7)
-    else:                                                     # 2**(e - 7) would overflow: two steps
-        out.mul_(2.0**_E4M3_SHIFT)
-        factor = e.view(torch.float8_e8m0fnu).to(out.dtype)  # 2**(e - 127), NaN for 255
-    out3.mul_(factor.unsqueeze(2))
-    if has_nan:
-        out[values.view(torch.uint8).bitwise_and(0x7F) == 0x7F] = float("nan")
-
-
 def decode(
     values: np.ndarray | torch.Tensor,
     scales: np.ndarray | torch.Tensor | None,
@@ -381,7 +323,14 @@ def decode(
     values = _as_tensor(values, "values")
     scales = None if scales is None else _as_tensor(scales, "scales")
     _check_decode_args(values, scales, dtype, block)
-    out = _output(values, out, out_dtype)
+    return decode_into(values, scales, dtype, block, _output(values, out, out_dtype))
+
+
+def decode_into(values: torch.Tensor, scales: torch.Tensor | None, dtype: str, block: int,
+                out: torch.Tensor) -> torch.Tensor:
+    """`decode` without its checks, for arguments already known to fit (the table's gather engine):
+    `values`/`scales` as stored and `out` a contiguous float32 or bfloat16 tensor of the values' shape
+    and device. Returns `out`."""
     R, D = values.shape
     if dtype == "bfloat16":
         return out.copy_(values.view(torch.bfloat16))
@@ -396,7 +345,7 @@ def decode(
     for start in range(0, R, step):
         v, s, o = values[start:start + step], scales[start:start + step], out[start:start + step]
         if dtype == "float8_e4m3":
-            _decode_fp8(v, s, o, block)
+            decode_fp8(v, s, o, block)
         elif scratch is None:
             o.copy_(v).mul_(s)                                # float32(v) * scale
         else:                                                 # float32 product, rounded once into out

@@ -25,7 +25,7 @@ OFFSETS_KEY = "multi_head_embedding.offsets"
 def _views(mem: EngramMemory) -> dict[str, torch.Tensor]:
     """Reference key -> the view of mem's parameter that holds it (offsets excluded)."""
     C = mem.hidden_size
-    views = {} if mem.rows is None else {ROWS_KEY: mem.rows}
+    views: dict[str, torch.Tensor] = {} if mem.rows is None else {ROWS_KEY: mem.rows}
     views["short_conv.conv.weight"] = mem.short_conv.weight
     views["value_proj.weight"] = mem.value_proj.weight
     views["value_proj.bias"] = mem.value_proj.bias

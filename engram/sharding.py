@@ -10,6 +10,7 @@ part reports its range (`table.shard`).
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,9 +20,9 @@ import numpy as np
 from .build import check_build
 from .errors import InputError
 from .format import LayerLayout
+from .opening import open as open_table
 from .shards import ShardRange, plan_shards
 from .table import Table
-from .table import open as open_table
 from .writer import Chunk, chunk_buffers, plan_layout, write_table, zero_tail
 
 __all__ = ["shard_table", "shard_path", "check_shard_table"]
@@ -80,7 +81,7 @@ def shard_table(src: Table | str | os.PathLike[str], prefix: str | os.PathLike[s
     for part in shards:
         path = shard_path(prefix, part.rank, part.parts)
         layouts = plan_layout(src.spec, shard=part)
-        write_table(path, src.spec, src.compression, layouts, lambda lay, p=part: _copied_chunks(src, lay, p),
+        write_table(path, src.spec, src.compression, layouts, functools.partial(_copied_chunks, src, part=part),
                     overwrite, progress, desc=f"shard {part.rank}/{part.parts}", shard=part)
         paths.append(path)
     return paths

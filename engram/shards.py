@@ -16,10 +16,10 @@ from typing import Any
 
 import numpy as np
 
-from .errors import InputError
+from .errors import CorruptTableError, InputError
 from .spec import TableSpec
 
-__all__ = ["ShardRange", "plan_shards", "parse_shard", "owners", "check_ranges"]
+__all__ = ["ShardRange", "plan_shards", "parse_shard", "owners", "check_ranges", "read_shard"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,3 +133,22 @@ def check_ranges(spec: TableSpec, shards: Sequence[ShardRange]) -> str | None:
         if edge != spec.rows(lid):
             return f"rows [{edge}, {spec.rows(lid)}) of layer {lid} are in no shard"
     return None
+
+
+def read_shard(entry: Any, spec: TableSpec, version: int, where: str) -> ShardRange | None:
+    """The shard range stored in a table's metadata (format version 3 only), checked against its spec.
+
+    Raises:
+        CorruptTableError: a range where the version has none or none where it needs one, or a
+            range that is not inside the spec's layers (`where` names the table).
+    """
+    if (entry is not None) != (version >= 3):
+        raise CorruptTableError(f"{where} has format_version={version!r} {'with' if entry is not None else 'without'} "
+                                "a shard range: the metadata is damaged; rebuild the table")
+    if entry is None:
+        return None
+    try:
+        return ShardRange.from_dict(entry, spec)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CorruptTableError(f"{where} has an invalid shard range ({exc}): the metadata is damaged; "
+                                "split the table again with engram shard") from exc

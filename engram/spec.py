@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import numbers
 from collections.abc import Mapping
 from typing import Any
 
+from .args import is_int
 from .dtypes import ROW_DTYPES
 from .errors import SpecError
 from .primes import assign_primes
@@ -27,10 +27,6 @@ ENCODING_FIELDS = ("dtype", "scale_block")   # how rows are stored, not which ro
 DEFAULT_SCALE_BLOCK = 32   # values per E8M0 scale of "float8_e4m3" rows (the DeepSeek-V4.1 layout)
 _INT_FIELDS = ("max_ngram_size", "n_head_per_ngram", "n_embed_per_ngram", "compressed_vocab_size", "pad_id", "seed",
                "scale_block")
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,10 +77,10 @@ class TableSpec:
         for name in ("engram_vocab_size", "layer_ids"):
             value = getattr(self, name)
             if isinstance(value, (list, tuple)):
-                object.__setattr__(self, name, tuple(int(v) if _is_int(v) else v for v in value))
+                object.__setattr__(self, name, tuple(int(v) if is_int(v) else v for v in value))
         for name in _INT_FIELDS:
             value = getattr(self, name)
-            if _is_int(value) and type(value) is not int:
+            if is_int(value) and type(value) is not int:
                 object.__setattr__(self, name, int(value))
         self._validate()
         if not ROW_DTYPES[self.dtype].per_block:
@@ -96,31 +92,31 @@ class TableSpec:
             if not ok:
                 raise SpecError(f"TableSpec.{field}={getattr(self, field)!r} is invalid: {fix}")
 
-        need(_is_int(self.max_ngram_size) and self.max_ngram_size >= 2,
+        need(is_int(self.max_ngram_size) and self.max_ngram_size >= 2,
              "max_ngram_size", "expected an int >= 2 (the largest n-gram order N)")
         n_orders = self.max_ngram_size - 1
         need(isinstance(self.engram_vocab_size, tuple) and len(self.engram_vocab_size) == n_orders
-             and all(_is_int(v) and v >= 2 for v in self.engram_vocab_size),
+             and all(is_int(v) and v >= 2 for v in self.engram_vocab_size),
              "engram_vocab_size",
              f"expected {n_orders} ints >= 2, one base table size per n-gram order 2..{self.max_ngram_size}")
-        need(_is_int(self.n_head_per_ngram) and self.n_head_per_ngram >= 1,
+        need(is_int(self.n_head_per_ngram) and self.n_head_per_ngram >= 1,
              "n_head_per_ngram", "expected an int >= 1 (hash heads per n-gram order)")
-        need(_is_int(self.n_embed_per_ngram) and self.n_embed_per_ngram >= 1
+        need(is_int(self.n_embed_per_ngram) and self.n_embed_per_ngram >= 1
              and self.n_embed_per_ngram % self.n_head_per_ngram == 0,
              "n_embed_per_ngram",
              f"expected a positive multiple of n_head_per_ngram={self.n_head_per_ngram} (K*D)")
         need(isinstance(self.layer_ids, tuple) and len(self.layer_ids) >= 1
-             and all(_is_int(v) and v >= 0 for v in self.layer_ids)
+             and all(is_int(v) and v >= 0 for v in self.layer_ids)
              and len(set(self.layer_ids)) == len(self.layer_ids),
              "layer_ids", "expected a non-empty sequence of distinct ints >= 0")
-        need(_is_int(self.compressed_vocab_size) and self.compressed_vocab_size >= 1,
+        need(is_int(self.compressed_vocab_size) and self.compressed_vocab_size >= 1,
              "compressed_vocab_size", "expected an int >= 1: use comp.compressed_vocab_size")
-        need(_is_int(self.pad_id) and self.pad_id >= 0,
+        need(is_int(self.pad_id) and self.pad_id >= 0,
              "pad_id", "expected a raw token id >= 0")
-        need(_is_int(self.seed) and self.seed >= 0, "seed", "expected an int >= 0")
+        need(is_int(self.seed) and self.seed >= 0, "seed", "expected an int >= 0")
         need(isinstance(self.hash, str) and self.hash in HASH_FAMILIES, "hash", f"expected one of {HASH_FAMILIES}")
         need(isinstance(self.dtype, str) and self.dtype in DTYPES, "dtype", f"expected one of {tuple(DTYPES)}")
-        need(_is_int(self.scale_block) and self.scale_block >= 1, "scale_block",
+        need(is_int(self.scale_block) and self.scale_block >= 1, "scale_block",
              f"expected an int >= 1 (values per scale of float8_e4m3 rows; default {DEFAULT_SCALE_BLOCK})")
         if ROW_DTYPES[self.dtype].per_block:
             D = self.n_embed_per_ngram // self.n_head_per_ngram
@@ -157,7 +153,7 @@ class TableSpec:
         """Return `layer_id` if this spec has a table for it, else raise InputError."""
         from .errors import InputError
 
-        if not _is_int(layer_id) or layer_id not in self.layer_ids:
+        if not is_int(layer_id) or layer_id not in self.layer_ids:
             raise InputError(
                 f"layer_id={layer_id!r} has no table: this spec has layer_ids={self.layer_ids}"
             )

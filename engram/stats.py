@@ -69,7 +69,7 @@ class StatsCounter:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._totals = dict.fromkeys(_COUNTERS, 0)
+        self._totals: dict[str, Any] = dict.fromkeys(_COUNTERS, 0)     # ints, and blocked_seconds a float
         self._totals["blocked_seconds"] = 0.0
 
     def add(self, **counts: float) -> None:

@@ -22,12 +22,11 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
-import dataclasses
+import functools
 import os
 import threading
 import weakref
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -36,24 +35,23 @@ import torch
 from .buffers import OutputPool, Scratch
 from .cache import HotRowCache, select_hot_rows
 from .chunks import verify_chunks
-from .compression import Compression
 from .dtypes import storage_torch_dtype, torch_dtype
-from .errors import InputError, SpecMismatchError
-from .format import LayerLayout, TableDir, TableMeta, read_metadata
+from .errors import InputError
+from .format import TableDir, TableMeta
 from .gather import DEDUP_TIERS, DecodingGatherer, RowGatherer
 from .hashing import NgramHasher
 from .hotrows import HotRowPlan
+from .lookup_args import check_dtype, check_out, check_row_indices, check_whole
 from .prefetch import CudaTransfer, Prefetch, Prefetcher
 from .quant import QuantizedRows
-from .shards import ShardRange
-from .spec import TableSpec
 from .stats import LookupStats, StatsCounter
+from .table_info import TableInfo
 from .tensors import check_ids_2d, is_torch, to_numpy_ids
-from .tiers import TIERS, open_tier
+from .tiers import open_tier
 
-__all__ = ["Table", "open", "lookup"]
+__all__ = ["Table"]
 
-class Table:
+class Table(TableInfo):
     """An open engram table: one row table per layer, read-only. Make one with `engram.open`.
 
     A Table is a context manager; it can be used from several threads at once, and it pickles
@@ -79,81 +77,6 @@ class Table:
         self._engine = RowGatherer(self._tier, tier in DEDUP_TIERS if dedup is None else dedup, self._stats)
         self._decoder = DecodingGatherer(self._engine, meta.spec) if meta.spec.quantized else None
         self._prefetcher = Prefetcher()
-
-    # -- what the table is ------------------------------------------------------------------
-    @property
-    def path(self) -> Path:
-        """The table directory."""
-        return self._path
-
-    @property
-    def spec(self) -> TableSpec:
-        """The spec the table was built with."""
-        return self._meta.spec
-
-    @property
-    def compression(self) -> Compression:
-        """The token-id compression the table was built with."""
-        return self._meta.compression
-
-    @property
-    def tier(self) -> str:
-        """Where rows are read from: "ram", "mmap" or "direct"."""
-        return self._tier_name
-
-    @property
-    def dtype(self) -> torch.dtype:
-        """The torch dtype lookups return by default: the rows' dtype for float tables (bfloat16
-        tables: torch.bfloat16), torch.float32 for quantized ones (int8, float8_e4m3)."""
-        return self._dtype
-
-    @property
-    def format_version(self) -> int:
-        """The on-disk format version of the table."""
-        return self._meta.format_version
-
-    @property
-    def closed(self) -> bool:
-        return self._closed
-
-    @property
-    def dedup(self) -> bool:
-        """Whether a gather reads each distinct row once (default: on for "direct" only)."""
-        return self._engine.dedup
-
-    @property
-    def shard(self) -> ShardRange | None:
-        """For one part of a row-sharded table (`engram shard`), the rows of each layer it holds;
-        None for a whole table. A part is looked up through `engram.distributed.ShardedTable`;
-        its `rows` and `stored_rows` take global rows inside its ranges."""
-        return self._meta.shard
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes of rows over all layers, scales included (chunk padding excluded)."""
-        return self.spec.total_bytes
-
-    def layout(self, layer_id: int) -> LayerLayout:
-        """How one layer is stored: zarr array name, rows, chunk rows, chunk count, checksums."""
-        return self._meta.layers[self.spec.check_layer(layer_id)]
-
-    def chunk_files(self, layer_id: int, scales: bool = False) -> list[Path]:
-        """The chunk files of one layer (`scales`: of its scale array), in row order."""
-        lay = self._array_layout(layer_id, scales)
-        return [lay.chunk_path(self._path, i) for i in range(lay.n_chunks)]
-
-    def checksums(self, layer_id: int, scales: bool = False) -> tuple[str, ...]:
-        """The recorded xxh3-64 hex digest of each chunk file of one layer (`scales`: of its scale array)."""
-        return self._array_layout(layer_id, scales).checksums
-
-    def _array_layout(self, layer_id: int, scales: bool) -> LayerLayout:
-        lay = self.layout(layer_id)
-        if not scales:
-            return lay
-        if lay.scales is None:
-            raise InputError(f"scales=True, but this {self.spec.dtype} table stores no scales: only int8 and "
-                             "float8_e4m3 tables do")
-        return lay.scales
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"tier={self._tier_name!r}"
@@ -205,7 +128,9 @@ class Table:
 
     def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
         # By path and tier, never by content: the receiving process opens the table itself.
-        return _reopen, (os.path.abspath(self._path), self._tier_name, self._prefault, self._io_threads,
+        from .opening import reopen
+
+        return reopen, (os.path.abspath(self._path), self._tier_name, self._prefault, self._io_threads,
                          self._dedup_arg)
 
     # -- lookups ----------------------------------------------------------------------------
@@ -242,14 +167,13 @@ class Table:
             return self._lookup_layer(x, self.spec.check_layer(layer_id), out, dtype)
 
     def _compress(self, token_ids: Any) -> np.ndarray:
-        if self.shard is not None:
-            raise InputError(
-                f"table at {os.fspath(self._path)!r} is {self.shard} of a sharded table, so it cannot look up "
-                "token ids alone: open every part with engram.distributed.ShardedTable, one per rank")
-        if is_torch(token_ids):
+        check_whole(self._path, self.shard)      # a part of a sharded table holds too few rows to look up
+        torch_ids = is_torch(token_ids)
+        if torch_ids:                       # the shape first: it names the problem before the dtype
             check_ids_2d(token_ids)
         ids = to_numpy_ids(token_ids)
-        check_ids_2d(ids)
+        if not torch_ids:                   # a torch tensor's shape was checked above
+            check_ids_2d(ids)
         self.compression.check_ids(ids)
         return self.compression.lookup[ids]
 
@@ -257,14 +181,14 @@ class Table:
                       dtype: torch.dtype | None) -> torch.Tensor:
         B, T = x.shape
         H, D = self.spec.heads_per_layer, self.spec.head_dim
-        _check_dtype(dtype)
+        check_dtype(dtype)
         want = self._dtype if dtype is None else dtype
         if out is not None:
-            _check_out(out, (B, T, H * D), want)
+            check_out(out, (B, T, H * D), want)
         heads_buf, rows = self._scratch.get(H, B, T)
         heads = self._hasher.hash_compressed(x, layer_id, out=heads_buf)          # [B, T, H] view of [H, B, T]
         np.add(heads, self._offsets[layer_id], out=rows)                         # [B, T, H] global rows
-        gathered = self._gathered_dtype(want)
+        gathered = self.gathered_dtype(want)
         if out is not None and want == gathered:
             result = out
         else:
@@ -273,13 +197,6 @@ class Table:
         if want == gathered:
             return result
         return result.to(want) if out is None else out.copy_(result)
-
-    def _gathered_dtype(self, want: torch.dtype) -> torch.dtype:
-        """The dtype rows are gathered in: the stored one for float tables, the decoded one (float32
-        or bfloat16) for quantized tables."""
-        if self._decoder is None:
-            return self._dtype
-        return want if want in (torch.float32, torch.bfloat16) else torch.float32
 
     def _gather(self, layer_id: int, rows: np.ndarray, out: torch.Tensor) -> None:
         """out[i] = row rows[i] of the layer's table (decoded, for quantized tables). Every row read
@@ -290,22 +207,10 @@ class Table:
             self._decoder.gather(layer_id, rows, out)
 
     def gather_local(self, layer_id: int, rows: np.ndarray, out: torch.Tensor) -> None:
-        """out[i] = stored row rows[i] of this table's layer, unchecked (the caller checked them):
-        for `engram.distributed`, which reads a part's rows by local index (global row minus the
-        part's start) through the table's dedup, hot-row cache and counters.
-
-        Args:
-            layer_id: a checked layer id.
-            rows: contiguous int64 [n], 0 <= row < the layer's stored rows.
-            out: contiguous [n, D] of the dtype lookups gather for the wanted result dtype.
-        """
+        """Unchecked, for `engram.distributed`: out [n, D] (of `gathered_dtype`) = rows [n] of the
+        layer's stored array (a part's rows by local index), through dedup, cache and counters."""
         with self._in_use():
             self._gather(layer_id, rows, out)
-
-    def gathered_dtype(self, dtype: torch.dtype | None) -> torch.dtype:
-        """The dtype rows are gathered in for a lookup that returns `dtype` (None: `table.dtype`)."""
-        _check_dtype(dtype)
-        return self._gathered_dtype(self._dtype if dtype is None else dtype)
 
     def rows(self, layer_id: int, row_indices: Any, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Rows by global row index: [n] ints -> a new tensor [n, D].
@@ -322,9 +227,9 @@ class Table:
         """
         with self._in_use():
             layer_id, idx = self._row_indices(layer_id, row_indices)
-            _check_dtype(dtype)
+            check_dtype(dtype)
             want = self._dtype if dtype is None else dtype
-            gathered = self._gathered_dtype(want)
+            gathered = self.gathered_dtype(want)
             out = torch.empty((idx.size, self.spec.head_dim), dtype=gathered)
             self._gather(layer_id, idx, out)
             return out if want == gathered else out.to(want)
@@ -359,20 +264,8 @@ class Table:
             return QuantizedRows(out.numpy(), None, spec.dtype, spec.scale_block)
 
     def _row_indices(self, layer_id: int, row_indices: Any) -> tuple[int, np.ndarray]:
-        """The checked layer and row indices (contiguous int64 [n], in range)."""
-        layer_id = self.spec.check_layer(layer_id)
-        if isinstance(row_indices, (list, tuple)) and not row_indices:
-            row_indices = np.empty(0, np.int64)              # np.asarray([]) is float64
-        idx = to_numpy_ids(row_indices, name="row_indices")
-        lo, hi = (0, self.spec.rows(layer_id)) if self.shard is None else self.shard.ranges[layer_id]
-        if idx.ndim != 1:
-            raise InputError(f"row_indices must be 1-D, got shape {idx.shape}: flatten them first")
-        if idx.size and (idx.min() < lo or idx.max() >= hi):
-            bad = int(idx.min()) if idx.min() < lo else int(idx.max())
-            where = f"spec.rows({layer_id})" if self.shard is None else f"{hi}, the rows this part holds"
-            raise InputError(f"row_indices holds {bad}, outside [{lo}, {hi}) for layer {layer_id}: "
-                             f"use global rows {lo} <= row < {where}")
-        return layer_id, np.ascontiguousarray(idx - lo if lo else idx, dtype=np.int64)
+        """The checked layer and row indices of this table's arrays (contiguous int64 [n])."""
+        return check_row_indices(self.spec, self.shard, layer_id, row_indices)
 
     # -- prefetch ---------------------------------------------------------------------------
     def prefetch(self, token_ids: Any, layer_ids: int | Sequence[int] | None = None,
@@ -407,8 +300,9 @@ class Table:
                 layers = self.spec.layer_ids
             else:
                 single = isinstance(layer_ids, (int, np.integer)) and not isinstance(layer_ids, bool)
-                layers = tuple(self.spec.check_layer(i) for i in ((layer_ids,) if single else layer_ids))
-            _check_dtype(dtype)
+                requested: Any = (layer_ids,) if single else layer_ids
+                layers = tuple(self.spec.check_layer(i) for i in requested)
+            check_dtype(dtype)
             target = self._prefetcher.target(device)
             with self._state:     # close() either sees this prefetch pending or refuses it here
                 if self._closed:
@@ -424,8 +318,8 @@ class Table:
             out: dict[int, Any] = {}
             for layer_id in layers:
                 if isinstance(target, CudaTransfer):                     # (device tensor, copy event)
-                    out[layer_id] = target.fill_and_copy((*x.shape, self.spec.embed_dim), dtype or self._dtype,
-                                                         lambda host, i=layer_id: self._lookup_layer(x, i, host, dtype))
+                    fill = functools.partial(self._lookup_layer, x, layer_id, dtype=dtype)     # fill(host rows)
+                    out[layer_id] = target.fill_and_copy((*x.shape, self.spec.embed_dim), dtype or self._dtype, fill)
                 else:
                     rows = self._lookup_layer(x, layer_id, None, dtype)
                     out[layer_id] = rows if target is None else rows.to(target)
@@ -497,99 +391,3 @@ class Table:
 def _release(tier: Any, tdir: TableDir) -> None:
     tier.close()
     tdir.close()
-
-
-def _check_dtype(dtype: Any) -> None:
-    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-        raise InputError(f"dtype={dtype!r} is invalid: expected a floating-point torch.dtype or None")
-
-
-def _check_out(out: Any, shape: tuple[int, int, int], dtype: torch.dtype) -> None:
-    if not isinstance(out, torch.Tensor):
-        raise InputError(f"out must be a torch.Tensor, got {type(out).__name__}: pass torch.empty({shape})")
-    if tuple(out.shape) != shape or out.dtype != dtype or out.device.type != "cpu" or not out.is_contiguous():
-        raise InputError(
-            f"out has shape {tuple(out.shape)}, dtype {out.dtype}, device {out.device} (contiguous="
-            f"{out.is_contiguous()}), expected a contiguous CPU tensor of shape {shape} and dtype {dtype}: "
-            f"pass torch.empty({shape}, dtype={dtype})")
-
-
-def open(path: str | os.PathLike[str], tier: str = "mmap", *, prefault: bool = False,
-         compression: Compression | None = None, spec: TableSpec | None = None, io_threads: int = 32,
-         dedup: bool | None = None) -> Table:
-    """Open a table read-only.
-
-    Args:
-        path: the table directory written by `engram.build_table`.
-        tier: where rows are read from: "ram" (loaded into hugepage-backed memory, checksums
-            verified while loading), "mmap" (chunk files mapped into one address range), or
-            "direct" (pread from a thread pool, bypassing the page cache; for cold tables).
-        prefault: "mmap" only: fault every page in at open (MAP_POPULATE), so the first
-            lookups do not pay for page faults.
-        compression: if given, the compression the caller expects the table to use.
-        spec: if given, the spec the caller expects the table to be built with.
-        io_threads: "direct" only: reads kept in flight (the queue depth; see `engram.direct`).
-        dedup: read each distinct row of a batch once and scatter it back; None (default) turns
-            it on for "direct" only (it costs more than it saves where rows are in memory; see
-            `engram.gather`).
-
-    Returns:
-        The open Table (a context manager).
-
-    Raises:
-        TableNotFoundError: no table at `path`.
-        CorruptTableError: unknown format version, damaged metadata, missing or short chunk files.
-        SpecMismatchError: the table was built with another spec or compression.
-
-    Example:
-        >>> with engram.open("table.engram", tier="ram") as table:
-        ...     e = table.lookup(token_ids, layer_id=1)
-    """
-    if tier not in TIERS:
-        raise InputError(f"tier={tier!r} is not a storage tier: expected one of {TIERS}")
-    if not isinstance(io_threads, int) or isinstance(io_threads, bool) or io_threads < 1:
-        raise InputError(f"io_threads={io_threads!r} is invalid: expected an int >= 1")
-    if dedup not in (None, True, False):
-        raise InputError(f"dedup={dedup!r} is invalid: expected True, False or None (per tier)")
-    tdir = TableDir(path)   # every file of this table is opened relative to this directory handle
-    try:
-        meta = read_metadata(tdir)
-        _check_expected(tdir.path, meta, spec, compression)
-        return Table(tdir, meta, tier, prefault, io_threads, dedup)
-    except BaseException:
-        tdir.close()
-        raise
-
-
-def _check_expected(root: Path, meta: TableMeta, spec: TableSpec | None, compression: Compression | None) -> None:
-    if spec is not None and not isinstance(spec, TableSpec):
-        raise InputError(f"spec must be an engram.TableSpec or None, got {type(spec).__name__}")
-    if compression is not None and not isinstance(compression, Compression):
-        raise InputError(f"compression must be an engram.Compression or None, got {type(compression).__name__}")
-    if spec is not None and spec != meta.spec:
-        differ = [f.name for f in dataclasses.fields(spec) if getattr(meta.spec, f.name) != getattr(spec, f.name)]
-        fields = ", ".join(f"{k}={getattr(meta.spec, k)!r} (expected {getattr(spec, k)!r})" for k in differ)
-        raise SpecMismatchError(
-            f"table at {os.fspath(root)!r} was built for another spec: {fields}: open the table built for "
-            "this spec, or use table.spec")
-    if compression is not None and compression != meta.compression:
-        raise SpecMismatchError(
-            f"table at {os.fspath(root)!r} was built with another compression (fingerprint "
-            f"{meta.compression.fingerprint!r}, expected {compression.fingerprint!r}): open the table built "
-            "with this tokenizer's compression, or use table.compression")
-
-
-def _reopen(path: str, tier: str, prefault: bool, io_threads: int, dedup: bool | None = None) -> Table:
-    return open(path, tier, prefault=prefault, io_threads=io_threads, dedup=dedup)
-
-
-def lookup(token_ids: Any, table: Table, layer_id: int | None, out: torch.Tensor | None = None,
-           dtype: torch.dtype | None = None) -> torch.Tensor | dict[int, torch.Tensor]:
-    """The rows `token_ids` address in `table`: the same as `table.lookup(token_ids, layer_id)`.
-
-    Example:
-        >>> e = engram.lookup(token_ids, engram.open("table.engram"), layer_id=1)   # [B, T, E]
-    """
-    if not isinstance(table, Table):
-        raise InputError(f"table must be an engram.Table, got {type(table).__name__}: pass engram.open(path)")
-    return table.lookup(token_ids, layer_id, out=out, dtype=dtype)

@@ -25,7 +25,7 @@ two random reads per row at the disk's IOPS limit), and the scale gather is one 
 from __future__ import annotations
 
 import os
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -66,10 +66,12 @@ def _values_tensor(region: Region, lay: LayerLayout, meta: TableMeta) -> torch.T
 
 
 def _scales_tensor(region: Region, lay: LayerLayout, meta: TableMeta) -> torch.Tensor:
-    return _array_tensor(region, lay, row_dtype(meta.spec.dtype).scale, meta.spec.scales_per_row)
+    scale = row_dtype(meta.spec.dtype).scale
+    assert scale is not None, "only quantized rows have a scale array"
+    return _array_tensor(region, lay, scale, meta.spec.scales_per_row)
 
 
-def _load_array(tdir: TableDir, lay: LayerLayout, bar: object | None = None) -> Region:
+def _load_array(tdir: TableDir, lay: LayerLayout, bar: Any = None) -> Region:
     """Read every chunk file of one array into a new read-only anonymous region (checksums checked)."""
     region = anonymous(lay.n_chunks * lay.chunk_bytes)
     data = region.array(np.uint8, (region.length,), writable=True)

@@ -8,12 +8,12 @@ in a batch, so their gradients are sparse and small, and a larger step lets them
 
 from __future__ import annotations
 
-import numbers
 from typing import Any
 
 import torch
 from torch import nn
 
+from .args import check_real
 from .errors import InputError
 from .memory import EngramMemoryBase
 
@@ -52,8 +52,7 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float = 0.0, *,
     if not isinstance(model, nn.Module):
         raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     for name, value in (("lr", lr), ("weight_decay", weight_decay), ("engram_lr_mult", engram_lr_mult)):
-        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value >= 0:
-            raise InputError(f"{name}={value!r} is invalid: expected a float >= 0")
+        check_real(name, value, 0)
     groups: dict[str, list[nn.Parameter]] = {"engram_rows": [], "decay": [], "no_decay": []}
     seen: set[int] = set()
     for module in model.modules():
@@ -61,11 +60,11 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float = 0.0, *,
             if not p.requires_grad or id(p) in seen:
                 continue
             seen.add(id(p))
-            is_engram = isinstance(module, EngramMemoryBase)
-            if is_engram and pname == "rows":
+            engram_module = module if isinstance(module, EngramMemoryBase) else None
+            if engram_module is not None and pname == "rows":
                 groups["engram_rows"].append(p)
             elif not decay_norms_and_biases and (pname == "bias" or _is_norm(module) or
-                                                 (is_engram and pname in module.scale_names)):
+                                                 (engram_module is not None and pname in engram_module.scale_names)):
                 groups["no_decay"].append(p)
             else:
                 groups["decay"].append(p)

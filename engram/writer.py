@@ -10,6 +10,7 @@ ENCODE_VALUES values) into a chunk's stored dtype.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from collections.abc import Callable, Iterator
@@ -20,17 +21,19 @@ import numpy as np
 import torch
 
 from . import chunks as chunk_files
+from .args import is_int
 from .compression import Compression
-from .dtypes import scale_dtype, storage_dtype, storage_torch_dtype, torch_dtype
+from .dtypes import ROW_DTYPES, scale_dtype, storage_dtype, storage_torch_dtype, torch_dtype
 from .errors import InputError, TableExistsError
-from .format import CHUNK_ALIGN, LayerLayout, TableMeta, format_version_for, is_table, write_attributes, write_metadata
-from .publish import clean_stale, fsync_tree, partial_dir, publish
+from .format import CHUNK_ALIGN, COMPRESSION_ARRAY, LayerLayout, TableMeta, format_version_for, is_table
+from .publish import aside_table, clean_stale, fsync_tree, partial_dir, publish
 from .quant import encode, finite_rows
 from .shards import ShardRange
 from .spec import TableSpec
 
 __all__ = ["Chunk", "DEFAULT_CHUNK_BYTES", "ENCODE_VALUES", "plan_layout", "write_table", "check_target",
-           "chunk_buffers", "zero_tail", "piece_rows", "store_rows", "encode_into", "as_torch"]
+           "write_metadata", "write_attributes", "chunk_buffers", "zero_tail", "piece_rows", "store_rows",
+           "encode_into", "as_torch"]
 
 DEFAULT_CHUNK_BYTES = 64 << 20  # default chunk file size (rounded down to whole CHUNK_ALIGN rows)
 ENCODE_VALUES = 1 << 17         # float32 values encoded per piece into quantized chunks (512 KiB)
@@ -72,6 +75,7 @@ def write_table(target: Path, spec: TableSpec, comp: Compression, layouts: dict[
                 for index, (values, scales) in enumerate(chunks(lay)):
                     sums.append(chunk_files.write_chunk(lay.chunk_path(tmp, index), values, bar))
                     if lay.scales is not None:
+                        assert scales is not None, "a quantized layer's chunk has scales"
                         scale_sums.append(chunk_files.write_chunk(lay.scales.chunk_path(tmp, index), scales, bar))
                 if len(sums) != lay.n_chunks:
                     raise RuntimeError(f"layer {lid}: {len(sums)} chunks produced for {lay.n_chunks}")
@@ -110,12 +114,11 @@ def _plan_layer(spec: TableSpec, layer_id: int, chunk_rows: int | None, rows: in
     if chunk_rows is None:   # about DEFAULT_CHUNK_BYTES, split evenly so the last chunk has little padding
         n_chunks = -(-rows // (max(1, DEFAULT_CHUNK_BYTES // (align_rows * row_bytes)) * align_rows))
         chunk_rows = -(-rows // (n_chunks * align_rows)) * align_rows
-    elif isinstance(chunk_rows, bool) or not isinstance(chunk_rows, (int, np.integer)) or chunk_rows < 1 \
-            or chunk_rows % align_rows:
-        scales = f" and {scale_bytes} bytes of scales" if scale_bytes else ""
+    elif not is_int(chunk_rows) or chunk_rows < 1 or chunk_rows % align_rows:
+        with_scales = f" and {scale_bytes} bytes of scales" if scale_bytes else ""
         raise InputError(
             f"chunk_rows={chunk_rows!r} is invalid: chunk files must be whole multiples of {CHUNK_ALIGN} bytes "
-            f"so they map at page boundaries; with {row_bytes}-byte rows{scales} use a positive multiple of "
+            f"so they map at page boundaries; with {row_bytes}-byte rows{with_scales} use a positive multiple of "
             f"{align_rows} (or None for about 64 MiB chunks)")
     chunk_rows = min(int(chunk_rows), -(-rows // align_rows) * align_rows)
     scales = None
@@ -136,6 +139,9 @@ def _replaceable(path: Path) -> bool:
 def check_target(target: Path, overwrite: bool) -> None:
     """Refuse a target path a table cannot be written to (its parent a file, or something there to keep).
 
+    Writes nothing: a table that a killed replacement left aside (`engram.publish.aside_table`)
+    is judged as if it were back at `target`, where the build's first step puts it.
+
     Raises:
         InputError: an ancestor of `target` is not a folder.
         TableExistsError: something is at `target` and `overwrite` is False, or it is not a table.
@@ -146,13 +152,14 @@ def check_target(target: Path, overwrite: bool) -> None:
     if not ancestor.is_dir():
         raise InputError(f"path={os.fspath(target)!r} cannot be created: {os.fspath(ancestor)!r} is not a folder; "
                          "choose another path")
-    if not os.path.lexists(target) or _empty_dir(target):
+    there = target if os.path.lexists(target) else aside_table(target)
+    if there is None or _empty_dir(there):
         return
     if not overwrite:
         raise TableExistsError(
             f"path={os.fspath(target)!r} already exists: pass overwrite=True to replace the table there, "
             "or choose another path")
-    if not _replaceable(target):
+    if not _replaceable(there):
         raise TableExistsError(
             f"path={os.fspath(target)!r} exists and is not an engram table: overwrite=True replaces only "
             "tables; remove it yourself or choose another path")
@@ -209,9 +216,51 @@ def encode_into(values: Any, chunk: Chunk, at: int, spec: TableSpec, source: str
         raise InputError(f"{source} row {bad} contains NaN or inf (after conversion to float32): "
                          f"{spec.dtype} rows must be finite; fix or drop that row first") from None
     n = len(q.values)
-    chunk[0][at: at + n] = q.values
-    chunk[1][at: at + n] = q.scales
+    values, scales = chunk
+    assert scales is not None, "a quantized chunk has scales"
+    values[at: at + n] = q.values
+    scales[at: at + n] = q.scales
 
 
 def _progress_bar(layouts: dict[int, LayerLayout], progress: bool | None, desc: str = "build_table") -> Any:
     return chunk_files.progress_bar(sum(lay.disk_bytes for lay in layouts.values()), desc, progress)
+
+
+# ------------------------------------------------------------------------------------------
+# metadata
+# ------------------------------------------------------------------------------------------
+def write_metadata(root: str | os.PathLike[str], meta: TableMeta) -> None:
+    """Write the zarr group, one array per layer, the compression array and its chunk file.
+
+    Layer chunk files are written by `write_table`; the metadata's checksums
+    may still be empty here and are written with `write_attributes` once known.
+    """
+    import zarr
+    from zarr.codecs import BytesCodec
+
+    spec = meta.spec
+    group = zarr.open_group(os.fspath(root), mode="w-", zarr_format=3)   # never clears the directory
+    plain: dict[str, Any] = {"compressors": None, "filters": None, "serializer": BytesCodec(endian="little"),
+             "fill_value": 0}
+    row = ROW_DTYPES[spec.dtype]
+    for lay in meta.layers.values():
+        group.create_array(lay.array, shape=(lay.rows, spec.head_dim), chunks=(lay.chunk_rows, spec.head_dim),
+                           dtype=row.zarr, attributes={"dtype": spec.dtype}, **plain)
+        if lay.scales is not None:
+            S = spec.scales_per_row
+            group.create_array(lay.scales.array, shape=(lay.rows, S), chunks=(lay.chunk_rows, S), dtype=row.scale_zarr,
+                               attributes={"scales_of": lay.array, "dtype": spec.dtype,
+                                           "scale_block": spec.scale_block if row.per_block else spec.head_dim},
+                               **plain)
+    lookup = meta.compression.lookup
+    group.create_array(COMPRESSION_ARRAY, shape=lookup.shape, chunks=lookup.shape, dtype="int64", **plain)
+    comp_file = Path(root, COMPRESSION_ARRAY, "c", "0")
+    comp_file.parent.mkdir(parents=True, exist_ok=True)
+    comp_file.write_bytes(lookup.astype("<i8").tobytes())
+    write_attributes(root, meta)
+
+
+def write_attributes(root: str | os.PathLike[str], meta: TableMeta) -> None:
+    """(Re)write the group's zarr.json with the engram metadata as its attributes."""
+    doc = {"attributes": {"engram": meta.to_attributes()}, "zarr_format": 3, "node_type": "group"}
+    Path(root, "zarr.json").write_text(json.dumps(doc, indent=1))

@@ -136,7 +136,7 @@ def test_clean_never_moves_an_aside_table_over_an_existing_one(tmp_path):
     assert (target / "zarr.json").read_text() == "current"
 
 
-def test_the_checks_before_a_build_put_back_a_table_left_aside(tmp_path):
+def test_the_checks_before_a_build_count_a_table_left_aside_and_move_nothing(tmp_path):
     import engram
     from engram.build import check_build
 
@@ -150,6 +150,9 @@ def test_the_checks_before_a_build_put_back_a_table_left_aside(tmp_path):
                             layer_ids=(0,), compressed_vocab_size=10)
     with pytest.raises(engram.TableExistsError, match="already exists"):     # refused up front, not after writing
         check_build(target, spec, comp)
+    assert not target.exists()                                               # a dry run changes nothing on disk
+    with pytest.raises(engram.TableExistsError, match="already exists"):     # the build puts it back, then refuses
+        engram.build_table(target, spec, comp)
     assert (target / "zarr.json").read_text() == "old"
 
 

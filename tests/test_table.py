@@ -354,7 +354,7 @@ def test_open_reads_one_table_even_if_the_path_is_swapped_meanwhile(paths, tmp_p
     shutil.copytree(paths["float32"], path)
     engram.build_table(other, make_spec(), COMP, seed=99, chunk_rows=2048).close()
     expected = reference_rows(paths["float32"], 1)
-    real = engram.table.read_metadata
+    real = engram.opening.read_metadata
 
     def read_then_swap(tdir):
         meta = real(tdir)
@@ -362,7 +362,7 @@ def test_open_reads_one_table_even_if_the_path_is_swapped_meanwhile(paths, tmp_p
         os.rename(other, path)
         return meta
 
-    monkeypatch.setattr(engram.table, "read_metadata", read_then_swap)
+    monkeypatch.setattr(engram.opening, "read_metadata", read_then_swap)
     with engram.open(path, tier="ram") as table:     # "ram" checks every chunk against the metadata
         assert torch.equal(table.rows(1, np.arange(table.spec.rows(1))), expected)
 

@@ -46,8 +46,8 @@ import numpy as np
 import torch
 
 import engram
-from engram.benchmark import best_time, drop_caches
 from engram.cache import select_hot_rows
+from engram.cli.bench import best_time, drop_caches
 
 sys.path.insert(0, str(Path(__file__).parent))
 from tiny_data import TOKENIZER, stdlib_files  # noqa: E402

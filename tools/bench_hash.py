@@ -15,7 +15,7 @@ import json
 import numpy as np
 
 import engram
-from engram.benchmark import best_time, reference_hash
+from engram.cli.bench import best_time, reference_hash
 
 
 def main(argv: list[str] | None = None) -> dict:

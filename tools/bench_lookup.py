@@ -34,10 +34,10 @@ import numpy as np
 import torch
 
 import engram
-from engram.benchmark import best_time, drop_caches, reference_hash
 from engram.build import build_table
+from engram.cli.bench import best_time, drop_caches, reference_hash
 from engram.format import read_metadata
-from engram.table import open as open_table
+from engram.opening import open as open_table
 
 
 def anon_hugepage_bytes() -> int:

@@ -88,7 +88,7 @@ def load_build_spec(args: argparse.Namespace, comp: Compression) -> TableSpec:
 def spec_and_compression(args: argparse.Namespace) -> tuple[TableSpec, Compression]:
     """From --table PATH, or from --spec plus --tokenizer/--vocab-size."""
     if getattr(args, "table", None):
-        from ..table import open as open_table
+        from ..opening import open as open_table
 
         with open_table(args.table) as table:
             return table.spec, table.compression

@@ -37,7 +37,7 @@ def _row_sample(table: Any, layer_id: int, n: int, rng: np.random.Generator) -> 
 
 def cmd_inspect(args: argparse.Namespace) -> Output:
     from ..hashing import NgramHasher
-    from ..table import open as open_table
+    from ..opening import open as open_table
 
     with open_table(args.path) as table:
         spec = table.spec
@@ -102,7 +102,7 @@ def cmd_inspect(args: argparse.Namespace) -> Output:
 # -- engram verify -------------------------------------------------------------------------------
 def cmd_verify(args: argparse.Namespace) -> Output:
     from ..errors import CorruptTableError
-    from ..table import open as open_table
+    from ..opening import open as open_table
 
     start = time.perf_counter()
     try:
@@ -119,9 +119,9 @@ def cmd_verify(args: argparse.Namespace) -> Output:
 
 # -- engram bench -------------------------------------------------------------------------------
 def cmd_bench(args: argparse.Namespace) -> Output:
-    from ..benchmark import bench_table
     from ..errors import InputError
     from ..format import read_metadata
+    from .bench import bench_table
 
     part = read_metadata(args.path).shard
     if part is not None:

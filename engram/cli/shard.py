@@ -29,13 +29,13 @@ def part_text(part: Any) -> str:
 
 
 def cmd_shard(args: argparse.Namespace) -> Output:
+    from ..opening import open as open_table
     from ..sharding import check_shard_table, shard_path, shard_table
-    from ..table import open as open_table
 
     with open_table(args.src) as src:
         parts = check_shard_table(src, args.prefix, args.parts, overwrite=args.overwrite)
         spec = src.spec
-        listing = [{"path": os.fspath(shard_path(args.prefix, p.rank, p.parts)), "rank": p.rank,
+        listing: list[dict[str, Any]] = [{"path": os.fspath(shard_path(args.prefix, p.rank, p.parts)), "rank": p.rank,
                     "ranges": {lid: list(span) for lid, span in p.ranges.items()},
                     "bytes": sum(p.rows(lid) * spec.stored_row_bytes for lid in spec.layer_ids)} for p in parts]
         payload: dict[str, Any] = {"src": args.src, "parts": listing, "bytes": spec.total_bytes,

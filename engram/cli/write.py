@@ -103,7 +103,7 @@ def _rel_error(e: float | None) -> str:
 def _convert_plan(args: argparse.Namespace) -> tuple[dict[str, Any], TableSpec, TableSpec]:
     """What converting would write, per layer: bytes before and after (scales included), chunk files."""
     from ..build import plan_layout
-    from ..table import open as open_table
+    from ..opening import open as open_table
 
     with open_table(args.src) as table:
         source = table.spec

@@ -33,9 +33,9 @@ import torch.distributed as dist
 from ..compression import Compression
 from ..errors import InputError
 from ..hashing import NgramHasher
+from ..opening import open as open_table
 from ..shards import ShardRange
 from ..spec import TableSpec
-from ..table import open as open_table
 from .agreement import agree
 from .exchange import OP_GRAD, OP_LOOKUP, Routed, RowExchange
 from .table import compressed_ids, new_group

@@ -29,12 +29,13 @@ from ..errors import InputError
 from ..gather import KEEP_BUFFER_BYTES
 from ..hashing import NgramHasher
 from ..hotrows import HotRowPlan
+from ..lookup_args import check_dtype
+from ..opening import open as open_table
 from ..prefetch import Prefetch
 from ..shards import ShardRange
 from ..spec import TableSpec
 from ..stats import LookupStats, StatsCounter
 from ..table import Table
-from ..table import open as open_table
 from ..tensors import check_ids_2d, to_numpy_ids
 from .agreement import agree
 from .exchange import OP_LOOKUP, RowExchange
@@ -42,7 +43,7 @@ from .exchange import OP_LOOKUP, RowExchange
 __all__ = ["ShardedTable", "new_group", "compressed_ids"]
 
 
-def new_group(group: dist.ProcessGroup | None) -> dist.ProcessGroup | None:
+def new_group(group: dist.ProcessGroup | None) -> dist.ProcessGroup:
     """The group a sharded object talks over: `group` itself, or for None a new group of every
     rank (a collective call of the default group), so its exchanges have a channel of their own."""
     if not dist.is_available() or not dist.is_initialized():
@@ -199,7 +200,8 @@ class ShardedTable:
         try:
             x = compressed_ids(token_ids, self.compression)
             layers = tuple(self.spec.check_layer(i) for i in layers)
-            want = self._table.gathered_dtype(dtype)
+            check_dtype(dtype)
+            want = self._table.gathered_dtype(self.dtype if dtype is None else dtype)
         except InputError as exc:
             problem = exc
         if problem is not None:

@@ -1,4 +1,4 @@
-"""Lookup throughput of a table on this machine, with the baselines measured in the same run.
+"""Lookup throughput of a table on this machine, with the baselines measured in the same run (`engram bench`).
 
 Used by `engram bench` and the benchmark drivers in tools/. Baselines:
 - `embedding`: the straightforward PyTorch way: the reference algorithm's numpy hash (np.pad
@@ -16,6 +16,7 @@ decoding and a smaller table the gain. The report states both row sizes.
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import time
@@ -24,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import InputError
+from ..errors import InputError
 
 __all__ = ["reference_hash", "best_time", "drop_caches", "bench_table"]
 
@@ -95,9 +96,9 @@ def bench_table(path: str | os.PathLike[str], tiers: Sequence[str] = ("ram", "mm
     """
     import torch
 
-    from .hashing import NgramHasher
-    from .table import open as open_table
-    from .tiers import TIERS
+    from ..hashing import NgramHasher
+    from ..opening import open as open_table
+    from ..tiers import TIERS
 
     for tier in tiers:
         if tier not in TIERS:
@@ -153,7 +154,7 @@ def bench_table(path: str | os.PathLike[str], tiers: Sequence[str] = ("ram", "mm
                     dropped = drop_caches()
                     measured_cold = dropped
                     before = drop_caches if dropped else None
-                seconds = best_time(lambda t=table: t.lookup(ids, layer_id), repeats, before=before)
+                seconds = best_time(functools.partial(table.lookup, ids, layer_id), repeats, before=before)
             entry: dict[str, Any] = {"tokens_per_s": tokens / seconds, "cold": measured_cold}
             for name, rate in result["baselines"].items():
                 entry[f"vs_{name}"] = entry["tokens_per_s"] / rate
