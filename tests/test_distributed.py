@@ -110,6 +110,18 @@ def _case_lookup(rank: int, world: int, root: Path) -> str:
             ids = _ids(rank, 2)
             got = st.lookup(torch.from_numpy(ids), 4, dtype=torch.bfloat16)
             assert got.dtype == torch.bfloat16 and torch.equal(got, full.lookup(ids, 4, dtype=torch.bfloat16))
+    with ShardedTable(shard_path(root / "full", rank, world), tier="direct") as st:   # a hot-row cache per part
+        spec, hasher = full.spec, engram.NgramHasher(full.spec, full.compression)
+        every = [_ids(r, 0) for r in range(world)]                                      # every rank's batch
+        hot = {lid: np.unique(np.concatenate([hasher.global_rows(x, lid).ravel() for x in every]))
+               for lid in spec.layer_ids}
+        counts = {i: np.ones(r.size) for i, r in hot.items()}
+        plan = engram.HotRowPlan(spec, full.compression.fingerprint, 0, hot, counts)
+        cached = st.load_hot_rows(plan, fraction=1.0)
+        lo, hi = st.shard.ranges[1]
+        assert cached[1] == int(((hot[1] >= lo) & (hot[1] < hi)).sum()) > 0      # only the rows it holds
+        assert torch.equal(st.lookup(_ids(rank, 0), 1), full.lookup(_ids(rank, 0), 1))
+        assert st.stats().rows_from_cache > 0
     return "ok"
 
 
@@ -183,6 +195,12 @@ def _open_case(paths):
 
         return _refusal(lambda: ShardedTable(root / paths(rank, world)).close())
     return case
+
+
+def _load_missing(rank: int, world: int, root: Path) -> list:
+    from engram.distributed import ShardedRows
+
+    return _refusal(lambda: ShardedRows.load(root / "nowhere" / "rows"))
 
 
 def _case_train(rank: int, world: int, root: Path) -> dict:
@@ -297,6 +315,7 @@ CASES = {
     "open_other_parts": _open_case(lambda r, w: f"full-{r}-of-{w}" if r == 0 else f"full-{r}-of-{2 * w}"),
     "open_whole": _open_case(lambda r, w: f"full-{r}-of-{w}" if r == 0 else "full"),
     "open_missing": _open_case(lambda r, w: f"full-{r}-of-{w}" if r == 0 else "nowhere"),
+    "load_missing": _load_missing,
     "train": _case_train,
     "load": _case_load,
     "pss": _case_pss,
@@ -378,6 +397,7 @@ def test_a_refused_call_raises_on_every_rank_and_leaves_the_group_in_step(two, f
     ("open_other_parts", "ShardMismatchError", "part 1 of 4 .* in a group of 2 ranks"),
     ("open_whole", "ShardMismatchError", "a whole table, in a group of 2 ranks"),
     ("open_missing", "TableNotFoundError", "rank 1 could not open its part .* no table at path"),
+    ("load_missing", "MissingFileError", r"rank 0 could not open .* has no complete save"),
 ])
 def test_parts_that_do_not_form_one_table_are_refused_on_every_rank(two, case, kind, match):
     import re
