@@ -185,8 +185,9 @@ def _case_refused_calls(rank: int, world: int, root: Path) -> list:
     with ShardedTable(shard_path(root / "full", rank, world)) as st:
         bad_id = _refusal(lambda: st.lookup(np.full((1, 3), VOCAB + 5) if rank == 1 else _ids(rank), 1))
         other_layer = _refusal(lambda: st.lookup(_ids(rank), 1 if rank == 0 else 4))
+        no_layer = _refusal(lambda: st.prefetch(_ids(rank), 99 if rank == 1 else None).result())
         assert torch.equal(st.lookup(_ids(rank), 1), full.lookup(_ids(rank), 1))   # still in step afterwards
-    return [bad_id, other_layer]
+    return [bad_id, other_layer, no_layer]
 
 
 def _open_case(paths):
@@ -383,9 +384,10 @@ def test_engram_memory_reads_a_sharded_table(two):
 def test_a_refused_call_raises_on_every_rank_and_leaves_the_group_in_step(two, four):
     for results, world in ((two, 2), (four, 4)):
         outs = _outcome(results, "refused_calls")
-        assert outs[1][0][0] == "TokenIdError"
+        assert outs[1][0][0] == "TokenIdError" and outs[1][2][0] == "InputError" and "layer_id=99" in outs[1][2][1]
         for rank in set(range(world)) - {1}:
-            assert outs[rank][0][0] == "InputError" and "rank 1 refused its arguments" in outs[rank][0][1]
+            for refused in (outs[rank][0], outs[rank][2]):
+                assert refused[0] == "InputError" and "rank 1 refused its arguments" in refused[1]
         assert all(out[1] == outs[0][1] for out in outs) and outs[0][1][0] == "InputError"
         assert "made different calls together" in outs[0][1][1]
 

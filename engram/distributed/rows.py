@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 
 from ..compression import Compression
-from ..errors import InputError
+from ..errors import EngramError, InputError
 from ..hashing import NgramHasher
 from ..opening import open as open_table
 from ..shards import ShardRange
@@ -138,7 +138,7 @@ class ShardedRows:
             layer_id = self.spec.check_layer(layer_id)
             if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
                 raise InputError(f"dtype={dtype!r} is invalid: expected a floating-point torch.dtype or None")
-        except InputError as exc:
+        except EngramError as exc:
             problem = exc
         if problem is not None:
             self._exchange.refuse(OP_LOOKUP)

@@ -25,7 +25,7 @@ import torch.distributed as dist
 
 from ..buffers import OutputPool
 from ..compression import Compression
-from ..errors import InputError
+from ..errors import EngramError, InputError
 from ..gather import KEEP_BUFFER_BYTES
 from ..hashing import NgramHasher
 from ..hotrows import HotRowPlan
@@ -118,6 +118,7 @@ class ShardedTable:
         self._thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="engram-sharded")
         self._prefetch_stats = StatsCounter()
         self._outputs = OutputPool()
+        self._closed = False
         self._buffers: dict[str, torch.Tensor] = {}      # reused by the exchange thread only
 
     # -- what it is -------------------------------------------------------------------------
@@ -175,7 +176,8 @@ class ShardedTable:
             InputError, TokenIdError: this rank's arguments (then every other rank raises
                 InputError naming this rank: nobody waits).
         """
-        return self._submit(token_ids, (layer_id,), dtype).result()[layer_id]
+        future, (layer,) = self._submit(token_ids, (layer_id,), dtype)
+        return future.result()[layer]
 
     def prefetch(self, token_ids: Any, layer_ids: int | Sequence[int] | None = None,
                  dtype: torch.dtype | None = None) -> Prefetch:
@@ -184,30 +186,31 @@ class ShardedTable:
         Returns:
             A Prefetch handle: `result(layer_id)` == `lookup(token_ids, layer_id)`.
         """
-        if layer_ids is None:
-            layers: tuple[Any, ...] = self.spec.layer_ids
-        elif isinstance(layer_ids, (int, np.integer)):
-            layers = (layer_ids,)
-        else:
-            layers = tuple(layer_ids)
-        future = self._submit(token_ids, layers, dtype)     # this rank's bad arguments raise here
+        future, layers = self._submit(token_ids, layer_ids, dtype)     # this rank's bad arguments raise here
         self._prefetch_stats.add(prefetches=1)
         return Prefetch(future, layers, self._prefetch_stats, self.path)
 
-    def _submit(self, token_ids: Any, layers: tuple[Any, ...], dtype: torch.dtype | None) -> concurrent.futures.Future:
+    def _submit(self, token_ids: Any, layer_ids: Any,
+                dtype: torch.dtype | None) -> tuple[concurrent.futures.Future, tuple[int, ...]]:
         """Check the arguments here; exchange on the thread (a refused call still takes part once)."""
+        if self._closed:
+            raise InputError(f"this ShardedTable ({os.fspath(self.path)!r}) is closed: open it again on every rank")
         problem: Exception | None = None
         try:
             x = compressed_ids(token_ids, self.compression)
-            layers = tuple(self.spec.check_layer(i) for i in layers)
+            if layer_ids is None:
+                layer_ids = self.spec.layer_ids
+            elif isinstance(layer_ids, (int, np.integer)) or not isinstance(layer_ids, Sequence):
+                layer_ids = (layer_ids,)
+            layers = tuple(self.spec.check_layer(i) for i in layer_ids)
             check_dtype(dtype)
             want = self._table.gathered_dtype(self.dtype if dtype is None else dtype)
-        except InputError as exc:
+        except EngramError as exc:
             problem = exc
         if problem is not None:
             self._thread.submit(self._exchange.refuse, OP_LOOKUP)
             raise problem
-        return self._thread.submit(self._work, x, layers, dtype, want)
+        return self._thread.submit(self._work, x, layers, dtype, want), layers
 
     def _work(self, x: np.ndarray, layers: tuple[int, ...], dtype: torch.dtype | None,
               gathered: torch.dtype) -> dict[int, torch.Tensor]:
@@ -268,6 +271,7 @@ class ShardedTable:
 
     def close(self) -> None:
         """Wait for exchanges in flight, then close this rank's part. Idempotent."""
+        self._closed = True
         self._thread.shutdown(wait=True)
         self._table.close()
 
