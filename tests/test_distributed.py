@@ -1,9 +1,10 @@
 """engram.distributed: row-sharded tables over torch.distributed (gloo on localhost, 2 and 4 ranks).
 
-Starting a rank costs a torch import, so each world size is spawned once (module fixtures) and
-runs every case in turn on one process group; each test then checks its case's outcome on every
-rank. Ranks run under a gloo timeout and the spawn under a deadline, so a rank that raises never
-leaves the others (or the suite) hanging.
+Starting a rank costs a torch import, so four ranks are spawned once (a module fixture): ranks 0
+and 1 run the two-rank cases over a group of their own while 2 and 3 wait, then all four run the
+four-rank cases; each test checks its case's outcome on every rank that ran it. Groups have short
+timeouts and the spawn a deadline, so a rank that raises never leaves the others (or the suite)
+hanging.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ VOCAB = 1000
 SPEC = dict(engram_vocab_size=(3000, 3000), max_ngram_size=3, n_head_per_ngram=2, n_embed_per_ngram=64,
             layer_ids=(1, 4), compressed_vocab_size=VOCAB)
 PSS_MIB = 16
+TIMEOUT = datetime.timedelta(seconds=20)     # how long a collective waits for a rank that does not come
 
 
 def _spec(**changes):
@@ -42,29 +44,34 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _rank_main(rank: int, world: int, port: int, root: str, names: list[str]) -> None:
+def _rank_main(rank: int, world: int, port: int, root: str, phases: list[tuple[int, list[str]]]) -> None:
     import torch.distributed as dist
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=20))
+                            timeout=datetime.timedelta(seconds=90))                  # the wait between phases
     results = {}
-    for name in names:
-        start = time.perf_counter()
-        try:
-            results[name] = {"ok": True, "value": CASES[name](rank, world, Path(root))}
-        except Exception:
-            results[name] = {"ok": False, "error": traceback.format_exc()}
-        results[name]["seconds"] = time.perf_counter() - start
-        Path(root, f"results-{world}-{rank}.json").write_text(json.dumps(results))
+    for size, names in phases:
+        group = dist.new_group(list(range(size)), timeout=TIMEOUT) if size < world else None
+        if rank < size:
+            for name in names:
+                start = time.perf_counter()
+                try:
+                    results[f"{size}:{name}"] = {"ok": True, "value": CASES[name](rank, size, Path(root), group)}
+                except Exception:
+                    results[f"{size}:{name}"] = {"ok": False, "error": traceback.format_exc()}
+                results[f"{size}:{name}"]["seconds"] = time.perf_counter() - start
+                Path(root, f"results-{rank}.json").write_text(json.dumps(results))
+        dist.barrier(group=group)
     dist.destroy_process_group()
 
 
-def _spawn(world: int, root: Path, names: list[str], deadline_s: float = 150) -> dict[str, list[dict]]:
-    """Run the named cases on `world` ranks; {case: [outcome of rank 0, rank 1, ...]}."""
+def _spawn(root: Path, phases: list[tuple[int, list[str]]], deadline_s: float = 180) -> dict[str, list[dict]]:
+    """Run each phase's cases on its first `size` ranks; {"size:case": [outcome of rank 0, 1, ...]}."""
     import torch.multiprocessing as mp
 
-    ctx = mp.start_processes(_rank_main, args=(world, _free_port(), os.fspath(root), names), nprocs=world,
+    world = max(size for size, _ in phases)
+    ctx = mp.start_processes(_rank_main, args=(world, _free_port(), os.fspath(root), phases), nprocs=world,
                              join=False, start_method="spawn")
     end = time.monotonic() + deadline_s
     try:
@@ -75,12 +82,13 @@ def _spawn(world: int, root: Path, names: list[str], deadline_s: float = 150) ->
         for p in ctx.processes:
             if p.is_alive():
                 p.terminate()
-    ranks = [json.loads(Path(root, f"results-{world}-{r}.json").read_text()) for r in range(world)]
-    return {name: [ranks[r].get(name, {"ok": False, "error": "not run"}) for r in range(world)] for name in names}
+    ranks = [json.loads(Path(root, f"results-{r}.json").read_text()) for r in range(world)]
+    return {f"{size}:{name}": [ranks[r].get(f"{size}:{name}", {"ok": False, "error": "not run"}) for r in range(size)]
+            for size, names in phases for name in names}
 
 
 def _outcome(results: dict[str, list[dict]], name: str) -> list:
-    """The values the case returned on every rank; fails with the first rank's traceback."""
+    """The values the case returned on every rank that ran it; fails with the first failing rank's traceback."""
     for rank, out in enumerate(results[name]):
         assert out["ok"], f"rank {rank} failed case {name}:\n{out['error']}"
     return [out["value"] for out in results[name]]
@@ -96,13 +104,14 @@ def _ids(rank: int, step: int = 0, vocab: int = VOCAB) -> np.ndarray:
     return rng.integers(0, vocab, shape)
 
 
-def _case_lookup(rank: int, world: int, root: Path) -> str:
+def _case_lookup(rank: int, world: int, root: Path, group) -> str:
     from engram.distributed import ShardedTable
 
     full = engram.open(root / "full")
     ways = (("mmap", None, False), ("mmap", True, True), ("ram", None, True), ("direct", None, False))
     for tier, dedup, wire in ways:                # wire: each distinct row sent to its owner once
-        with ShardedTable(shard_path(root / "full", rank, world), tier=tier, dedup=dedup, wire_dedup=wire) as st:
+        with ShardedTable(shard_path(root / "full", rank, world), group, tier, dedup=dedup, wire_dedup=wire,
+                          timeout=TIMEOUT) as st:
             assert st.shard.parts == world and st.shard.rank == rank
             for step, lid in ((0, 1), (1, 4), (-1, 1)):
                 ids = _ids(rank, step)
@@ -110,7 +119,7 @@ def _case_lookup(rank: int, world: int, root: Path) -> str:
             ids = _ids(rank, 2)
             got = st.lookup(torch.from_numpy(ids), 4, dtype=torch.bfloat16)
             assert got.dtype == torch.bfloat16 and torch.equal(got, full.lookup(ids, 4, dtype=torch.bfloat16))
-    with ShardedTable(shard_path(root / "full", rank, world), tier="direct") as st:   # a hot-row cache per part
+    with ShardedTable(shard_path(root / "full", rank, world), group, "direct", timeout=TIMEOUT) as st:   # hot rows
         spec, hasher = full.spec, engram.NgramHasher(full.spec, full.compression)
         every = [_ids(r, 0) for r in range(world)]                                      # every rank's batch
         hot = {lid: np.unique(np.concatenate([hasher.global_rows(x, lid).ravel() for x in every]))
@@ -125,12 +134,12 @@ def _case_lookup(rank: int, world: int, root: Path) -> str:
     return "ok"
 
 
-def _case_quantized_and_built(rank: int, world: int, root: Path) -> str:
+def _case_quantized_and_built(rank: int, world: int, root: Path, group) -> str:
     from engram.distributed import ShardedTable
 
     for whole, part in ((root / "fp8", shard_path(root / "fp8", rank, world)), (root / "full", root / f"built-{rank}")):
         full = engram.open(whole)
-        with ShardedTable(part) as st:
+        with ShardedTable(part, group, timeout=TIMEOUT) as st:
             for lid in (1, 4):
                 ids = _ids(rank, lid)
                 assert torch.equal(st.lookup(ids, lid), full.lookup(ids, lid))
@@ -139,11 +148,11 @@ def _case_quantized_and_built(rank: int, world: int, root: Path) -> str:
     return "ok"
 
 
-def _case_empty_rank_and_prefetch(rank: int, world: int, root: Path) -> dict:
+def _case_empty_rank_and_prefetch(rank: int, world: int, root: Path, group) -> dict:
     from engram.distributed import ShardedTable
 
     full = engram.open(root / "full")
-    with ShardedTable(shard_path(root / "full", rank, world)) as st:
+    with ShardedTable(shard_path(root / "full", rank, world), group, timeout=TIMEOUT) as st:
         ids = np.empty((0, 0), np.int64) if rank == 1 else _ids(rank, 3)
         handle = st.prefetch(ids)                                   # both layers, on the exchange thread
         later = st.lookup(_ids(rank, 4), 4)                         # queued behind the prefetch
@@ -155,11 +164,11 @@ def _case_empty_rank_and_prefetch(rank: int, world: int, root: Path) -> dict:
     return {"wire": wire, "served": served}
 
 
-def _case_memory(rank: int, world: int, root: Path) -> str:
+def _case_memory(rank: int, world: int, root: Path, group) -> str:
     from engram.distributed import ShardedTable
 
     full = engram.open(root / "full")
-    with ShardedTable(shard_path(root / "full", rank, world)) as st:
+    with ShardedTable(shard_path(root / "full", rank, world), group, timeout=TIMEOUT) as st:
         torch.manual_seed(0)
         ref = engram.EngramMemory.from_table(full, layer_id=4, hidden_size=16)
         mem = engram.EngramMemory.from_table(st, layer_id=4, hidden_size=16)
@@ -178,11 +187,11 @@ def _refusal(fn) -> list:
     return ["no error", ""]
 
 
-def _case_refused_calls(rank: int, world: int, root: Path) -> list:
+def _case_refused_calls(rank: int, world: int, root: Path, group) -> list:
     from engram.distributed import ShardedTable
 
     full = engram.open(root / "full")
-    with ShardedTable(shard_path(root / "full", rank, world)) as st:
+    with ShardedTable(shard_path(root / "full", rank, world), group, timeout=TIMEOUT) as st:
         bad_id = _refusal(lambda: st.lookup(np.full((1, 3), VOCAB + 5) if rank == 1 else _ids(rank), 1))
         other_layer = _refusal(lambda: st.lookup(_ids(rank), 1 if rank == 0 else 4))
         no_layer = _refusal(lambda: st.prefetch(_ids(rank), 99 if rank == 1 else None).result())
@@ -191,20 +200,20 @@ def _case_refused_calls(rank: int, world: int, root: Path) -> list:
 
 
 def _open_case(paths):
-    def case(rank: int, world: int, root: Path) -> list:
+    def case(rank: int, world: int, root: Path, group) -> list:
         from engram.distributed import ShardedTable
 
-        return _refusal(lambda: ShardedTable(root / paths(rank, world)).close())
+        return _refusal(lambda: ShardedTable(root / paths(rank, world), group, timeout=TIMEOUT).close())
     return case
 
 
-def _load_missing(rank: int, world: int, root: Path) -> list:
+def _load_missing(rank: int, world: int, root: Path, group) -> list:
     from engram.distributed import ShardedRows
 
-    return _refusal(lambda: ShardedRows.load(root / "nowhere" / "rows"))
+    return _refusal(lambda: ShardedRows.load(root / "nowhere" / "rows", group, timeout=TIMEOUT))
 
 
-def _case_train(rank: int, world: int, root: Path) -> dict:
+def _case_train(rank: int, world: int, root: Path, group) -> dict:
     """Sharded rows + all-reduced dense grads == one process over every rank's batch, SparseAdam."""
     import torch.distributed as dist
 
@@ -218,7 +227,8 @@ def _case_train(rank: int, world: int, root: Path) -> dict:
     ref = torch.nn.ModuleList(kinds[lid](spec, comp, layer_id=lid, hidden_size=C) for lid in (1, 4))
     for mem in ref:
         mem.rows.data.copy_(full.rows(mem.layer_id, np.arange(spec.rows(mem.layer_id)), dtype=torch.float32))
-    rows = ShardedRows(shard_path(root / "full", rank, world), lr=lr_rows, wire_dedup=world == 2)   # both ways
+    rows = ShardedRows(shard_path(root / "full", rank, world), group, lr=lr_rows, wire_dedup=world == 2,
+                       timeout=TIMEOUT)                                             # both ways
     model = torch.nn.ModuleList(kinds[lid](spec, comp, layer_id=lid, hidden_size=C, table=rows) for lid in (1, 4))
     model.load_state_dict({k: v for k, v in ref.state_dict().items() if not k.endswith("rows")})
     dense_ref = [p for n, p in ref.named_parameters() if not n.endswith("rows")]
@@ -244,7 +254,7 @@ def _case_train(rank: int, world: int, root: Path) -> dict:
         opt_ref.step(), opt_rows.step(), opt_ref.zero_grad(), opt_rows.zero_grad()
         loss(model, *batch(rank, step)).backward()                            # this rank's batch only
         for p in model.parameters():
-            dist.all_reduce(p.grad)
+            dist.all_reduce(p.grad, group=group)
         opt.step(), rows.step(), opt.zero_grad(), rows.zero_grad()
     worst = 0.0
     for m in ref:
@@ -262,11 +272,11 @@ def _case_train(rank: int, world: int, root: Path) -> dict:
     return {"worst": worst, "path": path}
 
 
-def _case_load(rank: int, world: int, root: Path) -> dict:
+def _case_load(rank: int, world: int, root: Path, group) -> dict:
     """The save made on 2 ranks, loaded on this group: each rank holds its new rows and moments."""
     from engram.distributed import ShardedRows
 
-    rows = ShardedRows.load(root / "ckpt2" / "rows")
+    rows = ShardedRows.load(root / "ckpt2" / "rows", group, timeout=TIMEOUT)
     expect = [torch.load(p) for p in sorted((root / "ckpt2").glob("expect-*.pt"))]
     for lid in (1, 4):
         lo, hi = rows.shard.ranges[lid]
@@ -288,18 +298,18 @@ def _smaps(field: str) -> int:
     raise KeyError(field)
 
 
-def _case_pss(rank: int, world: int, root: Path) -> dict:
+def _case_pss(rank: int, world: int, root: Path, group) -> dict:
     """Every rank maps the same table: together they hold one copy of its pages."""
     import torch.distributed as dist
 
-    dist.barrier()
+    dist.barrier(group=group)
     pss, rss = _smaps("Pss"), _smaps("Rss")
-    dist.barrier()
+    dist.barrier(group=group)
     table = engram.open(root / "pss", tier="mmap", prefault=True)
     table.rows(1, np.arange(0, table.spec.rows(1), 997))                       # touched through lookups too
-    dist.barrier()
+    dist.barrier(group=group)
     out = {"pss": _smaps("Pss") - pss, "rss": _smaps("Rss") - rss, "bytes": table.nbytes}
-    dist.barrier()
+    dist.barrier(group=group)
     table.close()
     return out
 
@@ -351,13 +361,18 @@ def root(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def two(root):
-    return _spawn(2, root, TWO)
+def spawned(root):
+    return _spawn(root, [(2, TWO), (4, FOUR)])
 
 
 @pytest.fixture(scope="module")
-def four(root, two):
-    return _spawn(4, root, FOUR)
+def two(spawned):
+    return {name: spawned[f"2:{name}"] for name in TWO}
+
+
+@pytest.fixture(scope="module")
+def four(spawned):
+    return {name: spawned[f"4:{name}"] for name in FOUR}
 
 
 def test_lookup_equals_the_whole_table_on_every_tier(two, four):

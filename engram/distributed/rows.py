@@ -22,6 +22,7 @@ number of ranks.
 
 from __future__ import annotations
 
+import datetime
 import math
 import os
 from typing import Any
@@ -52,16 +53,17 @@ class ShardedRows:
         group: the process group whose ranks hold the parts (None: every rank, over a new group).
         lr: the rows' learning rate (the paper: 5x the model's base rate, `engram.param_groups`).
         betas, eps: Adam's, as `torch.optim.SparseAdam`.
-        wire_dedup: send each distinct row of a lookup (and its summed gradient) once, as
-            `ShardedTable`'s.
+        wire_dedup, timeout: as `ShardedTable`'s (`wire_dedup`: each distinct row of a lookup,
+            and its summed gradient, travels once).
 
     Raises:
         ShardMismatchError: the parts opened on the ranks are not the parts of one table (on every rank).
     """
 
     def __init__(self, path: str | os.PathLike[str], group: dist.ProcessGroup | None = None, *, lr: float,
-                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, wire_dedup: bool = False) -> None:
-        group = new_group(group)
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, wire_dedup: bool = False,
+                 timeout: datetime.timedelta | None = None) -> None:
+        group = new_group(group, timeout)
         opened: list[Any] = []
 
         def describe() -> dict[str, Any]:
@@ -214,11 +216,11 @@ class ShardedRows:
 
     @classmethod
     def load(cls, prefix: str | os.PathLike[str], group: dist.ProcessGroup | None = None, *,
-             wire_dedup: bool = False) -> ShardedRows:
+             wire_dedup: bool = False, timeout: datetime.timedelta | None = None) -> ShardedRows:
         """Rows and optimizer state saved by `save` with any number of ranks, split for this group."""
         from .state import load_rows
 
-        return load_rows(prefix, new_group(group), wire_dedup)
+        return load_rows(prefix, new_group(group, timeout), wire_dedup)
 
 
 class _Lookup(torch.autograd.Function):

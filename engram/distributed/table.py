@@ -14,6 +14,7 @@ model's collectives (DDP's all-reduce) never interleave with them either.
 from __future__ import annotations
 
 import concurrent.futures
+import datetime
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -43,9 +44,10 @@ from .exchange import OP_LOOKUP, RowExchange
 __all__ = ["ShardedTable", "new_group", "compressed_ids"]
 
 
-def new_group(group: dist.ProcessGroup | None) -> dist.ProcessGroup:
+def new_group(group: dist.ProcessGroup | None, timeout: datetime.timedelta | None = None) -> dist.ProcessGroup:
     """The group a sharded object talks over: `group` itself, or for None a new group of every
-    rank (a collective call of the default group), so its exchanges have a channel of their own."""
+    rank (a collective call of the default group) with `timeout` (None: torch's default for new
+    groups, which is not the default group's), so its exchanges have a channel of their own."""
     if not dist.is_available() or not dist.is_initialized():
         raise InputError("torch.distributed is not initialized: call torch.distributed.init_process_group "
                          "(backend 'gloo' on CPU, 'nccl' on GPUs) on every rank first")
@@ -53,7 +55,9 @@ def new_group(group: dist.ProcessGroup | None) -> dist.ProcessGroup:
         if not isinstance(group, dist.ProcessGroup):
             raise InputError(f"group must be a torch.distributed.ProcessGroup or None, got {type(group).__name__}")
         return group
-    return dist.new_group()
+    if timeout is not None and not isinstance(timeout, datetime.timedelta):
+        raise InputError(f"timeout={timeout!r} is invalid: expected a datetime.timedelta or None")
+    return dist.new_group(timeout=timeout)
 
 
 def compressed_ids(token_ids: Any, comp: Compression) -> np.ndarray:
@@ -72,6 +76,8 @@ class ShardedTable:
             group of one, a whole table.
         group: the process group whose ranks hold the parts (None: every rank, over a new group
             of its own). A group passed in should carry nothing else while prefetches run.
+        timeout: for group=None, how long the new group's collectives wait for a rank that does
+            not come (a `datetime.timedelta`; None: torch's default for new groups, 30 minutes).
         tier, prefault, io_threads, dedup: how this rank reads its part, as for `engram.open`
             (`dedup`: the owner reads each distinct row asked of it once).
         wire_dedup: send each distinct row of a lookup to its owner once (and get it back
@@ -92,10 +98,10 @@ class ShardedTable:
 
     def __init__(self, path: str | os.PathLike[str], group: dist.ProcessGroup | None = None, tier: str = "mmap", *,
                  prefault: bool = False, io_threads: int = 32, dedup: bool | None = None,
-                 wire_dedup: bool = False) -> None:
+                 wire_dedup: bool = False, timeout: datetime.timedelta | None = None) -> None:
         if not isinstance(wire_dedup, bool):
             raise InputError(f"wire_dedup={wire_dedup!r} is invalid: expected True or False")
-        self._group = new_group(group)
+        self._group = new_group(group, timeout)
         opened: list[Table] = []
 
         def describe() -> dict[str, Any]:
