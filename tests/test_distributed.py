@@ -176,6 +176,7 @@ def _case_memory(rank: int, world: int, root: Path, group) -> str:
         ids = _ids(rank, 5)
         h = torch.randn(*ids.shape, 1, 16)
         assert torch.equal(mem(h, ids), ref(h, ids))
+        assert torch.equal(mem(h, st.prefetch(ids, 4)), ref(h, ids))            # a prefetch handle as the ids
     return "ok"
 
 
