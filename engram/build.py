@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .args import check_int
+from .args import check_int, is_int
 from .checkpoint import LayerRows
 from .compression import Compression
 from .errors import InputError
@@ -142,7 +142,7 @@ def check_build(path: str | os.PathLike[str], spec: TableSpec, comp: Compression
     _check_weights(weights, spec)
     part = None
     if shard is not None:
-        if not (isinstance(shard, tuple) and len(shard) == 2 and all(isinstance(v, int) for v in shard)
+        if not (isinstance(shard, tuple) and len(shard) == 2 and all(is_int(v) for v in shard)
                 and 0 <= shard[0] < shard[1]):
             raise InputError(f"shard={shard!r} is invalid: expected (rank, parts) with 0 <= rank < parts, e.g. (0, 4)")
         part = plan_shards(spec, shard[1])[shard[0]]

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from .args import is_int
 from .errors import CorruptTableError, InputError
 from .spec import TableSpec
 
@@ -59,7 +60,7 @@ class ShardRange:
             ValueError: a malformed entry or a range outside a layer (the caller names the table).
         """
         rank, parts = d["rank"], d["parts"]
-        if not all(isinstance(v, int) and not isinstance(v, bool) for v in (rank, parts)) or not 0 <= rank < parts:
+        if not (is_int(rank) and is_int(parts)) or not 0 <= rank < parts:
             raise ValueError(f"shard rank={rank!r} of parts={parts!r} is not a part index")
         ranges: dict[int, tuple[int, int]] = {}
         for lid, lo, hi in d["ranges"]:
@@ -90,7 +91,7 @@ def plan_shards(spec: TableSpec, parts: int) -> list[ShardRange]:
         ['part 0 of 2 (layer 1: rows [0, 5003))', 'part 1 of 2 (layer 1: rows [5003, 10007))']
     """
     smallest = min(spec.rows(lid) for lid in spec.layer_ids)
-    if isinstance(parts, bool) or not isinstance(parts, (int, np.integer)) or not 1 <= parts <= smallest:
+    if not is_int(parts) or not 1 <= parts <= smallest:
         raise InputError(f"parts={parts!r} is invalid: expected an int from 1 to {smallest} (the rows of the "
                          "smallest layer)")
     return [ShardRange(r, int(parts), {lid: (spec.rows(lid) * r // parts, spec.rows(lid) * (r + 1) // parts)

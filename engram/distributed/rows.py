@@ -31,6 +31,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from ..args import check_real, is_real
 from ..compression import Compression
 from ..errors import EngramError, InputError
 from ..hashing import NgramHasher
@@ -106,11 +107,10 @@ class ShardedRows:
 
     def set_optimizer(self, *, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
         """Set the rows' Adam settings (e.g. from a learning-rate schedule between steps)."""
-        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr >= 0:
-            raise InputError(f"lr={lr!r} is invalid: expected a float >= 0")
-        if not (isinstance(betas, tuple) and len(betas) == 2 and all(0.0 <= b < 1.0 for b in betas)):
+        check_real("lr", lr, 0.0)
+        if not (isinstance(betas, tuple) and len(betas) == 2 and all(is_real(b) and 0.0 <= b < 1.0 for b in betas)):
             raise InputError(f"betas={betas!r} is invalid: expected two floats in [0, 1)")
-        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
+        if not is_real(eps) or not eps > 0:
             raise InputError(f"eps={eps!r} is invalid: expected a float > 0")
         self.lr, self.betas, self.eps = float(lr), (float(betas[0]), float(betas[1])), float(eps)
 
