@@ -99,12 +99,12 @@ class ShardedTable:
     def __init__(self, path: str | os.PathLike[str], group: dist.ProcessGroup | None = None, tier: str = "mmap", *,
                  prefault: bool = False, io_threads: int = 32, dedup: bool | None = None,
                  wire_dedup: bool = False, timeout: datetime.timedelta | None = None) -> None:
-        if not isinstance(wire_dedup, bool):
-            raise InputError(f"wire_dedup={wire_dedup!r} is invalid: expected True or False")
         self._group = new_group(group, timeout)
         opened: list[Table] = []
 
-        def describe() -> dict[str, Any]:
+        def describe() -> dict[str, Any]:       # what this rank opened; its errors reach every rank
+            if not isinstance(wire_dedup, bool):
+                raise InputError(f"wire_dedup={wire_dedup!r} is invalid: expected True or False")
             table = open_table(path, tier, prefault=prefault, io_threads=io_threads, dedup=dedup)
             opened.append(table)
             shard = None if table.shard is None else table.shard.to_dict()
