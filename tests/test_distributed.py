@@ -52,7 +52,9 @@ def _rank_main(rank: int, world: int, port: int, root: str, phases: list[tuple[i
                             timeout=datetime.timedelta(seconds=90))                  # the wait between phases
     results = {}
     for size, names in phases:
-        group = dist.new_group(list(range(size)), timeout=TIMEOUT) if size < world else None
+        group = None                                          # the whole world: each object makes its own
+        if size < world:                                      # ranks 0..size-1 only
+            group = dist.new_group(list(range(size)), timeout=TIMEOUT, use_local_synchronization=True)
         if rank < size:
             for name in names:
                 start = time.perf_counter()
