@@ -52,9 +52,7 @@ def _rank_main(rank: int, world: int, port: int, root: str, phases: list[tuple[i
                             timeout=datetime.timedelta(seconds=90))                  # the wait between phases
     results = {}
     for size, names in phases:
-        group = None                                          # the whole world: each object makes its own
-        if size < world:                                      # ranks 0..size-1 only
-            group = dist.new_group(list(range(size)), timeout=TIMEOUT, use_local_synchronization=True)
+        group = dist.new_group(list(range(size)), timeout=TIMEOUT) if size < world else None
         if rank < size:
             for name in names:
                 start = time.perf_counter()
@@ -64,7 +62,7 @@ def _rank_main(rank: int, world: int, port: int, root: str, phases: list[tuple[i
                     results[f"{size}:{name}"] = {"ok": False, "error": traceback.format_exc()}
                 results[f"{size}:{name}"]["seconds"] = time.perf_counter() - start
                 Path(root, f"results-{rank}.json").write_text(json.dumps(results))
-        dist.barrier(group=group)
+        dist.barrier()                                        # every rank, between phases
     dist.destroy_process_group()
 
 
