@@ -15,7 +15,9 @@ so the bias correction, advances once per step of each layer that had a backward
 learning rate and without weight decay.
 
 The rows are neither parameters nor buffers of any module: DDP must not broadcast or average
-them (each rank holds different rows), and the model's optimizer must not see them. Save them
+them (each rank holds different rows), and the model's optimizer must not see them. A row's
+gradient is summed over the ranks that used it (the gradient of the sum of the ranks' losses;
+DDP averages dense gradients instead, a factor Adam ignores but for its eps). Save them
 with `save` (every rank its part, atomically); `ShardedRows.load` reads a save made with any
 number of ranks.
 """
