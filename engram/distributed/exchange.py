@@ -104,7 +104,8 @@ class RowExchange:
         slot = owners(self._starts[layer_id], uniq_np)               # [u] index into starts
         owner = self._rank_of[layer_id][slot]                         # [u] owning rank
         if owner.size > 1 and np.any(owner[1:] < owner[:-1]):         # not yet grouped by owner
-            perm = np.argsort(owner.astype(np.int16), kind="stable")  # a radix sort: O(n)
+            keys = owner.astype(np.int16) if self.world < 2**15 else owner
+            perm = np.argsort(keys, kind="stable")                    # a radix sort of int16 keys: O(n)
             uniq_np, owner, slot = uniq_np[perm], owner[perm], slot[perm]
             back = np.empty_like(perm)
             back[perm] = np.arange(perm.size)                         # request i went out at back[i]

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from ..compression import Compression
-from ..errors import MissingFileError, ShardMismatchError
+from ..errors import CorruptTableError, MissingFileError, ShardMismatchError
 from ..publish import fsync_path
 from ..shards import ShardRange, check_ranges, plan_shards
 from ..spec import TableSpec
@@ -118,6 +118,9 @@ def load_rows(prefix: str | os.PathLike[str], group: dist.ProcessGroup, wire_ded
     parts = agree(group, describe)
     spec, olds, part = mine["spec"], mine["olds"], mine["part"]
     comp = Compression(_read(saved[0][0], "compression", None))
+    if comp.fingerprint != saved[0][1]["compression"]:      # every rank reads the same file: all raise
+        raise CorruptTableError(f"{os.fspath(saved[0][0])!r} holds a compression that does not match its recorded "
+                                "fingerprint: the file is damaged; save again")
     state = {name: {lid: _gather(saved, olds, name, lid, part.ranges[lid]) for lid in spec.layer_ids}
              for name in ("rows", "exp_avg", "exp_avg_sq")}
     rows = ShardedRows.from_state(group, parts, spec, comp, state["rows"], wire_dedup)
