@@ -137,7 +137,8 @@ def _case_lookup(rank: int, world: int, root: Path, group) -> str:
 def _case_quantized_and_built(rank: int, world: int, root: Path, group) -> str:
     from engram.distributed import ShardedTable
 
-    for whole, part in ((root / "fp8", shard_path(root / "fp8", rank, world)), (root / "full", root / f"built-{rank}")):
+    tables = [(root / q, shard_path(root / q, rank, world)) for q in ("fp8", "int8")]
+    for whole, part in [*tables, (root / "full", root / f"built-{rank}")]:
         full = engram.open(whole)
         with ShardedTable(part, group, timeout=TIMEOUT) as st:
             for lid in (1, 4):
@@ -145,6 +146,11 @@ def _case_quantized_and_built(rank: int, world: int, root: Path, group) -> str:
                 assert torch.equal(st.lookup(ids, lid), full.lookup(ids, lid))
                 bf16 = torch.bfloat16
                 assert torch.equal(st.lookup(ids, lid, dtype=bf16), full.lookup(ids, lid, dtype=bf16))
+            st.reset_stats()                           # rank 0 alone asks: what comes back is rows as stored
+            st.lookup(_ids(rank, 5) if rank == 0 else np.empty((0, 0), np.int64), 1)
+            wire = st.wire_stats()
+            if rank == 0:
+                assert wire["bytes_received"] == wire["rows_remote"] * full.spec.stored_row_bytes > 0
     return "ok"
 
 
@@ -350,6 +356,7 @@ def root(tmp_path_factory):
     for r in range(2):
         engram.build_table(root / f"built-{r}", _spec(), comp, seed=3, shard=(r, 2)).close()
     shard_table(engram.build_table(root / "fp8", _spec(dtype="float8_e4m3"), comp, seed=3), root / "fp8", 2)
+    shard_table(engram.build_table(root / "int8", _spec(dtype="int8"), comp, seed=3), root / "int8", 2)
     shard_table(engram.build_table(root / "other", _spec(seed=1), comp, seed=3), root / "other", 2)
     lookup = np.arange(VOCAB)
     lookup[[6, 7]] = [7, 6]                                     # same spec, another compression

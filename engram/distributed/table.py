@@ -33,13 +33,14 @@ from ..hotrows import HotRowPlan
 from ..lookup_args import check_dtype
 from ..opening import open as open_table
 from ..prefetch import Prefetch
+from ..quant import decode
 from ..shards import ShardRange
 from ..spec import TableSpec
 from ..stats import LookupStats, StatsCounter
 from ..table import Table
 from ..tensors import check_ids_2d, to_numpy_ids
 from .agreement import agree
-from .exchange import OP_LOOKUP, RowExchange
+from .exchange import OP_LOOKUP, Routed, RowExchange
 
 __all__ = ["ShardedTable", "new_group", "compressed_ids"]
 
@@ -230,7 +231,13 @@ class ShardedTable:
             routed = self._exchange.route(layer_id, rows.reshape(-1), gathered, OP_LOOKUP)
             result = self._outputs.take((B, T, H * D), gathered)
             serve = lambda local, i=layer_id: self._serve(i, local, gathered)            # noqa: E731
-            if routed.inverse is None:            # sent in request order: the rows land in place
+            if self.spec.quantized:               # stored bytes travel; the requester decodes them
+                got = self._stored(layer_id, routed, gathered)                            # [u, D]
+                if routed.inverse is None:
+                    result.view(B * T * H, D).copy_(got)
+                else:
+                    torch.index_select(got, 0, routed.inverse, out=result.view(B * T * H, D))
+            elif routed.inverse is None:          # sent in request order: the rows land in place
                 self._exchange.answer(routed, serve, out=result.view(B * T * H, D))
             else:
                 got = self._buffer("received", (routed.uniq.size, D), gathered)           # [u, D]
@@ -238,6 +245,16 @@ class ShardedTable:
                 torch.index_select(got, 0, routed.inverse, out=result.view(B * T * H, D))  # [B*T*H, D]
             out[layer_id] = result if want == gathered else result.to(want)
         return out
+
+    def _stored(self, layer_id: int, routed: Routed, dtype: torch.dtype) -> torch.Tensor:
+        """Quantized rows: owners send values and scales as stored (a quarter to a half of the
+        decoded bytes); they are decoded here into `dtype`, as the whole table decodes them."""
+        start = self.shard.start(layer_id)
+        q = self._table.stored_rows(layer_id, routed.recv_local + start)                 # as stored, [m, *]
+        values = self._exchange.send_bytes(torch.from_numpy(q.values), routed.recv_counts, routed.send_counts)
+        scales = self._exchange.send_bytes(torch.from_numpy(q.scales), routed.recv_counts, routed.send_counts)
+        out = self._buffer("received", (routed.uniq.size, self.spec.head_dim), dtype)     # [u, D]
+        return decode(values, scales, self.spec.dtype, block=self.spec.scale_block, out=out) if out.numel() else out
 
     def _serve(self, layer_id: int, local: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
         """The rows other ranks asked of this one: local rows [m] -> [m, D] (dedup, cache, tier)."""
