@@ -11,8 +11,9 @@ Workload (defaults): N=3, K=8 (H=16 heads), D=64 float32 (256 B rows), one layer
   excluded) and the share of distinct rows.
 - plan: DeepSeek-V4.1's table (188.8 GiB, FP8 rows of 264 B stored, 48 rows per token; DESIGN.md
   item 8) split over hosts with --host-ram-gib of RAM (--usable of it for the table, one copy
-  per host shared by its processes over mmap): parts needed, bytes on the wire per token, and
-  tokens/s per rank expected from this run's measured per-rank row rate and the link speed.
+  per host shared by its processes over mmap): parts needed, bytes on the wire per token (rows
+  travel as stored FP8; decoded bf16 rows shown for comparison), and tokens/s per rank expected
+  from this run's measured per-rank row rate and the link speed.
 
     python tools/bench_sharded.py [--ranks 1 2 4 --table-mib 256 --repeats 10 --json]
 
@@ -41,7 +42,7 @@ from engram.sharding import shard_path, shard_table
 
 V41_BYTES = 188.8 * 2**30       # DESIGN.md item 8
 V41_ROW_BYTES = 264             # FP8 E4M3 values + E8M0 scales, as stored
-V41_DECODED_ROW_BYTES = 512     # the same row decoded to bfloat16, as owners send it today
+V41_DECODED_ROW_BYTES = 512     # the same row decoded to bfloat16 (what sending decoded rows would cost)
 V41_ROWS_PER_TOKEN = 48
 
 
