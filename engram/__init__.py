@@ -18,6 +18,7 @@ from .errors import TableExistsError as TableExistsError
 from .errors import TableNotFoundError as TableNotFoundError
 from .errors import TokenIdError as TokenIdError
 from .hashing import NgramHasher as NgramHasher
+from .history import NgramHistory as NgramHistory
 from .hotrows import HotRowPlan as HotRowPlan
 from .spec import TableSpec as TableSpec
 from .stats import LookupStats as LookupStats
@@ -30,6 +31,7 @@ if TYPE_CHECKING:
     from .conversion import convert as convert
     from .memory import EngramMemory as EngramMemory
     from .memory_v41 import EngramMemoryV41 as EngramMemoryV41
+    from .module_cache import EngramCache as EngramCache
     from .opening import lookup as lookup
     from .opening import open as open
     from .prefetch import Prefetch as Prefetch
@@ -41,7 +43,7 @@ if TYPE_CHECKING:
 _LAZY = {"EngramMemory": ".memory", "EngramMemoryV41": ".memory_v41", "Table": ".table", "build_table": ".build",
          "lookup": ".opening", "open": ".opening", "export_rows": ".training", "param_groups": ".training",
          "open_checkpoint": ".checkpoint", "Checkpoint": ".checkpoint", "Prefetch": ".prefetch",
-         "convert": ".conversion", "ConvertReport": ".conversion"}
+         "convert": ".conversion", "ConvertReport": ".conversion", "EngramCache": ".module_cache"}
 
 
 def __getattr__(name: str) -> Any:
@@ -62,6 +64,7 @@ __all__ = [
     "ConvertReport",
     "CorpusStats",
     "CorruptTableError",
+    "EngramCache",
     "EngramError",
     "EngramMemory",
     "EngramMemoryV41",
@@ -70,6 +73,7 @@ __all__ = [
     "LookupStats",
     "MissingFileError",
     "NgramHasher",
+    "NgramHistory",
     "Prefetch",
     "ShardMismatchError",
     "SpecError",

@@ -107,6 +107,12 @@ def read_index(path: Path) -> dict[str, Path]:
     except (ValueError, KeyError, TypeError) as exc:
         raise CorruptTableError(f"checkpoint index {str(path)!r} has no valid \"weight_map\": {exc!r}") from exc
     resolved = {str(name): path.parent / str(file) for name, file in weight_map.items()}
+    folder = path.parent.resolve()
+    for name, file in resolved.items():     # an index names shards beside it, never files elsewhere
+        if not file.resolve().is_relative_to(folder):
+            raise CorruptTableError(
+                f"checkpoint index {str(path)!r} maps {name!r} to {str(weight_map[name])!r}, outside the index's "
+                f"folder {str(folder)!r}: an index may name only shards in its own folder; fix or replace the index")
     for file in sorted(set(resolved.values())):
         if not file.is_file():
             raise MissingFileError(f"checkpoint shard {str(file)!r} named in {str(path)!r} does not exist: "

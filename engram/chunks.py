@@ -8,7 +8,10 @@ xxh3-64 digest is recorded in the table's metadata.
 
 from __future__ import annotations
 
+import ctypes
 import os
+import select
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -16,10 +19,12 @@ import numpy as np
 import xxhash
 
 from .errors import CorruptTableError
-from .format import LayerLayout, TableDir, TableMeta
+from .format import CHECKED_BLOCK, LayerLayout, TableMeta
+from .metadata import read_metadata
+from .tabledir import TableDir
 
-__all__ = ["checksum", "chunk_error", "open_chunk", "read_chunk", "check_chunk", "verify_chunks", "write_chunk",
-           "progress_bar", "fadvise"]
+__all__ = ["ChunkWatch", "block_digests", "block_error", "checksum", "chunk_error", "open_chunk", "read_chunk",
+           "check_chunk", "verify_chunks", "write_chunk", "progress_bar", "fadvise"]
 
 _VERIFY_READ = 8 << 20
 
@@ -109,7 +114,12 @@ def check_chunk(tdir: TableDir, lay: LayerLayout, index: int) -> CorruptTableErr
 
 
 def verify_chunks(tdir: TableDir, meta: TableMeta, progress: bool | None = None) -> None:
-    """Check every chunk file; raise CorruptTableError naming the first bad one and the count."""
+    """Check the metadata (its checksum, and that it still is what the table was opened with), then
+    every chunk file; raise CorruptTableError naming the first problem (and the count of bad chunks)."""
+    if read_metadata(tdir) != meta:
+        raise CorruptTableError(
+            f"the metadata of the table at {str(tdir.path)!r} changed after it was opened (zarr.json or the "
+            "compression file was rewritten in place): restore it or rebuild the table, then open it again")
     bad: list[CorruptTableError] = []
     with progress_bar(sum(lay.disk_bytes for lay in meta.layers.values()), "verify", progress) as bar:
         for layer in meta.layers.values():
@@ -122,6 +132,22 @@ def verify_chunks(tdir: TableDir, meta: TableMeta, progress: bool | None = None)
     if bad:
         more = f" ({len(bad) - 1} more bad chunks)" if len(bad) > 1 else ""
         raise CorruptTableError(f"{bad[0]}{more}") from bad[0]
+
+
+def block_digests(data: Any) -> np.ndarray:
+    """The xxh3-64 digest of every CHECKED_BLOCK-byte block of a chunk's bytes: uint64 [n_blocks],
+    little-endian (the block checksum file of that chunk; the "direct" tier checks what it reads)."""
+    view = memoryview(data).cast("B")
+    digest = xxhash.xxh3_64_intdigest
+    n = len(view) // CHECKED_BLOCK
+    return np.fromiter((digest(view[i * CHECKED_BLOCK:(i + 1) * CHECKED_BLOCK]) for i in range(n)), "<u8", n)
+
+
+def block_error(lay: LayerLayout, path: Path, chunk: int, block: int, got: int, recorded: int) -> CorruptTableError:
+    """The CorruptTableError for a block of a chunk file whose digest is not the recorded one."""
+    first = block * CHECKED_BLOCK
+    return chunk_error(lay, chunk, path, f"block {block} (bytes {first}-{first + CHECKED_BLOCK - 1}) has xxh3 "
+                       f"{got:016x}, recorded {recorded:016x}: its contents changed since the table was written")
 
 
 def write_chunk(path: Path, block: np.ndarray, bar: Any) -> str:
@@ -138,3 +164,130 @@ def write_chunk(path: Path, block: np.ndarray, bar: Any) -> str:
         os.close(fd)
     bar.update(len(data))
     return checksum(data)
+
+
+# inotify events that a change of a file's bytes or attributes raises (linux/inotify.h)
+_IN_MODIFY, _IN_ATTRIB, _IN_CLOSE_WRITE = 0x2, 0x4, 0x8
+
+
+class _Inotify:
+    """A non-blocking inotify descriptor (Linux, through libc): has any watched file changed?"""
+
+    def __init__(self, fd: int, add_watch: Any) -> None:
+        self.fd, self._add_watch, self.pid = fd, add_watch, os.getpid()
+        self._local = threading.local()     # a poll object per thread (one may not be polled concurrently)
+
+    @classmethod
+    def create(cls) -> _Inotify | None:
+        """A new descriptor, or None where the system has none (not Linux, out of instances)."""
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            init, add_watch = libc.inotify_init1, libc.inotify_add_watch
+        except (OSError, AttributeError):
+            return None
+        add_watch.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32]
+        fd = init(os.O_NONBLOCK | os.O_CLOEXEC)
+        return None if fd < 0 else cls(fd, add_watch)
+
+    def watch(self, fd: int) -> bool:
+        """Watch the file open as `fd` (its inode, whatever its path becomes); False if refused
+        (e.g. the user's inotify watches are used up)."""
+        path = os.fsencode(f"/proc/self/fd/{fd}")
+        return self._add_watch(self.fd, path, _IN_MODIFY | _IN_ATTRIB | _IN_CLOSE_WRITE) >= 0
+
+    def pending(self) -> bool:
+        """True if events wait to be read (nothing is consumed): the cheap test of every gather."""
+        poller = getattr(self._local, "poller", None)
+        if poller is None:
+            poller = self._local.poller = select.poll()
+            poller.register(self.fd, select.POLLIN)
+        return bool(poller.poll(0))
+
+    def changed(self) -> bool:
+        """True if an event arrived since the last call (all pending events are consumed)."""
+        seen = False
+        while True:
+            try:
+                if not os.read(self.fd, 1 << 16):
+                    return seen
+            except BlockingIOError:
+                return seen
+            seen = True
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+class ChunkWatch:
+    """Notices chunk files changed in place under an open table (truncated, rewritten, touched).
+
+    A mapped file truncated under a reader kills it with SIGBUS at the next read of a lost page, and
+    one rewritten in place changes rows silently. The tiers that read files after open ("mmap",
+    "direct") call `check()` before every gather: it raises CorruptTableError once a watched file's
+    size or modification time differs from what they were at open, instead of reading it.
+
+    The check is cheap: an inotify descriptor watching each file's inode, which the kernel marks
+    when a watched file is modified, is polled (one system call per gather, nothing read); only
+    after an event are the files stat-ed again, through the table's directory handle. Without
+    inotify (other systems, the user's watches used up, a forked child sharing the parent's
+    descriptor) every check stats every file. No file descriptor is held for this. A file deleted
+    or replaced by rename (as engram's own publish replaces tables) is no change: the inode being
+    read keeps its bytes.
+
+    What no check can close: a file truncated after the check, while the gather reads it.
+    """
+
+    def __init__(self, tdir: TableDir) -> None:
+        self._tdir = tdir
+        self._files: list[tuple[LayerLayout, int, tuple[int, int, int]]] = []
+        self._notify = _Inotify.create()
+        self._lock = threading.Lock()
+        self._error: CorruptTableError | None = None
+
+    def add(self, fd: int, lay: LayerLayout, index: int) -> None:
+        """Watch chunk `index` of `lay`, open as `fd` (the caller may close `fd` afterwards)."""
+        st = os.fstat(fd)
+        self._files.append((lay, index, (st.st_ino, st.st_size, st.st_mtime_ns)))
+        if self._notify is not None and not self._notify.watch(fd):
+            self._notify.close()
+            self._notify = None
+
+    def check(self) -> None:
+        """Raise CorruptTableError if a watched file changed since it was opened (and at every later call)."""
+        notify = self._notify
+        if self._error is None and notify is not None and notify.pid == os.getpid():
+            if not notify.pending():
+                return
+            with self._lock:          # another thread may be confirming an event it consumed
+                if self._error is None and not notify.changed():
+                    return
+        with self._lock:
+            if self._error is None:
+                self._error = self._find_change()
+            if self._error is not None:
+                raise self._error
+
+    def _find_change(self) -> CorruptTableError | None:
+        for lay, index, (ino, size, mtime) in self._files:
+            try:
+                st = os.stat(lay.chunk_relpath(index), dir_fd=self._tdir.fd, follow_symlinks=False)
+            except FileNotFoundError:
+                continue              # unlinked (a replaced table deleted): the inode read is whole
+            if st.st_ino != ino:
+                continue              # another file renamed over it: the inode read is unchanged
+            if (st.st_size, st.st_mtime_ns) != (size, mtime):
+                what = f"its size went from {size} to {st.st_size} bytes" if st.st_size != size else \
+                    "it was rewritten or touched (its modification time changed)"
+                return CorruptTableError(
+                    f"layer {lay.layer_id} chunk {index} ({os.fspath(lay.chunk_path(self._tdir.path, index))!r}) "
+                    f"changed after the table was opened: {what}. A file of an open table was written in place (cp "
+                    "or rsync --inplace over it?): its rows are not read; replace tables only by engram's atomic "
+                    "publish (overwrite=True), and open the table again")
+        return None
+
+    def close(self) -> None:
+        """Close the inotify descriptor (callers make sure no gather runs)."""
+        self._files = []
+        if self._notify is not None:
+            self._notify.close()
+            self._notify = None

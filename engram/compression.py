@@ -14,6 +14,7 @@ import xxhash
 
 from .args import check_int
 from .errors import InputError, MissingFileError, SpecError, TokenIdError
+from .limits import MAX_VOCAB_SIZE
 from .tensors import is_torch, to_numpy_ids
 
 __all__ = ["Compression", "load_tokenizer"]
@@ -76,6 +77,9 @@ class Compression:
 
     def __init__(self, lookup: Any) -> None:
         arr = np.asarray(lookup.cpu() if is_torch(lookup) else lookup)
+        if arr.size > MAX_VOCAB_SIZE:
+            raise SpecError(f"Compression lookup has {arr.size} ids, more than engram's limit of {MAX_VOCAB_SIZE} "
+                            "(engram.limits.MAX_VOCAB_SIZE): pass the lookup of a real vocabulary")
         if arr.ndim != 1 or arr.size == 0 or not np.issubdtype(arr.dtype, np.integer):
             raise SpecError(
                 f"Compression lookup must be a non-empty 1-D integer array, got dtype={arr.dtype} "
@@ -98,6 +102,9 @@ class Compression:
     def identity(cls, vocab_size: int) -> Compression:
         """No merging: every raw id is its own compressed id."""
         check_int("vocab_size", vocab_size, 1, error=SpecError)
+        if vocab_size > MAX_VOCAB_SIZE:
+            raise SpecError(f"vocab_size={vocab_size!r} is invalid: expected at most {MAX_VOCAB_SIZE} ids "
+                            "(engram.limits.MAX_VOCAB_SIZE); pass the tokenizer's vocabulary size")
         return cls(np.arange(int(vocab_size), dtype=np.int64))
 
     @classmethod

@@ -30,17 +30,20 @@ import errno
 import math
 import os
 import threading
+from collections.abc import Iterator
 
 import numpy as np
 import torch
+import xxhash
 
-from .chunks import chunk_error, fadvise, open_chunk
-from .format import LayerLayout, TableDir
+from .chunks import block_error, chunk_error, fadvise, open_chunk
+from .format import CHECKED_BLOCK, LayerLayout
 from .mapping import MAP_PRIVATE, PROT_READ, PROT_WRITE, Region
+from .tabledir import TableDir
 
 __all__ = ["DirectReader", "BLOCK", "EXTENT_BYTES"]
 
-BLOCK = 4096                # alignment of O_DIRECT offsets, lengths and buffers
+BLOCK = CHECKED_BLOCK       # 4096: alignment of O_DIRECT offsets, lengths and buffers; one block digest each
 EXTENT_BYTES = 128 << 10    # extents never cross a multiple of this (bounds one read)
 GAP_BYTES = 8 << 10         # rows up to this far apart are read in one extent, gap included
 STAGE_BYTES = 32 << 20      # staging buffer per window of extents (bounds memory per call)
@@ -68,6 +71,10 @@ class DirectReader:
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._pool_pid = -1
         self._pool_lock = threading.Lock()
+        # Per layer, the recorded digest of every block of its chunk files (uint64 [n_chunks, blocks
+        # per chunk]), filled by the tier; every block read is checked against them while `verify_blocks`.
+        self.block_digests: dict[int, np.ndarray] = {}
+        self.verify_blocks = True
         try:
             self.o_direct = self._open_all(tdir, o_direct)
         except BaseException:
@@ -110,6 +117,12 @@ class DirectReader:
                     return None
                 raise
         return fd
+
+    def files(self) -> Iterator[tuple[LayerLayout, int, int]]:
+        """(layout, chunk index, open file descriptor) of every chunk file read."""
+        for layer_id, fds in self._fds.items():
+            for index, fd in enumerate(fds):
+                yield self._layouts[layer_id], index, fd
 
     def _close_fds(self) -> None:
         for fds in self._fds.values():
@@ -184,14 +197,21 @@ class DirectReader:
         # time, so exactly min(io_threads, extents) reads are outstanding until the last ones land.
         n_tasks = min(self._io_threads, len(jobs))
         view = staging.data
-        tasks = [self._executor().submit(_read_extents, fds, jobs[t::n_tasks], view) for t in range(n_tasks)]
+        # Each block read is checked against its recorded digest by the thread that read it, while the
+        # other reads are still in flight, before any row of it is used.
+        digests = self.block_digests.get(lay.layer_id) if self.verify_blocks else None
+        check = None if digests is None else (digests.reshape(-1).data.cast("B").cast("Q"), digests.shape[1])
+        tasks = [self._executor().submit(_read_extents, fds, jobs[t::n_tasks], view, check) for t in range(n_tasks)]
         concurrent.futures.wait(tasks)      # every read has landed (or failed) before we go on
         for task in tasks:
             bad = task.result()
-            if bad is not None:
+            if bad is not None and len(bad) == 3:
                 chunk, got, want = bad
                 raise chunk_error(lay, chunk, lay.chunk_path(self._root, chunk),
                                   f"returned {got} of {want} bytes (truncated after the table was opened?)")
+            if bad is not None:
+                chunk, block, got, want = bad
+                raise block_error(lay, lay.chunk_path(self._root, chunk), chunk, block, got, want)
         if not self.o_direct:
             for chunk in np.unique(ext_chunk).tolist():
                 fadvise(fds[chunk], "DONTNEED")
@@ -207,13 +227,28 @@ class DirectReader:
         torch.index_select(units, 0, torch.from_numpy(index.reshape(-1)), out=rows_out)
 
 
-def _read_extents(fds: list[int], jobs: list[tuple[int, int, int, int]], view: memoryview) -> tuple | None:
-    """Read each (chunk, file offset, length, staging offset); return the first short read, if any."""
-    preadv = os.preadv
+def _read_extents(fds: list[int], jobs: list[tuple[int, int, int, int]], view: memoryview,
+                  check: tuple[memoryview, int] | None) -> tuple | None:
+    """Read each (chunk, file offset, length, staging offset) and, with `check` (the recorded block
+    digests, flat, and blocks per chunk file), check every block read; return the first short read
+    (chunk, got, length) or bad block (chunk, block, digest, recorded), if any."""
+    preadv, digest = os.preadv, xxhash.xxh3_64_intdigest
     for chunk, start, length, stage in jobs:
-        got = preadv(fds[chunk], [view[stage: stage + length]], start)
+        buf = view[stage: stage + length]
+        got = preadv(fds[chunk], [buf], start)
         if got != length:
             return chunk, got, length
+        if check is not None:
+            recorded, per_chunk = check
+            first = chunk * per_chunk + start // BLOCK
+            if length == BLOCK:                  # the common case: one block, no slicing
+                if digest(buf) != recorded[first]:
+                    return chunk, start // BLOCK, digest(buf), recorded[first]
+                continue
+            for k in range(length // BLOCK):
+                block = buf[k * BLOCK: (k + 1) * BLOCK]
+                if digest(block) != recorded[first + k]:
+                    return chunk, start // BLOCK + k, digest(block), recorded[first + k]
     return None
 
 

@@ -21,6 +21,7 @@ import numpy as np
 
 from .compression import Compression
 from .errors import InputError, SpecError, SpecMismatchError
+from .history import NgramHistory, check_flags, check_history, ngram_columns
 from .spec import TableSpec
 from .tensors import check_ids_2d, is_torch, to_numpy_ids
 
@@ -204,6 +205,7 @@ class NgramHasher:
         self.spec = spec
         self.comp = comp
         self._pad = int(comp.lookup[spec.pad_id])
+        self._fingerprint = comp.fingerprint       # computed once: histories are checked against it per lookup
         self._multipliers = {
             layer_id: _reference_multipliers(spec, layer_id) for layer_id in spec.layer_ids
         }
@@ -220,28 +222,39 @@ class NgramHasher:
             )
         return self._multipliers[self.spec.check_layer(layer_id)].copy()
 
-    def hash(self, token_ids: Any, layer_id: int) -> Any:
+    def hash(self, token_ids: Any, layer_id: int, *, history: NgramHistory | None = None, mask: Any = None,
+             doc_start: Any = None) -> Any:
         """Row index inside each head's table: [B,T] raw ids -> int64 [B,T,H], same kind/device.
 
         `token_ids` is a numpy array, a torch tensor (the result is a tensor on its device) or
         nested lists such as `[[1, 2, 3]]` (the result is a numpy array).
+
+        Args:
+            history: an `engram.NgramHistory`: the ids continue its sequences (their n-grams
+                reach back into it), as in the full sequence; it is only read.
+            mask: [B, T] bool, False at padding: padding positions are skipped when later
+                positions look back (their own rows are those of a token placed there).
+            doc_start: [B, T] bool: a document starts there; the look-back stops at it (the pad
+                id before it), as if each document were hashed alone (packed sequences).
         """
         token_ids = _ids_array(token_ids)
         check_ids_2d(token_ids)
         layer_id = self.spec.check_layer(layer_id)
         ids = to_numpy_ids(token_ids)
         self.comp.check_ids(ids)
-        out = self.hash_compressed(self.comp.lookup[ids], layer_id)
+        grams = self.context_grams(self.comp.lookup[ids], history, mask, doc_start)
+        out = self.hash_grams(grams, layer_id)
         if is_torch(token_ids):
             import torch
 
             return torch.from_numpy(out).to(token_ids.device)
         return out
 
-    def global_rows(self, token_ids: Any, layer_id: int) -> Any:
+    def global_rows(self, token_ids: Any, layer_id: int, **context: Any) -> Any:
         """Rows of the layer's whole table (every head's table stacked, as stored): [B,T] raw ids
-        -> int64 [B,T,H], `hash(...)` plus `spec.head_offsets(layer_id)`; same kind/device."""
-        rows = self.hash(token_ids, layer_id)
+        -> int64 [B,T,H], `hash(...)` plus `spec.head_offsets(layer_id)`; same kind/device.
+        `history`, `mask`, `doc_start` as for `hash`."""
+        rows = self.hash(token_ids, layer_id, **context)
         offsets = np.asarray(self.spec.head_offsets(layer_id), np.int64)   # [H]
         if isinstance(rows, np.ndarray):
             return np.add(rows, offsets, out=np.empty(rows.shape, np.int64))
@@ -249,25 +262,38 @@ class NgramHasher:
 
         return rows + torch.from_numpy(offsets).to(rows.device)
 
+    def context_grams(self, x: np.ndarray, history: NgramHistory | None = None, mask: Any = None,
+                      doc_start: Any = None) -> list[np.ndarray]:
+        """Check `history`, `mask` and `doc_start` (as for `hash`) against compressed ids x [B, T]
+        and return the N columns of every position's n-gram for `hash_grams` (see
+        `engram.history.ngram_columns`)."""
+        shape = x.shape
+        if history is not None:
+            history = check_history(history, self.spec, self._fingerprint, shape[0])
+        mask, doc_start = check_flags("mask", mask, shape), check_flags("doc_start", doc_start, shape)
+        return ngram_columns(x, self.spec.max_ngram_size, self._pad, self.comp.lookup, history, mask, doc_start)
+
     def hash_compressed(self, x: np.ndarray, layer_id: int, out: np.ndarray | None = None) -> np.ndarray:
         """The core: compressed int64 ids [B,T] -> int64 [B,T,H] head rows.
 
         `out`, if given, is a contiguous int64 [H,B,T] buffer to reuse; the result is its
         transposed view.
         """
+        return self.hash_grams(ngram_columns(x, self.spec.max_ngram_size, self._pad, self.comp.lookup), layer_id, out)
+
+    def hash_grams(self, grams: list[np.ndarray], layer_id: int, out: np.ndarray | None = None) -> np.ndarray:
+        """Head rows int64 [B,T,H] of n-grams given by their columns: grams[k] [B,T] holds the
+        compressed id k positions back (k = 0..N-1, from `context_grams`). `out` as for
+        `hash_compressed`."""
         spec = self.spec
-        B, T = x.shape
+        B, T = grams[0].shape
         N, K = spec.max_ngram_size, spec.n_head_per_ngram
         # Heads are computed into a head-major buffer (contiguous writes); the caller gets the
         # [B,T,H] view of it (consumers fold the transpose into their own pass, e.g. offsets).
         if out is None:
             out = np.empty((spec.heads_per_layer, B, T), np.int64)
         rows = out.view(np.uint64)
-        # padded[:, N-1+t] = x[:, t]; padded[:, :N-1] = pad. shifted(k)[b, t] = x[b, t-k].
-        padded = np.empty((B, T + N - 1), np.int64)
-        padded[:, : N - 1] = self._pad
-        padded[:, N - 1:] = x
-        shifted = [padded[:, N - 1 - k: N - 1 - k + T] for k in range(N)]
+        shifted = grams                                   # shifted[k][b, t] = x[b, t-k] (or pad)
         sizes = spec.table_sizes(layer_id)
         scratch: dict = {}
         mix = None

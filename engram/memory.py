@@ -32,6 +32,7 @@ from .args import check_int, check_real
 from .compression import Compression
 from .errors import InputError, SpecMismatchError
 from .hashing import NgramHasher
+from .module_cache import EngramCache, check_prefetch_context, check_step, commit, new_cache
 from .norm import BranchRMSNorm
 from .prefetch import Prefetch
 from .shortconv import ShortConv
@@ -131,23 +132,31 @@ class EngramMemoryBase(nn.Module):
         """E: width of one position's concatenated rows."""
         return self.spec.embed_dim
 
-    def lookup(self, token_ids: Any, device: torch.device | str | None = None) -> torch.Tensor:
+    def new_cache(self, batch_size: int, max_rollback: int = 16) -> EngramCache:
+        """An empty generation cache of `batch_size` sequences for forward(..., cache=); see engram.module_cache."""
+        return new_cache(self, batch_size, max_rollback)
+
+    def lookup(self, token_ids: Any, device: torch.device | str | None = None, *, cache: EngramCache | None = None,
+               mask: Any = None, doc_start: Any = None) -> torch.Tensor:
         """The rows that `token_ids` [B,T] address, heads concatenated: [B, T, E].
 
         Hashes on the host (NgramHasher), then gathers from the in-module rows (differentiable)
         or reads the table (no gradient). `token_ids` may also be a `Prefetch` handle from
         `table.prefetch` on this module's table: its rows for this layer are collected
         (`handle.result(layer_id)`). The result is on `device` (default: the module's) in the
-        module's dtype.
+        module's dtype. With a `cache` the ids continue its history; `mask` and `doc_start` as for table.lookup.
         """
         dtype = self._weight.dtype
         device = self._weight.device if device is None else device
+        history = None if cache is None else cache.history
         if isinstance(token_ids, Prefetch):
+            check_prefetch_context(token_ids, history, mask, type(self).__name__)
             return self._prefetched(token_ids).to(device=device, dtype=dtype)
+        context = {k: v for k, v in (("history", history), ("mask", mask), ("doc_start", doc_start)) if v is not None}
         if self.table is not None:
-            return self.table.lookup(token_ids, self.layer_id, dtype=dtype).to(device)
+            return self.table.lookup(token_ids, self.layer_id, dtype=dtype, **context).to(device)
         assert self.rows is not None, "a module without a table holds its rows"
-        idx = self.hasher.global_rows(to_numpy_ids(token_ids), self.layer_id)   # [B, T, H] rows of `rows`
+        idx = self.hasher.global_rows(to_numpy_ids(token_ids), self.layer_id, **context)   # [B, T, H] rows of `rows`
         idx = torch.from_numpy(idx).to(self.rows.device)
         return F.embedding(idx, self.rows).flatten(2).to(device=device, dtype=dtype)   # [B, T, H*D]
 
@@ -307,7 +316,8 @@ class EngramMemory(EngramMemoryBase):
     def _weight(self) -> torch.Tensor:
         return self.value_proj.weight
 
-    def forward(self, hidden_states: torch.Tensor, token_ids: Any) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, token_ids: Any, *, cache: EngramCache | None = None,
+                mask: Any = None, doc_start: Any = None) -> torch.Tensor:
         """The Engram branch for `hidden_states` [B,T,G,C] at positions holding `token_ids` [B,T].
 
         Args:
@@ -316,18 +326,29 @@ class EngramMemory(EngramMemoryBase):
                 or on the hidden states' device (ids are hashed on the host either way); or the
                 `Prefetch` handle of `table.prefetch(token_ids)` on this module's table, started
                 before the preceding layers so the rows are ready when this layer runs.
+            cache: from `new_cache`: the positions continue its sequences (the output equals the full
+                forward's there) and are appended to it. A prefetch handle must then come from
+                `table.prefetch(ids, history=cache.history)`.
+            mask: [B, T] bool, False at padding (ragged steps): later positions skip it.
+            doc_start: [B, T] bool, without a cache: documents start there (packed rows); each
+                document's outputs equal those of the document alone.
 
         Returns:
             [B, T, G, C]: add it to the residual stream (before the block's attention).
         """
         B, T, G, C = self._check_inputs(hidden_states, token_ids)
-        e = self.lookup(token_ids, device=hidden_states.device)       # [B, T, E] rows of all heads
+        mask, starts = check_step(cache, mask, doc_start, B, T)       # [B, T] bool or None each
+        e = self.lookup(token_ids, device=hidden_states.device, cache=cache, mask=mask, doc_start=starts)   # [B,T,E]
         k = self.key_norm(self.key_proj(e).view(B, T, G, C))           # [B, T, G, C] key per branch
         q = self.query_norm(hidden_states)                             # [B, T, G, C]
         gate = signed_sqrt_gate(q, k)                                  # [B, T, G]
         v = self.value_proj(e)                                         # [B, T, C] shared value
         u = gate.unsqueeze(-1) * v.unsqueeze(2)                        # [B, T, G, C]
-        return u + self.short_conv(u)                                  # [B, T, G, C]
+        if cache is None and mask is None and starts is None:
+            return u + self.short_conv(u)                              # [B, T, G, C]
+        conv, past = self.short_conv.step(u, None if cache is None else cache.conv, mask, starts)   # [B,T,G,C]
+        commit(cache, token_ids, mask, past)
+        return u + conv                                                # [B, T, G, C]
 
     def load_reference_state_dict(self, state_dict: Any) -> None:
         """Load weights saved under the reference's names (deepseek-ai/Engram `Engram` module).

@@ -10,6 +10,7 @@ from torch import nn
 
 from .compression import Compression
 from .memory import EngramMemoryBase, signed_sqrt_gate
+from .module_cache import EngramCache, check_step, commit
 from .spec import TableSpec
 
 __all__ = ["EngramMemoryV41"]
@@ -77,15 +78,19 @@ class EngramMemoryV41(EngramMemoryBase):
     def _weight(self) -> torch.Tensor:
         return self.key_value_proj.weight
 
-    def forward(self, hidden_states: torch.Tensor, token_ids: Any) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, token_ids: Any, *, cache: EngramCache | None = None,
+                mask: Any = None, doc_start: Any = None) -> torch.Tensor:
         """The Engram branch for `hidden_states` [B,T,G,C] at positions holding `token_ids` [B,T].
 
-        Arguments and result as EngramMemory.forward: add the [B, T, G, C] result to the residual.
+        Arguments (`cache` from `new_cache`, `mask`, `doc_start`) and result as EngramMemory.forward: add the
+        [B, T, G, C] result to the residual.
         """
         B, T, G, C = self._check_inputs(hidden_states, token_ids)
-        e = self.lookup(token_ids, device=hidden_states.device)       # [B, T, E] rows of all heads
+        mask, starts = check_step(cache, mask, doc_start, B, T)       # [B, T] bool or None each
+        e = self.lookup(token_ids, device=hidden_states.device, cache=cache, mask=mask, doc_start=starts)   # [B,T,E]
         kv = self.key_value_proj(e).view(B, T, G + 1, C)               # [B, T, G+1, C]: G keys, value
         k, v = F.rms_norm(kv[:, :, :G], (C,)), kv[:, :, G]             # [B, T, G, C], [B, T, C]
         q = F.rms_norm(hidden_states, (C,)) * self.gate_weight         # [B, T, G, C]
         gate = signed_sqrt_gate(q, k)                                  # [B, T, G]
+        commit(cache, token_ids, mask, None)                          # generation: append the ids
         return gate.unsqueeze(-1) * v.unsqueeze(2)                     # [B, T, G, C]

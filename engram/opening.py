@@ -5,19 +5,24 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from .compression import Compression
-from .errors import InputError, SpecMismatchError
-from .format import TableDir, TableMeta, read_metadata
+from .errors import CorruptTableError, InputError, SpecMismatchError, TableNotFoundError
+from .format import TableMeta
+from .metadata import read_metadata
 from .spec import TableSpec
 from .table import Table
+from .tabledir import TableDir
 from .tiers import TIERS
 
 __all__ = ["open", "lookup", "reopen"]
+
+_OPEN_ATTEMPTS = 8   # opens of a table that is being replaced meanwhile, before giving up
 
 
 def open(path: str | os.PathLike[str], tier: str = "mmap", *, prefault: bool = False,
@@ -57,14 +62,40 @@ def open(path: str | os.PathLike[str], tier: str = "mmap", *, prefault: bool = F
         raise InputError(f"io_threads={io_threads!r} is invalid: expected an int >= 1")
     if dedup not in (None, True, False):
         raise InputError(f"dedup={dedup!r} is invalid: expected True, False or None (per tier)")
-    tdir = TableDir(path)   # every file of this table is opened relative to this directory handle
-    try:
-        meta = read_metadata(tdir)
-        _check_expected(tdir.path, meta, spec, compression)
-        return Table(tdir, meta, tier, prefault, io_threads, dedup)
-    except BaseException:
-        tdir.close()
-        raise
+    path = _check_path(path)
+    for attempt in range(_OPEN_ATTEMPTS):
+        try:
+            tdir = TableDir(path)   # every file of this table is opened relative to this directory handle
+        except TableNotFoundError:
+            if attempt == 0:
+                raise
+            time.sleep(0.001 * attempt)   # between the two renames of a replacement: nothing there yet
+            continue
+        try:
+            meta = read_metadata(tdir)
+            _check_expected(tdir.path, meta, spec, compression)
+            return Table(tdir, meta, tier, prefault, io_threads, dedup)
+        except (CorruptTableError, TableNotFoundError):
+            # A table replaced at `path` while it was read (build_table(..., overwrite=True) swaps the
+            # directories, then deletes the old one file by file) looks incomplete: open the new one.
+            swapped = tdir.replaced()
+            tdir.close()
+            if not swapped or attempt == _OPEN_ATTEMPTS - 1:
+                raise
+        except BaseException:
+            tdir.close()
+            raise
+    raise TableNotFoundError(f"no table at path={os.fspath(path)!r}: it was removed while it was being opened")
+
+
+def _check_path(path: Any) -> str | os.PathLike[str]:
+    """`path` if it can name a table directory, else InputError (None, bytes, a NUL inside)."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise InputError(f"path={path!r} is invalid: expected a str or os.PathLike naming a table directory")
+    text = os.fspath(path)
+    if not isinstance(text, str) or "\0" in text or not text:
+        raise InputError(f"path={path!r} is invalid: expected a non-empty text path without NUL characters")
+    return path
 
 
 def _check_expected(root: Path, meta: TableMeta, spec: TableSpec | None, compression: Compression | None) -> None:
@@ -91,12 +122,13 @@ def reopen(path: str, tier: str, prefault: bool, io_threads: int, dedup: bool | 
 
 
 def lookup(token_ids: Any, table: Table, layer_id: int | None, out: torch.Tensor | None = None,
-           dtype: torch.dtype | None = None) -> torch.Tensor | dict[int, torch.Tensor]:
-    """The rows `token_ids` address in `table`: the same as `table.lookup(token_ids, layer_id)`.
+           dtype: torch.dtype | None = None, **context: Any) -> torch.Tensor | dict[int, torch.Tensor]:
+    """The rows `token_ids` address in `table`: the same as `table.lookup(token_ids, layer_id)`
+    (`history`, `mask`, `doc_start` passed on).
 
     Example:
         >>> e = engram.lookup(token_ids, engram.open("table.engram"), layer_id=1)   # [B, T, E]
     """
     if not isinstance(table, Table):
         raise InputError(f"table must be an engram.Table, got {type(table).__name__}: pass engram.open(path)")
-    return table.lookup(token_ids, layer_id, out=out, dtype=dtype)
+    return table.lookup(token_ids, layer_id, out=out, dtype=dtype, **context)

@@ -41,10 +41,11 @@ class Prefetch:
     """
 
     def __init__(self, future: concurrent.futures.Future, layer_ids: tuple[int, ...], stats: StatsCounter,
-                 table_path: Any = None) -> None:
+                 table_path: Any = None, context: Any = None) -> None:
         self._future, self._stats = future, stats
         self.layer_ids = layer_ids
         self.table_path = table_path            # the table the rows come from
+        self.context = context                  # the ids, mask and history state (engram.history.PrefetchContext)
 
     def done(self) -> bool:
         """True once the lookup finished, failed or was cancelled."""

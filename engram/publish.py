@@ -26,7 +26,8 @@ from pathlib import Path
 
 from .errors import TableExistsError
 
-__all__ = ["partial_dir", "publish", "clean_stale", "restore_aside", "aside_table", "fsync_tree", "fsync_path"]
+__all__ = ["partial_dir", "publish", "clean_stale", "restore_aside", "aside_table", "fsync_tree", "fsync_path",
+           "make_read_only"]
 
 _AT_FDCWD = -100
 _RENAME_EXCHANGE = 2
@@ -52,6 +53,15 @@ def fsync_tree(root: str | os.PathLike[str]) -> None:
         for name in filenames:
             fsync_path(os.path.join(dirpath, name))
         fsync_path(dirpath)
+
+
+def make_read_only(root: str | os.PathLike[str]) -> None:
+    """Give every file under `root` mode 0444 (directories keep theirs): a published table's files are
+    never written again, and a tool that would rewrite one in place (`cp`, `rsync --inplace` over a
+    served table) is refused instead of changing rows under its readers."""
+    for dirpath, _, filenames in os.walk(root):
+        for name in filenames:
+            os.chmod(os.path.join(dirpath, name), 0o444, follow_symlinks=False)
 
 
 def _try_lock(fd: int) -> bool:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .errors import InputError
+from .module_cache import conv_step
 from .norm import BranchRMSNorm
 
 __all__ = ["ShortConv"]
@@ -51,6 +53,30 @@ class ShortConv(nn.Module):
         x = F.pad(x, ((self.kernel_size - 1) * self.dilation, 0))            # [B, G*C, pad+T], causal
         y = F.conv1d(x, self.weight, dilation=self.dilation, groups=G * C)   # [B, G*C, T]
         return F.silu(y).transpose(1, 2).reshape(B, T, G, C)                 # [B, T, G, C]
+
+    def new_past(self, batch_size: int, extra: int = 0) -> torch.Tensor:
+        """Zero past inputs for `step`: [B, (k-1)*d + extra, G*C] in the weight's dtype and device."""
+        width = (self.kernel_size - 1) * self.dilation + extra
+        return self.weight.new_zeros(batch_size, width, self.weight.shape[0])
+
+    def step(self, x: torch.Tensor, past: torch.Tensor | None, mask: np.ndarray | None = None,
+             starts: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """`forward` of new positions that continue sequences whose earlier inputs are `past`.
+
+        Args:
+            x: [B, T, G, C] new inputs. past: [B, W, G*C] the last W >= (k-1)*d normalized inputs
+                of each sequence, newest last (zeros before its start), or None (new sequences).
+                mask: [B, T] bool or None; False marks padding, which later positions do not see.
+                starts: [B, T] bool or None; True where a document starts: no tap reaches before it.
+
+        Returns:
+            ([B, T, G, C] output, [B, W, G*C] the past after these positions).
+        """
+        B, T, G, C = self._check_input(x)
+        past = self.new_past(B) if past is None else past
+        x = self.norm(x).reshape(B, T, G * C)                                  # [B, T, G*C]
+        y, past = conv_step(x, past.to(x), self.weight, self.dilation, mask, starts)   # [B, T, G*C], [B, W, G*C]
+        return F.silu(y).reshape(B, T, G, C), past                             # [B, T, G, C]
 
     def _check_input(self, x: torch.Tensor) -> tuple[int, int, int, int]:
         """Raise InputError unless `x` is [B, T>=1, G, C] in the weight's dtype (autocast aside)."""

@@ -14,6 +14,15 @@ from typing import Any
 from .args import is_int
 from .dtypes import ROW_DTYPES
 from .errors import SpecError
+from .limits import (
+    MAX_BASE_SIZE,
+    MAX_HEAD_DIM,
+    MAX_HEADS,
+    MAX_LAYER_ID,
+    MAX_NGRAM_SIZE,
+    MAX_SEED,
+    MAX_VOCAB_SIZE,
+)
 from .primes import assign_primes
 
 __all__ = ["TableSpec", "HASH_FAMILIES", "DTYPES", "DEFAULT_SCALE_BLOCK", "SPEC_FORMAT_VERSION"]
@@ -92,28 +101,38 @@ class TableSpec:
             if not ok:
                 raise SpecError(f"TableSpec.{field}={getattr(self, field)!r} is invalid: {fix}")
 
-        need(is_int(self.max_ngram_size) and self.max_ngram_size >= 2,
-             "max_ngram_size", "expected an int >= 2 (the largest n-gram order N)")
+        # Every bound is checked here, before any work that grows with them (primes at open, buffers
+        # at build): see engram.limits.
+        need(is_int(self.max_ngram_size) and 2 <= self.max_ngram_size <= MAX_NGRAM_SIZE,
+             "max_ngram_size", f"expected an int in [2, {MAX_NGRAM_SIZE}] (the largest n-gram order N)")
         n_orders = self.max_ngram_size - 1
         need(isinstance(self.engram_vocab_size, tuple) and len(self.engram_vocab_size) == n_orders
-             and all(is_int(v) and v >= 2 for v in self.engram_vocab_size),
+             and all(is_int(v) and 2 <= v <= MAX_BASE_SIZE for v in self.engram_vocab_size),
              "engram_vocab_size",
-             f"expected {n_orders} ints >= 2, one base table size per n-gram order 2..{self.max_ngram_size}")
-        need(is_int(self.n_head_per_ngram) and self.n_head_per_ngram >= 1,
-             "n_head_per_ngram", "expected an int >= 1 (hash heads per n-gram order)")
+             f"expected {n_orders} ints in [2, {MAX_BASE_SIZE}], one base table size per n-gram order "
+             f"2..{self.max_ngram_size}")
+        need(is_int(self.n_head_per_ngram) and 1 <= self.n_head_per_ngram <= MAX_HEADS,
+             "n_head_per_ngram", f"expected an int in [1, {MAX_HEADS}] (hash heads per n-gram order)")
         need(is_int(self.n_embed_per_ngram) and self.n_embed_per_ngram >= 1
              and self.n_embed_per_ngram % self.n_head_per_ngram == 0,
              "n_embed_per_ngram",
              f"expected a positive multiple of n_head_per_ngram={self.n_head_per_ngram} (K*D)")
+        need(self.n_embed_per_ngram // self.n_head_per_ngram <= MAX_HEAD_DIM, "n_embed_per_ngram",
+             f"rows of D={self.n_embed_per_ngram // self.n_head_per_ngram} values are over the limit of "
+             f"{MAX_HEAD_DIM}: expected K*D with D <= {MAX_HEAD_DIM}")
         need(isinstance(self.layer_ids, tuple) and len(self.layer_ids) >= 1
-             and all(is_int(v) and v >= 0 for v in self.layer_ids)
+             and all(is_int(v) and 0 <= v <= MAX_LAYER_ID for v in self.layer_ids)
              and len(set(self.layer_ids)) == len(self.layer_ids),
-             "layer_ids", "expected a non-empty sequence of distinct ints >= 0")
-        need(is_int(self.compressed_vocab_size) and self.compressed_vocab_size >= 1,
-             "compressed_vocab_size", "expected an int >= 1: use comp.compressed_vocab_size")
-        need(is_int(self.pad_id) and self.pad_id >= 0,
-             "pad_id", "expected a raw token id >= 0")
-        need(is_int(self.seed) and self.seed >= 0, "seed", "expected an int >= 0")
+             "layer_ids", f"expected a non-empty sequence of distinct ints in [0, {MAX_LAYER_ID}]")
+        heads = len(self.layer_ids) * n_orders * self.n_head_per_ngram
+        need(heads <= MAX_HEADS, "layer_ids",
+             f"{len(self.layer_ids)} layers x {n_orders} orders x {self.n_head_per_ngram} heads = {heads} hash "
+             f"heads, over the limit of {MAX_HEADS} (each needs its own prime): use fewer layers, orders or heads")
+        need(is_int(self.compressed_vocab_size) and 1 <= self.compressed_vocab_size <= MAX_VOCAB_SIZE,
+             "compressed_vocab_size", f"expected an int in [1, {MAX_VOCAB_SIZE}]: use comp.compressed_vocab_size")
+        need(is_int(self.pad_id) and 0 <= self.pad_id < MAX_VOCAB_SIZE,
+             "pad_id", f"expected a raw token id in [0, {MAX_VOCAB_SIZE})")
+        need(is_int(self.seed) and 0 <= self.seed <= MAX_SEED, "seed", f"expected an int in [0, {MAX_SEED}]")
         need(isinstance(self.hash, str) and self.hash in HASH_FAMILIES, "hash", f"expected one of {HASH_FAMILIES}")
         need(isinstance(self.dtype, str) and self.dtype in DTYPES, "dtype", f"expected one of {tuple(DTYPES)}")
         need(is_int(self.scale_block) and self.scale_block >= 1, "scale_block",

@@ -37,15 +37,17 @@ from .cache import HotRowCache, select_hot_rows
 from .chunks import verify_chunks
 from .dtypes import storage_torch_dtype, torch_dtype
 from .errors import InputError
-from .format import TableDir, TableMeta
+from .format import TableMeta
 from .gather import DEDUP_TIERS, DecodingGatherer, RowGatherer
 from .hashing import NgramHasher
+from .history import NgramHistory, prefetch_context
 from .hotrows import HotRowPlan
 from .lookup_args import check_dtype, check_out, check_row_indices, check_whole
 from .prefetch import CudaTransfer, Prefetch, Prefetcher
 from .quant import QuantizedRows
 from .stats import LookupStats, StatsCounter
 from .table_info import TableInfo
+from .tabledir import TableDir
 from .tensors import check_ids_2d, is_torch, to_numpy_ids
 from .tiers import open_tier
 
@@ -91,9 +93,8 @@ class Table(TableInfo):
             if self._closed and cancel_if_closed:
                 raise concurrent.futures.CancelledError(f"table at {os.fspath(self._path)!r} was closed")
             if self._closed:
-                raise InputError(
-                    f"table at {os.fspath(self._path)!r} is closed: open it again with "
-                    f"engram.open({os.fspath(self._path)!r})")
+                path = os.fspath(self._path)
+                raise InputError(f"table at {path!r} is closed: open it again with engram.open({path!r})")
             self._active += 1
         try:
             yield
@@ -135,30 +136,30 @@ class Table(TableInfo):
 
     # -- lookups ----------------------------------------------------------------------------
     def lookup(self, token_ids: Any, layer_id: int | None, out: torch.Tensor | None = None,
-               dtype: torch.dtype | None = None) -> torch.Tensor | dict[int, torch.Tensor]:
+               dtype: torch.dtype | None = None, *, history: NgramHistory | None = None, mask: Any = None,
+               doc_start: Any = None) -> torch.Tensor | dict[int, torch.Tensor]:
         """The rows that `token_ids` address in one layer, heads concatenated in hash order.
 
         Args:
             token_ids: raw token ids [B, T] (numpy or torch, any integer dtype and device).
             layer_id: one of `spec.layer_ids`, or None for every layer.
             out: optional contiguous CPU tensor [B, T, E] of the result dtype to write into.
-            dtype: result dtype (default: `table.dtype`). Float tables convert their rows to it;
-                quantized tables dequantize to it (as `engram.quant.decode`: float8_e4m3 rows
-                with one rounding to float32 or bfloat16, int8 rows through their float32
-                product; other float dtypes are converted from the float32 rows).
+            dtype: result dtype (default: `table.dtype`). Float tables convert their rows to it; quantized
+                tables dequantize to it (as `engram.quant.decode`: float8_e4m3 rows with one rounding to float32
+                or bfloat16, int8 rows through their float32 product; other dtypes from the float32 rows).
+            history, mask, doc_start: as for `NgramHasher.hash` (the ids continue an `NgramHistory`).
 
         Returns:
             A CPU tensor [B, T, E] (E = spec.embed_dim) whatever the ids' device, or
-            {layer_id: tensor} for None. Without
-            `out` the result is a tensor of its own: its memory is recycled by a later lookup
-            only after every reference to it (views and autograd included) is gone.
+            {layer_id: tensor} for None. Without `out` the result is a tensor of its own: a later lookup
+            recycles its memory only after every reference to it (views and autograd included) is gone.
 
         Example:
             >>> with engram.open("table.engram") as table:
             ...     e = table.lookup(np.array([[5, 17, 42]]), layer_id=1)   # [1, 3, E]
         """
         with self._in_use():
-            x = self._compress(token_ids)                                # compressed ids [B, T]
+            x = self._ngrams(token_ids, history, mask, doc_start)        # N x [B, T] n-gram columns
             if layer_id is None:
                 if out is not None:
                     raise InputError("out= needs one layer_id, got layer_id=None: pass a layer_id, "
@@ -166,7 +167,7 @@ class Table(TableInfo):
                 return {lid: self._lookup_layer(x, lid, None, dtype) for lid in self.spec.layer_ids}
             return self._lookup_layer(x, self.spec.check_layer(layer_id), out, dtype)
 
-    def _compress(self, token_ids: Any) -> np.ndarray:
+    def _ngrams(self, token_ids: Any, history: NgramHistory | None, mask: Any, doc_start: Any) -> list[np.ndarray]:
         check_whole(self._path, self.shard)      # a part of a sharded table holds too few rows to look up
         torch_ids = is_torch(token_ids)
         if torch_ids:                       # the shape first: it names the problem before the dtype
@@ -175,18 +176,18 @@ class Table(TableInfo):
         if not torch_ids:                   # a torch tensor's shape was checked above
             check_ids_2d(ids)
         self.compression.check_ids(ids)
-        return self.compression.lookup[ids]
+        return self._hasher.context_grams(self.compression.lookup[ids], history, mask, doc_start)
 
-    def _lookup_layer(self, x: np.ndarray, layer_id: int, out: torch.Tensor | None,
+    def _lookup_layer(self, x: list[np.ndarray], layer_id: int, out: torch.Tensor | None,
                       dtype: torch.dtype | None) -> torch.Tensor:
-        B, T = x.shape
+        B, T = x[0].shape
         H, D = self.spec.heads_per_layer, self.spec.head_dim
         check_dtype(dtype)
         want = self._dtype if dtype is None else dtype
         if out is not None:
             check_out(out, (B, T, H * D), want)
         heads_buf, rows = self._scratch.get(H, B, T)
-        heads = self._hasher.hash_compressed(x, layer_id, out=heads_buf)          # [B, T, H] view of [H, B, T]
+        heads = self._hasher.hash_grams(x, layer_id, out=heads_buf)               # [B, T, H] view of [H, B, T]
         np.add(heads, self._offsets[layer_id], out=rows)                         # [B, T, H] global rows
         gathered = self.gathered_dtype(want)
         if out is not None and want == gathered:
@@ -269,7 +270,8 @@ class Table(TableInfo):
 
     # -- prefetch ---------------------------------------------------------------------------
     def prefetch(self, token_ids: Any, layer_ids: int | Sequence[int] | None = None,
-                 device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Prefetch:
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None, *,
+                 history: NgramHistory | None = None, mask: Any = None, doc_start: Any = None) -> Prefetch:
         """Start the lookup of `token_ids` in the background; collect it with `handle.result()`.
 
         The ids are checked and copied now (errors in them raise here); hashing and gathering run
@@ -282,8 +284,8 @@ class Table(TableInfo):
             device: where the rows should land (default: CPU). With a CUDA device they are
                 gathered into pinned host buffers and copied on a side stream without blocking;
                 `result()` makes the caller's current stream wait for the copy.
-            dtype: result dtype, as for `lookup` (default: `table.dtype`; quantized tables
-                dequantize to it).
+            dtype: result dtype, as for `lookup` (default: `table.dtype`; quantized tables dequantize to it).
+            history, mask, doc_start: as for `lookup`; the history is read now (append to it after).
 
         Returns:
             A Prefetch handle: `result()` == `table.lookup(token_ids, None)` restricted to
@@ -295,7 +297,7 @@ class Table(TableInfo):
             >>> e = handle.result(2)                          # [B, T, E] at the Engram layer
         """
         with self._in_use():
-            x = self._compress(token_ids)                                 # compressed ids [B, T], a copy
+            x = self._ngrams(token_ids, history, mask, doc_start)         # N x [B, T] n-gram columns, a copy
             if layer_ids is None:
                 layers = self.spec.layer_ids
             else:
@@ -309,9 +311,9 @@ class Table(TableInfo):
                     raise InputError(f"table at {os.fspath(self._path)!r} is closed: open it again")
                 future = self._prefetcher.submit(lambda: self._prefetch_work(x, layers, dtype, target))
             self._stats.add(prefetches=1)
-            return Prefetch(future, layers, self._stats, self._path)
+            return Prefetch(future, layers, self._stats, self._path, prefetch_context(token_ids, history, mask))
 
-    def _prefetch_work(self, x: np.ndarray, layers: tuple[int, ...], dtype: torch.dtype | None,
+    def _prefetch_work(self, x: list[np.ndarray], layers: tuple[int, ...], dtype: torch.dtype | None,
                        target: torch.device | CudaTransfer | None) -> dict[int, Any]:
         """Runs on the prefetch thread: every layer's rows, on the device asked for."""
         with self._in_use(cancel_if_closed=True):
@@ -319,7 +321,7 @@ class Table(TableInfo):
             for layer_id in layers:
                 if isinstance(target, CudaTransfer):                     # (device tensor, copy event)
                     fill = functools.partial(self._lookup_layer, x, layer_id, dtype=dtype)     # fill(host rows)
-                    out[layer_id] = target.fill_and_copy((*x.shape, self.spec.embed_dim), dtype or self._dtype, fill)
+                    out[layer_id] = target.fill_and_copy((*x[0].shape, self.spec.embed_dim), dtype or self._dtype, fill)
                 else:
                     rows = self._lookup_layer(x, layer_id, None, dtype)
                     out[layer_id] = rows if target is None else rows.to(target)

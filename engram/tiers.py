@@ -30,11 +30,12 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from .chunks import open_chunk, progress_bar, read_chunk
+from .chunks import ChunkWatch, open_chunk, progress_bar, read_chunk
 from .direct import DirectReader
 from .dtypes import row_dtype, storage_dtype, storage_torch_dtype, torch_dtype
-from .format import LayerLayout, TableDir, TableMeta
+from .format import LayerLayout, TableMeta
 from .mapping import PROT_READ, Region, anonymous, stitch_files
+from .tabledir import TableDir
 
 __all__ = ["TIERS", "Tier", "open_tier", "torch_dtype", "storage_dtype"]
 
@@ -73,6 +74,8 @@ def _scales_tensor(region: Region, lay: LayerLayout, meta: TableMeta) -> torch.T
 
 def _load_array(tdir: TableDir, lay: LayerLayout, bar: Any = None) -> Region:
     """Read every chunk file of one array into a new read-only anonymous region (checksums checked)."""
+    for index in range(lay.n_chunks):      # every file there and of its size before memory is reserved for them
+        os.close(open_chunk(tdir, lay, index))
     region = anonymous(lay.n_chunks * lay.chunk_bytes)
     data = region.array(np.uint8, (region.length,), writable=True)
     for index in range(lay.n_chunks):
@@ -83,6 +86,15 @@ def _load_array(tdir: TableDir, lay: LayerLayout, bar: Any = None) -> Region:
     return region
 
 
+def _load_block_digests(tdir: TableDir, blocks: LayerLayout) -> np.ndarray:
+    """The recorded block digests of a layer's chunk files: uint64 [n_chunks, blocks per chunk] (the
+    files' own checksums checked)."""
+    digests = np.empty((blocks.n_chunks, blocks.row_bytes // 8), "<u8")
+    for index in range(blocks.n_chunks):
+        read_chunk(tdir, blocks, index, digests[index].view(np.uint8))
+    return digests
+
+
 class _InAddressSpace:
     """A tier whose rows are addressable memory: one index_select per gather."""
 
@@ -91,14 +103,19 @@ class _InAddressSpace:
     def __init__(self) -> None:
         self.weights: dict[int, torch.Tensor] = {}
         self.scales: dict[int, torch.Tensor] = {}
+        self.watch: ChunkWatch | None = None      # files read after open: refuse them once changed
 
     def gather(self, layer_id: int, rows: np.ndarray, out: torch.Tensor, sorted_unique: bool = False) -> None:
+        if self.watch is not None:
+            self.watch.check()
         torch.index_select(self.weights[layer_id], 0, torch.from_numpy(rows), out=out)
 
     def close(self) -> None:
         # The address range is released once no tensor refers to it any more (see mapping.Region).
         self.weights = {}
         self.scales = {}
+        if self.watch is not None:
+            self.watch.close()
 
 
 class RamTier(_InAddressSpace):
@@ -113,12 +130,14 @@ class RamTier(_InAddressSpace):
                     self.scales[lay.layer_id] = _scales_tensor(_load_array(tdir, lay.scales, bar), lay.scales, meta)
 
 
-def _map_array(tdir: TableDir, lay: LayerLayout, prefault: bool) -> Region:
-    """Map every chunk file of one array back to back (sizes checked: a short file would SIGBUS)."""
+def _map_array(tdir: TableDir, lay: LayerLayout, prefault: bool, watch: ChunkWatch) -> Region:
+    """Map every chunk file of one array back to back (sizes checked: a short file would SIGBUS),
+    each watched for changes from now on."""
     fds: list[int] = []
     try:
         for index in range(lay.n_chunks):
             fds.append(open_chunk(tdir, lay, index))
+            watch.add(fds[-1], lay, index)
         return stitch_files(fds, lay.chunk_bytes, populate=prefault)
     finally:
         for fd in fds:      # the mappings keep the files open
@@ -130,10 +149,16 @@ class MmapTier(_InAddressSpace):
 
     def __init__(self, tdir: TableDir, meta: TableMeta, prefault: bool = False) -> None:
         super().__init__()
-        for lay in meta.layers.values():
-            self.weights[lay.layer_id] = _values_tensor(_map_array(tdir, lay, prefault), lay, meta)
-            if lay.scales is not None:
-                self.scales[lay.layer_id] = _scales_tensor(_map_array(tdir, lay.scales, prefault), lay.scales, meta)
+        self.watch = ChunkWatch(tdir)
+        try:
+            for lay in meta.layers.values():
+                self.weights[lay.layer_id] = _values_tensor(_map_array(tdir, lay, prefault, self.watch), lay, meta)
+                if lay.scales is not None:
+                    self.scales[lay.layer_id] = _scales_tensor(_map_array(tdir, lay.scales, prefault, self.watch),
+                                                               lay.scales, meta)
+        except BaseException:
+            self.close()
+            raise
 
 
 class DirectTier:
@@ -142,16 +167,23 @@ class DirectTier:
     def __init__(self, tdir: TableDir, meta: TableMeta, io_threads: int = 32, o_direct: bool | None = None) -> None:
         self.scales: dict[int, torch.Tensor] = {}
         self.reader = DirectReader(tdir, meta.layers, io_threads=io_threads, o_direct=o_direct)
+        self.watch = ChunkWatch(tdir)
         try:
+            for lay, index, fd in self.reader.files():
+                self.watch.add(fd, lay, index)
+            for lay in meta.layers.values():   # block digests: 1/512 of the values, checked on every read
+                if lay.blocks is not None:
+                    self.reader.block_digests[lay.layer_id] = _load_block_digests(tdir, lay.blocks)
             for lay in meta.layers.values():   # resident: one sequential read at open (see the module notes)
                 if lay.scales is not None:
                     self.scales[lay.layer_id] = _scales_tensor(_load_array(tdir, lay.scales), lay.scales, meta)
         except BaseException:
-            self.reader.close()
+            self.close()
             raise
 
     def gather(self, layer_id: int, rows: np.ndarray, out: torch.Tensor,
                sorted_unique: bool = False) -> tuple[int, int]:
+        self.watch.check()
         return self.reader.gather(layer_id, rows, out, sorted_unique=sorted_unique)
 
     def extent_ids(self, layer_id: int, uniq: np.ndarray) -> np.ndarray:
@@ -159,6 +191,7 @@ class DirectTier:
 
     def close(self) -> None:
         self.reader.close()
+        self.watch.close()
         self.scales = {}
 
 

@@ -10,6 +10,8 @@ ENCODE_VALUES values) into a chunk's stored dtype.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -24,9 +26,18 @@ from . import chunks as chunk_files
 from .args import is_int
 from .compression import Compression
 from .dtypes import ROW_DTYPES, scale_dtype, storage_dtype, storage_torch_dtype, torch_dtype
-from .errors import InputError, TableExistsError
-from .format import CHUNK_ALIGN, COMPRESSION_ARRAY, LayerLayout, TableMeta, format_version_for, is_table
-from .publish import aside_table, clean_stale, fsync_tree, partial_dir, publish
+from .errors import EngramError, InputError, TableExistsError
+from .format import (
+    CHUNK_ALIGN,
+    COMPRESSION_ARRAY,
+    LayerLayout,
+    TableMeta,
+    array_name,
+    blocks_layout,
+    format_version_for,
+)
+from .metadata import is_table
+from .publish import aside_table, clean_stale, fsync_tree, make_read_only, partial_dir, publish
 from .quant import encode, finite_rows
 from .shards import ShardRange
 from .spec import TableSpec
@@ -65,25 +76,42 @@ def write_table(target: Path, spec: TableSpec, comp: Compression, layouts: dict[
     """
     clean_stale(target)
     version = format_version_for(spec, shard)
-    with partial_dir(target) as tmp:
+    with partial_dir(target) as tmp, _naming_the_table(target):
         write_metadata(tmp, TableMeta(version, spec, comp, layouts, shard))
         written = {}
         with _progress_bar(layouts, progress, desc) as bar:
             for lid, lay in layouts.items():
                 sums: list[str] = []
                 scale_sums: list[str] = []
+                block_sums: list[str] = []
                 for index, (values, scales) in enumerate(chunks(lay)):
                     sums.append(chunk_files.write_chunk(lay.chunk_path(tmp, index), values, bar))
                     if lay.scales is not None:
                         assert scales is not None, "a quantized layer's chunk has scales"
                         scale_sums.append(chunk_files.write_chunk(lay.scales.chunk_path(tmp, index), scales, bar))
+                    if lay.blocks is not None:
+                        block_sums.append(chunk_files.write_chunk(lay.blocks.chunk_path(tmp, index),
+                                                                  chunk_files.block_digests(values), bar))
                 if len(sums) != lay.n_chunks:
                     raise RuntimeError(f"layer {lid}: {len(sums)} chunks produced for {lay.n_chunks}")
-                written[lid] = lay.with_checksums(tuple(sums), tuple(scale_sums))
+                written[lid] = lay.with_checksums(tuple(sums), tuple(scale_sums), tuple(block_sums))
         write_attributes(tmp, TableMeta(version, spec, comp, written, shard))
+        make_read_only(tmp)
         fsync_tree(tmp)
         publish(tmp, target, overwrite, replaceable=_replaceable)
     return written
+
+
+@contextlib.contextmanager
+def _naming_the_table(target: Path) -> Iterator[None]:
+    """Re-raise an OSError that names no file (a full disk, a quota) naming the table being written."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename is not None or exc.errno is None or isinstance(exc, EngramError):
+            raise
+        raise type(exc)(exc.errno, f"{exc.strerror or exc} while writing the table {os.fspath(target)!r}: "
+                        "free space (or raise the quota) and build again") from exc
 
 
 def plan_layout(spec: TableSpec, chunk_rows: int | None = None,
@@ -123,8 +151,9 @@ def _plan_layer(spec: TableSpec, layer_id: int, chunk_rows: int | None, rows: in
     chunk_rows = min(int(chunk_rows), -(-rows // align_rows) * align_rows)
     scales = None
     if spec.quantized:
-        scales = LayerLayout(layer_id, f"layer_{layer_id}_scales", rows, scale_bytes, chunk_rows, role="scales")
-    return LayerLayout(layer_id, f"layer_{layer_id}", rows, row_bytes, chunk_rows, scales=scales)
+        scales = LayerLayout(layer_id, array_name(layer_id, scales=True), rows, scale_bytes, chunk_rows, role="scales")
+    values = LayerLayout(layer_id, array_name(layer_id), rows, row_bytes, chunk_rows, scales=scales)
+    return dataclasses.replace(values, blocks=blocks_layout(values))
 
 
 def _empty_dir(path: Path) -> bool:
@@ -252,6 +281,10 @@ def write_metadata(root: str | os.PathLike[str], meta: TableMeta) -> None:
                                attributes={"scales_of": lay.array, "dtype": spec.dtype,
                                            "scale_block": spec.scale_block if row.per_block else spec.head_dim},
                                **plain)
+        if lay.blocks is not None:
+            per_chunk = lay.blocks.row_bytes // 8
+            group.create_array(lay.blocks.array, shape=(lay.n_chunks, per_chunk), chunks=(1, per_chunk), dtype="uint64",
+                               attributes={"xxh3_of_4KiB_blocks_of": lay.array}, **plain)
     lookup = meta.compression.lookup
     group.create_array(COMPRESSION_ARRAY, shape=lookup.shape, chunks=lookup.shape, dtype="int64", **plain)
     comp_file = Path(root, COMPRESSION_ARRAY, "c", "0")

@@ -200,7 +200,8 @@ def test_quantized_chunks_hold_whole_blocks_of_scales(tmp_path):
     spec = quant_spec("int8")                          # 16-byte rows, 4 bytes of scales a row
     assert build.plan_layout(spec)[1].chunk_rows == 16384
     plan = build.plan_layout(spec, chunk_rows=16384)[1]
-    assert plan.scales.array == "layer_1_scales" and plan.disk_bytes == 16384 * (16 + 4)
+    # values, scales, and one 8-byte digest per 4 KiB block of the values
+    assert plan.scales.array == "layer_1_scales" and plan.disk_bytes == 16384 * (16 + 4) + 16384 * 16 // 4096 * 8
     with pytest.raises(engram.InputError, match=r"chunk_rows=4096 is invalid: .* with 16-byte rows and 4 bytes of "
                        r"scales use a positive multiple of 16384"):
         engram.build_table(tmp_path / "t", spec, COMP, chunk_rows=4096)

@@ -440,8 +440,9 @@ def test_spec_file_that_is_not_text_exits_3(capsys, tmp_path):
 
 # -- quantized tables: int8 and float8_e4m3 --------------------------------------------------------
 def _disk_bytes(table, layer_id):
-    """Bytes of the layer's chunk files on disk, scale arrays included."""
+    """Bytes of the layer's chunk files on disk, scale and block digest arrays included."""
     files = table.chunk_files(layer_id) + (table.chunk_files(layer_id, scales=True) if table.spec.quantized else [])
+    files += list((table.path / f"layer_{layer_id}_blocks" / "c").glob("*/0"))
     return sum(f.stat().st_size for f in files)
 
 
@@ -466,7 +467,7 @@ def test_build_quantized_table_verifies_and_inspects(capsys, spec_file, tmp_path
     assert built["layers"] == dry["layers"]
 
     code, out, _ = run(capsys, "verify", str(path))
-    assert code == 0 and "4 chunk file(s) match" in out                # values and scales of 2 layers
+    assert code == 0 and "6 chunk file(s) match" in out       # values, scales and block digests of 2 layers
     code, out, _ = run(capsys, "inspect", str(path), "--json")
     assert code == 0
     payload = json.loads(out)

@@ -21,8 +21,10 @@ def test_demo_runs_end_to_end(tmp_path, capsys, monkeypatch):
     demo.main(["--out", str(tmp_path / "out"), "--files", "3", "--spec", str(tmp_path / "spec.json")])
     out = capsys.readouterr().out
     assert "every tier returned identical rows" in out and "EngramMemory(layer 1" in out
+    assert "same tokens: True" in out                          # generation with caches == recompute
     assert (tmp_path / "out" / "hot_rows.npz").exists() and (tmp_path / "out" / "coverage.png").exists()
     sys.modules.pop("demo", None)
+    sys.modules.pop("generate", None)
 
 
 def test_docstring_states_the_table_size(monkeypatch):

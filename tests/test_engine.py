@@ -178,7 +178,8 @@ def test_prefetch_of_a_table_truncated_after_open_raises_corrupt_table_error(pat
     with engram.open(copy, tier="direct") as table:
         for chunk in (copy / "layer_1" / "c").iterdir():
             os.truncate(chunk / "0", 0)
-        with pytest.raises(engram.CorruptTableError, match=r"returned 0 of \d+ bytes \(truncated after"):
+        with pytest.raises(engram.CorruptTableError, match=r"chunk \d+ .* changed after the table was opened: its "
+                                                           r"size went from \d+ to 0 bytes"):
             table.prefetch(ids_(5), layer_ids=1).result()
 
 
@@ -418,3 +419,49 @@ def test_gathers_keep_buffers_only_up_to_a_bound(path, monkeypatch):
         assert torch.equal(table.rows(1, big)[small], first)          # staged in a buffer of its own
         assert table._engine._local.buf is kept
         assert torch.equal(table.rows(1, small), first)
+
+
+def test_a_gap_of_exactly_the_merge_threshold_is_read_through(path):
+    # 64-byte rows: row 64*b starts block b. Blocks 0 and 0+1+GAP/4096 leave exactly GAP_BYTES between them.
+    gap_blocks = direct.GAP_BYTES // 4096
+    with engram.open(path, tier="direct") as table:
+        table.rows(1, np.array([0, 64 * (1 + gap_blocks)]))
+        s = table.stats()
+        assert (s.disk_reads, s.bytes_from_disk) == (1, (2 + gap_blocks) * 4096)
+        table.reset_stats()
+        table.rows(1, np.array([0, 64 * (2 + gap_blocks)]))      # one block more: two reads
+        assert (table.stats().disk_reads, table.stats().bytes_from_disk) == (2, 2 * 4096)
+
+
+@pytest.mark.parametrize("tier", TIERS)
+def test_a_batch_served_entirely_from_the_hot_row_cache(path, tier):
+    rows = np.array([5, 5, 9, 100, 2000, 3000])
+    with engram.open(path, tier="mmap") as mapped, engram.open(path, tier=tier) as table:
+        table.load_hot_rows(plan_for({1: [3000, 2000, 100, 9, 5, 7]}), fraction=1.0)
+        calls = []
+        real = table._tier.gather
+        table._tier.gather = lambda *a, **kw: calls.append(a) or real(*a, **kw)
+        assert torch.equal(table.rows(1, rows), mapped.rows(1, rows))
+        s = table.stats()
+        assert s.rows_from_cache == s.rows_unique and s.rows_from_memory == s.rows_from_disk == s.disk_reads == 0
+        assert calls == []                   # the tier was not asked for anything
+
+
+def _mapping_permissions(address: int) -> str:
+    """The permissions ("r--p", ...) of the mapping holding `address`, from /proc/self/maps."""
+    with open("/proc/self/maps") as f:
+        for line in f:
+            span, perms = line.split()[:2]
+            start, stop = (int(x, 16) for x in span.split("-"))
+            if start <= address < stop:
+                return perms
+    raise AssertionError(f"no mapping holds {address:#x}")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="needs /proc/self/maps")
+@pytest.mark.parametrize("tier", ["ram", "mmap"])
+def test_in_memory_tiers_hold_their_rows_read_only(path, tier):
+    with engram.open(path, tier=tier) as table:
+        weights = table._tier.weights[1]
+        for address in (weights.data_ptr(), weights.data_ptr() + weights.nbytes - 1):
+            assert _mapping_permissions(address).startswith("r-"), tier

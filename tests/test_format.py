@@ -14,7 +14,14 @@ import zarr
 
 import engram
 from engram import quant
-from engram.format import CHUNK_ALIGN, FORMAT_VERSION, FORMAT_VERSIONS, read_metadata
+from engram.format import (
+    CHUNK_ALIGN,
+    FORMAT_VERSION,
+    FORMAT_VERSIONS,
+    METADATA_CHECKSUM,
+    metadata_checksum,
+)
+from engram.metadata import read_metadata
 
 VOCAB = 600
 # Merges id pairs, so compression is not the identity.
@@ -112,9 +119,14 @@ def copy(table_dir, tmp_path):
     return dest
 
 
-def rewrite_json(path, edit) -> None:
+def rewrite_json(path, edit, reseal: bool = True) -> None:
+    """Edit a zarr.json; `reseal` also updates the metadata checksum (as a deliberate editor would), so
+    the checks behind it are reached."""
     doc = json.loads(path.read_text())
     edit(doc)
+    attrs = doc.get("attributes", {}).get("engram")
+    if reseal and isinstance(attrs, dict) and METADATA_CHECKSUM in attrs:
+        attrs[METADATA_CHECKSUM] = metadata_checksum(attrs)
     path.write_text(json.dumps(doc))
 
 

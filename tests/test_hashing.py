@@ -98,6 +98,19 @@ def test_every_family_matches_its_oracle(family, N, K, T, B, big, seed, layer_id
     np.testing.assert_array_equal(got, _oracle(spec, comp, ids, layer_id))
 
 
+@pytest.mark.parametrize("family", ["xxh64", "murmur3"])
+@pytest.mark.parametrize("seed, layer_id", [(2**31 + 5, 1), (0, 300_000), (2**32 + 2**31 + 7, 3), (2**40 + 2**31, 0)])
+def test_library_families_take_the_seed_mod_2_32(family, seed, layer_id):
+    """Per-layer seeds past 2**31 (a large seed or layer id): reduced mod 2**32 exactly, as the
+    libraries are called (mod 2**31 would differ in every one of these cases)."""
+    assert (seed + 10007 * layer_id) % 2**32 >= 2**31
+    comp = Compression.identity(50)
+    spec = TableSpec(engram_vocab_size=(1009, 2003), max_ngram_size=3, n_head_per_ngram=2, n_embed_per_ngram=2,
+                     layer_ids=(layer_id,), compressed_vocab_size=50, pad_id=1, seed=seed, hash=family)
+    ids = np.random.default_rng(seed % 97).integers(0, 50, (2, 9))
+    np.testing.assert_array_equal(NgramHasher(spec, comp).hash(ids, layer_id), _oracle(spec, comp, ids, layer_id))
+
+
 def test_compression_and_pad_are_applied_before_hashing():
     comp = Compression([0, 1, 1, 2, 2, 3])
     spec = TableSpec(engram_vocab_size=(101, 101), max_ngram_size=3, n_head_per_ngram=2, n_embed_per_ngram=4,

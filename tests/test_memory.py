@@ -520,3 +520,24 @@ def test_cuda_module_takes_host_or_device_ids(golden_case, golden_mem, tmp_path)
         backed.load_state_dict({k: v for k, v in mem.state_dict().items() if k != "rows"})
         with torch.no_grad():
             torch.testing.assert_close(backed(hidden.cuda(), ids.cuda()).cpu(), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_gate_near_zero_takes_the_square_root_of_the_1e_6_floor():
+    from engram.memory import signed_sqrt_gate
+
+    C = 4
+    q = torch.ones(3, C, dtype=torch.float64)
+    s = torch.tensor([1e-9, -1e-9, 4e-6], dtype=torch.float64)           # <q, k> / sqrt(C) = s
+    k = (s * math.sqrt(C) / C)[:, None].expand(3, C)
+    expected = torch.sigmoid(torch.tensor([1e-3, -1e-3, 2e-3], dtype=torch.float64))
+    torch.testing.assert_close(signed_sqrt_gate(q, k), expected, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("hc_mult", [1, 2])
+def test_fresh_module_matches_the_formula_in_float64(hc_mult):
+    """At init scale (small keys, gates near the floor) and in float64, where a changed eps or floor shows."""
+    mem = small(hc_mult=hc_mult).double()
+    hidden, ids = inputs(mem, T=9)
+    with torch.no_grad():
+        torch.testing.assert_close(mem(hidden.double(), ids), _per_branch_forward(mem, hidden.double(), ids),
+                                   rtol=1e-10, atol=1e-13)

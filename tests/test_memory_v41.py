@@ -284,3 +284,13 @@ def test_cuda_module_takes_host_or_device_ids():
             out = mem(hidden.cuda(), token_ids)
             assert out.device.type == "cuda"
             torch.testing.assert_close(out.cpu(), expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("hc_mult", [1, 2])
+def test_fresh_module_matches_the_formula_in_float64(hc_mult):
+    """At init scale (small keys: the key norm's eps matters) and in float64, with tight tolerances."""
+    mem = make(hc_mult=hc_mult, hidden_size=16).double()
+    hidden, ids = inputs(mem, T=9)
+    with torch.no_grad():
+        torch.testing.assert_close(mem(hidden.double(), ids), per_branch_forward(mem, hidden.double(), ids),
+                                   rtol=1e-10, atol=1e-13)

@@ -170,3 +170,65 @@ def test_published_tables_get_the_usual_directory_mode(tmp_path):
     finally:
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "t").stat().st_mode) == 0o750           # not mkdtemp's 0700
+
+
+# -- durability: what is fsynced, and when --------------------------------------------------------
+@pytest.fixture
+def io_log(monkeypatch):
+    """Every fsync (by the path of its file), rename and directory swap, in order."""
+    log: list[tuple[str, ...]] = []
+    real_fsync, real_rename, real_exchange = os.fsync, os.rename, publish._exchange
+
+    def fsync(fd):
+        log.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        return real_fsync(fd)
+
+    def rename(src, dst, **kw):
+        log.append(("rename", os.fspath(src), os.fspath(dst)))
+        return real_rename(src, dst, **kw)
+
+    def exchange(a, b):
+        done = real_exchange(a, b)
+        if done:
+            log.append(("exchange", os.fspath(a), os.fspath(b)))
+        return done
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "rename", rename)
+    monkeypatch.setattr(publish, "_exchange", exchange)
+    return log
+
+
+def _check_published_durably(log, target: Path) -> None:
+    """Every file and folder of the new table fsynced before the publishing rename (or swap), then
+    the parent folder after it."""
+    published = [i for i, e in enumerate(log) if e[0] in ("rename", "exchange") and os.fspath(target) in e[1:]]
+    assert published, log
+    at = published[-1]
+    partial = log[at][1]
+    synced_before = {e[1] for e in log[:at] if e[0] == "fsync"}
+    for dirpath, _, filenames in os.walk(target):
+        rel = os.path.relpath(dirpath, target)
+        for name in [*filenames, "."]:
+            assert os.path.normpath(os.path.join(partial, rel, name)) in synced_before, (rel, name)
+    assert ("fsync", os.fspath(target.parent)) in log[at + 1:]
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/fd"), reason="needs /proc/self/fd")
+def test_build_convert_and_overwrite_fsync_everything_before_the_rename_and_the_parent_after(tmp_path, io_log):
+    import engram
+
+    comp = engram.Compression.identity(100)
+    spec = engram.TableSpec(engram_vocab_size=(3000, 3000), max_ngram_size=3, n_head_per_ngram=2, n_embed_per_ngram=16,
+                            layer_ids=(1,), compressed_vocab_size=100)
+    target = tmp_path / "t.engram"
+    engram.build_table(target, spec, comp, chunk_rows=2048).close()
+    _check_published_durably(io_log, target)
+    io_log.clear()
+    engram.build_table(target, spec, comp, seed=5, chunk_rows=2048, overwrite=True).close()
+    _check_published_durably(io_log, target)
+    io_log.clear()
+    engram.convert(target, tmp_path / "c.engram", dtype="int8", sample_rows=0, progress=False)
+    _check_published_durably(io_log, tmp_path / "c.engram")
+    assert sorted(os.listdir(tmp_path)) == ["c.engram", "t.engram"]            # nothing partial left behind
+    assert {oct(os.stat(os.path.join(d, f)).st_mode & 0o777) for d, _, fs in os.walk(target) for f in fs} == {"0o444"}

@@ -47,19 +47,20 @@ def test_dict_round_trip_through_json():
 @pytest.mark.parametrize(
     "field, value, message",
     [
-        ("max_ngram_size", 1, r"TableSpec.max_ngram_size=1 is invalid: expected an int >= 2"),
+        ("max_ngram_size", 1, r"TableSpec.max_ngram_size=1 is invalid: expected an int in \[2, 32\]"),
         ("max_ngram_size", True, r"max_ngram_size=True is invalid"),
-        ("engram_vocab_size", (646400,), r"engram_vocab_size=\(646400,\) is invalid: expected 2 ints >= 2"),
+        ("engram_vocab_size", (646400,),
+         r"engram_vocab_size=\(646400,\) is invalid: expected 2 ints in \[2, 1099511627776\]"),
         ("engram_vocab_size", (646400, 1), r"engram_vocab_size=\(646400, 1\) is invalid"),
-        ("n_head_per_ngram", 0, r"n_head_per_ngram=0 is invalid: expected an int >= 1"),
+        ("n_head_per_ngram", 0, r"n_head_per_ngram=0 is invalid: expected an int in \[1, 4096\]"),
         ("n_embed_per_ngram", 500, r"n_embed_per_ngram=500 is invalid: expected a positive multiple "
                                    r"of n_head_per_ngram=8"),
         ("layer_ids", (), r"layer_ids=\(\) is invalid: expected a non-empty sequence of distinct ints"),
         ("layer_ids", (1, 1), r"layer_ids=\(1, 1\) is invalid"),
         ("layer_ids", (-1,), r"layer_ids=\(-1,\) is invalid"),
         ("compressed_vocab_size", 0, r"compressed_vocab_size=0 is invalid: .*comp.compressed_vocab_size"),
-        ("pad_id", -1, r"pad_id=-1 is invalid: expected a raw token id >= 0"),
-        ("seed", -5, r"seed=-5 is invalid: expected an int >= 0"),
+        ("pad_id", -1, r"pad_id=-1 is invalid: expected a raw token id in \[0, 134217728\)"),
+        ("seed", -5, r"seed=-5 is invalid: expected an int in \[0, 9223372036854775807\]"),
         ("hash", "crc32", r"hash='crc32' is invalid: expected one of \('multiplicative-xor', 'xxh64', 'murmur3'\)"),
         ("dtype", "float64", r"dtype='float64' is invalid: expected one of"),
     ],
@@ -149,3 +150,17 @@ def test_row_fields_differ_ignores_the_row_encoding():
     assert spec.row_fields_differ(spec.replace(dtype="float8_e4m3", scale_block=16)) == []
     assert spec.row_fields_differ(spec.replace(dtype="int8")) == []
     assert spec.row_fields_differ(spec.replace(seed=3, hash="xxh64")) == ["seed", "hash"]
+
+
+def test_row_fields_differ_reports_every_addressing_field():
+    spec = make()
+    other = {"engram_vocab_size": (646400, 700001), "max_ngram_size": 4, "n_head_per_ngram": 4,
+             "n_embed_per_ngram": 1024, "layer_ids": (1, 16), "compressed_vocab_size": 1234, "pad_id": 3, "seed": 1,
+             "hash": "murmur3"}
+    fields = {f for f in TableSpec.__dataclass_fields__ if f not in ("dtype", "scale_block")}
+    assert set(other) == fields            # a new addressing field needs a case here
+    for field, value in other.items():
+        changes = {field: value}
+        if field == "max_ngram_size":
+            changes["engram_vocab_size"] = (646400,) * 3
+        assert field in spec.row_fields_differ(spec.replace(**changes)), field

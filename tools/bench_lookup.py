@@ -36,7 +36,7 @@ import torch
 import engram
 from engram.build import build_table
 from engram.cli.bench import best_time, drop_caches, reference_hash
-from engram.format import read_metadata
+from engram.metadata import read_metadata
 from engram.opening import open as open_table
 
 

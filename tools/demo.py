@@ -6,6 +6,8 @@
    the hot-row plan.
 3. `engram hash`: the rows one sentence addresses.
 4. Python: `table.lookup` on every storage tier, and `EngramMemory` reading its rows from the table.
+5. Generation token by token (tools/generate.py): a tiny LM with Engram caches, checked against
+   recomputing the whole sequence every step.
 
     python tools/demo.py [--out out/demo] [--files 200]
 """
@@ -96,6 +98,10 @@ def main(argv: list[str] | None = None) -> None:
         seconds = time.perf_counter() - start
         print(f"  EngramMemory(layer 1, C=128, G=2) on {ids.shape[1]} tokens: output {tuple(y.shape)}, "
               f"|output|/|hidden| = {(y.norm() / hidden.norm()).item():.3f}, {seconds * 1e3:.1f} ms")
+    step("5. generating token by token, with a KV cache and Engram caches")
+    import generate
+
+    generate.main(["--tokens", "16"])
     print(f"\ndemo finished in {time.perf_counter() - started:.1f} s; files in {out}/")
 
 

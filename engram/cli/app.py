@@ -220,6 +220,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(args, EXIT_REFUSED, _flag_wording(str(exc)), type(exc).__name__)
     except KeyboardInterrupt:
         return _fail(args, EXIT_INTERRUPTED, "interrupted", "KeyboardInterrupt")
+    except (MemoryError, RecursionError) as exc:   # an input too large or too deep for what it asks
+        what = "memory" if isinstance(exc, MemoryError) else "nesting depth"
+        return _fail(args, EXIT_REFUSED, f"the input needs more {what} than this machine allows ({exc!r}): "
+                     "check the sizes it asks for", type(exc).__name__)
     if args.json:
         _print_json(_jsonable(out.payload))
     else:

@@ -11,10 +11,11 @@ from typing import Any
 from ..compression import Compression
 from ..dtypes import BLOCK_DTYPE as BLOCK_DTYPE
 from ..dtypes import ROW_DTYPES as _ROW_DTYPES
-from ..errors import InputError, SpecError
+from ..errors import InputError, SpecError, SpecMismatchError
 from ..spec import TableSpec
 
 EXIT_OK, EXIT_CHECK_FAILED, EXIT_USAGE, EXIT_REFUSED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+_MAX_SPEC_BYTES = 1 << 20   # a spec file is a few hundred bytes
 ROW_DTYPES = tuple(_ROW_DTYPES)   # every row dtype a table can store: the choices of --dtype
 
 
@@ -36,11 +37,17 @@ def _read_spec(path: str, comp: Compression | None) -> Any:
     """The JSON of a --spec file; `compressed_vocab_size` may be left out and is then taken from `comp`."""
     if not os.path.isfile(path):
         raise SpecError(f"--spec file {path!r} does not exist: pass a JSON file of TableSpec fields")
+    if os.path.getsize(path) > _MAX_SPEC_BYTES:
+        raise SpecError(f"--spec file {path!r} has {os.path.getsize(path)} bytes, more than a spec's "
+                        f"{_MAX_SPEC_BYTES}: pass a JSON file of TableSpec fields")
     try:
         with open(path) as f:
             d = json.load(f)
     except ValueError as exc:  # json.JSONDecodeError, UnicodeDecodeError
         raise SpecError(f"--spec file {path!r} is not valid JSON: {exc}") from exc
+    except RecursionError:
+        raise SpecError(f"--spec file {path!r} nests too deeply to be a spec: pass a JSON object of "
+                        "TableSpec fields") from None
     if isinstance(d, dict) and "compressed_vocab_size" not in d and comp is not None:
         d["compressed_vocab_size"] = comp.compressed_vocab_size
     return d
@@ -91,9 +98,23 @@ def spec_and_compression(args: argparse.Namespace) -> tuple[TableSpec, Compressi
         from ..opening import open as open_table
 
         with open_table(args.table) as table:
-            return table.spec, table.compression
+            spec, comp = table.spec, table.compression
+        if getattr(args, "tokenizer", None):
+            check_tokenizer(args.tokenizer, args.table, comp)
+        return spec, comp
     comp = load_compression(args)
     return load_spec(args.spec, comp), comp
+
+
+def check_tokenizer(tokenizer: str, table: str, comp: Compression) -> None:
+    """Refuse a --tokenizer whose compression is not the table's: its ids would address other rows."""
+    given = Compression.from_tokenizer_file(tokenizer)
+    if given != comp:
+        raise SpecMismatchError(
+            f"--tokenizer {tokenizer!r} gives a compression of {given.vocab_size} ids (fingerprint "
+            f"{given.fingerprint}), but the table {table!r} was built with one of {comp.vocab_size} ids "
+            f"(fingerprint {comp.fingerprint}): its token ids would address other rows; pass the tokenizer the "
+            "table was built with")
 
 
 def add_source(p: argparse.ArgumentParser, table_ok: bool = True) -> None:

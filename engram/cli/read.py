@@ -120,7 +120,7 @@ def cmd_verify(args: argparse.Namespace) -> Output:
 # -- engram bench -------------------------------------------------------------------------------
 def cmd_bench(args: argparse.Namespace) -> Output:
     from ..errors import InputError
-    from ..format import read_metadata
+    from ..metadata import read_metadata
     from .bench import bench_table
 
     part = read_metadata(args.path).shard
