@@ -12,6 +12,7 @@ import torch
 
 import engram
 from engram.cli import main
+from engram.format import METADATA_CHECKSUM, metadata_checksum
 from engram.sharding import shard_path, shard_table
 from engram.shards import check_ranges, parse_shard, plan_shards
 
@@ -82,8 +83,13 @@ def test_bad_parts_are_refused(full, tmp_path):
 
 
 def _edit_attributes(path, edit) -> None:
+    """Edit a part's metadata and reseal its checksum (as a deliberate editor would), so the
+    shard checks themselves are what refuse it."""
     doc = json.loads((path / "zarr.json").read_text())
-    edit(doc["attributes"]["engram"])
+    attrs = doc["attributes"]["engram"]
+    edit(attrs)
+    attrs[METADATA_CHECKSUM] = metadata_checksum(attrs)
+    (path / "zarr.json").chmod(0o644)
     (path / "zarr.json").write_text(json.dumps(doc))
 
 
