@@ -13,8 +13,9 @@ import numpy as np
 import xxhash
 
 from .args import check_int
-from .errors import InputError, MissingFileError, SpecError, TokenIdError
+from .errors import InputError, MissingFileError, SpecError, SpecMismatchError, TokenIdError
 from .limits import MAX_VOCAB_SIZE
+from .spec import TableSpec
 from .tensors import is_torch, to_numpy_ids
 
 __all__ = ["Compression", "load_tokenizer"]
@@ -191,3 +192,19 @@ class Compression:
         ids = to_numpy_ids(token_ids)
         self.check_ids(ids)
         return self._lookup[ids]
+
+
+def check_pair(spec: Any, comp: Any, fix: str) -> None:
+    """Raise unless `spec` is a TableSpec and `comp` a Compression of its compressed vocabulary.
+
+    The hash multipliers depend on `compressed_vocab_size`, so a pair that disagrees would address
+    other rows. `fix` ends the mismatch message with what the caller should do.
+    """
+    if not isinstance(spec, TableSpec):
+        raise InputError(f"spec must be an engram.TableSpec, got {type(spec).__name__}")
+    if not isinstance(comp, Compression):
+        raise InputError(f"comp must be an engram.Compression, got {type(comp).__name__}")
+    if comp.compressed_vocab_size != spec.compressed_vocab_size:
+        raise SpecMismatchError(
+            f"compression has compressed_vocab_size={comp.compressed_vocab_size} but "
+            f"spec.compressed_vocab_size={spec.compressed_vocab_size}: {fix}")

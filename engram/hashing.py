@@ -19,8 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from .compression import Compression
-from .errors import InputError, SpecError, SpecMismatchError
+from .compression import Compression, check_pair
+from .errors import InputError, SpecError
 from .history import NgramHistory, check_flags, check_history, ngram_columns
 from .spec import TableSpec
 from .tensors import check_ids_2d, is_torch, to_numpy_ids
@@ -187,16 +187,7 @@ class NgramHasher:
     """
 
     def __init__(self, spec: TableSpec, comp: Compression) -> None:
-        if not isinstance(spec, TableSpec):
-            raise InputError(f"spec must be an engram.TableSpec, got {type(spec).__name__}")
-        if not isinstance(comp, Compression):
-            raise InputError(f"comp must be an engram.Compression, got {type(comp).__name__}")
-        if comp.compressed_vocab_size != spec.compressed_vocab_size:
-            raise SpecMismatchError(
-                f"compression has compressed_vocab_size={comp.compressed_vocab_size} but "
-                f"spec.compressed_vocab_size={spec.compressed_vocab_size}: build the spec with "
-                "compressed_vocab_size=comp.compressed_vocab_size"
-            )
+        check_pair(spec, comp, "build the spec with compressed_vocab_size=comp.compressed_vocab_size")
         if spec.pad_id >= comp.vocab_size:
             raise SpecError(
                 f"TableSpec.pad_id={spec.pad_id} is outside the compression's vocabulary "

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from .args import check_int, is_int
-from .compression import Compression
+from .compression import Compression, check_pair
 from .errors import InputError, SpecMismatchError, TokenIdError
 from .spec import TableSpec
 from .tensors import check_ids_2d, is_torch, to_numpy_ids
@@ -60,14 +60,7 @@ class NgramHistory:
     """
 
     def __init__(self, spec: TableSpec, comp: Compression, *, batch_size: int, max_rollback: int = 16) -> None:
-        if not isinstance(spec, TableSpec):
-            raise InputError(f"spec must be an engram.TableSpec, got {type(spec).__name__}")
-        if not isinstance(comp, Compression):
-            raise InputError(f"comp must be an engram.Compression, got {type(comp).__name__}")
-        if comp.compressed_vocab_size != spec.compressed_vocab_size:
-            raise SpecMismatchError(
-                f"compression has compressed_vocab_size={comp.compressed_vocab_size} but spec."
-                f"compressed_vocab_size={spec.compressed_vocab_size}: pass the spec and compression of one table")
+        check_pair(spec, comp, "pass the spec and compression of one table")
         self.spec = spec
         self.fingerprint = comp.fingerprint         # of the compression
         self.vocab_size = comp.vocab_size
