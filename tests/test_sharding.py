@@ -130,3 +130,10 @@ def test_cli_shard_build_shard_and_inspect(full, tmp_path, capsys):
     assert "'2/2' is invalid: pass RANK/PARTS" in capsys.readouterr().err
     assert main(["bench", str(built)]) == 3
     assert "part 1 of 2" in capsys.readouterr().err
+
+
+def test_a_part_is_not_converted_alone(full, tmp_path, capsys):
+    with pytest.raises(engram.InputError, match=r"part 1 of 4 .* convert the whole table, then split it again"):
+        engram.convert(shard_path(full, 1, 4), tmp_path / "int8", dtype="int8")
+    assert main(["convert", str(shard_path(full, 1, 4)), str(tmp_path / "int8"), "--dtype", "int8", "--dry-run"]) == 3
+    assert "convert the whole table" in capsys.readouterr().err and not list(tmp_path.iterdir())

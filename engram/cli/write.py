@@ -103,9 +103,11 @@ def _rel_error(e: float | None) -> str:
 def _convert_plan(args: argparse.Namespace) -> tuple[dict[str, Any], TableSpec, TableSpec]:
     """What converting would write, per layer: bytes before and after (scales included), chunk files."""
     from ..build import plan_layout
+    from ..conversion import check_whole_source
     from ..opening import open as open_table
 
     with open_table(args.src) as table:
+        check_whole_source(table)
         source = table.spec
         spec = with_encoding(source, args.dtype, args.scale_block)
         after = plan_layout(spec)
