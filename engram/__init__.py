@@ -11,6 +11,7 @@ from .errors import CorruptTableError as CorruptTableError
 from .errors import EngramError as EngramError
 from .errors import InputError as InputError
 from .errors import MissingFileError as MissingFileError
+from .errors import ShardMismatchError as ShardMismatchError
 from .errors import SpecError as SpecError
 from .errors import SpecMismatchError as SpecMismatchError
 from .errors import TableExistsError as TableExistsError
@@ -46,6 +47,8 @@ _LAZY = {"EngramMemory": ".memory", "EngramMemoryV41": ".memory_v41", "Table": "
 
 
 def __getattr__(name: str) -> Any:
+    if name == "distributed":            # the subpackage, imported on first use (it imports torch.distributed)
+        return importlib.import_module(".distributed", __name__)
     if name in _LAZY:
         value = getattr(importlib.import_module(_LAZY[name], __name__), name)
         globals()[name] = value
@@ -72,6 +75,7 @@ __all__ = [
     "NgramHasher",
     "NgramHistory",
     "Prefetch",
+    "ShardMismatchError",
     "SpecError",
     "SpecMismatchError",
     "Table",

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .args import check_int
+from .args import check_int, is_int
 from .checkpoint import LayerRows
 from .compression import Compression
 from .errors import InputError
@@ -30,6 +30,7 @@ from .hashing import NgramHasher
 from .mapping import release_pages
 from .opening import open as open_table
 from .publish import restore_aside
+from .shards import plan_shards
 from .spec import TableSpec
 from .table import Table
 from .writer import (
@@ -52,7 +53,8 @@ INIT_BLOCK_ROWS = 1024          # rows drawn from one seeded generator (independ
 
 def build_table(path: str | os.PathLike[str], spec: TableSpec, comp: Compression, init: str = "normal",
                 std: float = 0.02, seed: int = 0, weights: Mapping[int, Any] | None = None,
-                overwrite: bool = False, chunk_rows: int | None = None, progress: bool | None = None) -> Table:
+                overwrite: bool = False, chunk_rows: int | None = None, progress: bool | None = None,
+                shard: tuple[int, int] | None = None) -> Table:
     """Write a table for `spec` and `comp` at `path` and open it.
 
     Rows are written chunk by chunk; memory use does not grow with the table. The table appears
@@ -87,6 +89,9 @@ def build_table(path: str | os.PathLike[str], spec: TableSpec, comp: Compression
             chunk_rows * spec.scale_row_bytes) must be a multiple of 65536. Default: chunks of
             about 64 MiB of values (smaller when a layer is smaller).
         progress: show a progress bar (None: only on a terminal, after a second).
+        shard: (rank, parts): write only part `rank` of the table split into `parts` (the rows
+            `engram.shards.plan_shards(spec, parts)[rank]` holds), equal to the same rows of the
+            whole build, for `engram.distributed.ShardedTable`; `weights` are still whole layers.
 
     Returns:
         The new table, opened with `engram.open(path)`.
@@ -104,22 +109,24 @@ def build_table(path: str | os.PathLike[str], spec: TableSpec, comp: Compression
     """
     restore_aside(path)       # a table a killed build left aside belongs at `path`: it is there again
     layouts = check_build(path, spec, comp, init=init, std=std, seed=seed, weights=weights, overwrite=overwrite,
-                          chunk_rows=chunk_rows)
+                          chunk_rows=chunk_rows, shard=shard)
     sources = {int(layer_id): rows for layer_id, rows in (weights or {}).items()}
     target = Path(path)
+    part = None if shard is None else plan_shards(spec, shard[1])[shard[0]]
 
     def chunks(lay: LayerLayout) -> Iterator[Chunk]:
+        first = 0 if part is None else part.start(lay.layer_id)
         if lay.layer_id in sources:
-            return _source_chunks(sources[lay.layer_id], lay, spec)
-        return _init_chunks(lay, spec, init, std, seed)
+            return _source_chunks(sources[lay.layer_id], lay, spec, first)
+        return _init_chunks(lay, spec, init, std, seed, first)
 
-    write_table(target, spec, comp, layouts, chunks, overwrite, progress)
+    write_table(target, spec, comp, layouts, chunks, overwrite, progress, shard=part)
     return open_table(target)
 
 
 def check_build(path: str | os.PathLike[str], spec: TableSpec, comp: Compression, *, init: str = "normal",
                 std: float = 0.02, seed: int = 0, weights: Mapping[int, Any] | None = None, overwrite: bool = False,
-                chunk_rows: int | None = None) -> dict[int, LayerLayout]:
+                chunk_rows: int | None = None, shard: tuple[int, int] | None = None) -> dict[int, LayerLayout]:
     """Every check `build_table` makes before it writes, writing nothing: a dry run.
 
     Arguments as `build_table` (`weights` are checked for layers, shapes and dtypes, not read).
@@ -133,7 +140,13 @@ def check_build(path: str | os.PathLike[str], spec: TableSpec, comp: Compression
     _check_args(spec, comp, init, std, seed, overwrite)
     NgramHasher(spec, comp)                     # spec and compression must fit together
     _check_weights(weights, spec)
-    layouts = plan_layout(spec, chunk_rows)
+    part = None
+    if shard is not None:
+        if not (isinstance(shard, tuple) and len(shard) == 2 and all(is_int(v) for v in shard)
+                and 0 <= shard[0] < shard[1]):
+            raise InputError(f"shard={shard!r} is invalid: expected (rank, parts) with 0 <= rank < parts, e.g. (0, 4)")
+        part = plan_shards(spec, shard[1])[shard[0]]
+    layouts = plan_layout(spec, chunk_rows, part)
     check_target(Path(path), overwrite)     # a table a killed build left aside counts as at `path`
     return layouts
 
@@ -187,8 +200,9 @@ def _check_weights(weights: Mapping[int, Any] | None, spec: TableSpec) -> dict[i
 # ------------------------------------------------------------------------------------------
 # chunks
 # ------------------------------------------------------------------------------------------
-def _init_chunks(lay: LayerLayout, spec: TableSpec, init: str, std: float, seed: int) -> Iterator[Chunk]:
-    """Seeded chunks in the stored dtype, zero rows past the end."""
+def _init_chunks(lay: LayerLayout, spec: TableSpec, init: str, std: float, seed: int,
+                 first: int = 0) -> Iterator[Chunk]:
+    """Seeded chunks in the stored dtype, zero rows past the end; local row 0 is global row `first`."""
     chunk = chunk_buffers(lay, spec)
     block = chunk[0]
     if spec.quantized:   # drawn in float32 pieces, each encoded into the chunk
@@ -197,7 +211,7 @@ def _init_chunks(lay: LayerLayout, spec: TableSpec, init: str, std: float, seed:
             start, stop = lay.chunk_span(index)
             for p in range(start, stop, len(piece)) if init == "normal" else ():
                 q = min(p + len(piece), stop)
-                _normal_rows(piece[: q - p], p, lay.layer_id, seed, std)
+                _normal_rows(piece[: q - p], first + p, lay.layer_id, seed, std)
                 encode_into(piece[: q - p], chunk, p - start, spec, f"init of layer {lay.layer_id}", p)
             yield zero_tail(chunk, stop - start)
         return
@@ -206,7 +220,7 @@ def _init_chunks(lay: LayerLayout, spec: TableSpec, init: str, std: float, seed:
     for index in range(lay.n_chunks):
         start, stop = lay.chunk_span(index)
         if init == "normal":
-            _normal_rows(values[: stop - start], start, lay.layer_id, seed, std)
+            _normal_rows(values[: stop - start], first + start, lay.layer_id, seed, std)
             if values is not block:
                 store_rows(values[: stop - start], block[: stop - start], spec.dtype)
         yield zero_tail(chunk, stop - start)
@@ -230,14 +244,16 @@ def _copies_through(src: Any, spec: TableSpec) -> bool:
             and src.block == spec.scale_block)
 
 
-def _source_chunks(src: Any, lay: LayerLayout, spec: TableSpec) -> Iterator[Chunk]:
-    """Chunks copied from trained rows, one slice at a time (np.memmap pages released after use)."""
+def _source_chunks(src: Any, lay: LayerLayout, spec: TableSpec, first: int = 0) -> Iterator[Chunk]:
+    """Chunks copied from trained rows, one slice at a time (np.memmap pages released after use);
+    local row 0 is row `first` of `src`."""
     chunk = chunk_buffers(lay, spec)
     if isinstance(src, torch.Tensor):
         src = src.detach()
     step = piece_rows(spec) if spec.quantized else lay.chunk_rows
     for index in range(lay.n_chunks):
         start, stop = lay.chunk_span(index)
+        start, stop = start + first, stop + first          # rows of src
         if _copies_through(src, spec):                     # stored bytes, bit for bit
             values, scales = src.read_stored(start, stop)
             assert chunk[1] is not None and scales is not None, "float8_e4m3 rows have scales"

@@ -54,7 +54,7 @@ from .writer import (
     zero_tail,
 )
 
-__all__ = ["convert", "check_convert", "ConvertReport", "LayerReport"]
+__all__ = ["convert", "check_convert", "check_whole_source", "ConvertReport", "LayerReport"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -189,6 +189,7 @@ def convert(src: str | os.PathLike[str] | Table, dst: str | os.PathLike[str], *,
     start_time = time.perf_counter()
     table = src if isinstance(src, Table) else open_table(src, tier="direct")
     try:
+        check_whole_source(table)
         restore_aside(dst)    # a table a killed build left aside belongs at `dst`: it is there again
         spec = check_convert(table.spec, dst, dtype=dtype, scale_block=scale_block, overwrite=overwrite)
         target = Path(dst)
@@ -231,6 +232,13 @@ def check_convert(source: TableSpec, dst: str | os.PathLike[str], *, dtype: str,
     spec = _target_spec(source, dtype, scale_block)
     check_target(Path(dst), overwrite)
     return spec
+
+
+def check_whole_source(table: Table) -> None:
+    """Refuse to convert one part of a sharded table (convert the whole table, then split it)."""
+    if table.shard is not None:
+        raise InputError(f"src {os.fspath(table.path)!r} is {table.shard} of a sharded table: convert the whole "
+                         "table, then split it again with engram shard")
 
 
 def _check_args(dtype: Any, scale_block: Any, overwrite: Any, sample_rows: Any, seed: Any) -> None:

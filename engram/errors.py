@@ -12,6 +12,7 @@ __all__ = [
     "TableNotFoundError",
     "TableExistsError",
     "CorruptTableError",
+    "ShardMismatchError",
 ]
 
 
@@ -49,3 +50,7 @@ class TableExistsError(EngramError, FileExistsError):
 
 class CorruptTableError(EngramError, OSError):
     """A table on disk is damaged: missing, truncated or altered files."""
+
+
+class ShardMismatchError(SpecMismatchError):
+    """The shards opened together do not form one table: other specs, compressions or row ranges."""

@@ -47,9 +47,10 @@ silently changing every lookup; and per layer `"blocks": {"array": "layer_1_bloc
 engram ignores both, so the format version stays).
 
 Format version 2 adds, per layer of a quantized table, `"scales": {"array": "layer_1_scales",
-"checksums": [...]}`. A table is written with the lowest version that describes it (float tables
-stay version 1, readable by older engram); this engram reads versions `FORMAT_VERSIONS` and
-refuses others.
+"checksums": [...]}`; version 3 marks a part of a sharded table (`engram.shards`): `"shard": {"rank":
+r, "parts": W, "ranges": [[layer_id, start, stop], ...]}`, its arrays holding those rows only. A
+table is written with the lowest version that describes it (float tables stay version 1, readable
+by older engram); this engram reads versions `FORMAT_VERSIONS` and refuses others.
 
 bfloat16 rows are stored as their uint16 bits and float8_e4m3 rows as uint8 bytes (zarr has
 neither dtype); the logical dtype lives in the spec. Reading the metadata needs only `json`: zarr
@@ -67,6 +68,7 @@ from typing import Any, ClassVar
 import xxhash
 
 from .compression import Compression
+from .shards import ShardRange
 from .spec import TableSpec
 
 __all__ = [
@@ -83,8 +85,8 @@ __all__ = [
     "METADATA_CHECKSUM",
 ]
 
-FORMAT_VERSION = 2            # the newest format this engram writes
-FORMAT_VERSIONS = (1, 2)      # the formats it reads: 1 float rows; 2 adds scale arrays
+FORMAT_VERSION = 3            # the newest format this engram writes
+FORMAT_VERSIONS = (1, 2, 3)   # the formats it reads: 1 float rows; 2 adds scale arrays; 3 shards
 # Chunk files are whole multiples of this many bytes: they then start at page boundaries inside
 # one stitched mapping on systems with 4, 16 or 64 KiB pages, and suit O_DIRECT reads.
 CHUNK_ALIGN = 1 << 16
@@ -114,9 +116,9 @@ def blocks_layout(lay: LayerLayout) -> LayerLayout:
                        role="blocks")
 
 
-def format_version_for(spec: TableSpec) -> int:
-    """The lowest format version that describes a table of `spec`: 2 for quantized rows, else 1."""
-    return 2 if spec.quantized else 1
+def format_version_for(spec: TableSpec, shard: ShardRange | None = None) -> int:
+    """The lowest format version that describes a table of `spec` (a part: `shard`): 3, 2, or 1."""
+    return 3 if shard is not None else 2 if spec.quantized else 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -204,6 +206,7 @@ class TableMeta:
     spec: TableSpec
     compression: Compression
     layers: dict[int, LayerLayout]
+    shard: ShardRange | None = None      # the rows a part of a sharded table holds; None: every row
 
     def to_attributes(self) -> dict[str, Any]:
         """The group attribute "engram" (JSON-ready), sealed by its `metadata_checksum`."""
@@ -212,6 +215,7 @@ class TableMeta:
             "spec": self.spec.to_dict(),
             "compression": {"array": COMPRESSION_ARRAY, "xxh3": self.compression.fingerprint},
             "layers": [_layer_attributes(lay) for lay in self.layers.values()],
+            **({} if self.shard is None else {"shard": self.shard.to_dict()}),
         }
         attrs[METADATA_CHECKSUM] = metadata_checksum(attrs)
         return attrs

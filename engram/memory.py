@@ -75,7 +75,9 @@ class EngramMemoryBase(nn.Module):
         layer_id: which of the spec's tables this layer reads.
         hidden_size: C, the model width.
         hc_mult: G, hyper-connection branches of the hidden states (1 for a dense model).
-        table: an open `engram.Table` built for `spec` and `comp`, or None for in-module rows.
+        table: an open `engram.Table` built for `spec` and `comp`, or None for in-module rows;
+            also `engram.distributed.ShardedTable` (rows sharded over ranks) or `ShardedRows`
+            (sharded and trainable: its lookups carry gradients to the rows' owners).
         init_std: standard deviation of the initial in-module rows (build_table's default).
     """
 

@@ -31,6 +31,7 @@ from .format import (
     metadata_checksum,
 )
 from .limits import MAX_VOCAB_SIZE
+from .shards import ShardRange, read_shard
 from .spec import TableSpec
 from .tabledir import TableDir
 
@@ -123,8 +124,9 @@ def read_metadata(table: TableDir | str | os.PathLike[str]) -> TableMeta:
             raise CorruptTableError(
                 f"{where} has format_version={version!r}, which cannot hold {spec.dtype} rows (their scales need "
                 f"format_version {format_version_for(spec)}): the metadata is damaged; rebuild the table")
+        shard = read_shard(attrs.get("shard"), spec, version, where)
         comp = _read_compression(table, attrs["compression"])
-        layers = {lay.layer_id: lay for lay in (_read_layer(table, spec, d) for d in attrs["layers"])}
+        layers = {lay.layer_id: lay for lay in (_read_layer(table, spec, d, shard or spec) for d in attrs["layers"])}
     except (KeyError, TypeError, SpecError) as exc:
         raise CorruptTableError(
             f"{where} has invalid metadata ({type(exc).__name__}: {exc}): rebuild the table") from exc
@@ -135,7 +137,7 @@ def read_metadata(table: TableDir | str | os.PathLike[str]) -> TableMeta:
         raise CorruptTableError(
             f"{where} stores a compression with compressed_vocab_size={comp.compressed_vocab_size} but its "
             f"spec says {spec.compressed_vocab_size}: rebuild the table")
-    return TableMeta(version, spec, comp, layers)
+    return TableMeta(version, spec, comp, layers, shard)
 
 
 def _check_metadata_checksum(where: str, attrs: dict[str, Any]) -> None:
@@ -178,7 +180,8 @@ def _read_compression(tdir: TableDir, entry: dict[str, Any]) -> Compression:
     return comp
 
 
-def _read_layer(tdir: TableDir, spec: TableSpec, entry: dict[str, Any]) -> LayerLayout:
+def _read_layer(tdir: TableDir, spec: TableSpec, entry: dict[str, Any], holds: ShardRange | TableSpec) -> LayerLayout:
+    """One layer's layouts, checked; `holds` gives its rows: the part's ranges, or the whole spec."""
     layer_id, name, chunk_rows = entry["layer_id"], entry["array"], entry["chunk_rows"]
     where = f"table at {os.fspath(tdir.path)!r}, layer {layer_id!r}"
     if layer_id not in spec.layer_ids:
@@ -203,11 +206,11 @@ def _read_layer(tdir: TableDir, spec: TableSpec, entry: dict[str, Any]) -> Layer
             f"{where}: chunk_rows={chunk_rows!r} does not give chunk files a multiple of {CHUNK_ALIGN} "
             f"bytes with {sizes}: the metadata is damaged; rebuild the table with engram.build_table")
     layout = _read_array(tdir, spec, where, LayerLayout(
-        layer_id, name, spec.rows(layer_id), spec.row_bytes, chunk_rows, tuple(str(c) for c in entry["checksums"])),
+        layer_id, name, holds.rows(layer_id), spec.row_bytes, chunk_rows, tuple(str(c) for c in entry["checksums"])),
         row.zarr, spec.head_dim)
     if scale_entry is not None:
         scales = _read_array(tdir, spec, where, LayerLayout(
-            layer_id, scale_entry["array"], spec.rows(layer_id), spec.scale_row_bytes, chunk_rows,
+            layer_id, scale_entry["array"], holds.rows(layer_id), spec.scale_row_bytes, chunk_rows,
             tuple(str(c) for c in scale_entry["checksums"]), role="scales"), row.scale_zarr, spec.scales_per_row)
         layout = dataclasses.replace(layout, scales=scales)
     block_entry = entry.get("blocks")

@@ -42,7 +42,7 @@ from .gather import DEDUP_TIERS, DecodingGatherer, RowGatherer
 from .hashing import NgramHasher
 from .history import NgramHistory, prefetch_context
 from .hotrows import HotRowPlan
-from .lookup_args import check_dtype, check_out
+from .lookup_args import check_dtype, check_out, check_row_indices, check_whole
 from .prefetch import CudaTransfer, Prefetch, Prefetcher
 from .quant import QuantizedRows
 from .stats import LookupStats, StatsCounter
@@ -83,8 +83,9 @@ class Table(TableInfo):
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"tier={self._tier_name!r}"
+        part = "" if self.shard is None else f", shard={str(self.shard)!r}"
         return (f"Table(path={os.fspath(self._path)!r}, {state}, layer_ids={self.spec.layer_ids}, "
-                f"dtype={self.spec.dtype!r}, rows={self.spec.total_rows}x{self.spec.head_dim})")
+                f"dtype={self.spec.dtype!r}, rows={self.spec.total_rows}x{self.spec.head_dim}{part})")
 
     # -- lifetime ---------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -168,6 +169,7 @@ class Table(TableInfo):
             return self._lookup_layer(x, self.spec.check_layer(layer_id), out, dtype)
 
     def _ngrams(self, token_ids: Any, history: NgramHistory | None, mask: Any, doc_start: Any) -> list[np.ndarray]:
+        check_whole(self._path, self.shard)      # a part of a sharded table holds too few rows to look up
         torch_ids = is_torch(token_ids)
         if torch_ids:                       # the shape first: it names the problem before the dtype
             check_ids_2d(token_ids)
@@ -188,7 +190,7 @@ class Table(TableInfo):
         heads_buf, rows = self._scratch.get(H, B, T)
         heads = self._hasher.hash_grams(x, layer_id, out=heads_buf)               # [B, T, H] view of [H, B, T]
         np.add(heads, self._offsets[layer_id], out=rows)                         # [B, T, H] global rows
-        gathered = self._gathered_dtype(want)
+        gathered = self.gathered_dtype(want)
         if out is not None and want == gathered:
             result = out
         else:
@@ -198,12 +200,6 @@ class Table(TableInfo):
             return result
         return result.to(want) if out is None else out.copy_(result)
 
-    def _gathered_dtype(self, want: torch.dtype) -> torch.dtype:
-        """The dtype rows are gathered in: stored (float tables) or decoded to float32/bfloat16 (quantized)."""
-        if self._decoder is None:
-            return self._dtype
-        return want if want in (torch.float32, torch.bfloat16) else torch.float32
-
     def _gather(self, layer_id: int, rows: np.ndarray, out: torch.Tensor) -> None:
         """out[i] = row rows[i] of the layer's table (decoded, for quantized tables). Every row read
         of the table passes here."""
@@ -212,12 +208,19 @@ class Table(TableInfo):
         else:
             self._decoder.gather(layer_id, rows, out)
 
+    def gather_local(self, layer_id: int, rows: np.ndarray, out: torch.Tensor) -> None:
+        """Unchecked, for `engram.distributed`: out [n, D] (of `gathered_dtype`) = rows [n] of the
+        layer's stored array (a part's rows by local index), through dedup, cache and counters."""
+        with self._in_use():
+            self._gather(layer_id, rows, out)
+
     def rows(self, layer_id: int, row_indices: Any, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Rows by global row index: [n] ints -> a new tensor [n, D].
 
         Args:
             layer_id: one of `spec.layer_ids`.
-            row_indices: [n] global rows of the layer (0 <= row < spec.rows(layer_id)).
+            row_indices: [n] global rows of the layer (0 <= row < spec.rows(layer_id); for a part
+                of a sharded table, inside the part's range of the layer).
             dtype: result dtype (default: `table.dtype`); quantized tables dequantize to it, as in
                 `lookup`. `stored_rows` gives the stored values and scales unchanged.
 
@@ -228,7 +231,7 @@ class Table(TableInfo):
             layer_id, idx = self._row_indices(layer_id, row_indices)
             check_dtype(dtype)
             want = self._dtype if dtype is None else dtype
-            gathered = self._gathered_dtype(want)
+            gathered = self.gathered_dtype(want)
             out = torch.empty((idx.size, self.spec.head_dim), dtype=gathered)
             self._gather(layer_id, idx, out)
             return out if want == gathered else out.to(want)
@@ -263,19 +266,8 @@ class Table(TableInfo):
             return QuantizedRows(out.numpy(), None, spec.dtype, spec.scale_block)
 
     def _row_indices(self, layer_id: int, row_indices: Any) -> tuple[int, np.ndarray]:
-        """The checked layer and row indices (contiguous int64 [n], in range)."""
-        layer_id = self.spec.check_layer(layer_id)
-        if isinstance(row_indices, (list, tuple)) and not row_indices:
-            row_indices = np.empty(0, np.int64)              # np.asarray([]) is float64
-        idx = to_numpy_ids(row_indices, name="row_indices")
-        n_rows = self.spec.rows(layer_id)
-        if idx.ndim != 1:
-            raise InputError(f"row_indices must be 1-D, got shape {idx.shape}: flatten them first")
-        if idx.size and (idx.min() < 0 or idx.max() >= n_rows):
-            bad = int(idx.min()) if idx.min() < 0 else int(idx.max())
-            raise InputError(f"row_indices holds {bad}, outside [0, {n_rows}) for layer {layer_id}: "
-                             f"use global rows 0 <= row < spec.rows({layer_id})")
-        return layer_id, np.ascontiguousarray(idx, dtype=np.int64)
+        """The checked layer and row indices of this table's arrays (contiguous int64 [n])."""
+        return check_row_indices(self.spec, self.shard, layer_id, row_indices)
 
     # -- prefetch ---------------------------------------------------------------------------
     def prefetch(self, token_ids: Any, layer_ids: int | Sequence[int] | None = None,
@@ -361,6 +353,9 @@ class Table(TableInfo):
         """
         with self._in_use():
             chosen = select_hot_rows(plan, self.spec, self.compression, fraction, rows, max_bytes)
+            if self.shard is not None:     # the hottest rows of the whole table that this part holds
+                spans = self.shard.ranges
+                chosen = {i: r[(r >= spans[i][0]) & (r < spans[i][1])] - spans[i][0] for i, r in chosen.items()}
             cache = HotRowCache.load(chosen, self.spec, self._stored_dtype, self._read_sorted)
             self._engine.cache = cache          # lookups in flight finish with the cache they began with
             return {layer_id: int(r.size) for layer_id, r in chosen.items()}

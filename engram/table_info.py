@@ -14,6 +14,7 @@ from .compression import Compression
 from .errors import InputError
 from .format import LayerLayout, TableMeta
 from .gather import RowGatherer
+from .shards import ShardRange
 from .spec import TableSpec
 
 __all__ = ["TableInfo"]
@@ -68,6 +69,20 @@ class TableInfo:
     def dedup(self) -> bool:
         """Whether a gather reads each distinct row once (default: on for "direct" only)."""
         return self._engine.dedup
+
+    def gathered_dtype(self, want: torch.dtype) -> torch.dtype:
+        """The dtype rows are gathered in for a lookup returning `want`: the stored one for float
+        tables, the decoded one (float32 or bfloat16) for quantized tables."""
+        if not self.spec.quantized:
+            return self._dtype
+        return want if want in (torch.float32, torch.bfloat16) else torch.float32
+
+    @property
+    def shard(self) -> ShardRange | None:
+        """For one part of a row-sharded table (`engram shard`), the rows of each layer it holds;
+        None for a whole table. A part is looked up through `engram.distributed.ShardedTable`;
+        its `rows` and `stored_rows` take global rows inside its ranges."""
+        return self._meta.shard
 
     @property
     def nbytes(self) -> int:

@@ -39,6 +39,7 @@ from .format import (
 from .metadata import is_table
 from .publish import aside_table, clean_stale, fsync_tree, make_read_only, partial_dir, publish
 from .quant import encode, finite_rows
+from .shards import ShardRange
 from .spec import TableSpec
 
 __all__ = ["Chunk", "DEFAULT_CHUNK_BYTES", "ENCODE_VALUES", "plan_layout", "write_table", "check_target",
@@ -55,7 +56,7 @@ Chunk = tuple[np.ndarray, "np.ndarray | None"]
 
 def write_table(target: Path, spec: TableSpec, comp: Compression, layouts: dict[int, LayerLayout],
                 chunks: Callable[[LayerLayout], Iterator[Chunk]], overwrite: bool, progress: bool | None,
-                desc: str = "build_table") -> dict[int, LayerLayout]:
+                desc: str = "build_table", shard: ShardRange | None = None) -> dict[int, LayerLayout]:
     """Write a table whose chunks `chunks(layout)` yields, layer by layer, and publish it atomically.
 
     Args:
@@ -67,14 +68,16 @@ def write_table(target: Path, spec: TableSpec, comp: Compression, layouts: dict[
         overwrite: replace an existing table at `target`.
         progress: progress bar (None: only on a terminal, after a second).
         desc: the progress bar's label.
+        shard: the rows of each layer this table holds, for one part of a sharded table (the
+            layouts then have `shard.rows(layer_id)` rows); None for a whole table.
 
     Returns:
         The layouts with their checksums.
     """
     clean_stale(target)
-    version = format_version_for(spec)
+    version = format_version_for(spec, shard)
     with partial_dir(target) as tmp, _naming_the_table(target):
-        write_metadata(tmp, TableMeta(version, spec, comp, layouts))
+        write_metadata(tmp, TableMeta(version, spec, comp, layouts, shard))
         written = {}
         with _progress_bar(layouts, progress, desc) as bar:
             for lid, lay in layouts.items():
@@ -92,7 +95,7 @@ def write_table(target: Path, spec: TableSpec, comp: Compression, layouts: dict[
                 if len(sums) != lay.n_chunks:
                     raise RuntimeError(f"layer {lid}: {len(sums)} chunks produced for {lay.n_chunks}")
                 written[lid] = lay.with_checksums(tuple(sums), tuple(scale_sums), tuple(block_sums))
-        write_attributes(tmp, TableMeta(version, spec, comp, written))
+        write_attributes(tmp, TableMeta(version, spec, comp, written, shard))
         make_read_only(tmp)
         fsync_tree(tmp)
         publish(tmp, target, overwrite, replaceable=_replaceable)
@@ -111,12 +114,14 @@ def _naming_the_table(target: Path) -> Iterator[None]:
                         "free space (or raise the quota) and build again") from exc
 
 
-def plan_layout(spec: TableSpec, chunk_rows: int | None = None) -> dict[int, LayerLayout]:
+def plan_layout(spec: TableSpec, chunk_rows: int | None = None,
+                shard: ShardRange | None = None) -> dict[int, LayerLayout]:
     """How `build_table` would split each layer into chunk files (checksums still empty).
 
     Args:
         spec: the table spec.
         chunk_rows: as for build_table (None: about 64 MiB chunks, split evenly).
+        shard: plan one part of a sharded table: each layer holds `shard.rows(layer_id)` rows.
 
     Returns:
         {layer_id: LayerLayout}; disk use is sum(lay.n_chunks * lay.chunk_bytes).
@@ -125,15 +130,15 @@ def plan_layout(spec: TableSpec, chunk_rows: int | None = None) -> dict[int, Lay
         >>> {lid: lay.n_chunks for lid, lay in plan_layout(spec).items()}
         {1: 5, 15: 5}
     """
-    return {lid: _plan_layer(spec, lid, chunk_rows) for lid in spec.layer_ids}
+    return {lid: _plan_layer(spec, lid, chunk_rows, spec.rows(lid) if shard is None else shard.rows(lid))
+            for lid in spec.layer_ids}
 
 
-def _plan_layer(spec: TableSpec, layer_id: int, chunk_rows: int | None) -> LayerLayout:
+def _plan_layer(spec: TableSpec, layer_id: int, chunk_rows: int | None, rows: int) -> LayerLayout:
     """The layer's layout: chunk rows a multiple of the alignment, no larger than needed."""
     row_bytes, scale_bytes = spec.row_bytes, spec.scale_row_bytes
     # the smallest rows giving whole CHUNK_ALIGNs, for the values and (quantized rows) the scales
     align_rows = math.lcm(*(CHUNK_ALIGN // math.gcd(CHUNK_ALIGN, b) for b in (row_bytes, scale_bytes) if b))
-    rows = spec.rows(layer_id)
     if chunk_rows is None:   # about DEFAULT_CHUNK_BYTES, split evenly so the last chunk has little padding
         n_chunks = -(-rows // (max(1, DEFAULT_CHUNK_BYTES // (align_rows * row_bytes)) * align_rows))
         chunk_rows = -(-rows // (n_chunks * align_rows)) * align_rows

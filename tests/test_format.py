@@ -47,7 +47,7 @@ def engram_attrs(path) -> dict:
 
 def test_group_attributes_hold_version_spec_compression_and_checksums(table_dir):
     attrs = engram_attrs(table_dir)
-    assert attrs["format_version"] == 1 and FORMAT_VERSIONS == (1, FORMAT_VERSION) == (1, 2)   # float rows: 1
+    assert attrs["format_version"] == 1 and FORMAT_VERSIONS == (1, 2, FORMAT_VERSION) == (1, 2, 3)   # float rows: 1
     assert "scales" not in attrs["layers"][0] and "scale_block" not in attrs["spec"]
     assert attrs["spec"] == make_spec().to_dict()
     assert attrs["compression"] == {"array": "compression", "xxh3": COMP.fingerprint}
@@ -143,11 +143,11 @@ def test_directory_without_a_table_is_table_not_found(tmp_path):
         engram.open(tmp_path / "plain")
 
 
-@pytest.mark.parametrize("version", [3, 0, "1", None])
+@pytest.mark.parametrize("version", [4, 0, "1", None])
 def test_unknown_format_version_is_refused(copy, version):
     rewrite_json(copy / "zarr.json", lambda d: d["attributes"]["engram"].update(format_version=version))
     with pytest.raises(engram.CorruptTableError, match=rf"format_version={version!r}, but this engram reads only "
-                       r"format_version in \(1, 2\): upgrade engram"):
+                       r"format_version in \(1, 2, 3\): upgrade engram"):
         engram.open(copy)
 
 

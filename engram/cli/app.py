@@ -30,6 +30,7 @@ from .common import (
 )
 from .corpus import cmd_hash, cmd_stats
 from .read import cmd_bench, cmd_inspect, cmd_verify
+from .shard import cmd_shard, shard_arg
 from .write import cmd_build, cmd_convert, cmd_import
 
 
@@ -87,9 +88,19 @@ def build_parser() -> argparse.ArgumentParser:
     add_encoding(p)
     p.add_argument("--chunk-rows", type=int_at_least(1), metavar="ROWS",
                    help="rows per chunk file (default: ~64 MiB chunks)")
+    p.add_argument("--shard", type=shard_arg, metavar="RANK/PARTS",
+                   help="build only part RANK of the table split into PARTS (rows equal to the whole build's)")
     p.add_argument("--dry-run", action="store_true", help="print what would be written; write nothing")
     p.add_argument("--overwrite", action="store_true", help="replace an existing table at PATH")
     p.set_defaults(func=cmd_build)
+
+    p = sub.add_parser("shard", help="split a table into parts of contiguous row ranges, one per rank")
+    p.add_argument("src", metavar="SRC", help="table directory to split")
+    p.add_argument("prefix", metavar="DST_PREFIX", help="part r is written to DST_PREFIX-r-of-PARTS")
+    p.add_argument("--parts", type=int_at_least(1), required=True, metavar="PARTS", help="how many parts")
+    p.add_argument("--dry-run", action="store_true", help="print the parts' row ranges; write nothing")
+    p.add_argument("--overwrite", action="store_true", help="replace existing tables at the parts' paths")
+    p.set_defaults(func=cmd_shard)
 
     p = sub.add_parser("import", help="build a table from trained rows in checkpoint files")
     p.add_argument("path", metavar="PATH", help="table directory to create")

@@ -182,12 +182,15 @@ def fmt_int(n: int) -> str:
 
 
 
-def layer_plan(spec: TableSpec, chunk_rows: int | None) -> dict[int, dict[str, int]]:
+def layer_plan(spec: TableSpec, chunk_rows: int | None,
+               shard: tuple[int, int] | None = None) -> dict[int, dict[str, int]]:
     from ..build import plan_layout
+    from ..shards import plan_shards
 
-    return {lid: {"rows": lay.rows, "bytes": spec.layer_bytes(lid), "chunks": lay.n_chunks,
+    part = None if shard is None else plan_shards(spec, shard[1])[shard[0]]
+    return {lid: {"rows": lay.rows, "bytes": lay.rows * spec.stored_row_bytes, "chunks": lay.n_chunks,
                   "chunk_rows": lay.chunk_rows, "disk_bytes": lay.disk_bytes}
-            for lid, lay in plan_layout(spec, chunk_rows).items()}
+            for lid, lay in plan_layout(spec, chunk_rows, part).items()}
 
 
 def free_bytes(path: str) -> int:
@@ -247,6 +250,7 @@ def check_build_args(args: argparse.Namespace, spec: TableSpec, comp: Compressio
     from ..build import check_build
 
     check_build(args.path, spec, comp, init=getattr(args, "init", "normal"), std=getattr(args, "std", 0.02),
-                seed=getattr(args, "seed", 0), weights=weights, overwrite=args.overwrite, chunk_rows=args.chunk_rows)
+                seed=getattr(args, "seed", 0), weights=weights, overwrite=args.overwrite, chunk_rows=args.chunk_rows,
+                shard=getattr(args, "shard", None))
 
 

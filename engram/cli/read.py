@@ -16,6 +16,7 @@ from .common import (
     fmt_int,
     human_bytes,
 )
+from .shard import part_text
 
 
 # -- engram inspect ------------------------------------------------------------------------------
@@ -23,8 +24,8 @@ def _row_sample(table: Any, layer_id: int, n: int, rng: np.random.Generator) -> 
     """Norm and value statistics of `n` random rows, decoded to float32 (quantized rows dequantized)."""
     import torch
 
-    rows_in_layer = table.spec.rows(layer_id)
-    idx = np.sort(rng.choice(rows_in_layer, size=min(n, rows_in_layer), replace=False))
+    lo, hi = (0, table.spec.rows(layer_id)) if table.shard is None else table.shard.ranges[layer_id]
+    idx = lo + np.sort(rng.choice(hi - lo, size=min(n, hi - lo), replace=False))
     rows = table.rows(layer_id, idx, dtype=torch.float32)
     norms = rows.norm(dim=1)
     n = idx.size
@@ -52,7 +53,8 @@ def cmd_inspect(args: argparse.Namespace) -> Output:
         for lid in spec.layer_ids:
             lay = table.layout(lid)
             entry: dict[str, Any] = {
-                "array": lay.array, "rows": lay.rows, "bytes": spec.layer_bytes(lid), "disk_bytes": lay.disk_bytes,
+                "array": lay.array, "rows": lay.rows, "bytes": lay.rows * spec.stored_row_bytes,
+                "disk_bytes": lay.disk_bytes,
                 "chunks": lay.n_chunks, "chunk_rows": lay.chunk_rows,
                 "checksums": len([c for c in lay.checksums if c]), "scales": None,
                 "table_sizes": list(spec.table_sizes(lid)),
@@ -70,16 +72,19 @@ def cmd_inspect(args: argparse.Namespace) -> Output:
                    "compression": {"vocab_size": table.compression.vocab_size,
                                    "compressed_vocab_size": table.compression.compressed_vocab_size,
                                    "fingerprint": table.compression.fingerprint},
-                   "bytes": spec.total_bytes, "disk_bytes": sum(e["disk_bytes"] for e in layers.values()),
-                   "layers": layers}
+                   "bytes": sum(e["bytes"] for e in layers.values()),
+                   "disk_bytes": sum(e["disk_bytes"] for e in layers.values()), "layers": layers,
+                   "shard": None if table.shard is None else table.shard.to_dict()}
     lines = [f"{args.path}: engram table, format version {payload['format_version']}",
              f"  {encoding_text(spec)}",
              f"  N={spec.max_ngram_size}, K={spec.n_head_per_ngram} ({spec.heads_per_layer} heads/layer, "
              f"E={spec.embed_dim}); hash {spec.hash}, seed {spec.seed}, pad_id {spec.pad_id}",
              f"  compression: {table.compression.vocab_size:,} raw ids -> "
              f"{table.compression.compressed_vocab_size:,} (fingerprint {table.compression.fingerprint})",
-             f"  {human_bytes(spec.total_bytes)} of rows in {len(layers)} layer(s), "
+             f"  {human_bytes(payload['bytes'])} of rows in {len(layers)} layer(s), "
              f"{human_bytes(payload['disk_bytes'])} on disk"]
+    if table.shard is not None:
+        lines.append(f"  {part_text(table.shard)} (of a sharded table: look it up with engram.distributed)")
     for lid, e in layers.items():
         lines.append(f"  layer {lid}: {fmt_int(e['rows'])} rows, {human_bytes(e['bytes'])} "
                      f"({human_bytes(e['disk_bytes'])} on disk), {e['chunks']} chunk(s) of "
@@ -125,8 +130,14 @@ def cmd_verify(args: argparse.Namespace) -> Output:
 
 # -- engram bench -------------------------------------------------------------------------------
 def cmd_bench(args: argparse.Namespace) -> Output:
+    from ..errors import InputError
+    from ..metadata import read_metadata
     from .bench import bench_table
 
+    part = read_metadata(args.path).shard
+    if part is not None:
+        raise InputError(f"{args.path!r} is {part} of a sharded table, which is looked up only with the other parts: "
+                         "measure the whole table, or the sharded lookup with tools/bench_sharded.py")
     r = bench_table(args.path, tiers=args.tier, batch=args.batch, seq=args.seq, layer_id=args.layer,
                     repeats=args.repeats, cold=args.cold)
     w = r["workload"]

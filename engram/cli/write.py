@@ -33,12 +33,14 @@ def cmd_build(args: argparse.Namespace) -> Output:
     comp = load_compression(args)
     spec = load_build_spec(args, comp)
     check_build_args(args, spec, comp)
-    plan = layer_plan(spec, args.chunk_rows)
+    plan = layer_plan(spec, args.chunk_rows, args.shard)
     needed, free = sum(p["disk_bytes"] for p in plan.values()), free_bytes(args.path)
     payload: dict[str, Any] = {"path": args.path, "spec": spec.to_dict(), "encoding": encoding(spec),
-                               "layers": plan, "bytes": spec.total_bytes, "disk_bytes": needed, "free_bytes": free,
-                               "dry_run": args.dry_run}
-    head = [f"{'would build' if args.dry_run else 'built'} {args.path}: {encoding_text(spec)}, "
+                               "layers": plan, "bytes": sum(p["bytes"] for p in plan.values()), "disk_bytes": needed,
+                               "free_bytes": free, "dry_run": args.dry_run,
+                               "shard": None if args.shard is None else list(args.shard)}
+    part = "" if args.shard is None else f" (part {args.shard[0]} of {args.shard[1]})"
+    head = [f"{'would build' if args.dry_run else 'built'} {args.path}{part}: {encoding_text(spec)}, "
             f"{spec.heads_per_layer} heads per layer, {spec.hash} hash"]
     head += plan_text(plan)
     head.append(f"  disk: {human_bytes(needed)} needed, {human_bytes(free)} free")
@@ -51,7 +53,7 @@ def cmd_build(args: argparse.Namespace) -> Output:
     start = time.perf_counter()
     table = build_table(args.path, spec, comp, init=args.init, std=args.std, seed=args.seed,
                         overwrite=args.overwrite, chunk_rows=args.chunk_rows,
-                        progress=None if not args.json else False)
+                        progress=None if not args.json else False, shard=args.shard)
     table.close()
     payload["seconds"] = time.perf_counter() - start
     head.append(f"  written in {payload['seconds']:.1f} s")
@@ -101,9 +103,11 @@ def _rel_error(e: float | None) -> str:
 def _convert_plan(args: argparse.Namespace) -> tuple[dict[str, Any], TableSpec, TableSpec]:
     """What converting would write, per layer: bytes before and after (scales included), chunk files."""
     from ..build import plan_layout
+    from ..conversion import check_whole_source
     from ..opening import open as open_table
 
     with open_table(args.src) as table:
+        check_whole_source(table)
         source = table.spec
         spec = with_encoding(source, args.dtype, args.scale_block)
         after = plan_layout(spec)

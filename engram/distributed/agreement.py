@@ -1,0 +1,91 @@
+"""The open-time check that the parts opened on every rank form one table.
+
+Every rank opens its own part, then all ranks exchange what they opened (one all_gather_object)
+and run the same check on the same list, so a mismatch raises the same typed error on every rank
+at once: nothing waits on a rank that already gave up. A rank that cannot open its part at all
+still takes part in the exchange (with its error), and every rank raises that error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable
+from typing import Any
+
+import torch.distributed as dist
+
+from .. import errors
+from ..errors import EngramError, ShardMismatchError
+from ..shards import ShardRange, check_ranges
+from ..spec import TableSpec
+
+__all__ = ["agree"]
+
+
+def agree(group: dist.ProcessGroup | None, describe: Callable[[], dict[str, Any]]) -> list[ShardRange]:
+    """Run `describe()` on this rank (it opens the part), gather every rank's answer, check them.
+
+    `describe` returns {"path", "spec" (dict), "compression" (fingerprint), "shard" (dict or None)}.
+
+    Returns:
+        The ShardRange of every rank, by group rank.
+
+    Raises:
+        ShardMismatchError: the parts do not form one table (other specs or compressions, other
+            part counts, rows in no part or in two); the same message on every rank.
+        The error a rank met opening its part (same type, e.g. TableNotFoundError), on every rank.
+    """
+    try:
+        mine: dict[str, Any] = describe()
+    except (EngramError, OSError) as exc:
+        mine = {"error": (type(exc).__name__, str(exc))}
+    world = dist.get_world_size(group)
+    seen: list[Any] = [None] * world
+    dist.all_gather_object(seen, mine, group=group)
+    for rank, d in enumerate(seen):
+        if "error" in d:
+            name, message = d["error"]
+            kind = getattr(errors, name, None)
+            kind = kind if isinstance(kind, type) and issubclass(kind, EngramError) else ShardMismatchError
+            raise kind(f"rank {rank} could not open its part of the sharded table: {message}")
+    return _check(seen, world)
+
+
+def _check(seen: list[dict[str, Any]], world: int) -> list[ShardRange]:
+    first = seen[0]
+    spec = TableSpec.from_dict(first["spec"])
+    for rank, d in enumerate(seen[1:], start=1):
+        if d["spec"] != first["spec"]:
+            other = TableSpec.from_dict(d["spec"])
+            fields = ", ".join(f"{f.name}={getattr(other, f.name)!r} (rank 0: {getattr(spec, f.name)!r})"
+                               for f in dataclasses.fields(spec) if getattr(other, f.name) != getattr(spec, f.name))
+            raise ShardMismatchError(
+                f"rank {rank}'s part {os.fspath(d['path'])!r} was built for another spec than rank 0's: {fields}: "
+                "open parts of one table (engram shard, or engram build --shard with one spec)")
+        if d["compression"] != first["compression"]:
+            raise ShardMismatchError(
+                f"rank {rank}'s part {os.fspath(d['path'])!r} was built with another compression than rank 0's "
+                f"(fingerprint {d['compression']!r}, rank 0: {first['compression']!r}): open parts of one table")
+    parts = []
+    for rank, d in enumerate(seen):
+        if d["shard"] is None:
+            if world == 1:            # a whole table is the one part of a group of one
+                parts.append(ShardRange(0, 1, {lid: (0, spec.rows(lid)) for lid in spec.layer_ids}))
+                continue
+            raise ShardMismatchError(
+                f"rank {rank} opened {os.fspath(d['path'])!r}, a whole table, in a group of {world} ranks: give "
+                f"each rank its part (engram shard SRC PREFIX --parts {world})")
+        part = ShardRange.from_dict(d["shard"], spec)
+        if part.parts != world:
+            raise ShardMismatchError(
+                f"rank {rank} opened {os.fspath(d['path'])!r}, {part}, in a group of {world} ranks: split the "
+                f"table into {world} parts (engram shard SRC PREFIX --parts {world}), one per rank")
+        parts.append(part)
+    problem = check_ranges(spec, parts)
+    if problem is not None:
+        held = "; ".join(f"rank {r}: {os.fspath(d['path'])!r} ({p})"
+                         for r, (d, p) in enumerate(zip(seen, parts, strict=True)))
+        raise ShardMismatchError(f"the parts opened do not cover every row once: {problem}. Opened: {held}: "
+                                 "give each rank a different part of one split")
+    return parts

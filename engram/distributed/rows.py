@@ -1,0 +1,240 @@
+"""ShardedRows: trainable table rows sharded over the ranks of a group, with their owners' Adam.
+
+    rows = engram.distributed.ShardedRows(f"table-{rank}-of-{world}", lr=5 * lr)
+    mem = engram.EngramMemory(rows.spec, rows.compression, layer_id=1, hidden_size=C, table=rows)
+    loss = model(...); loss.backward()      # row gradients travel to the ranks that hold the rows
+    rows.step(); rows.zero_grad()           # each owner updates the rows touched, and only those
+
+Each rank keeps its part's rows in float32 memory with their Adam moments. A lookup is the
+sharded lookup of `ShardedTable` (ids to owners, rows back, `engram.distributed.exchange`) and
+is differentiable: backward sums each distinct row's gradient on the requesting rank, sends it to
+the row's owner over the same routes, and the owner adds up what every rank sent. `step()`
+then applies the paper's optimizer to the rows touched since the last step, lazily, exactly as
+`torch.optim.SparseAdam` does (moments of untouched rows stay as they are; the step count, and
+so the bias correction, advances once per step of each layer that had a backward), at the rows'
+learning rate and without weight decay.
+
+The rows are neither parameters nor buffers of any module: DDP must not broadcast or average
+them (each rank holds different rows), and the model's optimizer must not see them. A row's
+gradient is summed over the ranks that used it (the gradient of the sum of the ranks' losses;
+DDP averages dense gradients instead, a factor Adam ignores but for its eps). Save them
+with `save` (every rank its part, atomically); `ShardedRows.load` reads a save made with any
+number of ranks.
+"""
+
+from __future__ import annotations
+
+import datetime
+import math
+import os
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from ..args import check_real, is_real
+from ..compression import Compression
+from ..errors import EngramError, InputError
+from ..hashing import NgramHasher
+from ..opening import open as open_table
+from ..shards import ShardRange
+from ..spec import TableSpec
+from .agreement import agree
+from .exchange import OP_GRAD, OP_LOOKUP, Routed, RowExchange
+from .table import compressed_ids, new_group
+
+__all__ = ["ShardedRows"]
+
+
+class ShardedRows:
+    """This rank's part of a table's rows, trainable; every rank looks up and steps together.
+
+    Args:
+        path: this rank's part of a table (`engram shard`, `engram build --shard`): its rows,
+            read as float32, are the starting rows.
+        group: the process group whose ranks hold the parts (None: every rank, over a new group).
+        lr: the rows' learning rate (the paper: 5x the model's base rate, `engram.param_groups`).
+        betas, eps: Adam's, as `torch.optim.SparseAdam`.
+        wire_dedup, timeout: as `ShardedTable`'s (`wire_dedup`: each distinct row of a lookup,
+            and its summed gradient, travels once).
+
+    Raises:
+        ShardMismatchError: the parts opened on the ranks are not the parts of one table (on every rank).
+    """
+
+    def __init__(self, path: str | os.PathLike[str], group: dist.ProcessGroup | None = None, *, lr: float,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, wire_dedup: bool = False,
+                 timeout: datetime.timedelta | None = None) -> None:
+        group = new_group(group, timeout)
+        opened: list[Any] = []
+
+        def describe() -> dict[str, Any]:
+            table = open_table(path)
+            opened.append(table)
+            return {"path": os.fspath(path), "spec": table.spec.to_dict(), "compression": table.compression.fingerprint,
+                    "shard": None if table.shard is None else table.shard.to_dict()}
+
+        try:
+            parts = agree(group, describe)
+            table = opened[0]
+            part = parts[dist.get_rank(group)]
+            rows = {lid: table.rows(lid, np.arange(*part.ranges[lid]), dtype=torch.float32) for lid in part.ranges}
+            self._setup(group, parts, table.spec, table.compression, rows, wire_dedup)
+        finally:
+            for t in opened:
+                t.close()
+        self.set_optimizer(lr=lr, betas=betas, eps=eps)
+
+    @classmethod
+    def from_state(cls, group: dist.ProcessGroup, parts: list[ShardRange], spec: TableSpec, comp: Compression,
+                   rows: dict[int, torch.Tensor], wire_dedup: bool = False) -> ShardedRows:
+        """A ShardedRows of given rows (used by `load`); optimizer settings are set by the caller."""
+        self = cls.__new__(cls)
+        self._setup(group, parts, spec, comp, rows, wire_dedup)
+        return self
+
+    def _setup(self, group: dist.ProcessGroup, parts: list[ShardRange], spec: TableSpec, comp: Compression,
+               rows: dict[int, torch.Tensor], wire_dedup: bool) -> None:
+        self.group, self.parts, self.spec, self.compression = group, parts, spec, comp
+        self.local = {lid: r.requires_grad_(True) for lid, r in rows.items()}   # {layer: float32 [n_local, D]}
+        self.exp_avg = {lid: torch.zeros_like(r) for lid, r in rows.items()}
+        self.exp_avg_sq = {lid: torch.zeros_like(r) for lid, r in rows.items()}
+        self.steps = dict.fromkeys(rows, 0)
+        self._exchange = RowExchange(group, parts, wire_dedup)
+        self._hasher = NgramHasher(spec, comp)
+        self._offsets = {lid: np.asarray(spec.head_offsets(lid), np.int64) for lid in spec.layer_ids}
+        self._grads: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {lid: [] for lid in rows}
+        self._touched: set[int] = set()
+
+    def set_optimizer(self, *, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
+        """Set the rows' Adam settings (e.g. from a learning-rate schedule between steps)."""
+        check_real("lr", lr, 0.0)
+        if not (isinstance(betas, tuple) and len(betas) == 2 and all(is_real(b) and 0.0 <= b < 1.0 for b in betas)):
+            raise InputError(f"betas={betas!r} is invalid: expected two floats in [0, 1)")
+        if not is_real(eps) or not eps > 0:
+            raise InputError(f"eps={eps!r} is invalid: expected a float > 0")
+        self.lr, self.betas, self.eps = float(lr), (float(betas[0]), float(betas[1])), float(eps)
+
+    @property
+    def shard(self) -> ShardRange:
+        """The rows this rank holds."""
+        return self.parts[self._exchange.rank]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.float32
+
+    def wire_stats(self) -> dict[str, int]:
+        """What this rank's exchanges moved (see `ShardedTable.wire_stats`)."""
+        return self._exchange.counter.snapshot()
+
+    def __repr__(self) -> str:
+        return f"ShardedRows(rank={self._exchange.rank} of {self._exchange.world}, {self.shard})"
+
+    # -- lookup and backward ----------------------------------------------------------------
+    def lookup(self, token_ids: Any, layer_id: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The rows `token_ids` [B, T] address in one layer, [B, T, E], differentiable; every rank
+        calls together (its backward, too, runs on every rank together)."""
+        problem: Exception | None = None
+        try:
+            x = compressed_ids(token_ids, self.compression)
+            layer_id = self.spec.check_layer(layer_id)
+            if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+                raise InputError(f"dtype={dtype!r} is invalid: expected a floating-point torch.dtype or None")
+        except EngramError as exc:
+            problem = exc
+        if problem is not None:
+            self._exchange.refuse(OP_LOOKUP)
+            raise problem
+        B, T = x.shape
+        rows = self._hasher.hash_compressed(x, layer_id) + self._offsets[layer_id]     # [B, T, H] global rows
+        lead = self.local[layer_id]                       # carries requires_grad for the autograd Function
+        out = _Lookup.apply(lead, self, layer_id, rows.reshape(-1))                     # [B*T*H, D]
+        out = out.view(B, T, self.spec.embed_dim)                                       # [B, T, E]
+        return out if dtype is None or dtype == out.dtype else out.to(dtype)
+
+    def _forward(self, layer_id: int, rows: np.ndarray) -> tuple[torch.Tensor, Routed]:
+        routed = self._exchange.route(layer_id, rows, torch.float32, OP_LOOKUP)
+        local = self.local[layer_id]
+        uniq = self._exchange.answer(routed, lambda idx: local[torch.from_numpy(idx)])   # [u, D]
+        return (uniq if routed.inverse is None else uniq[routed.inverse]), routed           # [n, D]
+
+    def _backward(self, layer_id: int, routed: Routed, grad: torch.Tensor) -> None:
+        """Sum the gradient [n, D] per distinct row, send each to its owner, keep what arrives."""
+        grad = grad.to(torch.float32)
+        if routed.inverse is None:                                                       # sent as requested
+            summed = grad
+        else:
+            summed = torch.zeros((routed.uniq.size, grad.shape[1]), dtype=torch.float32)
+            summed.index_add_(0, routed.inverse, grad)                                   # [u, D]
+        again = self._exchange.headers(routed.send_counts, layer_id, torch.float32, OP_GRAD)
+        if again != routed.recv_counts:
+            raise RuntimeError(f"layer {layer_id}: the backward exchange does not match its lookup")
+        arrived = self._exchange.send_bytes(summed, routed.send_counts, routed.recv_counts)   # [m, D]
+        self._grads[layer_id].append((torch.from_numpy(routed.recv_local), arrived))
+        self._touched.add(layer_id)
+
+    # -- optimizer --------------------------------------------------------------------------
+    def zero_grad(self) -> None:
+        """Drop the gradients gathered since the last step."""
+        for pending in self._grads.values():
+            pending.clear()
+        self._touched.clear()
+
+    @torch.no_grad()
+    def step(self) -> None:
+        """Adam on the rows touched since the last step, as torch.optim.SparseAdam (see module doc)."""
+        beta1, beta2 = self.betas
+        for layer_id in sorted(self._touched):
+            self.steps[layer_id] += 1
+            pending = self._grads[layer_id]
+            if not pending:
+                continue
+            idx = torch.cat([i for i, _ in pending])
+            grads = torch.cat([g for _, g in pending])
+            rows, inverse = torch.unique(idx, sorted=True, return_inverse=True)
+            grad = torch.zeros((rows.numel(), grads.shape[1]), dtype=torch.float32)
+            grad.index_add_(0, inverse, grads)                                # one summed gradient per row
+            param, m, v = self.local[layer_id], self.exp_avg[layer_id], self.exp_avg_sq[layer_id]
+            old_m, old_v = m[rows], v[rows]
+            m_update = grad.sub(old_m).mul_(1 - beta1)
+            m[rows] = old_m + m_update
+            v_update = grad.pow(2).sub_(old_v).mul_(1 - beta2)
+            v[rows] = old_v + v_update
+            numer = m_update.add_(old_m)
+            denom = v_update.add_(old_v).sqrt_().add_(self.eps)
+            step = self.steps[layer_id]
+            step_size = self.lr * math.sqrt(1 - beta2**step) / (1 - beta1**step)
+            param[rows] = param[rows] + (-step_size * numer.div_(denom))
+        self.zero_grad()
+
+    # -- save and load ----------------------------------------------------------------------
+    def save(self, prefix: str | os.PathLike[str]) -> str:
+        """Write this rank's rows and optimizer state (every rank calls; see `engram.distributed.state`)."""
+        from .state import save_rows
+
+        return save_rows(self, prefix)
+
+    @classmethod
+    def load(cls, prefix: str | os.PathLike[str], group: dist.ProcessGroup | None = None, *,
+             wire_dedup: bool = False, timeout: datetime.timedelta | None = None) -> ShardedRows:
+        """Rows and optimizer state saved by `save` with any number of ranks, split for this group."""
+        from .state import load_rows
+
+        return load_rows(prefix, new_group(group, timeout), wire_dedup)
+
+
+class _Lookup(torch.autograd.Function):
+    """Rows of the sharded table [n, D]; the gradient goes to the rows' owners (none to `lead`)."""
+
+    @staticmethod
+    def forward(ctx: Any, lead: torch.Tensor, owner: ShardedRows, layer_id: int, rows: np.ndarray) -> torch.Tensor:
+        out, routed = owner._forward(layer_id, rows)
+        ctx.owner, ctx.layer_id, ctx.routed = owner, layer_id, routed
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[None, None, None, None]:
+        ctx.owner._backward(ctx.layer_id, ctx.routed, grad.contiguous())
+        return None, None, None, None
