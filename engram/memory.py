@@ -21,24 +21,23 @@ where rms normalizes without a weight and q_g, k'_g are the learned `q_weight`, 
 from __future__ import annotations
 
 import math
-import os
 from typing import Any, ClassVar, Self
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .args import check_int, check_real
 from .compression import Compression
-from .errors import InputError, SpecMismatchError
+from .errors import InputError
 from .hashing import NgramHasher
+from .layer_inputs import check_layer_inputs, check_table, prefetched_rows, table_path
 from .module_cache import EngramCache, check_prefetch_context, check_step, commit, new_cache
 from .norm import BranchRMSNorm
 from .prefetch import Prefetch
 from .shortconv import ShortConv
 from .spec import TableSpec
-from .tensors import check_ids_2d, is_torch, to_numpy_ids
+from .tensors import to_numpy_ids
 
 __all__ = ["EngramMemoryBase", "EngramMemory", "signed_sqrt_gate"]
 
@@ -99,7 +98,7 @@ class EngramMemoryBase(nn.Module):
         self.init_std = float(init_std)
         self.spec, self.comp, self.table = spec, comp, table
         if table is not None:
-            _check_table(table, spec, comp, type(self).__name__)
+            check_table(table, spec, comp, type(self).__name__)
         if table is None:
             self.rows = nn.Parameter(torch.empty(spec.rows(self.layer_id), spec.head_dim))
         else:
@@ -129,6 +128,16 @@ class EngramMemoryBase(nn.Module):
         raise NotImplementedError
 
     @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype the module computes in (its projection weight's): rows and hidden states arrive in it."""
+        return self._weight.dtype
+
+    @property
+    def compute_device(self) -> torch.device:
+        """The device the module's parameters are on."""
+        return self._weight.device
+
+    @property
     def embed_dim(self) -> int:
         """E: width of one position's concatenated rows."""
         return self.spec.embed_dim
@@ -147,12 +156,18 @@ class EngramMemoryBase(nn.Module):
         (`handle.result(layer_id)`). The result is on `device` (default: the module's) in the
         module's dtype. With a `cache` the ids continue its history; `mask` and `doc_start` as for table.lookup.
         """
-        dtype = self._weight.dtype
-        device = self._weight.device if device is None else device
+        rows = prefetched_rows(self, token_ids) if isinstance(token_ids, Prefetch) else None
+        return self.gather_rows(token_ids, rows, self.compute_device if device is None else device,
+                                cache, mask, doc_start)
+
+    def gather_rows(self, token_ids: Any, prefetched: torch.Tensor | None, device: torch.device | str,
+              cache: EngramCache | None, mask: Any, doc_start: Any) -> torch.Tensor:
+        """lookup without its argument checks, as forward calls it: `prefetched` holds a handle's rows, else None."""
+        dtype = self.compute_dtype
         history = None if cache is None else cache.history
-        if isinstance(token_ids, Prefetch):
+        if prefetched is not None:
             check_prefetch_context(token_ids, history, mask, type(self).__name__)
-            return self._prefetched(token_ids).to(device=device, dtype=dtype)
+            return prefetched.to(device=device, dtype=dtype)
         context = {k: v for k, v in (("history", history), ("mask", mask), ("doc_start", doc_start)) if v is not None}
         if self.table is not None:
             return self.table.lookup(token_ids, self.layer_id, dtype=dtype, **context).to(device)
@@ -160,88 +175,6 @@ class EngramMemoryBase(nn.Module):
         idx = self.hasher.global_rows(to_numpy_ids(token_ids), self.layer_id, **context)   # [B, T, H] rows of `rows`
         idx = torch.from_numpy(idx).to(self.rows.device)
         return F.embedding(idx, self.rows).flatten(2).to(device=device, dtype=dtype)   # [B, T, H*D]
-
-    def _prefetched(self, handle: Prefetch) -> torch.Tensor:
-        """This layer's rows [B, T, E] from a prefetch of this module's table."""
-        name = type(self).__name__
-        if self.table is None:
-            raise InputError(
-                f"this {name} keeps its rows in the module (table=None), so a prefetch handle cannot "
-                "supply them (table rows get no gradient): pass token_ids, or build the module with table=")
-        theirs, ours = handle.table_path, _table_path(self.table)
-        if theirs is not None and ours is not None and os.path.realpath(theirs) != os.path.realpath(ours):
-            raise InputError(
-                f"the prefetch handle holds rows of the table at {os.fspath(theirs)!r} but this {name} reads "
-                f"{ours!r}: prefetch from the table this module reads (mem.table.prefetch(token_ids))")
-        if self.layer_id not in handle.layer_ids:
-            raise InputError(
-                f"the prefetch handle holds layers {handle.layer_ids} but this {name} reads layer "
-                f"{self.layer_id}: pass layer_ids=None (all layers) or include {self.layer_id} in table.prefetch")
-        rows = handle.result(self.layer_id)
-        lossless = (self._weight.dtype, self.table.dtype)          # the module's dtype, or the rows as stored
-        if rows.dtype not in lossless:
-            raise InputError(
-                f"the prefetched rows are {rows.dtype} but this {name} computes in {self._weight.dtype} and the "
-                f"table stores {self.table.dtype}: prefetch with dtype={self._weight.dtype} (or the default)")
-        if rows.ndim != 3 or rows.shape[-1] != self.embed_dim:
-            raise InputError(
-                f"the prefetched rows have shape {tuple(rows.shape)}, expected [B, T, {self.embed_dim}]: "
-                "prefetch from the table this module reads (mem.table.prefetch(token_ids))")
-        return rows
-
-    def _check_inputs(self, hidden_states: Any, token_ids: Any) -> tuple[int, int, int, int]:
-        """Raise InputError unless forward's arguments fit this module; return (B, T, G, C)."""
-        name = type(self).__name__
-        if not isinstance(hidden_states, torch.Tensor) or not hidden_states.is_floating_point():
-            is_tensor = isinstance(hidden_states, torch.Tensor)
-            got = hidden_states.dtype if is_tensor else type(hidden_states).__name__
-            raise InputError(f"hidden_states must be a floating-point torch.Tensor, got {got}: "
-                             "pass the model's hidden states")
-        shape = tuple(hidden_states.shape)
-        if len(shape) != 4:
-            raise InputError(
-                f"hidden_states must be shaped [B, T, G, C] (batch, positions, hc_mult, hidden_size), "
-                f"got shape {shape}: for a dense model (hc_mult=1) pass hidden.unsqueeze(2)")
-        B, T, G, C = shape
-        if (G, C) != (self.hc_mult, self.hidden_size):
-            raise InputError(
-                f"hidden_states has shape {shape} (hc_mult G={G}, hidden_size C={C}) but this "
-                f"{name} has hc_mult={self.hc_mult}, hidden_size={self.hidden_size}: pass "
-                f"hidden states shaped [B, T, {self.hc_mult}, {self.hidden_size}] or build the module "
-                f"with hc_mult={G}, hidden_size={C}")
-        if T == 0:
-            raise InputError(f"hidden_states has shape {shape}, with no positions (T=0): pass at least one position")
-        dtype = self._weight.dtype
-        if hidden_states.dtype != dtype and not torch.is_autocast_enabled(hidden_states.device.type):
-            raise InputError(
-                f"hidden_states has dtype {hidden_states.dtype} but this {name} computes in {dtype}: pass "
-                f"hidden_states.to({dtype}), convert the module with mem.to({hidden_states.dtype}), "
-                "or run under torch.autocast")
-        param_device = self._weight.device
-        if hidden_states.device != param_device:
-            raise InputError(
-                f"hidden_states is on device {hidden_states.device} but this {name} is on "
-                f"{param_device}: move the module with mem.to({str(hidden_states.device)!r})")
-        if isinstance(token_ids, Prefetch):
-            rows_shape = tuple(self._prefetched(token_ids).shape)
-            if rows_shape[:2] != (B, T):
-                raise InputError(
-                    f"the prefetched rows have [B, T] = {rows_shape[:2]} but hidden_states has {(B, T)}: "
-                    "prefetch the token ids of the same batch and positions as the hidden states")
-            return B, T, G, C
-        if is_torch(token_ids) and token_ids.device.type != "cpu" and token_ids.device != param_device:
-            raise InputError(
-                f"token_ids is on device {token_ids.device} but hidden_states is on "
-                f"{hidden_states.device}: pass the ids on {hidden_states.device} or on the CPU "
-                "(hashing runs on the host)")
-        if not hasattr(token_ids, "shape"):
-            token_ids = np.asarray(token_ids)
-        check_ids_2d(token_ids)
-        if tuple(token_ids.shape) != (B, T):
-            raise InputError(
-                f"token_ids has shape {tuple(token_ids.shape)} but hidden_states has [B, T] = {(B, T)}: "
-                "pass the token ids of the same batch and positions as the hidden states")
-        return B, T, G, C
 
     def export_rows(self) -> torch.Tensor:
         """A CPU copy of the trained rows [spec.rows(layer_id), D], ready for build_table.
@@ -251,12 +184,12 @@ class EngramMemoryBase(nn.Module):
         """
         if self.rows is None:
             raise InputError(
-                f"this {type(self).__name__} reads its rows from the table at {_table_path(self.table)!r}: "
+                f"this {type(self).__name__} reads its rows from the table at {table_path(self.table)!r}: "
                 "there are no in-module rows to export; copy the table instead")
         return self.rows.detach().to("cpu", copy=True)
 
     def extra_repr(self) -> str:
-        rows = f"table={_table_path(self.table)!r}" if self.table is not None else (
+        rows = f"table={table_path(self.table)!r}" if self.table is not None else (
             f"rows={self.spec.rows(self.layer_id)}x{self.spec.head_dim}")
         return (f"layer_id={self.layer_id}, embed_dim={self.embed_dim}, hidden_size={self.hidden_size}, "
                 f"hc_mult={self.hc_mult}, {rows}")
@@ -337,9 +270,9 @@ class EngramMemory(EngramMemoryBase):
         Returns:
             [B, T, G, C]: add it to the residual stream (before the block's attention).
         """
-        B, T, G, C = self._check_inputs(hidden_states, token_ids)
+        (B, T, G, C), prefetched = check_layer_inputs(self, hidden_states, token_ids)
         mask, starts = check_step(cache, mask, doc_start, B, T)       # [B, T] bool or None each
-        e = self.lookup(token_ids, device=hidden_states.device, cache=cache, mask=mask, doc_start=starts)   # [B,T,E]
+        e = self.gather_rows(token_ids, prefetched, hidden_states.device, cache, mask, starts)   # [B, T, E]
         k = self.key_norm(self.key_proj(e).view(B, T, G, C))           # [B, T, G, C] key per branch
         q = self.query_norm(hidden_states)                             # [B, T, G, C]
         gate = signed_sqrt_gate(q, k)                                  # [B, T, G]
@@ -377,26 +310,3 @@ class EngramMemory(EngramMemoryBase):
 def _positive_int(name: str, value: Any) -> int:
     check_int(name, value, 1)
     return int(value)
-
-
-def _table_path(table: Any) -> str | None:
-    path = getattr(table, "path", None)
-    return None if path is None else os.fspath(path)
-
-
-def _check_table(table: Any, spec: TableSpec, comp: Compression, owner: str) -> None:
-    """Raise unless `table` was built for `spec` (its row encoding aside) and `comp`."""
-    if not (hasattr(table, "lookup") and isinstance(getattr(table, "spec", None), TableSpec)):
-        raise InputError(f"table={table!r} is not an engram table: pass engram.open(path) or None")
-    path = _table_path(table)
-    differ = table.spec.row_fields_differ(spec)
-    if differ:
-        fields = ", ".join(f"{n}={getattr(table.spec, n)!r} (module: {getattr(spec, n)!r})" for n in differ)
-        raise SpecMismatchError(
-            f"table at {path!r} was built for another spec: {fields}: build the module with "
-            f"spec=table.spec ({owner}.from_table) or open the table built for this spec")
-    if table.compression != comp:
-        raise SpecMismatchError(
-            f"table at {path!r} was built with another compression (fingerprint "
-            f"{table.compression.fingerprint!r}, module: {comp.fingerprint!r}): build the module with "
-            f"comp=table.compression ({owner}.from_table) or open the table built for this tokenizer")

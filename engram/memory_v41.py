@@ -12,6 +12,7 @@ from torch import nn
 from .args import is_real
 from .compression import Compression
 from .errors import InputError, SpecMismatchError
+from .layer_inputs import check_layer_inputs
 from .memory import EngramMemoryBase
 from .module_cache import EngramCache, check_step, commit
 from .spec import TableSpec
@@ -190,9 +191,9 @@ class EngramMemoryV41(EngramMemoryBase):
         Arguments (`cache` from `new_cache`, `mask`, `doc_start`) and result as EngramMemory.forward: add the
         [B, T, G, C] result to the residual.
         """
-        B, T, G, C = self._check_inputs(hidden_states, token_ids)
+        (B, T, G, C), prefetched = check_layer_inputs(self, hidden_states, token_ids)
         mask, starts = check_step(cache, mask, doc_start, B, T)       # [B, T] bool or None each
-        e = self.lookup(token_ids, device=hidden_states.device, cache=cache, mask=mask, doc_start=starts)   # [B,T,E]
+        e = self.gather_rows(token_ids, prefetched, hidden_states.device, cache, mask, starts)   # [B, T, E]
         kv = self.wkv(e).view(B, T, G + 1, C)                          # [B, T, G+1, C]: G keys, value
         k, v = kv[:, :, :G], kv[:, :, G]                               # [B, T, G, C], [B, T, C]
         acc = torch.promote_types(kv.dtype, torch.float32)             # the gate in float32 (float64 stays)

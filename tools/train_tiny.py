@@ -70,12 +70,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 class LookupTimer:
-    """Wraps each EngramMemory's lookup (and its hasher) to add up the seconds spent in them."""
+    """Wraps each EngramMemory's gather_rows (which forward calls) and its hasher to add up their seconds."""
 
     def __init__(self, model: TinyLM) -> None:
         self.lookup_s = self.hash_s = 0.0
         for mem in model.engram_modules():
-            mem.lookup = self._timed(mem.lookup, "lookup_s")
+            mem.gather_rows = self._timed(mem.gather_rows, "lookup_s")
             mem.hasher.hash = self._timed(mem.hasher.hash, "hash_s")
 
     def _timed(self, fn: Any, counter: str) -> Any:
