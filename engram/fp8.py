@@ -137,7 +137,8 @@ COMPILED = _NUMBA is not None      # whether the compiled loop is available (num
 def _build_kernels() -> tuple[Any, Any] | None:
     """The compiled decodes of [R, D] codes and [R, D // block] scales into float32 bits (uint32)
     and into bfloat16 bits (uint16); None without numba. Two plain functions (no closures), so
-    numba's on-disk cache keys each by its own code."""
+    numba's on-disk cache keys each by its own code. The block loop is written out in both: a shared
+    jitted helper measured slower (0.6-0.9 against 0.5 ns per value), inlined or not."""
     if _NUMBA is None:
         return None
     jit = _NUMBA.njit(nogil=True, cache=True, boundscheck=False)

@@ -24,8 +24,6 @@ import argparse
 import json
 import shutil
 import tempfile
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -33,18 +31,9 @@ import torch
 
 import engram
 from engram import quant
+from engram.cli.bench import best_time
 
 DTYPES = ("float32", "bfloat16", "int8", "float8_e4m3")
-
-
-def best_time(fn: Callable[[], object], repeats: int) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
 
 
 def bench_dtype(dtype: str, rows: torch.Tensor, idx: torch.Tensor, block: int, out_dtype: torch.dtype,

@@ -29,7 +29,6 @@ import json
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -39,19 +38,10 @@ from safetensors.torch import save_file
 import engram
 from engram import fp8, quant
 from engram.checkpoint import open_checkpoint
+from engram.cli.bench import best_time
 
 TOKENIZER = Path(__file__).resolve().parents[1] / "engram" / "data" / "bpe_bytelevel_4k.tokenizer.json"
 TIERS = ("ram", "mmap", "direct")
-
-
-def best_time(fn: Callable[[], object], repeats: int) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
 
 
 def open_time(path: Path, repeats: int) -> float:
