@@ -109,6 +109,10 @@ def bench_table(path: str | os.PathLike[str], tiers: Sequence[str] = ("ram", "mm
     torch.set_num_threads(1)
     try:
         with open_table(path, tier="mmap") as table:
+            if table.shard is not None:
+                raise InputError(f"{os.fspath(path)!r} is {table.shard} of a sharded table, which is looked up only "
+                                 "with the other parts: measure the whole table, or the sharded lookup with "
+                                 "tools/bench_sharded.py")
             spec, comp = table.spec, table.compression
             layer_id = spec.layer_ids[0] if layer_id is None else spec.check_layer(layer_id)
             ids = np.random.default_rng(seed).integers(0, comp.vocab_size, (batch, seq))

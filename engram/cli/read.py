@@ -130,14 +130,8 @@ def cmd_verify(args: argparse.Namespace) -> Output:
 
 # -- engram bench -------------------------------------------------------------------------------
 def cmd_bench(args: argparse.Namespace) -> Output:
-    from ..errors import InputError
-    from ..metadata import read_metadata
     from .bench import bench_table
 
-    part = read_metadata(args.path).shard
-    if part is not None:
-        raise InputError(f"{args.path!r} is {part} of a sharded table, which is looked up only with the other parts: "
-                         "measure the whole table, or the sharded lookup with tools/bench_sharded.py")
     r = bench_table(args.path, tiers=args.tier, batch=args.batch, seq=args.seq, layer_id=args.layer,
                     repeats=args.repeats, cold=args.cold)
     w = r["workload"]
