@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .checkpoint_files import INDEX_NAME, SafetensorsFile, TorchFile, expand_path, open_file
+from .checkpoint_files import INDEX_NAME, SCALE_SUFFIXES, SafetensorsFile, TorchFile, expand_path, open_file
 from .dtypes import BLOCK_DTYPE, ROW_DTYPES
 from .errors import InputError, SpecMismatchError
 
@@ -48,7 +48,6 @@ DEFAULT_WEIGHT_PATTERNS = (
     "layers.{layer_id}.engram.multi_head_embedding.embedding.weight",   # reference-module models
 )
 # The scale of an FP8 weight "X.weight": "X.scale" (DeepSeek-V4.1 as released) or "X.weight_scale_inv".
-_SCALE_SUFFIXES = ("scale", "weight_scale_inv")
 # Stored dtype (safetensors name or torch dtype) -> engram row dtype.
 _ROW_DTYPES: dict[Any, str] = {
     **{d.safetensors: name for name, d in ROW_DTYPES.items() if d.safetensors},
@@ -280,7 +279,7 @@ class Checkpoint:
         if self.scale_pattern is not None:
             scale = self.scale_pattern.replace("{layer_id}", str(layer_id))
         elif weight.endswith("weight"):
-            candidates = [weight[: -len("weight")] + suffix for suffix in _SCALE_SUFFIXES]
+            candidates = [weight[: -len("weight")] + suffix for suffix in SCALE_SUFFIXES]
             scale = next((name for name in candidates if name in self._names), candidates[-1])
         else:
             raise InputError(f"float8_e4m3 tensor {weight!r} needs E8M0 scales: pass scale_pattern= "

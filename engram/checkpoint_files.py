@@ -17,9 +17,10 @@ import torch
 
 from .errors import CorruptTableError, InputError, MissingFileError
 
-__all__ = ["INDEX_NAME", "SafetensorsFile", "TorchFile", "open_file", "read_index", "expand_path"]
+__all__ = ["INDEX_NAME", "SCALE_SUFFIXES", "SafetensorsFile", "TorchFile", "open_file", "read_index", "expand_path"]
 
 INDEX_NAME = "model.safetensors.index.json"
+SCALE_SUFFIXES = ("scale", "weight_scale_inv")  # the scale of "X.weight" is "X.scale" (or "X.weight_scale_inv")
 _TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 
 

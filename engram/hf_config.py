@@ -25,13 +25,12 @@ from typing import Any
 from .args import is_int, is_real
 from .dtypes import BLOCK_DTYPE
 from .errors import InputError, MissingFileError, SpecError, SpecMismatchError
-from .spec import TableSpec
+from .spec import DEFAULT_SCALE_BLOCK, TableSpec
 
 __all__ = ["CONFIG_NAME", "read_hf_config", "text_config", "spec_from_hf_config", "model_dims"]
 
 CONFIG_NAME = "config.json"
 PAD_FIELDS = ("engram_pad_token_id", "engram_pad_id")
-SCALE_BLOCK = 32          # values per E8M0 scale of the released rows
 
 
 def read_hf_config(source: str | os.PathLike[str] | Mapping[str, Any]) -> dict[str, Any]:
@@ -107,7 +106,7 @@ def spec_from_hf_config(source: str | os.PathLike[str] | Mapping[str, Any], comp
     spec = TableSpec(engram_vocab_size=bases, max_ngram_size=N, n_head_per_ngram=K, n_embed_per_ngram=K * D,
                      layer_ids=layer_ids, compressed_vocab_size=_int(cfg, "engram_compressed_vocab_size"),
                      pad_id=pad_id(cfg), seed=0, hash="multiplicative-xor", dtype=BLOCK_DTYPE,
-                     scale_block=SCALE_BLOCK)
+                     scale_block=DEFAULT_SCALE_BLOCK)
     rows = _ints(cfg, "engram_num_embeddings")
     if len(rows) != len(layer_ids):
         raise SpecError(f"config field engram_num_embeddings={list(rows)} has {len(rows)} entries but "

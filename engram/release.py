@@ -29,6 +29,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from .checkpoint_files import INDEX_NAME, SCALE_SUFFIXES
 from .compression import Compression
 from .dtypes import BLOCK_DTYPE, ROW_DTYPES
 from .errors import CorruptTableError, MissingFileError
@@ -41,9 +42,7 @@ __all__ = ["ReleaseCheckpoint", "ReleaseLayer", "read_release", "is_release_dir"
            "TOKENIZER_NAME", "INDEX_NAME", "PREFIXES", "SCALE_SUFFIXES"]
 
 TOKENIZER_NAME = "tokenizer.json"
-INDEX_NAME = "model.safetensors.index.json"
 PREFIXES = ("", "model.")                      # as released; Hugging Face conversions
-SCALE_SUFFIXES = ("scale", "weight_scale_inv")  # the scale of "X.weight" is "X.scale" (or "X.weight_scale_inv")
 ROW_DTYPE = ROW_DTYPES[BLOCK_DTYPE].safetensors or ""                # "F8_E4M3"
 SCALE_DTYPES = ROW_DTYPES[BLOCK_DTYPE].scale_safetensors             # E8M0 bytes, typed or as "U8"
 

@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 
 from ..errors import InputError
+from ..gather import unique_inverse
 from ..shards import ShardRange, owners
 
 __all__ = ["RowExchange", "Routed", "WireCounter", "DTYPE_CODES"]
@@ -97,8 +98,7 @@ class RowExchange:
         exchange headers and ids."""
         inverse: torch.Tensor | None = None
         if self.dedup:
-            uniq, inverse = torch.unique(torch.from_numpy(rows), sorted=True, return_inverse=True)
-            uniq_np = uniq.numpy()
+            uniq_np, inverse = unique_inverse(rows)
         else:
             uniq_np = rows
         slot = owners(self._starts[layer_id], uniq_np)               # [u] index into starts

@@ -37,6 +37,7 @@ from ..args import check_real, is_real
 from ..compression import Compression
 from ..errors import EngramError, InputError
 from ..hashing import NgramHasher
+from ..lookup_args import check_dtype
 from ..opening import open as open_table
 from ..shards import ShardRange
 from ..spec import TableSpec
@@ -140,8 +141,7 @@ class ShardedRows:
         try:
             x = compressed_ids(token_ids, self.compression)
             layer_id = self.spec.check_layer(layer_id)
-            if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-                raise InputError(f"dtype={dtype!r} is invalid: expected a floating-point torch.dtype or None")
+            check_dtype(dtype)
         except EngramError as exc:
             problem = exc
         if problem is not None:
