@@ -167,14 +167,7 @@ class Compression:
     # -- mapping ----------------------------------------------------------------------------
     def check_ids(self, token_ids: Any, name: str = "token_ids") -> None:
         """Raise TokenIdError if any id is outside [0, vocab_size)."""
-        if token_ids.numel() if is_torch(token_ids) else token_ids.size:
-            low, high = int(token_ids.min()), int(token_ids.max())
-            if low < 0 or high >= self.vocab_size:
-                bad = low if low < 0 else high
-                raise TokenIdError(
-                    f"{name} holds id {bad}, outside [0, {self.vocab_size}) for this compression: "
-                    "tokenize with the tokenizer the table was built for"
-                )
+        check_id_range(token_ids, self.vocab_size, name)
 
     def __call__(self, token_ids: Any) -> Any:
         """Compressed ids, same kind (numpy/torch), shape and device as `token_ids`, int64."""
@@ -208,3 +201,15 @@ def check_pair(spec: Any, comp: Any, fix: str) -> None:
         raise SpecMismatchError(
             f"compression has compressed_vocab_size={comp.compressed_vocab_size} but "
             f"spec.compressed_vocab_size={spec.compressed_vocab_size}: {fix}")
+
+
+def check_id_range(token_ids: Any, vocab_size: int, name: str = "token_ids") -> None:
+    """Raise TokenIdError if any id of `token_ids` (numpy or torch) is outside [0, vocab_size)."""
+    if token_ids.numel() if is_torch(token_ids) else token_ids.size:
+        low, high = int(token_ids.min()), int(token_ids.max())
+        if low < 0 or high >= vocab_size:
+            bad = low if low < 0 else high
+            raise TokenIdError(
+                f"{name} holds id {bad}, outside [0, {vocab_size}) for this compression: "
+                "tokenize with the tokenizer the table was built for"
+            )

@@ -24,8 +24,8 @@ from typing import Any
 import numpy as np
 
 from .args import check_int, is_int
-from .compression import Compression, check_pair
-from .errors import InputError, SpecMismatchError, TokenIdError
+from .compression import Compression, check_id_range, check_pair
+from .errors import InputError, SpecMismatchError
 from .spec import TableSpec
 from .tensors import check_ids_2d, is_torch, to_numpy_ids
 
@@ -211,10 +211,7 @@ class NgramHistory:
             raise InputError(f"token_ids has shape {tuple(ids.shape)} but the history tracks batch_size="
                              f"{self.batch_size} sequences: pass [{self.batch_size}, T] ids, or reorder() "
                              "the history to the new batch")
-        if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= self.vocab_size):
-            bad = int(ids.min()) if int(ids.min()) < 0 else int(ids.max())
-            raise TokenIdError(f"token_ids holds id {bad}, outside [0, {self.vocab_size}) for this compression: "
-                               "tokenize with the tokenizer the table was built for")
+        check_id_range(ids, self.vocab_size)
         return ids
 
     def _check_rollback(self, n: Any) -> np.ndarray:

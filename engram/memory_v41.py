@@ -165,10 +165,14 @@ class EngramMemoryV41(EngramMemoryBase):
         """
         from .hf_config import model_dims
         from .opening import open as open_table
-        from .release import read_release
+        from .release import is_release_dir, read_release
         from .v41_weights import read_layer_weights
 
-        release = read_release(checkpoint_dir)
+        if table is None and is_release_dir(checkpoint_dir):
+            table = open_table(checkpoint_dir, tier="mmap")      # rows in place; reads the release once
+            release = table.release
+        else:
+            release = read_release(checkpoint_dir)
         layer_id = release.spec.check_layer(layer_id)
         C, G, eps = model_dims(release.config)
         weights = read_layer_weights(release, layer_id, C, G, dtype)
