@@ -93,6 +93,15 @@ def _stale_partials(target: Path) -> Iterator[Path]:
             os.close(fd)
 
 
+def _asides(target: Path) -> Iterator[tuple[Path, Path]]:
+    """(stale partial directory, the table it holds aside) while nothing is at `target`; each
+    partial stays locked until the caller moves on."""
+    for partial in _stale_partials(target):
+        aside = partial / _ASIDE
+        if aside.is_dir() and not os.path.lexists(target):
+            yield partial, aside
+
+
 def restore_aside(target: str | os.PathLike[str]) -> Path | None:
     """Put back a table that a build killed between its two renames left aside; return where it was.
 
@@ -100,12 +109,10 @@ def restore_aside(target: str | os.PathLike[str]) -> Path | None:
     replacing in a stale partial directory as `old`; while nothing is at `target` it is moved back.
     """
     target = Path(target)
-    for partial in _stale_partials(target):
-        aside = partial / _ASIDE
-        if aside.is_dir() and not os.path.lexists(target):
-            os.rename(aside, target)
-            fsync_path(target.parent)
-            return partial
+    for partial, aside in _asides(target):
+        os.rename(aside, target)
+        fsync_path(target.parent)
+        return partial
     return None
 
 
@@ -114,12 +121,7 @@ def aside_table(target: str | os.PathLike[str]) -> Path | None:
 
     Checks that must not change the disk (dry runs) look at it as if it were at `target`.
     """
-    target = Path(target)
-    for partial in _stale_partials(target):
-        aside = partial / _ASIDE
-        if aside.is_dir() and not os.path.lexists(target):
-            return aside
-    return None
+    return next((aside for _, aside in _asides(Path(target))), None)
 
 
 def clean_stale(target: str | os.PathLike[str]) -> list[Path]:
