@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ..buffers import OutputPool
+from ..buffers import OutputPool, Scratch
 from ..compression import Compression
 from ..errors import EngramError, InputError
 from ..gather import KEEP_BUFFER_BYTES
@@ -125,6 +125,7 @@ class ShardedTable:
         self._thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="engram-sharded")
         self._prefetch_stats = StatsCounter()
         self._outputs = OutputPool()
+        self._scratch = Scratch()                   # hash buffers of the exchange thread, reused by shape
         self._closed = False
         self._buffers: dict[str, torch.Tensor] = {}      # reused by the exchange thread only
 
@@ -227,7 +228,9 @@ class ShardedTable:
         want = self.dtype if dtype is None else dtype
         out = {}
         for layer_id in layers:
-            rows = self._hasher.hash_compressed(x, layer_id) + self._offsets[layer_id]   # [B, T, H] global rows
+            heads_buf, rows = self._scratch.get(H, B, T)
+            np.add(self._hasher.hash_compressed(x, layer_id, out=heads_buf), self._offsets[layer_id],
+                   out=rows)                                                      # [B, T, H] global rows
             routed = self._exchange.route(layer_id, rows.reshape(-1), gathered, OP_LOOKUP)
             result = self._outputs.take((B, T, H * D), gathered)
             serve = lambda local, i=layer_id: self._serve(i, local, gathered)            # noqa: E731
