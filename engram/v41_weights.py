@@ -31,14 +31,14 @@ def read_tensor(directory: str | os.PathLike[str], t: TensorRange) -> torch.Tens
         raise CorruptTableError(f"tensor {t.name!r} in {t.file!r} has dtype {t.dtype}: expected one of "
                                 f"{sorted(_TORCH)}")
     path = os.path.join(directory, t.file)
+    buf = np.empty(t.nbytes, np.uint8)                   # read once, straight into the tensor's memory
     with open(path, "rb") as f:
         f.seek(t.offset)
-        data = f.read(t.nbytes)
-    if len(data) != t.nbytes:
+        got = f.readinto(buf.data)
+    if got != t.nbytes:
         raise CorruptTableError(f"checkpoint shard {path!r} ended inside tensor {t.name!r}: the file was truncated; "
                                 "download it again")
-    raw = torch.from_numpy(np.frombuffer(bytearray(data), np.uint8))
-    return raw.view(_TORCH[t.dtype]).view(t.shape)
+    return torch.from_numpy(buf).view(_TORCH[t.dtype]).view(t.shape)
 
 
 def dequantize_blocks(values: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype,

@@ -126,19 +126,20 @@ class RowExchange:
         send = torch.tensor([[c, *mine] for c in send_counts], dtype=torch.int64)      # [W, 4]
         recv = torch.empty_like(send)
         dist.all_to_all_single(recv, send, group=self.group)                            # [W, 4]: one row per peer
-        refused = [r for r, row in enumerate(recv.tolist()) if row[3] == OP_REFUSED]
+        rows = recv.tolist()                                                            # [W][count, layer, dtype, op]
+        refused = [r for r, row in enumerate(rows) if row[3] == OP_REFUSED]
         if refused:
             raise InputError(f"rank {refused[0]} refused its arguments to this {_OP_NAMES[op]} (its own error says "
                              "why), so no rank looked anything up: fix the call on that rank")
-        calls = {tuple(row[1:]) for row in recv.tolist()}
+        calls = {tuple(row[1:]) for row in rows}
         if len(calls) > 1:
             names = {code: str(d).removeprefix("torch.") for d, code in DTYPE_CODES.items()}
             seen = "; ".join(f"rank {r}: {_OP_NAMES.get(o, o)} of layer {lid}, {names.get(c, c)}"
-                             for r, (_, lid, c, o) in enumerate(recv.tolist()))
+                             for r, (_, lid, c, o) in enumerate(rows))
             raise InputError(f"the ranks of a ShardedTable made different calls together ({seen}): every rank must "
                              "call the same lookup, prefetch or backward with the same layer and dtype, in the "
                              "same order")
-        return [int(c) for c in recv[:, 0].tolist()]
+        return [row[0] for row in rows]
 
     def refuse(self, op: int) -> None:
         """Take part in one exchange's headers for a call this rank refused, so no peer waits."""
