@@ -1,95 +1,79 @@
-"""engram: hashed N-gram memory tables on DRAM and SSD for PyTorch models. This is the public API."""
+"""engram: hashed N-gram memory tables on DRAM and SSD for PyTorch models. This is the public API.
+
+Every name below is imported on first use (the errors excepted), so `import engram` stays fast;
+`dir(engram)` lists them all. The architecture (which subpackage owns what) is in docs/architecture.md.
+"""
 
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from .compression import Compression as Compression
-from .corpus import CorpusStats as CorpusStats
-from .corpus import corpus_stats as corpus_stats
-from .corpus import tokenize_files as tokenize_files
-from .errors import CorruptTableError as CorruptTableError
-from .errors import EngramError as EngramError
-from .errors import InputError as InputError
-from .errors import MissingFileError as MissingFileError
-from .errors import ShardMismatchError as ShardMismatchError
-from .errors import SpecError as SpecError
-from .errors import SpecMismatchError as SpecMismatchError
-from .errors import TableExistsError as TableExistsError
-from .errors import TableNotFoundError as TableNotFoundError
-from .errors import TokenIdError as TokenIdError
-from .hashing import NgramHasher as NgramHasher
-from .history import NgramHistory as NgramHistory
-from .hotrows import HotRowPlan as HotRowPlan
-from .spec import TableSpec as TableSpec
-from .stats import LookupStats as LookupStats
+from engram.errors import CorruptTableError as CorruptTableError
+from engram.errors import EngramError as EngramError
+from engram.errors import InputError as InputError
+from engram.errors import MissingFileError as MissingFileError
+from engram.errors import ShardMismatchError as ShardMismatchError
+from engram.errors import SpecError as SpecError
+from engram.errors import SpecMismatchError as SpecMismatchError
+from engram.errors import TableExistsError as TableExistsError
+from engram.errors import TableNotFoundError as TableNotFoundError
+from engram.errors import TokenIdError as TokenIdError
+
+__version__ = "0.1.0"
+
+# Public name -> the module that defines it.
+_LAZY = {
+    "Compression": "addressing.compression", "TableSpec": "addressing.spec", "NgramHasher": "addressing.hashing",
+    "NgramHistory": "addressing.history", "Table": "serving.table", "LookupStats": "serving.stats",
+    "Prefetch": "serving.prefetch", "HotRowPlan": "serving.hotrows", "open": "opening", "lookup": "opening",
+    "build_table": "making.build", "convert": "making.conversion", "ConvertReport": "making.conversion",
+    "open_checkpoint": "making.checkpoint", "Checkpoint": "making.checkpoint", "CorpusStats": "making.corpus",
+    "corpus_stats": "making.corpus", "tokenize_files": "making.corpus", "EngramMemory": "layers.memory",
+    "EngramMemoryV41": "layers.memory_v41", "EngramCache": "layers.module_cache", "export_rows": "layers.training",
+    "param_groups": "layers.training",
+}
+_SUBPACKAGES = ("distributed", "data")   # imported on first use too (distributed imports torch.distributed)
 
 if TYPE_CHECKING:
-    from .build import build_table as build_table
-    from .checkpoint import Checkpoint as Checkpoint
-    from .checkpoint import open_checkpoint as open_checkpoint
-    from .conversion import ConvertReport as ConvertReport
-    from .conversion import convert as convert
-    from .memory import EngramMemory as EngramMemory
-    from .memory_v41 import EngramMemoryV41 as EngramMemoryV41
-    from .module_cache import EngramCache as EngramCache
-    from .opening import lookup as lookup
-    from .opening import open as open
-    from .prefetch import Prefetch as Prefetch
-    from .table import Table as Table
-    from .training import export_rows as export_rows
-    from .training import param_groups as param_groups
-
-# Names whose modules import torch load on first use, so `import engram` stays fast.
-_LAZY = {"EngramMemory": ".memory", "EngramMemoryV41": ".memory_v41", "Table": ".table", "build_table": ".build",
-         "lookup": ".opening", "open": ".opening", "export_rows": ".training", "param_groups": ".training",
-         "open_checkpoint": ".checkpoint", "Checkpoint": ".checkpoint", "Prefetch": ".prefetch",
-         "convert": ".conversion", "ConvertReport": ".conversion", "EngramCache": ".module_cache"}
+    from engram import data as data
+    from engram import distributed as distributed
+    from engram.addressing.compression import Compression as Compression
+    from engram.addressing.hashing import NgramHasher as NgramHasher
+    from engram.addressing.history import NgramHistory as NgramHistory
+    from engram.addressing.spec import TableSpec as TableSpec
+    from engram.layers.memory import EngramMemory as EngramMemory
+    from engram.layers.memory_v41 import EngramMemoryV41 as EngramMemoryV41
+    from engram.layers.module_cache import EngramCache as EngramCache
+    from engram.layers.training import export_rows as export_rows
+    from engram.layers.training import param_groups as param_groups
+    from engram.making.build import build_table as build_table
+    from engram.making.checkpoint import Checkpoint as Checkpoint
+    from engram.making.checkpoint import open_checkpoint as open_checkpoint
+    from engram.making.conversion import ConvertReport as ConvertReport
+    from engram.making.conversion import convert as convert
+    from engram.making.corpus import CorpusStats as CorpusStats
+    from engram.making.corpus import corpus_stats as corpus_stats
+    from engram.making.corpus import tokenize_files as tokenize_files
+    from engram.opening import lookup as lookup
+    from engram.opening import open as open
+    from engram.serving.hotrows import HotRowPlan as HotRowPlan
+    from engram.serving.prefetch import Prefetch as Prefetch
+    from engram.serving.stats import LookupStats as LookupStats
+    from engram.serving.table import Table as Table
 
 
 def __getattr__(name: str) -> Any:
-    if name == "distributed":            # the subpackage, imported on first use (it imports torch.distributed)
-        return importlib.import_module(".distributed", __name__)
+    if name in _SUBPACKAGES:
+        return importlib.import_module(f"engram.{name}")
     if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        value = getattr(importlib.import_module(f"engram.{_LAZY[name]}"), name)
         globals()[name] = value
         return value
     raise AttributeError(f"module 'engram' has no attribute {name!r}")
 
 
-__version__ = "0.1.0"
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY) | set(_SUBPACKAGES))
 
-__all__ = [
-    "Checkpoint",
-    "Compression",
-    "ConvertReport",
-    "CorpusStats",
-    "CorruptTableError",
-    "EngramCache",
-    "EngramError",
-    "EngramMemory",
-    "EngramMemoryV41",
-    "HotRowPlan",
-    "InputError",
-    "LookupStats",
-    "MissingFileError",
-    "NgramHasher",
-    "NgramHistory",
-    "Prefetch",
-    "ShardMismatchError",
-    "SpecError",
-    "SpecMismatchError",
-    "Table",
-    "TableExistsError",
-    "TableNotFoundError",
-    "TableSpec",
-    "TokenIdError",
-    "build_table",
-    "convert",
-    "corpus_stats",
-    "export_rows",
-    "lookup",
-    "open_checkpoint",
-    "open",
-    "param_groups",
-    "tokenize_files",
-]
+
+__all__ = sorted([*_LAZY, "CorruptTableError", "EngramError", "InputError", "MissingFileError", "ShardMismatchError",
+                  "SpecError", "SpecMismatchError", "TableExistsError", "TableNotFoundError", "TokenIdError"])

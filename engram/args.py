@@ -9,7 +9,7 @@ from __future__ import annotations
 import numbers
 from typing import Any
 
-from .errors import InputError
+from engram.errors import InputError
 
 __all__ = ["is_int", "is_real", "check_int", "check_real"]
 

@@ -1,7 +1,7 @@
 """Row dtypes: the one table of how each `TableSpec.dtype` is stored, scaled and decoded.
 
 Every other module (spec, format, quant, tiers, writer, checkpoint, the CLI) derives what it needs from
-`ROW_DTYPES`; adding a row dtype touches this table and the codec (`engram.quant`) only:
+`ROW_DTYPES`; adding a row dtype touches this table and the codec (`engram.storage.quant`) only:
 
 | dtype         | stored values (numpy / zarr)  | scales                                   | decoded to |
 |---------------|-------------------------------|------------------------------------------|------------|
@@ -22,8 +22,10 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["RowDtype", "ROW_DTYPES", "QUANTIZED_DTYPES", "BLOCK_DTYPE", "row_dtype", "storage_dtype", "scale_dtype",
-           "torch_dtype", "storage_torch_dtype"]
+__all__ = ["RowDtype", "ROW_DTYPES", "QUANTIZED_DTYPES", "BLOCK_DTYPE", "DEFAULT_SCALE_BLOCK", "row_dtype",
+           "storage_dtype", "scale_dtype", "torch_dtype", "storage_torch_dtype"]
+
+DEFAULT_SCALE_BLOCK = 32   # values per E8M0 scale of "float8_e4m3" rows (the DeepSeek-V4.1 layout)
 
 
 @dataclasses.dataclass(frozen=True)

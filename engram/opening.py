@@ -5,25 +5,23 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .compression import Compression
-from .errors import CorruptTableError, InputError, SpecMismatchError, TableNotFoundError
-from .format import TableMeta
-from .metadata import read_metadata
-from .spec import TableSpec
-from .table import Table
-from .tabledir import TableDir
-from .tiers import TIERS
+from engram.addressing.compression import Compression
+from engram.addressing.spec import TableSpec
+from engram.errors import InputError, SpecMismatchError
+from engram.release.folder import is_release_dir
+from engram.release.inplace import open_release
+from engram.serving.table import Table
+from engram.serving.tiers import TIERS
+from engram.storage.format import TableMeta
+from engram.storage.metadata import open_published
+from engram.storage.tabledir import TableDir
 
-__all__ = ["open", "lookup", "reopen"]
-
-_OPEN_ATTEMPTS = 8   # opens of a table that is being replaced meanwhile, before giving up
-
+__all__ = ["open", "lookup"]
 
 def open(path: str | os.PathLike[str], tier: str = "mmap", *, prefault: bool = False,
          compression: Compression | None = None, spec: TableSpec | None = None, io_threads: int = 32,
@@ -33,7 +31,7 @@ def open(path: str | os.PathLike[str], tier: str = "mmap", *, prefault: bool = F
     Args:
         path: the table directory written by `engram.build_table`, or a DeepSeek-V4.1 checkpoint
             directory (config.json, tokenizer.json, safetensors shards): its rows are then served
-            in place from the shards, nothing copied or written (see `engram.inplace`).
+            in place from the shards, nothing copied or written (see `engram.release.inplace`).
         tier: where rows are read from: "ram" (loaded into hugepage-backed memory, checksums
             verified while loading), "mmap" (chunk files mapped into one address range), or
             "direct" (pread from a thread pool, bypassing the page cache; for cold tables).
@@ -41,10 +39,10 @@ def open(path: str | os.PathLike[str], tier: str = "mmap", *, prefault: bool = F
             lookups do not pay for page faults.
         compression: if given, the compression the caller expects the table to use.
         spec: if given, the spec the caller expects the table to be built with.
-        io_threads: "direct" only: reads kept in flight (the queue depth; see `engram.direct`).
+        io_threads: "direct" only: reads kept in flight (the queue depth; see `engram.serving.direct`).
         dedup: read each distinct row of a batch once and scatter it back; None (default) turns
             it on for "direct" only (it costs more than it saves where rows are in memory; see
-            `engram.gather`).
+            `engram.serving.gather`).
 
     Returns:
         The open Table (a context manager).
@@ -65,11 +63,7 @@ def open(path: str | os.PathLike[str], tier: str = "mmap", *, prefault: bool = F
     if dedup not in (None, True, False):
         raise InputError(f"dedup={dedup!r} is invalid: expected True, False or None (per tier)")
     path = _check_path(path)
-    from .release import is_release_dir
-
     if is_release_dir(path):          # a DeepSeek-V4.1 checkpoint directory: its rows in place
-        from .inplace import open_release
-
         table = open_release(path, tier, prefault, io_threads, dedup)
         try:
             _check_expected(table.path, table.release_meta, spec, compression)
@@ -77,29 +71,11 @@ def open(path: str | os.PathLike[str], tier: str = "mmap", *, prefault: bool = F
             table.close()
             raise
         return table
-    for attempt in range(_OPEN_ATTEMPTS):
-        try:
-            tdir = TableDir(path)   # every file of this table is opened relative to this directory handle
-        except TableNotFoundError:
-            if attempt == 0:
-                raise
-            time.sleep(0.001 * attempt)   # between the two renames of a replacement: nothing there yet
-            continue
-        try:
-            meta = read_metadata(tdir)
-            _check_expected(tdir.path, meta, spec, compression)
-            return Table(tdir, meta, tier, prefault, io_threads, dedup)
-        except (CorruptTableError, TableNotFoundError):
-            # A table replaced at `path` while it was read (build_table(..., overwrite=True) swaps the
-            # directories, then deletes the old one file by file) looks incomplete: open the new one.
-            swapped = tdir.replaced()
-            tdir.close()
-            if not swapped or attempt == _OPEN_ATTEMPTS - 1:
-                raise
-        except BaseException:
-            tdir.close()
-            raise
-    raise TableNotFoundError(f"no table at path={os.fspath(path)!r}: it was removed while it was being opened")
+    def make(tdir: TableDir, meta: TableMeta) -> Table:
+        _check_expected(tdir.path, meta, spec, compression)
+        return Table(tdir, meta, tier, prefault, io_threads, dedup)
+
+    return open_published(path, make)
 
 
 def _check_path(path: Any) -> str | os.PathLike[str]:
@@ -128,11 +104,6 @@ def _check_expected(root: Path, meta: TableMeta, spec: TableSpec | None, compres
             f"table at {os.fspath(root)!r} was built with another compression (fingerprint "
             f"{meta.compression.fingerprint!r}, expected {compression.fingerprint!r}): open the table built "
             "with this tokenizer's compression, or use table.compression")
-
-
-def reopen(path: str, tier: str, prefault: bool, io_threads: int, dedup: bool | None = None) -> Table:
-    """`open` with positional arguments: how a pickled Table is opened again in the receiving process."""
-    return open(path, tier, prefault=prefault, io_threads=io_threads, dedup=dedup)
 
 
 def lookup(token_ids: Any, table: Table, layer_id: int | None, out: torch.Tensor | None = None,

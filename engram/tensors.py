@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import InputError, TokenIdError
+from engram.errors import InputError, TokenIdError
 
 __all__ = ["is_torch", "to_numpy_ids", "check_ids_2d"]
 

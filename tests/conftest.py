@@ -30,7 +30,7 @@ def golden():
 @pytest.fixture
 def disk_full_at_third_chunk(monkeypatch):
     """Table writes fail with ENOSPC at their third chunk file (a build or conversion mid-way)."""
-    from engram import chunks
+    from engram.storage import chunks
 
     real, calls = chunks.write_chunk, []
 

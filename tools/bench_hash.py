@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> dict:
     tokens = ids.size
     results: dict = {"batch": args.batch, "seq": args.seq, "max_ngram": args.max_ngram, "heads": args.heads,
                      "threads": 1, "families": {}}
-    for family in engram.spec.HASH_FAMILIES:
+    for family in engram.addressing.spec.HASH_FAMILIES:
         spec = engram.TableSpec(
             engram_vocab_size=(args.base_size,) * (args.max_ngram - 1), max_ngram_size=args.max_ngram,
             n_head_per_ngram=args.heads, n_embed_per_ngram=args.heads, layer_ids=(1,),

@@ -34,10 +34,10 @@ import numpy as np
 import torch
 
 import engram
-from engram.build import build_table
 from engram.cli.bench import best_time, drop_caches, reference_hash
-from engram.metadata import read_metadata
+from engram.making.build import build_table
 from engram.opening import open as open_table
+from engram.storage.metadata import read_metadata
 
 
 def anon_hugepage_bytes() -> int:

@@ -3,7 +3,7 @@
 Codecs: for each row width D (64: the demo config; 256: DeepSeek-V4.1 rows) a table of random rows
 is encoded in every dtype; one lookup's worth of random row ids (B*T*H, default 8*4096*16) is then
 gathered with `index_select(..., out=)` into reused buffers (values and scales) and decoded with
-`engram.quant.decode(..., out=)`. The float32 baseline is the gather straight into the output,
+`engram.storage.quant.decode(..., out=)`. The float32 baseline is the gather straight into the output,
 with nothing to decode. Reports rows/s for the gather, the decode and both, and the ratio of the
 total to the float32 baseline; decoded rows are first checked against a decode of the whole table.
 
@@ -30,8 +30,8 @@ import numpy as np
 import torch
 
 import engram
-from engram import quant
 from engram.cli.bench import best_time
+from engram.storage import quant
 
 DTYPES = ("float32", "bfloat16", "int8", "float8_e4m3")
 

@@ -5,7 +5,7 @@ Workload (defaults): N=3, K=8 (H=16 heads), D=64 float32 (256 B rows), one layer
 
 - baseline: the unsharded table in this process, `table.lookup(ids, layer)` (one thread);
 - sharded: W ranks (torch.multiprocessing, gloo over localhost TCP, one thread each), each with
-  its part (`engram.sharding.shard_table`), all calling `ShardedTable.lookup` together; the time
+  its part (`engram.making.sharding.shard_table`), all calling `ShardedTable.lookup` together; the time
   of a step is the slowest rank's, tokens/s = W*B*T / that time. Also reported: bytes each rank
   sends and receives per token of its own (`wire_stats`: row ids out, rows back; self-sends
   excluded) and the share of distinct rows.
@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 import engram
-from engram.sharding import shard_path, shard_table
+from engram.making.sharding import shard_path, shard_table
 
 V41_BYTES = 188.8 * 2**30       # DESIGN.md item 8
 V41_ROW_BYTES = 264             # FP8 E4M3 values + E8M0 scales, as stored

@@ -14,7 +14,7 @@ Then, in one run, interleaved (`--rounds` rounds of the four lookups), best of a
 - FP8 -> bfloat16 against float32: `lookup(ids, 1, dtype=torch.bfloat16)` of the FP8 rows against
   `lookup(ids, 1)` of the float32 table on the same tier (target >= 1.0), with the decode's share
   of the FP8 lookup (`quant.decode` alone on one lookup's gathered values and scales), in ns per
-  value for the compiled loop and for the torch passes (`engram.fp8`).
+  value for the compiled loop and for the torch passes (`engram.storage.fp8`).
 
 "direct" reads the disk (O_DIRECT where the filesystem allows it; `--dir` on a real disk), so it
 uses `--direct-tokens` ids, fewer than the memory tiers.
@@ -36,9 +36,9 @@ import torch
 from safetensors.torch import save_file
 
 import engram
-from engram import fp8, quant
-from engram.checkpoint import open_checkpoint
 from engram.cli.bench import best_time
+from engram.making.checkpoint import open_checkpoint
+from engram.storage import fp8, quant
 
 TOKENIZER = Path(__file__).resolve().parents[1] / "engram" / "data" / "bpe_bytelevel_4k.tokenizer.json"
 TIERS = ("ram", "mmap", "direct")
@@ -119,7 +119,7 @@ def main() -> None:
 
 
 def run(args: argparse.Namespace, ckpt: Path, work: Path, spec: engram.TableSpec, comp: engram.Compression) -> dict:
-    from engram.release import cached_compression
+    from engram.release.folder import cached_compression
 
     cached_compression.cache_clear()       # the first open derives the tokenizer's compression
     start = time.perf_counter()

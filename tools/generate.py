@@ -30,7 +30,7 @@ from tiny_data import TOKENIZER  # noqa: E402
 from tiny_lm import Block, TinyLM, TinyLMConfig  # noqa: E402
 
 import engram  # noqa: E402
-from engram.module_cache import EngramCache  # noqa: E402
+from engram.layers.module_cache import EngramCache  # noqa: E402
 
 
 class StepCache:

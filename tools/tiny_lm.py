@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import engram
-from engram.memory import EngramMemory
+from engram.layers.memory import EngramMemory
 
 
 @dataclasses.dataclass

@@ -18,6 +18,6 @@ Exit codes:
 
 from __future__ import annotations
 
-from .app import build_parser, main
+from engram.cli.app import build_parser, main
 
 __all__ = ["main", "build_parser"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import math
 import os
@@ -14,8 +15,7 @@ from typing import Any, NoReturn
 
 import numpy as np
 
-from ..errors import EngramError
-from .common import (
+from engram.cli.common import (
     BLOCK_DTYPE,
     EXIT_INTERRUPTED,
     EXIT_REFUSED,
@@ -28,10 +28,11 @@ from .common import (
     float_at_least_zero,
     int_at_least,
 )
-from .corpus import cmd_hash, cmd_stats
-from .read import cmd_bench, cmd_inspect, cmd_verify
-from .shard import cmd_shard, shard_arg
-from .write import cmd_build, cmd_convert, cmd_import
+from engram.cli.corpus import cmd_hash, cmd_stats
+from engram.cli.read import cmd_bench, cmd_inspect, cmd_verify
+from engram.cli.shard import cmd_shard, shard_arg
+from engram.cli.write import cmd_build, cmd_convert, cmd_import
+from engram.errors import EngramError
 
 
 # -- parser ------------------------------------------------------------------------------------
@@ -75,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="engram", description="Build, check and measure Engram memory tables.",
                      epilog="exit codes: 0 ok, 1 a check failed, 2 bad arguments, 3 input refused or a file "
                             "not readable or writable, 130 interrupted")
+    parser.add_argument("--version", action="version", version=f"engram {importlib.metadata.version('engram')}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
 
     p = sub.add_parser("build", help="build a table with seeded rows")

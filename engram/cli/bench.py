@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import InputError
+from engram.errors import InputError
 
 __all__ = ["reference_hash", "best_time", "drop_caches", "bench_table"]
 
@@ -96,9 +96,9 @@ def bench_table(path: str | os.PathLike[str], tiers: Sequence[str] = ("ram", "mm
     """
     import torch
 
-    from ..hashing import NgramHasher
-    from ..opening import open as open_table
-    from ..tiers import TIERS
+    from engram.addressing.hashing import NgramHasher
+    from engram.opening import open as open_table
+    from engram.serving.tiers import TIERS
 
     for tier in tiers:
         if tier not in TIERS:

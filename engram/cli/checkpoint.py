@@ -6,7 +6,7 @@ import argparse
 import os
 from typing import Any
 
-from .common import Output, fmt_int, human_bytes
+from engram.cli.common import Output, fmt_int, human_bytes
 
 
 def _tensor(t: Any) -> dict[str, Any]:
@@ -15,8 +15,8 @@ def _tensor(t: Any) -> dict[str, Any]:
 
 
 def cmd_inspect_checkpoint(args: argparse.Namespace) -> Output:
-    from ..placement import memory_info, placement, random_reads
-    from ..release import read_release
+    from engram.release.folder import read_release
+    from engram.serving.placement import memory_info, placement, random_reads
 
     release = read_release(args.path)
     spec = release.spec

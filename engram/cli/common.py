@@ -8,11 +8,11 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-from ..compression import Compression
-from ..dtypes import BLOCK_DTYPE as BLOCK_DTYPE
-from ..dtypes import ROW_DTYPES as _ROW_DTYPES
-from ..errors import InputError, SpecError, SpecMismatchError
-from ..spec import TableSpec
+from engram.addressing.compression import Compression
+from engram.addressing.spec import TableSpec
+from engram.dtypes import BLOCK_DTYPE as BLOCK_DTYPE
+from engram.dtypes import ROW_DTYPES as _ROW_DTYPES
+from engram.errors import InputError, SpecError, SpecMismatchError
 
 EXIT_OK, EXIT_CHECK_FAILED, EXIT_USAGE, EXIT_REFUSED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 _MAX_SPEC_BYTES = 1 << 20   # a spec file is a few hundred bytes
@@ -95,7 +95,7 @@ def load_build_spec(args: argparse.Namespace, comp: Compression) -> TableSpec:
 def spec_and_compression(args: argparse.Namespace) -> tuple[TableSpec, Compression]:
     """From --table PATH, or from --spec plus --tokenizer/--vocab-size."""
     if getattr(args, "table", None):
-        from ..opening import open as open_table
+        from engram.opening import open as open_table
 
         with open_table(args.table) as table:
             spec, comp = table.spec, table.compression
@@ -184,8 +184,8 @@ def fmt_int(n: int) -> str:
 
 def layer_plan(spec: TableSpec, chunk_rows: int | None,
                shard: tuple[int, int] | None = None) -> dict[int, dict[str, int]]:
-    from ..build import plan_layout
-    from ..shards import plan_shards
+    from engram.making.build import plan_layout
+    from engram.storage.shards import plan_shards
 
     part = None if shard is None else plan_shards(spec, shard[1])[shard[0]]
     return {lid: {"rows": lay.rows, "bytes": lay.rows * spec.stored_row_bytes, "chunks": lay.n_chunks,
@@ -247,7 +247,7 @@ def check_disk(path: str, needed: int, free: int) -> None:
 
 def check_build_args(args: argparse.Namespace, spec: TableSpec, comp: Compression, weights: Any = None) -> None:
     """What build_table checks before it writes, so `--dry-run` refuses what a real build would."""
-    from ..build import check_build
+    from engram.making.build import check_build
 
     check_build(args.path, spec, comp, init=getattr(args, "init", "normal"), std=getattr(args, "std", 0.02),
                 seed=getattr(args, "seed", 0), weights=weights, overwrite=args.overwrite, chunk_rows=args.chunk_rows,

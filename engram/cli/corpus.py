@@ -7,20 +7,20 @@ from typing import Any
 
 import numpy as np
 
-from ..compression import load_tokenizer
-from ..errors import SpecError
-from ..spec import HASH_FAMILIES
-from .common import (
+from engram.addressing.compression import load_tokenizer
+from engram.addressing.spec import HASH_FAMILIES
+from engram.cli.common import (
     Output,
     check_output_file,
     fmt_int,
     spec_and_compression,
 )
+from engram.errors import SpecError
 
 
 # -- engram hash -------------------------------------------------------------------------------
 def cmd_hash(args: argparse.Namespace) -> Output:
-    from ..hashing import NgramHasher
+    from engram.addressing.hashing import NgramHasher
 
     spec, comp = spec_and_compression(args)
     tokenizer = load_tokenizer(args.tokenizer)
@@ -73,7 +73,7 @@ def _plot_coverage(stats: Any, path: str) -> None:
 
 
 def cmd_stats(args: argparse.Namespace) -> Output:
-    from ..corpus import corpus_stats, tokenize_files
+    from engram.making.corpus import corpus_stats, tokenize_files
 
     check_output_file("--hot-rows", args.hot_rows, "hot_rows.npz")
     check_output_file("--plot", args.plot, "coverage.png")

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from .common import (
+from engram.cli.common import (
     EXIT_CHECK_FAILED,
     Output,
     encoding,
@@ -16,7 +16,7 @@ from .common import (
     fmt_int,
     human_bytes,
 )
-from .shard import part_text
+from engram.cli.shard import part_text
 
 
 # -- engram inspect ------------------------------------------------------------------------------
@@ -36,14 +36,14 @@ def _row_sample(table: Any, layer_id: int, n: int, rng: np.random.Generator) -> 
 
 
 def cmd_inspect(args: argparse.Namespace) -> Output:
-    from ..release import is_release_dir
+    from engram.release.folder import is_release_dir
 
     if is_release_dir(args.path):
-        from .checkpoint import cmd_inspect_checkpoint
+        from engram.cli.checkpoint import cmd_inspect_checkpoint
 
         return cmd_inspect_checkpoint(args)
-    from ..hashing import NgramHasher
-    from ..opening import open as open_table
+    from engram.addressing.hashing import NgramHasher
+    from engram.opening import open as open_table
 
     with open_table(args.path) as table:
         spec = table.spec
@@ -107,8 +107,8 @@ def cmd_inspect(args: argparse.Namespace) -> Output:
 
 # -- engram verify -------------------------------------------------------------------------------
 def cmd_verify(args: argparse.Namespace) -> Output:
-    from ..errors import CorruptTableError
-    from ..opening import open as open_table
+    from engram.errors import CorruptTableError
+    from engram.opening import open as open_table
 
     start = time.perf_counter()
     try:
@@ -130,7 +130,7 @@ def cmd_verify(args: argparse.Namespace) -> Output:
 
 # -- engram bench -------------------------------------------------------------------------------
 def cmd_bench(args: argparse.Namespace) -> Output:
-    from .bench import bench_table
+    from engram.cli.bench import bench_table
 
     r = bench_table(args.path, tiers=args.tier, batch=args.batch, seq=args.seq, layer_id=args.layer,
                     repeats=args.repeats, cold=args.cold)

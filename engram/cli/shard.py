@@ -7,13 +7,13 @@ import os
 import time
 from typing import Any
 
-from .common import Output, human_bytes
+from engram.cli.common import Output, human_bytes
 
 
 def shard_arg(text: str) -> tuple[int, int]:
     """An argparse type: "RANK/PARTS" with 0 <= RANK < PARTS (anything else is a usage error)."""
-    from ..errors import InputError
-    from ..shards import parse_shard
+    from engram.errors import InputError
+    from engram.storage.shards import parse_shard
 
     try:
         return parse_shard(text)
@@ -29,8 +29,8 @@ def part_text(part: Any) -> str:
 
 
 def cmd_shard(args: argparse.Namespace) -> Output:
-    from ..opening import open as open_table
-    from ..sharding import check_shard_table, shard_path, shard_table
+    from engram.making.sharding import check_shard_table, shard_path, shard_table
+    from engram.opening import open as open_table
 
     with open_table(args.src) as src:
         parts = check_shard_table(src, args.prefix, args.parts, overwrite=args.overwrite)

@@ -6,8 +6,8 @@ import argparse
 import time
 from typing import Any
 
-from ..spec import TableSpec
-from .common import (
+from engram.addressing.spec import TableSpec
+from engram.cli.common import (
     BLOCK_DTYPE,
     EXIT_OK,
     EXIT_REFUSED,
@@ -28,7 +28,7 @@ from .common import (
 
 
 def cmd_build(args: argparse.Namespace) -> Output:
-    from ..build import build_table
+    from engram.making.build import build_table
 
     comp = load_compression(args)
     spec = load_build_spec(args, comp)
@@ -62,8 +62,8 @@ def cmd_build(args: argparse.Namespace) -> Output:
 
 # -- engram import -------------------------------------------------------------------------------
 def cmd_import(args: argparse.Namespace) -> Output:
-    from ..build import build_table
-    from ..checkpoint import open_checkpoint
+    from engram.making.build import build_table
+    from engram.making.checkpoint import open_checkpoint
 
     comp = load_compression(args)
     spec = load_build_spec(args, comp)
@@ -102,9 +102,9 @@ def _rel_error(e: float | None) -> str:
 
 def _convert_plan(args: argparse.Namespace) -> tuple[dict[str, Any], TableSpec, TableSpec]:
     """What converting would write, per layer: bytes before and after (scales included), chunk files."""
-    from ..build import plan_layout
-    from ..conversion import check_whole_source
-    from ..opening import open as open_table
+    from engram.making.build import plan_layout
+    from engram.making.conversion import check_whole_source
+    from engram.opening import open as open_table
 
     with open_table(args.src) as table:
         check_whole_source(table)
@@ -123,7 +123,7 @@ def _convert_plan(args: argparse.Namespace) -> tuple[dict[str, Any], TableSpec, 
 
 def cmd_convert(args: argparse.Namespace) -> Output:
 
-    from ..conversion import check_convert, convert
+    from engram.making.conversion import check_convert, convert
 
     plan, source, spec = _convert_plan(args)
     check_convert(source, args.dst, dtype=spec.dtype, scale_block=args.scale_block, overwrite=args.overwrite)

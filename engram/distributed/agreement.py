@@ -15,10 +15,10 @@ from typing import Any
 
 import torch.distributed as dist
 
-from .. import errors
-from ..errors import EngramError, ShardMismatchError
-from ..shards import ShardRange, check_ranges
-from ..spec import TableSpec
+from engram import errors
+from engram.addressing.spec import TableSpec
+from engram.errors import EngramError, ShardMismatchError
+from engram.storage.shards import ShardRange, check_ranges
 
 __all__ = ["agree"]
 

@@ -25,9 +25,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ..errors import InputError
-from ..gather import unique_inverse
-from ..shards import ShardRange, owners
+from engram.errors import InputError
+from engram.serving.gather import unique_inverse
+from engram.storage.shards import ShardRange, owners
 
 __all__ = ["RowExchange", "Routed", "WireCounter", "DTYPE_CODES"]
 

@@ -33,17 +33,18 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ..args import check_real, is_real
-from ..compression import Compression
-from ..errors import EngramError, InputError
-from ..hashing import NgramHasher
-from ..lookup_args import check_dtype
-from ..opening import open as open_table
-from ..shards import ShardRange
-from ..spec import TableSpec
-from .agreement import agree
-from .exchange import OP_GRAD, OP_LOOKUP, Routed, RowExchange
-from .table import compressed_ids, new_group
+from engram.addressing.compression import Compression
+from engram.addressing.hashing import NgramHasher
+from engram.addressing.spec import TableSpec
+from engram.args import check_real, is_real
+from engram.distributed.agreement import agree
+from engram.distributed.exchange import OP_GRAD, OP_LOOKUP, Routed, RowExchange
+from engram.distributed.state import load_rows, save_rows
+from engram.distributed.table import compressed_ids, new_group
+from engram.errors import EngramError, InputError
+from engram.opening import open as open_table
+from engram.serving.lookup_args import check_dtype
+from engram.storage.shards import ShardRange
 
 __all__ = ["ShardedRows"]
 
@@ -212,17 +213,13 @@ class ShardedRows:
     # -- save and load ----------------------------------------------------------------------
     def save(self, prefix: str | os.PathLike[str]) -> str:
         """Write this rank's rows and optimizer state (every rank calls; see `engram.distributed.state`)."""
-        from .state import save_rows
-
         return save_rows(self, prefix)
 
     @classmethod
     def load(cls, prefix: str | os.PathLike[str], group: dist.ProcessGroup | None = None, *,
              wire_dedup: bool = False, timeout: datetime.timedelta | None = None) -> ShardedRows:
         """Rows and optimizer state saved by `save` with any number of ranks, split for this group."""
-        from .state import load_rows
-
-        return load_rows(prefix, new_group(group, timeout), wire_dedup)
+        return load_rows(cls, prefix, new_group(group, timeout), wire_dedup)
 
 
 class _Lookup(torch.autograd.Function):

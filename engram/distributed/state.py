@@ -7,7 +7,7 @@ A file holds its part's rows and Adam moments per layer (`rows.{layer}`, `exp_av
 `exp_avg_sq.{layer}`, float32 [rows held, D]), the compression lookup, and in its metadata the
 spec, the part's row ranges, the step counts and the optimizer settings. Each file is written
 under a temporary name, fsynced and renamed into place; `save` returns once every rank's file is
-there. `load` splits the table evenly over the loading group (`engram.shards.plan_shards`) and
+there. `load` splits the table evenly over the loading group (`engram.storage.shards.plan_shards`) and
 reads each rank's new ranges from whichever saved files hold them (`safe_open(...).get_slice`:
 only those rows are read), so a save made on W ranks loads on any other number.
 """
@@ -23,15 +23,15 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 
-from ..compression import Compression
-from ..errors import CorruptTableError, MissingFileError, ShardMismatchError
-from ..publish import fsync_path
-from ..shards import ShardRange, check_ranges, plan_shards
-from ..spec import TableSpec
-from .agreement import agree
+from engram.addressing.compression import Compression
+from engram.addressing.spec import TableSpec
+from engram.distributed.agreement import agree
+from engram.errors import CorruptTableError, MissingFileError, ShardMismatchError
+from engram.storage.publish import fsync_path
+from engram.storage.shards import ShardRange, check_ranges, plan_shards
 
 if TYPE_CHECKING:
-    from .rows import ShardedRows
+    from engram.distributed.rows import ShardedRows
 
 __all__ = ["save_rows", "load_rows", "rows_file"]
 
@@ -94,9 +94,10 @@ def _saved_set(prefix: str | os.PathLike[str]) -> list[tuple[Path, dict[str, Any
     return out
 
 
-def load_rows(prefix: str | os.PathLike[str], group: dist.ProcessGroup, wire_dedup: bool = False) -> ShardedRows:
-    """Every rank reads the rows the even split over `group` gives it (see the module doc)."""
-    from .rows import ShardedRows
+def load_rows(cls: type[ShardedRows], prefix: str | os.PathLike[str], group: dist.ProcessGroup,
+              wire_dedup: bool = False) -> ShardedRows:
+    """Every rank reads the rows the even split over `group` gives it (see the module doc); `cls`
+    is ShardedRows (passed in: rows.py imports this module, not the other way round)."""
 
     saved: list[tuple[Path, dict[str, Any]]] = []
     mine: dict[str, Any] = {}
@@ -123,7 +124,7 @@ def load_rows(prefix: str | os.PathLike[str], group: dist.ProcessGroup, wire_ded
                                 "fingerprint: the file is damaged; save again")
     state = {name: {lid: _gather(saved, olds, name, lid, part.ranges[lid]) for lid in spec.layer_ids}
              for name in ("rows", "exp_avg", "exp_avg_sq")}
-    rows = ShardedRows.from_state(group, parts, spec, comp, state["rows"], wire_dedup)
+    rows = cls.from_state(group, parts, spec, comp, state["rows"], wire_dedup)
     first = saved[0][1]
     rows.exp_avg, rows.exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
     rows.steps = {int(lid): int(n) for lid, n in first["steps"]}

@@ -24,23 +24,23 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ..buffers import OutputPool, Scratch
-from ..compression import Compression
-from ..errors import EngramError, InputError
-from ..gather import KEEP_BUFFER_BYTES
-from ..hashing import NgramHasher
-from ..hotrows import HotRowPlan
-from ..lookup_args import check_dtype
-from ..opening import open as open_table
-from ..prefetch import Prefetch
-from ..quant import decode
-from ..shards import ShardRange
-from ..spec import TableSpec
-from ..stats import LookupStats, StatsCounter
-from ..table import Table
-from ..tensors import check_ids_2d, to_numpy_ids
-from .agreement import agree
-from .exchange import OP_LOOKUP, Routed, RowExchange
+from engram.addressing.compression import Compression
+from engram.addressing.hashing import NgramHasher
+from engram.addressing.spec import TableSpec
+from engram.distributed.agreement import agree
+from engram.distributed.exchange import OP_LOOKUP, Routed, RowExchange
+from engram.errors import EngramError, InputError
+from engram.opening import open as open_table
+from engram.serving.buffers import OutputPool, Scratch
+from engram.serving.gather import KEEP_BUFFER_BYTES
+from engram.serving.hotrows import HotRowPlan
+from engram.serving.lookup_args import check_dtype
+from engram.serving.prefetch import Prefetch
+from engram.serving.stats import LookupStats, StatsCounter
+from engram.serving.table import Table
+from engram.storage.quant import decode
+from engram.storage.shards import ShardRange
+from engram.tensors import check_ids_2d, to_numpy_ids
 
 __all__ = ["ShardedTable", "new_group", "compressed_ids"]
 

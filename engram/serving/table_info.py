@@ -1,0 +1,112 @@
+"""TableInfo: what an open table is (path, spec, compression, tier, dtype, layouts), read-only facts.
+
+`engram.Table` derives from it; keeping the descriptive properties here leaves table.py with
+the table's lifetime and its reads.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from engram.addressing.compression import Compression
+from engram.addressing.spec import TableSpec
+from engram.errors import InputError
+from engram.serving.gather import RowGatherer
+from engram.storage.format import LayerLayout, TableMeta
+from engram.storage.shards import ShardRange
+
+__all__ = ["TableInfo"]
+
+
+class TableInfo:
+    """The descriptive, read-only properties of an open table (see `engram.Table`)."""
+
+    _path: Path
+    _meta: TableMeta
+    _tier_name: str
+    _dtype: torch.dtype
+    _closed: bool
+    _engine: RowGatherer
+
+    @property
+    def path(self) -> Path:
+        """The table directory."""
+        return self._path
+
+    @property
+    def spec(self) -> TableSpec:
+        """The spec the table was built with."""
+        return self._meta.spec
+
+    @property
+    def compression(self) -> Compression:
+        """The token-id compression the table was built with."""
+        return self._meta.compression
+
+    @property
+    def tier(self) -> str:
+        """Where rows are read from: "ram", "mmap" or "direct"."""
+        return self._tier_name
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The torch dtype lookups return by default: the rows' dtype for float tables (bfloat16
+        tables: torch.bfloat16), torch.float32 for quantized ones (int8, float8_e4m3)."""
+        return self._dtype
+
+    @property
+    def format_version(self) -> int:
+        """The on-disk format version of the table."""
+        return self._meta.format_version
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def dedup(self) -> bool:
+        """Whether a gather reads each distinct row once (default: on for "direct" only)."""
+        return self._engine.dedup
+
+    def gathered_dtype(self, want: torch.dtype) -> torch.dtype:
+        """The dtype rows are gathered in for a lookup returning `want`: the stored one for float
+        tables, the decoded one (float32 or bfloat16) for quantized tables."""
+        if not self.spec.quantized:
+            return self._dtype
+        return want if want in (torch.float32, torch.bfloat16) else torch.float32
+
+    @property
+    def shard(self) -> ShardRange | None:
+        """For one part of a row-sharded table (`engram shard`), the rows of each layer it holds;
+        None for a whole table. A part is looked up through `engram.distributed.ShardedTable`;
+        its `rows` and `stored_rows` take global rows inside its ranges."""
+        return self._meta.shard
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of rows over all layers, scales included (chunk padding excluded)."""
+        return self.spec.total_bytes
+
+    def layout(self, layer_id: int) -> LayerLayout:
+        """How one layer is stored: zarr array name, rows, chunk rows, chunk count, checksums."""
+        return self._meta.layers[self.spec.check_layer(layer_id)]
+
+    def chunk_files(self, layer_id: int, scales: bool = False) -> list[Path]:
+        """The chunk files of one layer (`scales`: of its scale array), in row order."""
+        lay = self._array_layout(layer_id, scales)
+        return [lay.chunk_path(self._path, i) for i in range(lay.n_chunks)]
+
+    def checksums(self, layer_id: int, scales: bool = False) -> tuple[str, ...]:
+        """The recorded xxh3-64 hex digest of each chunk file of one layer (`scales`: of its scale array)."""
+        return self._array_layout(layer_id, scales).checksums
+
+    def _array_layout(self, layer_id: int, scales: bool) -> LayerLayout:
+        lay = self.layout(layer_id)
+        if not scales:
+            return lay
+        if lay.scales is None:
+            raise InputError(f"scales=True, but this {self.spec.dtype} table stores no scales: only int8 and "
+                             "float8_e4m3 tables do")
+        return lay.scales

@@ -1,0 +1,97 @@
+"""Block digests: every 4 KiB block of a table's values has a recorded xxh3-64, and the "direct" tier
+checks each block it reads against it; tables written before them keep opening."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+import xxhash
+import zarr
+
+import engram
+from engram.storage.format import METADATA_CHECKSUM
+
+COMP = engram.Compression.identity(200)
+SPEC = engram.TableSpec(engram_vocab_size=(3000, 3000), max_ngram_size=3, n_head_per_ngram=2, n_embed_per_ngram=16,
+                        layer_ids=(1, 2), compressed_vocab_size=200)
+ROW_BYTES = 32                    # float32, D=8: 128 rows to a 4 KiB block
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    path = tmp_path_factory.mktemp("blocks") / "t.engram"
+    engram.build_table(path, SPEC, COMP, seed=4, chunk_rows=2048).close()
+    return path
+
+
+@pytest.fixture
+def table(built, tmp_path):
+    path = tmp_path / "t.engram"
+    shutil.copytree(built, path)
+    return path
+
+
+def flip_bit(path, offset: int) -> None:
+    os.chmod(path, 0o644)
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)[0]
+        f.seek(offset)
+        f.write(bytes([byte ^ 0x10]))
+
+
+def test_the_block_digest_array_holds_the_xxh3_of_every_block(built):
+    group = zarr.open_group(built, mode="r")
+    with engram.open(built) as t:
+        for lid in SPEC.layer_ids:
+            digests = group[f"layer_{lid}_blocks"][:]                      # [n_chunks, blocks per chunk]
+            files = t.chunk_files(lid)
+            assert digests.shape == (len(files), 2048 * ROW_BYTES // 4096) and digests.dtype == np.uint64
+            for i, f in enumerate(files):
+                data = f.read_bytes()
+                assert [xxhash.xxh3_64_intdigest(data[b:b + 4096]) for b in range(0, len(data), 4096)] == \
+                    digests[i].tolist()
+
+
+def test_direct_reads_refuse_a_flipped_bit_in_a_block_they_read(built, table):
+    with engram.open(built, tier="mmap") as ref:
+        expected = ref.rows(1, np.arange(SPEC.rows(1)))
+    flip_bit(table / "layer_1" / "c" / "1" / "0", 5 * 4096 + 7)             # chunk 1, block 5
+    with engram.open(table, tier="direct") as t:
+        row = 2048 + 5 * 128 + 3                                             # a row in that block
+        with pytest.raises(engram.CorruptTableError, match=r"layer 1 chunk 1 .* block 5 \(bytes 20480-24575\) has "
+                                                           r"xxh3 \w{16}, recorded \w{16}: its contents changed"):
+            t.rows(1, np.array([row]))
+        with pytest.raises(engram.CorruptTableError, match=r"block 5"):
+            t.lookup(np.random.default_rng(0).integers(0, 200, (4, 512)), 1)     # touches every block
+        far = np.arange(0, 2048)                                             # chunk 0: untouched, served
+        assert torch.equal(t.rows(1, far), expected[far])
+
+
+def test_a_damaged_block_digest_file_is_refused_at_open_and_by_verify(table):
+    flip_bit(table / "layer_2_blocks" / "c" / "0" / "0", 3)
+    with pytest.raises(engram.CorruptTableError, match=r"layer 2 .*chunk 0 .*layer_2_blocks.* has xxh3"):
+        engram.open(table, tier="direct")
+    with engram.open(table, tier="mmap") as t, pytest.raises(engram.CorruptTableError, match=r"layer_2_blocks"):
+        t.verify(progress=False)
+
+
+@pytest.mark.parametrize("tier", ["ram", "mmap", "direct"])
+def test_a_table_without_block_digests_still_opens(built, table, tier):
+    """As written before block digests: no "blocks" entries, no arrays, no metadata checksum."""
+    doc = json.loads((table / "zarr.json").read_text())
+    attrs = doc["attributes"]["engram"]
+    attrs.pop(METADATA_CHECKSUM)
+    for layer in attrs["layers"]:
+        shutil.rmtree(table / layer.pop("blocks")["array"])
+    (table / "zarr.json").write_text(json.dumps(doc))
+    with engram.open(table, tier=tier) as old, engram.open(built, tier="mmap") as ref:
+        assert old.layout(1).blocks is None
+        ids = np.random.default_rng(1).integers(0, 200, (2, 64))
+        assert torch.equal(old.lookup(ids, 2), ref.lookup(ids, 2))
+        old.verify(progress=False)
