@@ -10,9 +10,13 @@ Every other module (spec, format, quant, tiers, writer, checkpoint, the CLI) der
 | "float16"     | `<f2` / float16               | none                                     | float16    |
 | "int8"        | `i1` / int8                   | one float32 per row                      | float32    |
 | "float8_e4m3" | `u1` / uint8 (E4M3 "fn" bits) | one E8M0 byte (uint8) per block of values | float32    |
+| "int4"        | `u1` / uint8, two codes a byte | (scale, minimum) float16 pair per group   | float32    |
+| "int2"        | `u1` / uint8, four codes a byte| (scale, minimum) float16 pair per group   | float32    |
 
-"decoded to" is the torch dtype a lookup returns by default (`Table.dtype`). Torch is imported
-only by `torch_dtype`, so `import engram` stays fast.
+"decoded to" is the torch dtype a lookup returns by default (`Table.dtype`). Blocks ("float8_e4m3")
+and groups ("int4", "int2") hold `TableSpec.scale_block` values. "int4" and "int2" rows store
+unsigned codes packed little-endian (D * bits / 8 bytes a row; `engram.storage.intq` has the layout).
+Torch is imported only by `torch_dtype`, so `import engram` stays fast.
 """
 
 from __future__ import annotations
@@ -22,10 +26,12 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["RowDtype", "ROW_DTYPES", "QUANTIZED_DTYPES", "BLOCK_DTYPE", "DEFAULT_SCALE_BLOCK", "row_dtype",
-           "storage_dtype", "scale_dtype", "torch_dtype", "storage_torch_dtype"]
+__all__ = ["RowDtype", "ROW_DTYPES", "QUANTIZED_DTYPES", "BLOCK_DTYPE", "BLOCK_DTYPES", "AFFINE_DTYPES",
+           "DEFAULT_SCALE_BLOCK", "row_dtype", "storage_dtype", "scale_dtype", "torch_dtype", "storage_torch_dtype"]
 
-DEFAULT_SCALE_BLOCK = 32   # values per E8M0 scale of "float8_e4m3" rows (the DeepSeek-V4.1 layout)
+# values per E8M0 scale of "float8_e4m3" rows (the DeepSeek-V4.1 layout), and per (scale, minimum)
+# pair of "int4" / "int2" rows (as llama.cpp's Q4_1 blocks of 32)
+DEFAULT_SCALE_BLOCK = 32
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +47,9 @@ class RowDtype:
         scale: numpy dtype string of the stored scales, or None (float dtypes store none).
         scale_zarr: zarr v3 data_type of the scales, or None.
         per_block: scales cover blocks of `TableSpec.scale_block` values (True) or whole rows.
+        bits: bits of one value where values are packed several to a byte ("int4": 4, "int2": 2;
+            unsigned codes, little-endian); 0 where each value is one stored element.
+        scales_per_block: stored scale values per block: 2 for the affine dtypes (scale, minimum).
         value_torch: names of the torch dtypes that hold stored values unchanged (what a decode accepts).
         scale_torch: names of the torch dtypes that hold stored scales unchanged.
         safetensors: the safetensors dtype name of checkpoint rows stored this way, or None.
@@ -59,11 +68,17 @@ class RowDtype:
     scale_torch: tuple[str, ...] = ()
     safetensors: str | None = None
     scale_safetensors: tuple[str, ...] = ()
+    bits: int = 0
+    scales_per_block: int = 1
 
     @property
     def value_bytes(self) -> int:
-        """Bytes of one stored value."""
+        """Bytes of one stored element (a value; for packed dtypes, a byte holding 8 // bits values)."""
         return np.dtype(self.storage).itemsize
+
+    def value_width(self, head_dim: int) -> int:
+        """Stored elements per row of `head_dim` values: D, or D * bits / 8 bytes for packed dtypes."""
+        return head_dim * self.bits // 8 if self.bits else head_dim
 
     @property
     def quantized(self) -> bool:
@@ -74,7 +89,7 @@ class RowDtype:
         """Scales stored per row of `head_dim` values (0 for float dtypes)."""
         if not self.quantized:
             return 0
-        return head_dim // block if self.per_block else 1
+        return head_dim // block * self.scales_per_block if self.per_block else 1
 
     def scale_row_bytes(self, head_dim: int, block: int) -> int:
         """Bytes of one row's scales (0 for float dtypes)."""
@@ -91,10 +106,16 @@ ROW_DTYPES: dict[str, RowDtype] = {d.name: d for d in (
     RowDtype("float8_e4m3", "u1", "uint8", "float32", "uint8", scale="u1", scale_zarr="uint8", per_block=True,
              value_torch=("uint8", "float8_e4m3fn"), scale_torch=("uint8", "float8_e8m0fnu"), safetensors="F8_E4M3",
              scale_safetensors=("F8_E8M0", "U8")),
+    *(RowDtype(f"int{bits}", "u1", "uint8", "float32", "uint8", scale="<f2", scale_zarr="float16", per_block=True,
+               value_torch=("uint8",), scale_torch=("float16",), bits=bits, scales_per_block=2) for bits in (4, 2)),
 )}
 QUANTIZED_DTYPES = tuple(name for name, d in ROW_DTYPES.items() if d.quantized)
-# the one dtype whose scales cover blocks of `TableSpec.scale_block` values ("float8_e4m3")
-(BLOCK_DTYPE,) = (name for name, d in ROW_DTYPES.items() if d.per_block)
+# the dtypes whose scales cover blocks (groups) of `TableSpec.scale_block` values
+BLOCK_DTYPES = tuple(name for name, d in ROW_DTYPES.items() if d.per_block)
+# the one of them checkpoints store ("float8_e4m3", DeepSeek-V4.1's rows)
+(BLOCK_DTYPE,) = (name for name, d in ROW_DTYPES.items() if d.per_block and d.safetensors)
+# the affine sub-8-bit dtypes: codes packed below a byte, a (scale, minimum) pair per group
+AFFINE_DTYPES = tuple(name for name, d in ROW_DTYPES.items() if d.bits)
 
 
 def row_dtype(name: str) -> RowDtype:

@@ -31,8 +31,8 @@ __all__ = ["TableSpec", "HASH_FAMILIES", "DTYPES", "DEFAULT_SCALE_BLOCK", "SPEC_
 
 SPEC_FORMAT_VERSION = 1
 HASH_FAMILIES = ("multiplicative-xor", "xxh64", "murmur3")
-# Logical row dtype -> bytes per stored value (quantized dtypes store scales beside the values;
-# see engram.dtypes, the one table of row dtypes).
+# Logical row dtype -> bytes per stored element (quantized dtypes store scales beside the values;
+# "int4" / "int2" pack several values a byte; see engram.dtypes, the one table of row dtypes).
 DTYPES = {name: d.value_bytes for name, d in ROW_DTYPES.items()}
 ENCODING_FIELDS = ("dtype", "scale_block")   # how rows are stored, not which rows there are
 _INT_FIELDS = ("max_ngram_size", "n_head_per_ngram", "n_embed_per_ngram", "compressed_vocab_size", "pad_id", "seed",
@@ -55,12 +55,16 @@ class TableSpec:
         compressed_vocab_size: size of the compressed vocabulary (the multipliers depend on it).
         hash: "multiplicative-xor" (the reference), "xxh64" or "murmur3".
         dtype: stored row dtype: "float32", "bfloat16", "float16", "int8" (one float32 scale per
-            row) or "float8_e4m3" (FP8 E4M3 values, one E8M0 scale per `scale_block` values).
-        scale_block: values per scale of "float8_e4m3" rows: a positive divisor of D (default 32,
-            DeepSeek-V4.1's 256 values + 8 scales per row). Other dtypes have no blocks: for them
-            any valid value is replaced by the default, so specs of the same rows compare equal
-            whatever block they were made with, and their dictionaries stay as before the field
-            existed (it is saved only for "float8_e4m3").
+            row), "float8_e4m3" (FP8 E4M3 values, one E8M0 scale per `scale_block` values), or
+            "int4" / "int2" (affine codes of 4 / 2 bits, a float16 scale and minimum per group of
+            `scale_block` values; see `engram.storage.intq`).
+        scale_block: values per scale of "float8_e4m3" rows, and per group of "int4" / "int2" rows:
+            a positive divisor of D (default 32: DeepSeek-V4.1's 256 values + 8 scales per row;
+            llama.cpp's Q4_1 groups), whose groups fill whole bytes for "int4" (even) and "int2"
+            (a multiple of 4). Other dtypes have no blocks: for them any valid value is replaced
+            by the default, so specs of the same rows compare equal whatever block they were
+            made with, and their dictionaries stay as before the field existed (it is saved only
+            for the block dtypes).
 
     Example:
         >>> spec = TableSpec(engram_vocab_size=(1000, 1000), max_ngram_size=3, n_head_per_ngram=2,
@@ -137,12 +141,18 @@ class TableSpec:
         need(isinstance(self.hash, str) and self.hash in HASH_FAMILIES, "hash", f"expected one of {HASH_FAMILIES}")
         need(isinstance(self.dtype, str) and self.dtype in DTYPES, "dtype", f"expected one of {tuple(DTYPES)}")
         need(is_int(self.scale_block) and self.scale_block >= 1, "scale_block",
-             f"expected an int >= 1 (values per scale of float8_e4m3 rows; default {DEFAULT_SCALE_BLOCK})")
-        if ROW_DTYPES[self.dtype].per_block:
+             f"expected an int >= 1 (values per scale of float8_e4m3 rows, per group of int4 / int2 rows; "
+             f"default {DEFAULT_SCALE_BLOCK})")
+        row = ROW_DTYPES[self.dtype]
+        if row.per_block:
             D = self.n_embed_per_ngram // self.n_head_per_ngram
+            kind = "group of values (scale and minimum)" if row.bits else "block of values"
             need(D % self.scale_block == 0, "scale_block",
-                 f"float8_e4m3 rows keep one scale per block of values, and the block must divide D={D}: "
+                 f"{self.dtype} rows keep one scale per {kind}, and the block must divide D={D}: "
                  f"pick a divisor of {D} (DeepSeek-V4.1: D=256, scale_block=32)")
+            need(self.scale_block * row.bits % 8 == 0, "scale_block",
+                 f"{self.dtype} packs {8 // max(row.bits, 1)} values a byte, so a group must fill whole bytes: "
+                 f"pick a divisor of D={D} that is a multiple of {8 // max(row.bits, 1)}")
 
     # -- derived sizes ----------------------------------------------------------------------
     @property
@@ -201,22 +211,28 @@ class TableSpec:
 
     @property
     def value_bytes(self) -> int:
-        """Bytes per stored value of `dtype`."""
+        """Bytes per stored element of `dtype` (one packed byte for "int4" / "int2")."""
         return DTYPES[self.dtype]
+
+    @property
+    def value_width(self) -> int:
+        """Stored elements per row: D, or D * bits / 8 bytes of packed codes for "int4" / "int2"."""
+        return ROW_DTYPES[self.dtype].value_width(self.head_dim)
 
     @property
     def row_bytes(self) -> int:
         """Bytes of one stored row's values (scales of quantized dtypes not included)."""
-        return self.head_dim * self.value_bytes
+        return self.value_width * self.value_bytes
 
     @property
     def quantized(self) -> bool:
-        """True for dtypes that store scales beside the values ("int8", "float8_e4m3")."""
+        """True for dtypes that store scales beside the values ("int8", "float8_e4m3", "int4", "int2")."""
         return ROW_DTYPES[self.dtype].quantized
 
     @property
     def scales_per_row(self) -> int:
-        """Scales stored per row: 1 for "int8", D // scale_block for "float8_e4m3", else 0."""
+        """Scales stored per row: 1 for "int8", D // scale_block for "float8_e4m3", 2 * D // scale_block
+        for "int4" / "int2" (a scale and a minimum per group), else 0."""
         return ROW_DTYPES[self.dtype].scales_per_row(self.head_dim, self.scale_block)
 
     @property

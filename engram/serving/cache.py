@@ -96,7 +96,7 @@ class HotRowCache:
         for layer_id, rows in chosen.items():
             if rows.size == 0:
                 continue
-            data = torch.empty((rows.size, spec.head_dim), dtype=dtype)
+            data = torch.empty((rows.size, spec.value_width), dtype=dtype)    # stored values [n, W]
             read(layer_id, rows, data)
             layers[layer_id] = LayerCache(rows, data, spec.rows(layer_id))
         return cls(layers)

@@ -10,8 +10,9 @@ One gather of n row ids (a layer's B*T*H rows, or `Table.rows`):
 Without dedup and cache the tier gathers straight into `out`.
 
 Quantized rows (`DecodingGatherer`): the engine above gathers the stored values (int8 / E4M3
-bytes) exactly as it gathers float rows, so the hot-row cache and dedup staging hold encoded
-values (a quarter of float32's bytes: four times the rows per byte of cache); the scales of the
+bytes, packed int4 / int2 codes) exactly as it gathers float rows, so the hot-row cache and dedup
+staging hold encoded values (a quarter of float32's bytes, an eighth or a sixteenth for int4 /
+int2: that many times the rows per byte of cache); the scales of the
 requested rows are gathered from the tier's resident scale tensor, and one vectorized decode
 (`engram.storage.quant.decode_into`: `decode` without its argument checks) writes the result dtype
 straight into the lookup's output.
@@ -164,21 +165,22 @@ class DecodingGatherer:
 
     Args:
         engine: the RowGatherer of the table's stored values (dedup, cache, tier, counters).
-        spec: the table's spec (dtype "int8" or "float8_e4m3", scale_block).
+        spec: the table's spec (a quantized dtype, scale_block).
     """
 
     def __init__(self, engine: RowGatherer, spec: TableSpec) -> None:
         self.engine = engine
-        self.dtype, self.block, self.head_dim = spec.dtype, spec.scale_block, spec.head_dim
+        self.dtype, self.block, self.width = spec.dtype, spec.scale_block, spec.value_width
         self.value_dtype = storage_torch_dtype(spec.dtype)
         self._local = threading.local()
 
     def gather_stored(self, layer_id: int, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        """(values [n, D], scales [n, S]) of rows `rows`, in per-thread buffers reused by the next call."""
+        """(values [n, W], scales [n, S]) of rows `rows`, in per-thread buffers reused by the next call
+        (W = D, or D * bits / 8 packed bytes for "int4" / "int2")."""
         n = rows.size
         table = self.engine.tier.scales[layer_id]                          # [rows, S], resident
-        D = self.head_dim
-        values = self._buffer("values", n * D * self.value_dtype.itemsize).view(self.value_dtype).view(n, D)
+        W = self.width
+        values = self._buffer("values", n * W * self.value_dtype.itemsize).view(self.value_dtype).view(n, W)
         self.engine.gather(layer_id, rows, values)
         S = table.shape[1]
         scales = self._buffer("scales", n * S * table.element_size()).view(table.dtype).view(n, S)

@@ -243,9 +243,9 @@ class Table(TableInfo):
             row_indices: [n] global rows of the layer.
 
         Returns:
-            `engram.storage.quant.QuantizedRows` with numpy `values` [n, D] (`quant.STORAGE_DTYPES[dtype]`:
-            int8, uint8 E4M3 bits, uint16 bfloat16 bits, float16/float32) and `scales` [n, S]
-            (float32 for int8, uint8 E8M0 exponents for float8_e4m3; None for float tables), with
+            `engram.storage.quant.QuantizedRows` with numpy `values` [n, W] (`quant.STORAGE_DTYPES[dtype]`;
+            W = D, or D * bits / 8 packed int4 / int2 codes) and `scales` [n, S] (`quant.SCALE_DTYPES`;
+            None for float tables), with
             `block=spec.scale_block`: `quant.decode(q.values, q.scales, q.dtype, block=q.block)`
             equals `table.rows(layer_id, row_indices, dtype=torch.float32)`.
 

@@ -63,7 +63,7 @@ def _array_tensor(region: Region, lay: LayerLayout, np_dtype: np.dtype | str, wi
 
 def _values_tensor(region: Region, lay: LayerLayout, meta: TableMeta) -> torch.Tensor:
     dtype = meta.spec.dtype      # viewed as the stored torch dtype (bfloat16 rows: their uint16 bits)
-    return _array_tensor(region, lay, storage_dtype(dtype), meta.spec.head_dim, storage_torch_dtype(dtype))
+    return _array_tensor(region, lay, storage_dtype(dtype), meta.spec.value_width, storage_torch_dtype(dtype))
 
 
 def _scales_tensor(region: Region, lay: LayerLayout, meta: TableMeta) -> torch.Tensor:

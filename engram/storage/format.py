@@ -6,7 +6,7 @@ A table is a directory::
       zarr.json                    group; attributes["engram"] = the metadata below
       compression/zarr.json        int64 [vocab_size], one chunk: the compression lookup
       compression/c/0
-      layer_1/zarr.json            storage dtype [spec.rows(1), D], chunks [chunk_rows, D]
+      layer_1/zarr.json            storage dtype [spec.rows(1), W], chunks [chunk_rows, W] (W = D; packed: below)
       layer_1/c/0/0 ... c/{n-1}/0  chunk files: chunk_rows*D values each, row-major, little-endian
       layer_15/...
 
@@ -17,11 +17,16 @@ zero rows to full size, as zarr writes edge chunks. Chunk files are whole multip
 contiguous address range. Every chunk file exists (a missing one is corruption, never "fill
 value"), and its xxh3-64 digest is recorded in the metadata.
 
-Quantized rows ("int8", "float8_e4m3") store their scales in a second array per layer beside the
-values, with the same row chunking and the same plain-bytes rules::
+Quantized rows ("int8", "float8_e4m3", "int4", "int2") store their scales in a second array per
+layer beside the values, with the same row chunking and the same plain-bytes rules::
 
-      layer_1_scales/zarr.json     float32 [rows, 1] ("int8") or uint8 [rows, D // scale_block]
-      layer_1_scales/c/0/0 ...     (E8M0 exponents, "float8_e4m3"), chunks [chunk_rows, *]
+      layer_1_scales/zarr.json     float32 [rows, 1] ("int8"), uint8 [rows, D // scale_block]
+      layer_1_scales/c/0/0 ...     (E8M0 exponents, "float8_e4m3") or float16 [rows, 2 * D //
+                                   scale_block] ((scale, minimum) pairs, "int4" / "int2"), chunks [chunk_rows, *]
+
+"int4" / "int2" values are uint8 [rows, D * bits / 8]: codes packed little-endian, 8 / bits a byte.
+Their array's zarr attribute "codec" names the codec and spells out the packing, the pair
+layout and the decode formula (`engram.storage.writer.codec_attributes`; `engram.storage.intq`).
 
 so any zarr reader can open both and decode them (`engram.storage.quant.decode`). `chunk_rows` is then a
 multiple of what makes both the value and the scale chunk files whole multiples of `CHUNK_ALIGN`.

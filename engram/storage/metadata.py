@@ -241,7 +241,7 @@ def _read_layer(tdir: TableDir, spec: TableSpec, entry: dict[str, Any], holds: S
             f"bytes with {sizes}: the metadata is damaged; rebuild the table with engram.build_table")
     layout = _read_array(tdir, spec, where, LayerLayout(
         layer_id, name, holds.rows(layer_id), spec.row_bytes, chunk_rows, tuple(str(c) for c in entry["checksums"])),
-        row.zarr, spec.head_dim)
+        row.zarr, spec.value_width)
     if scale_entry is not None:
         scales = _read_array(tdir, spec, where, LayerLayout(
             layer_id, scale_entry["array"], holds.rows(layer_id), spec.scale_row_bytes, chunk_rows,

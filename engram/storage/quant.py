@@ -10,6 +10,12 @@ uint16 bits, numpy having no bfloat16). The quantized ones store scales beside t
   no infinities, NaN = 0x7F/0xFF) stored as raw uint8 bytes; one E8M0 scale per `block` values
   (default 32), stored as a uint8 biased exponent `e` meaning `2**(e - 127)` (255 = NaN, as in
   the OCP MX spec). Decoded value: `fp8(v) * 2**(e - 127)`, rounded once to the output dtype.
+- "int4" / "int2" (affine, per group of `block` values): unsigned codes of 4 / 2 bits packed
+  little-endian (D * bits / 8 bytes a row), and per group a (scale, minimum) pair of float16
+  (2 * D / block values a row). The minimum is the group's least value rounded down to float16,
+  the scale its span / (2**bits - 1) rounded up; codes round to nearest. Decoded value:
+  `float32(q) * scale + minimum` in float32, rounded once to the output dtype. Groups whose
+  minimum or scale float16 cannot hold are refused. The layout and its rules: `engram.storage.intq`.
 
 Scale rule for "float8_e4m3": the smallest power of two `s` with `max|x| / s <= 448`, that is
 `s = 2**ceil(log2(max|x| / 448))`, clamped to E8M0's smallest scale 2**-127 (a zero block gets
@@ -43,6 +49,7 @@ from engram.args import check_int
 from engram.dtypes import QUANTIZED_DTYPES, ROW_DTYPES
 from engram.errors import InputError
 from engram.storage.fp8 import E4M3_MAX, decode_fp8, encode_fp8
+from engram.storage.intq import decode_affine, encode_affine
 
 __all__ = [
     "QUANTIZED_DTYPES",
@@ -53,6 +60,8 @@ __all__ = [
     "QuantizedRows",
     "scale_shape",
     "bytes_per_row",
+    "value_width",
+    "decoded_shape",
     "encode",
     "decode",
     "decode_into",
@@ -71,11 +80,12 @@ class QuantizedRows:
     """Encoded rows: what a table stores for a block of rows.
 
     Attributes:
-        values: [R, D] numpy array of `STORAGE_DTYPES[dtype]`.
+        values: [R, W] numpy array of `STORAGE_DTYPES[dtype]`: W = D, or D * bits / 8 packed
+            bytes for "int4" / "int2" (`value_width`).
         scales: [R, *scale_shape(dtype, D, block)] numpy array of `SCALE_DTYPES[dtype]`, or
             None for float dtypes.
         dtype: the row dtype, one of `TableSpec` dtypes.
-        block: values per scale ("float8_e4m3"; recorded for the others too).
+        block: values per scale ("float8_e4m3") or per group ("int4", "int2"); recorded for the others too.
     """
 
     values: np.ndarray
@@ -98,11 +108,21 @@ def _check_dtype(dtype: Any) -> str:
 def _check_block(dtype: str, D: Any, block: Any) -> None:
     check_int("D", D, 1, " (values per row)")
     check_int("block", block, 1, " (values per scale; V4.1 uses 32)")
-    if ROW_DTYPES[dtype].per_block and D % block:
+    row = ROW_DTYPES[dtype]
+    if row.per_block and D % block:
         raise InputError(
-            f"D={D} is not a multiple of block={block}: float8_e4m3 rows keep one scale per block of "
+            f"D={D} is not a multiple of block={block}: {dtype} rows keep one scale per block (group) of "
             f"values; pick a block that divides D (V4.1: D=256, block=32)"
         )
+    if row.bits and block * row.bits % 8:
+        per = 8 // row.bits
+        raise InputError(f"block={block} is invalid for {dtype} rows: {per} values share a byte, so a group must "
+                         f"fill whole bytes; pick a divisor of D={D} that is a multiple of {per}")
+
+
+def value_width(dtype: str, D: int) -> int:
+    """Stored elements per row of D values: D, or D * bits / 8 bytes for "int4" / "int2"."""
+    return ROW_DTYPES[dtype].value_width(D)
 
 
 def scale_shape(dtype: str, D: int, block: int = DEFAULT_BLOCK) -> tuple[int, ...]:
@@ -114,7 +134,8 @@ def scale_shape(dtype: str, D: int, block: int = DEFAULT_BLOCK) -> tuple[int, ..
         block: values per scale ("float8_e4m3" only).
 
     Returns:
-        (1,) for "int8", (D // block,) for "float8_e4m3", () for float dtypes (no scales).
+        (1,) for "int8", (D // block,) for "float8_e4m3", (2 * D // block,) for "int4" / "int2"
+        (scale and minimum of each group), () for float dtypes (no scales).
 
     Example:
         >>> scale_shape("float8_e4m3", 256, 32)
@@ -140,10 +161,12 @@ def bytes_per_row(dtype: str, D: int, block: int = DEFAULT_BLOCK) -> int:
     Example:
         >>> bytes_per_row("float8_e4m3", 256, 32), bytes_per_row("int8", 64), bytes_per_row("bfloat16", 64)
         (264, 68, 128)
+        >>> bytes_per_row("int4", 256, 32), bytes_per_row("int2", 256, 64)
+        (160, 80)
     """
     scale_shape(dtype, D, block)                              # checks the arguments
     row = ROW_DTYPES[dtype]
-    return D * row.value_bytes + row.scale_row_bytes(D, block)
+    return row.value_width(D) * row.value_bytes + row.scale_row_bytes(D, block)
 
 
 # -- encode -----------------------------------------------------------------------------------
@@ -196,19 +219,21 @@ def encode(rows: np.ndarray | torch.Tensor, dtype: str, block: int = DEFAULT_BLO
     """Encode float rows into the stored values (and scales) of `dtype`.
 
     Rows are converted to float32 first; rows with NaN or inf (also after that conversion) are
-    refused. See the module docstring for the int8 and float8_e4m3 rules. An int8 row whose
-    max|x| is below 127 * 2**-126 (~1.5e-36) gets a subnormal scale and loses precision.
+    refused. See the module docstring for the int8, float8_e4m3, int4 and int2 rules. An int8
+    row whose max|x| is below 127 * 2**-126 (~1.5e-36) gets a subnormal scale and loses precision.
 
     Args:
         rows: [R, D] floating-point numpy array or torch tensor (any device).
         dtype: row dtype, one of `TableSpec` dtypes.
-        block: values per scale for "float8_e4m3" (must divide D).
+        block: values per scale for "float8_e4m3", per group for "int4" / "int2" (must divide D).
 
     Returns:
-        QuantizedRows with numpy values [R, D] and scales [R, *scale_shape(dtype, D, block)].
+        QuantizedRows with numpy values [R, value_width(dtype, D)] and scales
+        [R, *scale_shape(dtype, D, block)].
 
     Raises:
-        InputError: unknown dtype, bad block or shape, non-float or non-finite rows.
+        InputError: unknown dtype, bad block or shape, non-float or non-finite rows; "int4" /
+            "int2" groups whose minimum or scale is beyond float16's range.
 
     Example:
         >>> q = encode(np.ones((2, 64), np.float32), "float8_e4m3")
@@ -220,6 +245,9 @@ def encode(rows: np.ndarray | torch.Tensor, dtype: str, block: int = DEFAULT_BLO
     _check_block(dtype, int(x.shape[1]), block)
     if dtype == "float8_e4m3":
         values, scales = encode_fp8(x, block)
+        return QuantizedRows(values.numpy(), scales.numpy(), dtype, block)
+    if ROW_DTYPES[dtype].bits:
+        values, scales = encode_affine(x, dtype, ROW_DTYPES[dtype].bits, block)
         return QuantizedRows(values.numpy(), scales.numpy(), dtype, block)
     if dtype == "int8":
         values, scales = _encode_int8(x)
@@ -245,13 +273,20 @@ _VALUE_TORCH = {name: tuple(getattr(torch, t) for t in d.value_torch) for name, 
 _SCALE_TORCH = {name: tuple(getattr(torch, t) for t in d.scale_torch) for name, d in ROW_DTYPES.items() if d.quantized}
 
 
+def decoded_shape(values_shape: tuple[int, ...], dtype: str) -> tuple[int, int]:
+    """[R, D] of rows decoded from stored values [R, W] (W = D, or D * bits / 8 packed bytes)."""
+    R, W = values_shape
+    bits = ROW_DTYPES[dtype].bits
+    return R, (W * 8 // bits if bits else W)
+
+
 def _check_decode_args(values: torch.Tensor, scales: torch.Tensor | None, dtype: str, block: int) -> None:
     if values.dim() != 2:
-        raise InputError(f"values must be shaped [R, D], got shape {tuple(values.shape)}")
+        raise InputError(f"values must be shaped [R, W], got shape {tuple(values.shape)}")
     if values.dtype not in _VALUE_TORCH[dtype]:
         raise InputError(f"values of dtype={dtype!r} rows must have dtype in {_VALUE_TORCH[dtype]}, "
                          f"got {values.dtype}: pass the stored values unchanged")
-    R, D = values.shape
+    R, D = decoded_shape(tuple(values.shape), dtype)
     shape = (R, *scale_shape(dtype, D, block))
     if dtype not in _SCALE_TORCH:
         if scales is not None:
@@ -265,20 +300,22 @@ def _check_decode_args(values: torch.Tensor, scales: torch.Tensor | None, dtype:
         raise InputError(f"scales are on {scales.device} but values on {values.device}: put both on one device")
 
 
-def _output(values: torch.Tensor, out: torch.Tensor | None, out_dtype: torch.dtype | None) -> torch.Tensor:
+def _output(values: torch.Tensor, dtype: str, out: torch.Tensor | None,
+            out_dtype: torch.dtype | None) -> torch.Tensor:
+    shape = decoded_shape(tuple(values.shape), dtype)
     if out is None:
         out_dtype = torch.float32 if out_dtype is None else out_dtype
         if out_dtype not in _OUT_DTYPES:
             raise InputError(f"out_dtype={out_dtype!r} is not supported: expected one of {_OUT_DTYPES}")
-        return torch.empty(values.shape, dtype=out_dtype, device=values.device)
+        return torch.empty(shape, dtype=out_dtype, device=values.device)
     if out_dtype is not None and out_dtype != out.dtype:
         raise InputError(f"out_dtype={out_dtype!r} differs from out.dtype={out.dtype}: pass one of them")
-    if (out.dtype not in _OUT_DTYPES or tuple(out.shape) != tuple(values.shape) or out.device != values.device
+    if (out.dtype not in _OUT_DTYPES or tuple(out.shape) != shape or out.device != values.device
             or not out.is_contiguous()):
         raise InputError(
-            f"out must be a contiguous {tuple(values.shape)} tensor of dtype in {_OUT_DTYPES} on {values.device}, "
+            f"out must be a contiguous {shape} tensor of dtype in {_OUT_DTYPES} on {values.device}, "
             f"got shape {tuple(out.shape)}, dtype {out.dtype}, device {out.device}: allocate it with "
-            f"torch.empty(values.shape, dtype=torch.float32)"
+            f"torch.empty({shape}, dtype=torch.float32)"
         )
     return out
 
@@ -293,19 +330,21 @@ def decode(
     out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Decode stored rows to float32 or bfloat16: float8_e4m3 exactly with one rounding to the
-    output dtype; int8 as the float32 product `v * scale`, then rounded to bfloat16 if asked.
+    output dtype; int8 as the float32 product `v * scale`, int4 / int2 as the float32
+    `q * scale + minimum`, each then rounded to bfloat16 if asked.
 
     Vectorized: a few whole-tensor passes per chunk of ~512K values (no Python loop over rows);
     pass `out` to reuse a buffer across lookups (a fresh buffer costs page faults). Read-only
     numpy inputs (memory maps) are copied first; the lookup path passes gathered torch tensors.
 
     Args:
-        values: [R, D] stored values (`STORAGE_DTYPES[dtype]`; torch.float8_e4m3fn and
-            torch.bfloat16 views are accepted too), on any device.
+        values: [R, W] stored values (`STORAGE_DTYPES[dtype]`; torch.float8_e4m3fn and
+            torch.bfloat16 views are accepted too), on any device; W = D, or D * bits / 8 packed
+            bytes for "int4" / "int2".
         scales: [R, *scale_shape(dtype, D, block)] stored scales (torch.float8_e8m0fnu accepted
             for E8M0 bytes), or None for float dtypes.
         dtype: row dtype.
-        block: values per scale ("float8_e4m3").
+        block: values per scale ("float8_e4m3") or per group ("int4", "int2").
         out: optional contiguous [R, D] float32/bfloat16 tensor on the values' device to write into.
         out_dtype: torch.float32 (default) or torch.bfloat16 when `out` is not given.
 
@@ -324,15 +363,15 @@ def decode(
     values = _as_tensor(values, "values")
     scales = None if scales is None else _as_tensor(scales, "scales")
     _check_decode_args(values, scales, dtype, block)
-    return decode_into(values, scales, dtype, block, _output(values, out, out_dtype))
+    return decode_into(values, scales, dtype, block, _output(values, dtype, out, out_dtype))
 
 
 def decode_into(values: torch.Tensor, scales: torch.Tensor | None, dtype: str, block: int,
                 out: torch.Tensor) -> torch.Tensor:
     """`decode` without its checks, for arguments already known to fit (the table's gather engine):
-    `values`/`scales` as stored and `out` a contiguous float32 or bfloat16 tensor of the values' shape
-    and device. Returns `out`."""
-    R, D = values.shape
+    `values`/`scales` as stored ([R, W], [R, S]) and `out` a contiguous float32 or bfloat16 tensor
+    [R, D] on the values' device. Returns `out`."""
+    R, D = out.shape
     if dtype == "bfloat16":
         return out.copy_(values.view(torch.bfloat16))
     if dtype not in QUANTIZED_DTYPES:
@@ -340,6 +379,9 @@ def decode_into(values: torch.Tensor, scales: torch.Tensor | None, dtype: str, b
     assert scales is not None
     if dtype == "float8_e4m3":
         return decode_fp8(values, scales, out, block)
+    bits = ROW_DTYPES[dtype].bits
+    if bits:
+        return decode_affine(values, scales, out, bits, block)
     # Quantized rows decode in chunks of ~_CHUNK_VALUES values: each pass then runs in cache.
     step = R if values.device.type != "cpu" else max(1, _CHUNK_VALUES // D)
     scratch = None

@@ -44,12 +44,13 @@ from engram.storage.shards import ShardRange
 
 __all__ = ["Chunk", "DEFAULT_CHUNK_BYTES", "ENCODE_VALUES", "plan_layout", "write_table", "check_target",
            "write_metadata", "write_attributes", "chunk_buffers", "zero_tail", "piece_rows", "store_rows",
-           "encode_into", "as_torch"]
+           "encode_into", "as_torch", "codec_attributes"]
 
 DEFAULT_CHUNK_BYTES = 64 << 20  # default chunk file size (rounded down to whole CHUNK_ALIGN rows)
 ENCODE_VALUES = 1 << 17         # float32 values encoded per piece into quantized chunks (512 KiB)
 
-# One chunk of a layer as written: the values [chunk_rows, D] and, for quantized rows, the scales
+# One chunk of a layer as written: the values [chunk_rows, W] (W = spec.value_width: D, or packed
+# bytes) and, for quantized rows, the scales
 # [chunk_rows, S], both in their stored dtypes with zero rows past the end of the layer.
 Chunk = tuple[np.ndarray, "np.ndarray | None"]
 
@@ -195,8 +196,8 @@ def check_target(target: Path, overwrite: bool) -> None:
 
 
 def chunk_buffers(lay: LayerLayout, spec: TableSpec) -> Chunk:
-    """Zeroed buffers for one chunk: values [chunk_rows, D] and scales [chunk_rows, S] or None."""
-    values = np.zeros((lay.chunk_rows, spec.head_dim), storage_dtype(spec.dtype))
+    """Zeroed buffers for one chunk: values [chunk_rows, W] and scales [chunk_rows, S] or None."""
+    values = np.zeros((lay.chunk_rows, spec.value_width), storage_dtype(spec.dtype))
     scales = None if not spec.quantized else np.zeros((lay.chunk_rows, spec.scales_per_row), scale_dtype(spec.dtype))
     return values, scales
 
@@ -272,9 +273,10 @@ def write_metadata(root: str | os.PathLike[str], meta: TableMeta) -> None:
     plain: dict[str, Any] = {"compressors": None, "filters": None, "serializer": BytesCodec(endian="little"),
              "fill_value": 0}
     row = ROW_DTYPES[spec.dtype]
+    W = spec.value_width
     for lay in meta.layers.values():
-        group.create_array(lay.array, shape=(lay.rows, spec.head_dim), chunks=(lay.chunk_rows, spec.head_dim),
-                           dtype=row.zarr, attributes={"dtype": spec.dtype}, **plain)
+        group.create_array(lay.array, shape=(lay.rows, W), chunks=(lay.chunk_rows, W), dtype=row.zarr,
+                           attributes={"dtype": spec.dtype, **codec_attributes(spec, lay)}, **plain)
         if lay.scales is not None:
             S = spec.scales_per_row
             group.create_array(lay.scales.array, shape=(lay.rows, S), chunks=(lay.chunk_rows, S), dtype=row.scale_zarr,
@@ -291,6 +293,23 @@ def write_metadata(root: str | os.PathLike[str], meta: TableMeta) -> None:
     comp_file.parent.mkdir(parents=True, exist_ok=True)
     comp_file.write_bytes(lookup.astype("<i8").tobytes())
     write_attributes(root, meta)
+
+
+def codec_attributes(spec: TableSpec, lay: LayerLayout) -> dict[str, Any]:
+    """The zarr attribute naming the codec of packed rows ("int4", "int2"), so that another program can
+    decode the plain chunk bytes (the layout of `engram.storage.intq`); empty for other dtypes."""
+    bits = ROW_DTYPES[spec.dtype].bits
+    if not bits:
+        return {}
+    return {"codec": {
+        "name": "engram.affine", "bits": bits, "group_size": spec.scale_block, "values_per_row": spec.head_dim,
+        "packing": f"{8 // bits} unsigned codes a byte, little-endian: value j at bits (j*{bits}) % 8 of byte "
+                   f"(j*{bits}) // 8",
+        "scales": lay.scales.array if lay.scales is not None else None,
+        "scales_layout": "float16 (scale, minimum) pairs, group by group: [scale_0, minimum_0, scale_1, ...]",
+        "decode": "float32(code) * float32(scale) + float32(minimum), a float32 multiply then add (no fused "
+                  "multiply-add), rounded to nearest even once for a narrower output",
+    }}
 
 
 def write_attributes(root: str | os.PathLike[str], meta: TableMeta) -> None:

@@ -25,9 +25,11 @@ COMP = engram.Compression(np.arange(VOCAB) // 2)   # merges id pairs
 # dtype: (D, chunk_rows, scale_block): rows of 64, 40, 80, 24 and 48 bytes (some straddle 4 KiB
 # blocks), 2-5 chunks a layer. Quantized layers are larger (chunks must also hold whole 64 KiB of
 # scales: 4 bytes a row here) and float8_e4m3 uses blocks of 12 values (4 E8M0 scales a row).
+# int4 rows: 12 bytes of codes + 2 groups of 12 values (their 48 bits decode through the torch
+# passes); int2 rows: 12 bytes + 3 groups of 16 (whole 32-bit words: the compiled loop, if numba).
 DTYPES = {"float32": (16, 2048, 32), "bfloat16": (20, 8192, 32), "float16": (40, 4096, 32),
-          "int8": (24, 16384, 32), "float8_e4m3": (48, 16384, 12)}
-QUANTIZED = ("int8", "float8_e4m3")
+          "int8": (24, 16384, 32), "float8_e4m3": (48, 16384, 12), "int4": (24, 16384, 12), "int2": (48, 16384, 16)}
+QUANTIZED = ("int8", "float8_e4m3", "int4", "int2")
 TIERS = ["ram", "mmap", "mmap-prefault", "direct", "direct-buffered"]
 
 
@@ -89,7 +91,7 @@ def reference_rows(path, layer_id: int) -> torch.Tensor:
     """All rows of a layer from the chunk files with numpy (quantized ones decoded by quant.decode)."""
     with engram.open(path, tier="direct") as table:
         spec = make_spec(table.spec.dtype)
-    values = read_array(path, f"layer_{layer_id}", storage_dtype(spec.dtype), spec.head_dim, spec.rows(layer_id))
+    values = read_array(path, f"layer_{layer_id}", storage_dtype(spec.dtype), spec.value_width, spec.rows(layer_id))
     if spec.quantized:
         scales = read_array(path, f"layer_{layer_id}_scales", scale_dtype(spec.dtype), spec.scales_per_row,
                             spec.rows(layer_id))
@@ -450,7 +452,7 @@ def test_quantized_lookup_dtypes_and_out(paths, opener, dtype):
 @pytest.mark.parametrize("dtype", ["bfloat16", *QUANTIZED])
 def test_stored_rows_are_the_bytes_on_disk(paths, opener, dtype):
     spec = make_spec(dtype)
-    values = read_array(paths[dtype], "layer_5", storage_dtype(dtype), spec.head_dim, spec.rows(5))
+    values = read_array(paths[dtype], "layer_5", storage_dtype(dtype), spec.value_width, spec.rows(5))
     pick = np.random.default_rng(3).integers(0, spec.rows(5), 200)
     with opener(paths[dtype]) as table:
         q = table.stored_rows(5, pick)
