@@ -130,8 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dst", metavar="DST", help="table directory to create (SRC itself with --overwrite)")
     p.add_argument("--dtype", required=True, choices=ROW_DTYPES, help="row dtype of the new table")
     p.add_argument("--scale-block", type=int_at_least(1), metavar="B",
-                   help=f"values per E8M0 scale of {BLOCK_DTYPE} rows, a divisor of D (default: SRC's, 32 unless "
-                        "set)")
+                   help=f"values per E8M0 scale of {BLOCK_DTYPE} rows, per (scale, minimum) group of int4 / int2 "
+                        "rows: a divisor of D (default: SRC's, 32 unless set)")
     p.add_argument("--sample-rows", type=int_at_least(0), default=65536, metavar="N",
                    help="rows per layer the error is measured on, 0 for none")
     p.add_argument("--seed", type=int_at_least(0), default=0, metavar="S", help="seed of the error sample")

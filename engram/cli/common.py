@@ -11,6 +11,7 @@ from typing import Any
 from engram.addressing.compression import Compression
 from engram.addressing.spec import TableSpec
 from engram.dtypes import BLOCK_DTYPE as BLOCK_DTYPE
+from engram.dtypes import BLOCK_DTYPES as BLOCK_DTYPES
 from engram.dtypes import ROW_DTYPES as _ROW_DTYPES
 from engram.errors import InputError, SpecError, SpecMismatchError
 
@@ -60,13 +61,13 @@ def load_spec(path: str, comp: Compression | None) -> TableSpec:
 
 def with_encoding(spec: TableSpec, dtype: str, scale_block: int | None) -> TableSpec:
     """`spec` with rows stored as `dtype` (and `scale_block`, from --scale-block), or a SpecError naming the flag."""
-    if scale_block is not None and dtype != BLOCK_DTYPE:
-        raise InputError(f"--scale-block {scale_block} applies to {BLOCK_DTYPE} rows only, but the rows are "
-                         f"{dtype}: drop --scale-block or pass --dtype {BLOCK_DTYPE}")
+    if scale_block is not None and dtype not in BLOCK_DTYPES:
+        raise InputError(f"--scale-block {scale_block} applies to {', '.join(BLOCK_DTYPES)} rows only, but the rows "
+                         f"are {dtype}: drop --scale-block or pass --dtype {BLOCK_DTYPE}")
     try:
         return spec.replace(dtype=dtype, scale_block=spec.scale_block if scale_block is None else scale_block)
     except SpecError as exc:
-        if dtype != BLOCK_DTYPE:
+        if dtype not in BLOCK_DTYPES:
             raise
         raise SpecError(f"{exc}; pass --scale-block B with B a divisor of D={spec.head_dim}") from exc
 
@@ -87,7 +88,7 @@ def load_build_spec(args: argparse.Namespace, comp: Compression) -> TableSpec:
     try:
         return base.replace(dtype=dtype, **block)
     except SpecError as exc:
-        if dtype != BLOCK_DTYPE:
+        if dtype not in BLOCK_DTYPES:
             raise
         raise SpecError(f"{exc}; pass --scale-block B with B a divisor of D={base.head_dim}") from exc
 
@@ -133,8 +134,8 @@ def add_vocab(p: argparse.ArgumentParser, required: bool) -> None:
 def add_encoding(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=ROW_DTYPES, help="row dtype (default: the spec's)")
     p.add_argument("--scale-block", type=int_at_least(1), metavar="B",
-                   help=f"values per E8M0 scale of {BLOCK_DTYPE} rows, a divisor of D (default: the spec's, 32 "
-                        "unless set)")
+                   help=f"values per E8M0 scale of {BLOCK_DTYPE} rows, per (scale, minimum) group of int4 / int2 "
+                        "rows: a divisor of D (default: the spec's, 32 unless set)")
 
 
 def int_at_least(low: int) -> Callable[[str], int]:
@@ -220,7 +221,7 @@ def plan_text(plan: dict[int, dict[str, int]]) -> list[str]:
 def encoding(spec: TableSpec) -> dict[str, Any]:
     """How the spec stores a row: dtype, scales and bytes (the same keys for every dtype)."""
     return {"dtype": spec.dtype, "quantized": spec.quantized,
-            "scale_block": spec.scale_block if spec.dtype == BLOCK_DTYPE else None,
+            "scale_block": spec.scale_block if spec.dtype in BLOCK_DTYPES else None,
             "scales_per_row": spec.scales_per_row, "value_bytes_per_row": spec.row_bytes,
             "scale_bytes_per_row": spec.scale_row_bytes, "stored_row_bytes": spec.stored_row_bytes}
 
@@ -232,6 +233,8 @@ def encoding_text(spec: TableSpec) -> str:
         return f"{spec.dtype} rows of D={D} ({spec.stored_row_bytes} B stored per row)"
     if spec.dtype == BLOCK_DTYPE:
         scales = f"{spec.scale_row_bytes} B of E8M0 scales, one per {spec.scale_block} values"
+    elif spec.dtype in BLOCK_DTYPES:
+        scales = f"{spec.scale_row_bytes} B of float16 (scale, minimum) pairs, one per {spec.scale_block} values"
     else:
         scales = f"{spec.scale_row_bytes} B float32 scale"
     return (f"{spec.dtype} rows of D={D} ({spec.row_bytes} B of values + {scales}: {spec.stored_row_bytes} B "

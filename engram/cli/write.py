@@ -8,7 +8,7 @@ from typing import Any
 
 from engram.addressing.spec import TableSpec
 from engram.cli.common import (
-    BLOCK_DTYPE,
+    BLOCK_DTYPES,
     EXIT_OK,
     EXIT_REFUSED,
     Output,
@@ -115,7 +115,7 @@ def _convert_plan(args: argparse.Namespace) -> tuple[dict[str, Any], TableSpec, 
                         "bytes_after": spec.layer_bytes(lid), "disk_bytes_before": table.layout(lid).disk_bytes,
                         "disk_bytes_after": lay.disk_bytes} for lid, lay in after.items()}
     plan = {"src": args.src, "dst": args.dst, "src_dtype": source.dtype, "dst_dtype": spec.dtype,
-            "scale_block": spec.scale_block if spec.dtype == BLOCK_DTYPE else None, "layers": layers}
+            "scale_block": spec.scale_block if spec.dtype in BLOCK_DTYPES else None, "layers": layers}
     for key in ("bytes_before", "bytes_after", "disk_bytes_before", "disk_bytes_after"):
         plan[key] = sum(layer[key] for layer in layers.values())
     return plan, source, spec
@@ -128,7 +128,7 @@ def cmd_convert(args: argparse.Namespace) -> Output:
     plan, source, spec = _convert_plan(args)
     check_convert(source, args.dst, dtype=spec.dtype, scale_block=args.scale_block, overwrite=args.overwrite)
     needed, free = plan["disk_bytes_after"], free_bytes(args.dst)
-    target = f"{spec.dtype}" + (f", scale_block {spec.scale_block}" if spec.dtype == BLOCK_DTYPE else "")
+    target = f"{spec.dtype}" + (f", scale_block {spec.scale_block}" if spec.dtype in BLOCK_DTYPES else "")
     if args.dry_run:
         ratio = plan["bytes_after"] / max(1, plan["bytes_before"])
         payload = {**plan, "disk_bytes": needed, "free_bytes": free, "fits": needed <= free, "dry_run": True}

@@ -26,7 +26,7 @@ import dataclasses
 import math
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +35,7 @@ import torch
 
 from engram.addressing.spec import DTYPES, TableSpec
 from engram.args import check_int
-from engram.dtypes import ROW_DTYPES
+from engram.dtypes import BLOCK_DTYPES, ROW_DTYPES
 from engram.errors import InputError, SpecError
 from engram.opening import open as open_table
 from engram.serving.table import Table
@@ -96,7 +96,7 @@ class ConvertReport:
     Attributes:
         src, dst: the table paths.
         src_dtype, dst_dtype: row dtypes before and after.
-        scale_block: values per E8M0 scale of the converted table ("float8_e4m3"), else None.
+        scale_block: values per scale (group) of the converted table (block dtypes), else None.
         copied: True when stored bytes were copied unchanged (no decode, no re-encode).
         sample_rows, seed: the error sample's size per layer and seed.
         seconds: wall time of the conversion.
@@ -148,7 +148,7 @@ def _json_float(value: float | None) -> float | str | None:
 
 def convert(src: str | os.PathLike[str] | Table, dst: str | os.PathLike[str], *, dtype: str,
             scale_block: int | None = None, overwrite: bool = False, sample_rows: int = 65536, seed: int = 0,
-            progress: bool | None = None) -> ConvertReport:
+            progress: bool | None = None, accept: Callable[[Table, Table], None] | None = None) -> ConvertReport:
     """Write a copy of the table at `src` with rows stored as `dtype`, and report the error.
 
     Streams chunk by chunk (memory stays about one chunk of the new table, whatever the size)
@@ -160,15 +160,20 @@ def convert(src: str | os.PathLike[str] | Table, dst: str | os.PathLike[str], *,
             so neither the process nor the cache grows with the source, and it is faster than
             "mmap": see README, "Design measurements"); or an open Table, read through its own tier.
         dst: the path of the converted table.
-        dtype: the new row dtype: "float32", "bfloat16", "float16", "int8" or "float8_e4m3".
-        scale_block: values per E8M0 scale for "float8_e4m3" (a divisor of D; default: the
-            source spec's scale_block, 32 unless set). Only for "float8_e4m3"; every other spec
-            field is kept.
+        dtype: the new row dtype: "float32", "bfloat16", "float16", "int8", "float8_e4m3", "int4"
+            or "int2".
+        scale_block: values per E8M0 scale for "float8_e4m3", per (scale, minimum) group for
+            "int4" / "int2" (a divisor of D; default: the source spec's scale_block, 32 unless
+            set). Only for those; every other spec field is kept. Rows already "int4" / "int2"
+            are not regrouped into the same dtype (InputError): each regrouping would round again.
         overwrite: replace an existing table at `dst`.
         sample_rows: rows per layer the errors are measured on (seeded sample without
             replacement; all rows when the layer has fewer; 0: no error report).
         seed: seeds the sample (`numpy.random.default_rng([seed, layer_id])`).
         progress: progress bar (None: only on a terminal, after a second).
+        accept: a gate run on the converted table before it is published: `accept(converted,
+            source)` with both open; if it raises, nothing is written at `dst` and the error
+            propagates (e.g. `engram.quality.kl_gate`, which refuses a conversion above a KL).
 
     Returns:
         A ConvertReport: per layer max and RMS relative error (defined in the module
@@ -176,7 +181,8 @@ def convert(src: str | os.PathLike[str] | Table, dst: str | os.PathLike[str], *,
 
     Raises:
         SpecError: `dtype` is unknown, or `scale_block` does not divide D.
-        InputError: bad arguments, or source rows with NaN or inf for a quantized `dtype`.
+        InputError: bad arguments, source rows with NaN or inf for a quantized `dtype`, or an
+            "int4" / "int2" source regrouped into its own dtype.
         TableExistsError: something is at `dst` and `overwrite` is False.
         TableNotFoundError, CorruptTableError: as `engram.open(src)`.
 
@@ -202,7 +208,13 @@ def convert(src: str | os.PathLike[str] | Table, dst: str | os.PathLike[str], *,
             errors[lay.layer_id] = _Errors(sample.size)
             return _converted_chunks(table, spec, lay, copied, sample, errors[lay.layer_id])
 
-        write_table(target, spec, table.compression, layouts, chunks, overwrite, progress, desc="convert")
+        def gate(partial: Path) -> None:
+            if accept is not None:
+                with open_table(partial, tier="mmap") as converted:
+                    accept(converted, table)
+
+        write_table(target, spec, table.compression, layouts, chunks, overwrite, progress, desc="convert",
+                    before_publish=gate)
         layers = {lid: errors[lid].report(lid, lay.rows, table.spec.layer_bytes(lid), spec.layer_bytes(lid),
                                           table.layout(lid).disk_bytes, lay.disk_bytes)
                   for lid, lay in layouts.items()}
@@ -245,7 +257,7 @@ def _check_args(dtype: Any, scale_block: Any, overwrite: Any, sample_rows: Any, 
     if not isinstance(dtype, str) or dtype not in DTYPES:
         raise SpecError(f"dtype={dtype!r} is not a row dtype: expected one of {tuple(DTYPES)}")
     if scale_block is not None and not ROW_DTYPES[dtype].per_block:
-        raise InputError(f"scale_block={scale_block!r} applies to dtype='float8_e4m3' only, got dtype={dtype!r}: "
+        raise InputError(f"scale_block={scale_block!r} applies to dtypes {BLOCK_DTYPES} only, got dtype={dtype!r}: "
                          "drop scale_block")
     for name, value in (("sample_rows", sample_rows), ("seed", seed)):
         check_int(name, value, 0)
@@ -254,12 +266,20 @@ def _check_args(dtype: Any, scale_block: Any, overwrite: Any, sample_rows: Any, 
 
 
 def _target_spec(source: TableSpec, dtype: str, scale_block: int | None) -> TableSpec:
-    if scale_block is None:   # a float8_e4m3 source keeps its blocks; others carry the default
+    if scale_block is None:   # a block dtype's source keeps its blocks; others carry the default
         scale_block = source.scale_block          # every other spec field stays as it was
     try:
-        return source.replace(dtype=dtype, scale_block=scale_block)
+        spec = source.replace(dtype=dtype, scale_block=scale_block)
     except SpecError as exc:
         raise SpecError(f"cannot convert to dtype={dtype!r}: {exc}; pass scale_block=") from exc
+    if ROW_DTYPES[dtype].bits and source.dtype == dtype and source.scale_block != spec.scale_block:
+        # Regrouping rows already rounded to 2**bits levels per group rounds them again onto grids
+        # that mix several old ones: the errors add up, with nothing to show for it.
+        raise InputError(
+            f"scale_block={spec.scale_block} would re-quantize {dtype} rows grouped by {source.scale_block} into "
+            f"other groups of {dtype}, adding a second rounding error: convert the original (float or float8_e4m3) "
+            f"table instead, or convert to float32 first if you accept both errors")
+    return spec
 
 
 def _same_encoding(a: TableSpec, b: TableSpec) -> bool:

@@ -57,7 +57,8 @@ Chunk = tuple[np.ndarray, "np.ndarray | None"]
 
 def write_table(target: Path, spec: TableSpec, comp: Compression, layouts: dict[int, LayerLayout],
                 chunks: Callable[[LayerLayout], Iterator[Chunk]], overwrite: bool, progress: bool | None,
-                desc: str = "build_table", shard: ShardRange | None = None) -> dict[int, LayerLayout]:
+                desc: str = "build_table", shard: ShardRange | None = None,
+                before_publish: Callable[[Path], None] | None = None) -> dict[int, LayerLayout]:
     """Write a table whose chunks `chunks(layout)` yields, layer by layer, and publish it atomically.
 
     Args:
@@ -71,6 +72,8 @@ def write_table(target: Path, spec: TableSpec, comp: Compression, layouts: dict[
         desc: the progress bar's label.
         shard: the rows of each layer this table holds, for one part of a sharded table (the
             layouts then have `shard.rows(layer_id)` rows); None for a whole table.
+        before_publish: called with the complete, synced partial directory just before it is
+            published; if it raises, nothing is published (the partial directory is removed).
 
     Returns:
         The layouts with their checksums.
@@ -99,6 +102,8 @@ def write_table(target: Path, spec: TableSpec, comp: Compression, layouts: dict[
         write_attributes(tmp, TableMeta(version, spec, comp, written, shard))
         make_read_only(tmp)
         fsync_tree(tmp)
+        if before_publish is not None:
+            before_publish(tmp)
         publish(tmp, target, overwrite, replaceable=_replaceable)
     return written
 

@@ -505,7 +505,7 @@ def test_fp8_scale_block_must_divide_d(capsys, spec_file, tmp_path):
     code, _, err = run(capsys, *base, "--dtype", "float8_e4m3", "--scale-block", "3")
     assert code == 3 and "TableSpec.scale_block=3 is invalid" in err and "--scale-block" in err
     code, _, err = run(capsys, *base, "--dtype", "int8", "--scale-block", "4")
-    assert code == 3 and "--scale-block 4 applies to float8_e4m3 rows only" in err
+    assert code == 3 and "--scale-block 4 applies to float8_e4m3, int4, int2 rows only" in err
     code, _, err = run(capsys, *base, "--dtype", "float8_e4m3", "--scale-block", "0")
     assert code == 2 and "argument --scale-block: 0 is invalid" in err
     fp8 = tmp_path / "fp8.json"                       # the spec file's own dtype takes --scale-block too
@@ -606,14 +606,14 @@ def test_convert_refuses_bad_input(capsys, built, tmp_path):
     assert code == 3 and "already exists" in err
     code, _, err = run(capsys, "convert", path, path, "--dtype", "int8", "--dry-run")
     assert code == 3 and "already exists" in err
-    code, _, err = run(capsys, "convert", path, str(tmp_path / "out"), "--dtype", "int4")
-    assert code == 2 and "argument --dtype: invalid choice: 'int4'" in err
+    code, _, err = run(capsys, "convert", path, str(tmp_path / "out"), "--dtype", "int3")
+    assert code == 2 and "argument --dtype: invalid choice: 'int3'" in err
     code, _, err = run(capsys, "convert", path, str(tmp_path / "out"))
     assert code == 2 and "--dtype" in err and "required" in err
     code, _, err = run(capsys, "convert", path, str(tmp_path / "out"), "--dtype", "float8_e4m3")      # D=8
     assert code == 3 and "pass --scale-block B with B a divisor of D=8" in err
     code, _, err = run(capsys, "convert", path, str(tmp_path / "out"), "--dtype", "int8", "--scale-block", "4")
-    assert code == 3 and "applies to float8_e4m3 rows only" in err
+    assert code == 3 and "applies to float8_e4m3, int4, int2 rows only" in err
     code, _, err = run(capsys, "convert", path, str(tmp_path / "out"), "--dtype", "int8", "--sample-rows", "-1")
     assert code == 2 and "argument --sample-rows" in err
     assert not (tmp_path / "out").exists()
