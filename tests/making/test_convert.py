@@ -167,7 +167,8 @@ def test_bad_arguments(sources, tmp_path):
     src = sources["float32"]
     with pytest.raises(engram.SpecError, match=r"dtype='float64' is not a row dtype: expected one of"):
         engram.convert(src, tmp_path / "t", dtype="float64")
-    with pytest.raises(engram.InputError, match=r"scale_block=16 applies to dtypes \('float8_e4m3', 'int4', 'int2'\) only"):
+    with pytest.raises(engram.InputError,
+                       match=r"scale_block=16 applies to dtypes \('float8_e4m3', 'int4', 'int2'\) only"):
         engram.convert(src, tmp_path / "t", dtype="int8", scale_block=16)
     with pytest.raises(engram.SpecError, match=r"cannot convert to dtype='float8_e4m3': .*scale_block=32 is invalid"
                        r".*must divide D=16.*pass scale_block="):
