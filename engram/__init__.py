@@ -11,6 +11,7 @@ from engram.errors import CorruptTableError as CorruptTableError
 from engram.errors import EngramError as EngramError
 from engram.errors import InputError as InputError
 from engram.errors import MissingFileError as MissingFileError
+from engram.errors import QualityGateError as QualityGateError
 from engram.errors import ShardMismatchError as ShardMismatchError
 from engram.errors import SpecError as SpecError
 from engram.errors import SpecMismatchError as SpecMismatchError
@@ -31,11 +32,12 @@ _LAZY = {
     "EngramMemoryV41": "layers.memory_v41", "EngramCache": "layers.module_cache", "export_rows": "layers.training",
     "param_groups": "layers.training",
 }
-_SUBPACKAGES = ("distributed", "data")   # imported on first use too (distributed imports torch.distributed)
+_SUBPACKAGES = ("distributed", "data", "quality")   # imported on first use too (distributed imports torch.distributed)
 
 if TYPE_CHECKING:
     from engram import data as data
     from engram import distributed as distributed
+    from engram import quality as quality
     from engram.addressing.compression import Compression as Compression
     from engram.addressing.hashing import NgramHasher as NgramHasher
     from engram.addressing.history import NgramHistory as NgramHistory
@@ -75,5 +77,6 @@ def __dir__() -> list[str]:
     return sorted(set(globals()) | set(_LAZY) | set(_SUBPACKAGES))
 
 
-__all__ = sorted([*_LAZY, "CorruptTableError", "EngramError", "InputError", "MissingFileError", "ShardMismatchError",
+__all__ = sorted([*_LAZY, "CorruptTableError", "EngramError", "InputError", "MissingFileError", "QualityGateError",
+                  "ShardMismatchError",
                   "SpecError", "SpecMismatchError", "TableExistsError", "TableNotFoundError", "TokenIdError"])

@@ -13,6 +13,7 @@ __all__ = [
     "TableExistsError",
     "CorruptTableError",
     "ShardMismatchError",
+    "QualityGateError",
 ]
 
 
@@ -54,3 +55,7 @@ class CorruptTableError(EngramError, OSError):
 
 class ShardMismatchError(SpecMismatchError):
     """The shards opened together do not form one table: other specs, compressions or row ranges."""
+
+
+class QualityGateError(EngramError, ValueError):
+    """A converted table changes a model's predictions more than allowed (engram.quality's gate)."""
