@@ -40,7 +40,7 @@ from engram.cli.bench import best_time
 from engram.making.checkpoint import open_checkpoint
 from engram.storage import fp8, quant
 
-TOKENIZER = Path(__file__).resolve().parents[1] / "engram" / "data" / "bpe_bytelevel_4k.tokenizer.json"
+TOKENIZER = engram.data.tokenizer_path()
 TIERS = ("ram", "mmap", "direct")
 
 

@@ -29,7 +29,7 @@ import engram
 from engram.cli import main as engram_cli
 
 HERE = Path(__file__).parent
-TOKENIZER = Path(engram.__file__).parent / "data" / "bpe_bytelevel_4k.tokenizer.json"
+TOKENIZER = engram.data.tokenizer_path()
 SPEC = HERE / "demo_spec.json"
 TEXT = "Only Alexander the Great could tame the horse Bucephalus."
 

@@ -11,7 +11,7 @@ import torch
 
 import engram
 
-TOKENIZER = Path(engram.__file__).parent / "data" / "bpe_bytelevel_4k.tokenizer.json"
+TOKENIZER = engram.data.tokenizer_path()
 _SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "__pycache__", "idle_test"}
 
 
@@ -68,6 +68,16 @@ def split_tokens(texts: list[str], val_fraction: float) -> tuple[np.ndarray, np.
     tokens = tokenize(texts)
     n_val = int(len(tokens) * val_fraction)
     return tokens[: len(tokens) - n_val], tokens[len(tokens) - n_val:]
+
+
+def held_out_texts(texts: list[str], val_fraction: float) -> list[str]:
+    """The texts `split_tokens` holds out for validation (with too few texts: the last `val_fraction`
+    of their characters, about the tokens it holds out then)."""
+    every = max(2, round(1 / val_fraction))
+    if len(texts) >= 2 * every:
+        return [texts[i] for i in range(every - 1, len(texts), every)]
+    joined = "".join(texts)
+    return [joined[len(joined) - int(len(joined) * val_fraction):]]
 
 
 def random_batch(tokens: np.ndarray, batch_size: int, block_size: int,
