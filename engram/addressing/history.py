@@ -45,7 +45,8 @@ class NgramHistory:
     Raw ids are kept (not compressed ones), so the state is small and pickles without the
     compression's lookup array; lookups compress the N-1 ids they read. The spec and the
     compression's fingerprint travel with it: a lookup on a table of other addressing or another
-    tokenizer is refused.
+    tokenizer is refused. `decoding_rank` is None until a sharded table's lookup claims the
+    history for its rank (`engram.distributed.decode`); other ranks are then refused it.
 
     Args:
         spec: the TableSpec of the tables the history is used with (N = spec.max_ngram_size).
@@ -68,6 +69,7 @@ class NgramHistory:
         check_int("max_rollback", max_rollback, 0)
         check_int("batch_size", batch_size, 1)
         self.max_rollback = int(max_rollback)
+        self.decoding_rank: int | None = None         # the rank whose sequences these are (sharded decoding)
         self.version = 0                              # changes with every append/rollback/reorder/reset
         self._reset_all(int(batch_size))
 

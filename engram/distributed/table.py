@@ -2,6 +2,7 @@
 
     st = engram.distributed.ShardedTable("big-1-of-4", tier="mmap")   # on rank 1 of 4
     e = st.lookup(token_ids, layer_id)       # [B, T, E]: what the whole table returns for these ids
+    e = st.lookup(new_ids, layer_id, history=hist)   # decoding: this rank's sequences continue `hist`
 
 Each rank opens its own part (`engram shard`, `engram build --shard r/W`) and every rank calls
 `lookup` / `prefetch` together with its own ids: the rows are hashed where the ids are, asked of
@@ -9,6 +10,10 @@ their owners and put back in order (`engram.distributed.exchange`). Every exchan
 ShardedTable runs on its own thread in call order, so prefetches and lookups never interleave
 their collectives; with `group=None` the table also gets a process group of its own, so the
 model's collectives (DDP's all-reduce) never interleave with them either.
+
+Decoding works as with a `Table`: each rank keeps the `NgramHistory` of its own sequences and
+hashes its new ids against it where the ids are (`engram.distributed.decode`); only row ids and
+rows travel. A history belongs to the rank that first decodes with it: another rank's is refused.
 """
 
 from __future__ import annotations
@@ -26,8 +31,10 @@ import torch.distributed as dist
 
 from engram.addressing.compression import Compression
 from engram.addressing.hashing import NgramHasher
+from engram.addressing.history import NgramHistory, prefetch_context
 from engram.addressing.spec import TableSpec
 from engram.distributed.agreement import agree
+from engram.distributed.decode import context_grams
 from engram.distributed.exchange import OP_LOOKUP, Routed, RowExchange
 from engram.errors import EngramError, InputError
 from engram.opening import open as open_table
@@ -167,7 +174,8 @@ class ShardedTable:
                 f"{self._exchange.world}, {self.shard})")
 
     # -- lookups ----------------------------------------------------------------------------
-    def lookup(self, token_ids: Any, layer_id: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+    def lookup(self, token_ids: Any, layer_id: int, dtype: torch.dtype | None = None, *,
+               history: NgramHistory | None = None, mask: Any = None, doc_start: Any = None) -> torch.Tensor:
         """The rows `token_ids` address in one layer of the whole table; every rank calls together.
 
         Args:
@@ -176,36 +184,44 @@ class ShardedTable:
             layer_id: one of `spec.layer_ids`, the same on every rank.
             dtype: result dtype (default `dtype`), the same on every rank; quantized rows are
                 decoded by their owner.
+            history, mask, doc_start: as for `Table.lookup`, each rank its own (the ids continue
+                this rank's `NgramHistory`; it is only read). A history used on one rank is
+                refused on another.
 
         Returns:
-            A CPU tensor [B, T, E], equal to the whole table's `lookup(token_ids, layer_id)`.
+            A CPU tensor [B, T, E], equal to the whole table's `lookup(token_ids, layer_id, ...)`.
 
         Raises:
-            InputError, TokenIdError: this rank's arguments (then every other rank raises
-                InputError naming this rank: nobody waits).
+            InputError, TokenIdError, SpecMismatchError: this rank's arguments (then every other
+                rank raises InputError naming this rank: nobody waits).
         """
-        future, (layer,) = self._submit(token_ids, (layer_id,), dtype)
+        future, (layer,), _ = self._submit(token_ids, (layer_id,), dtype, history, mask, doc_start)
         return future.result()[layer]
 
     def prefetch(self, token_ids: Any, layer_ids: int | Sequence[int] | None = None,
-                 dtype: torch.dtype | None = None) -> Prefetch:
+                 dtype: torch.dtype | None = None, *, history: NgramHistory | None = None, mask: Any = None,
+                 doc_start: Any = None) -> Prefetch:
         """Start the lookup of `token_ids` on the table's exchange thread; every rank calls together.
 
-        Returns:
-            A Prefetch handle: `result(layer_id)` == `lookup(token_ids, layer_id)`.
-        """
-        future, layers = self._submit(token_ids, layer_ids, dtype)     # this rank's bad arguments raise here
-        self._prefetch_stats.add(prefetches=1)
-        return Prefetch(future, layers, self._prefetch_stats, self.path)
+        `history`, `mask` and `doc_start` as for `lookup`; the history is read now (append to it after).
 
-    def _submit(self, token_ids: Any, layer_ids: Any,
-                dtype: torch.dtype | None) -> tuple[concurrent.futures.Future, tuple[int, ...]]:
+        Returns:
+            A Prefetch handle: `result(layer_id)` == `lookup(token_ids, layer_id, ...)`.
+        """
+        future, layers, context = self._submit(token_ids, layer_ids, dtype, history, mask, doc_start)
+        self._prefetch_stats.add(prefetches=1)
+        return Prefetch(future, layers, self._prefetch_stats, self.path, context)
+
+    def _submit(self, token_ids: Any, layer_ids: Any, dtype: torch.dtype | None, history: NgramHistory | None,
+                mask: Any, doc_start: Any) -> tuple[concurrent.futures.Future, tuple[int, ...], Any]:
         """Check the arguments here; exchange on the thread (a refused call still takes part once)."""
         if self._closed:
             raise InputError(f"this ShardedTable ({os.fspath(self.path)!r}) is closed: open it again on every rank")
         problem: Exception | None = None
         try:
             x = compressed_ids(token_ids, self.compression)
+            grams = context_grams(self._hasher, x, history, mask, doc_start)   # N x [B, T], read now
+            context = prefetch_context(token_ids, history, mask)
             if layer_ids is None:
                 layer_ids = self.spec.layer_ids
             elif isinstance(layer_ids, (int, np.integer)) or not isinstance(layer_ids, Sequence):
@@ -218,18 +234,18 @@ class ShardedTable:
         if problem is not None:
             self._thread.submit(self._exchange.refuse, OP_LOOKUP)
             raise problem
-        return self._thread.submit(self._work, x, layers, dtype, want), layers
+        return self._thread.submit(self._work, grams, layers, dtype, want), layers, context
 
-    def _work(self, x: np.ndarray, layers: tuple[int, ...], dtype: torch.dtype | None,
+    def _work(self, grams: list[np.ndarray], layers: tuple[int, ...], dtype: torch.dtype | None,
               gathered: torch.dtype) -> dict[int, torch.Tensor]:
-        """Runs on the exchange thread: every layer's rows of this rank's ids [B, T]."""
-        B, T = x.shape
+        """Runs on the exchange thread: every layer's rows of this rank's n-grams (N columns of [B, T])."""
+        B, T = grams[0].shape
         H, D = self.spec.heads_per_layer, self.spec.head_dim
         want = self.dtype if dtype is None else dtype
         out = {}
         for layer_id in layers:
             heads_buf, rows = self._scratch.get(H, B, T)
-            np.add(self._hasher.hash_compressed(x, layer_id, out=heads_buf), self._offsets[layer_id],
+            np.add(self._hasher.hash_grams(grams, layer_id, out=heads_buf), self._offsets[layer_id],
                    out=rows)                                                      # [B, T, H] global rows
             routed = self._exchange.route(layer_id, rows.reshape(-1), gathered, OP_LOOKUP)
             result = self._outputs.take((B, T, H * D), gathered)

@@ -23,6 +23,7 @@ import torch
 
 import engram
 from engram.making.sharding import shard_path, shard_table
+from tests.distributed.decode_cases import CASES as DECODE_CASES
 
 VOCAB = 1000
 SPEC = dict(engram_vocab_size=(3000, 3000), max_ngram_size=3, n_head_per_ngram=2, n_embed_per_ngram=64,
@@ -341,6 +342,7 @@ CASES = {
     "train": _case_train,
     "load": _case_load,
     "pss": _case_pss,
+    **DECODE_CASES,
 }
 TWO = [name for name in CASES if name not in ("pss", "load")]
 FOUR = ["pss", "lookup", "load", "refused_calls", "train"]
@@ -452,3 +454,13 @@ def test_four_processes_mapping_one_table_hold_one_copy(four):
     table_bytes = out[0]["bytes"]
     assert all(o["rss"] > 0.9 * table_bytes for o in out)          # each process maps every page
     assert sum(o["pss"] for o in out) < 1.25 * table_bytes         # four processes, one copy (not four)
+
+
+def test_decoding_step_by_step_on_each_rank_equals_the_whole_tables_full_sequence(two):
+    assert _outcome(two, "decode_table") == ["ok"] * 2
+
+
+def test_a_history_another_rank_decoded_with_is_refused_on_every_rank(two):
+    outs = _outcome(two, "mixed_histories")
+    assert outs[0][0] == "InputError" and "history holds the sequences of rank 1 but rank 0 looked up" in outs[0][1]
+    assert outs[1][0] == "InputError" and "rank 0 refused its arguments" in outs[1][1]
