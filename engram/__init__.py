@@ -30,7 +30,7 @@ _LAZY = {
     "open_checkpoint": "making.checkpoint", "Checkpoint": "making.checkpoint", "CorpusStats": "making.corpus",
     "corpus_stats": "making.corpus", "tokenize_files": "making.corpus", "EngramMemory": "layers.memory",
     "EngramMemoryV41": "layers.memory_v41", "EngramCache": "layers.module_cache", "export_rows": "layers.training",
-    "param_groups": "layers.training",
+    "param_groups": "layers.training", "OffloadedRows": "offload.rows", "OffloadStats": "offload.stats",
 }
 _SUBPACKAGES = ("distributed", "data", "quality")   # imported on first use too (distributed imports torch.distributed)
 
@@ -55,6 +55,8 @@ if TYPE_CHECKING:
     from engram.making.corpus import CorpusStats as CorpusStats
     from engram.making.corpus import corpus_stats as corpus_stats
     from engram.making.corpus import tokenize_files as tokenize_files
+    from engram.offload.rows import OffloadedRows as OffloadedRows
+    from engram.offload.stats import OffloadStats as OffloadStats
     from engram.opening import lookup as lookup
     from engram.opening import open as open
     from engram.serving.hotrows import HotRowPlan as HotRowPlan

@@ -12,7 +12,12 @@ the row's owner over the same routes, and the owner adds up what every rank sent
 then applies the paper's optimizer to the rows touched since the last step, lazily, exactly as
 `torch.optim.SparseAdam` does (moments of untouched rows stay as they are; the step count, and
 so the bias correction, advances once per step of each layer that had a backward), at the rows'
-learning rate and without weight decay.
+learning rate and without weight decay: the arithmetic of `engram.offload.adam`, which
+`engram.OffloadedRows` shares.
+
+With `offload=workdir`, the rank's rows and moments live on disk instead, in a working copy of its
+part behind a cache of `cache_bytes` (`engram.offload.part`): made from the part on first use,
+resumed from its last `flush()` afterwards. `flush()` and `snapshot(path)` then replace `save`.
 
 The rows are neither parameters nor buffers of any module: DDP must not broadcast or average
 them (each rank holds different rows), and the model's optimizer must not see them. A row's
@@ -24,8 +29,8 @@ number of ranks.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
-import math
 import os
 from typing import Any
 
@@ -36,12 +41,14 @@ import torch.distributed as dist
 from engram.addressing.compression import Compression
 from engram.addressing.hashing import NgramHasher
 from engram.addressing.spec import TableSpec
-from engram.args import check_real, is_real
 from engram.distributed.agreement import agree
 from engram.distributed.exchange import OP_GRAD, OP_LOOKUP, Routed, RowExchange
 from engram.distributed.state import load_rows, save_rows
 from engram.distributed.table import compressed_ids, new_group
 from engram.errors import EngramError, InputError
+from engram.offload.adam import AdamSettings, sparse_adam_, sum_by_row
+from engram.offload.part import OffloadedPart
+from engram.offload.stats import OffloadStats
 from engram.opening import open as open_table
 from engram.serving.lookup_args import check_dtype
 from engram.storage.shards import ShardRange
@@ -60,6 +67,9 @@ class ShardedRows:
         betas, eps: Adam's, as `torch.optim.SparseAdam`.
         wire_dedup, timeout: as `ShardedTable`'s (`wire_dedup`: each distinct row of a lookup,
             and its summed gradient, travels once).
+        offload: a directory for this rank's working copy (one per rank), or None to hold the rows
+            in memory. See the module doc; the step counts then resume from the working copy.
+        cache_bytes, io_threads: with offload, the row cache (as for `engram.OffloadedRows`).
 
     Raises:
         ShardMismatchError: the parts opened on the ranks are not the parts of one table (on every rank).
@@ -67,7 +77,12 @@ class ShardedRows:
 
     def __init__(self, path: str | os.PathLike[str], group: dist.ProcessGroup | None = None, *, lr: float,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, wire_dedup: bool = False,
-                 timeout: datetime.timedelta | None = None) -> None:
+                 timeout: datetime.timedelta | None = None, offload: str | os.PathLike[str] | None = None,
+                 cache_bytes: int | None = None, io_threads: int = 4) -> None:
+        self.set_optimizer(lr=lr, betas=betas, eps=eps)
+        if offload is not None and cache_bytes is None:
+            raise InputError(f"offload={os.fspath(offload)!r} needs cache_bytes= (bytes of the row cache, "
+                             "e.g. 4 << 30)")
         group = new_group(group, timeout)
         opened: list[Any] = []
 
@@ -81,12 +96,18 @@ class ShardedRows:
             parts = agree(group, describe)
             table = opened[0]
             part = parts[dist.get_rank(group)]
-            rows = {lid: table.rows(lid, np.arange(*part.ranges[lid]), dtype=torch.float32) for lid in part.ranges}
-            self._setup(group, parts, table.spec, table.compression, rows, wire_dedup)
+            if offload is None:
+                rows = {lid: table.rows(lid, np.arange(*part.ranges[lid]), dtype=torch.float32) for lid in part.ranges}
+                self._setup(group, parts, table.spec, table.compression, rows, wire_dedup)
         finally:
             for t in opened:
                 t.close()
-        self.set_optimizer(lr=lr, betas=betas, eps=eps)
+        if offload is not None:
+            assert cache_bytes is not None
+            store = OffloadedPart(path, offload, shard=part, spec=table.spec, compression=table.compression,
+                                  cache_bytes=cache_bytes, io_threads=io_threads, settings=self._settings)
+            self._setup(group, parts, table.spec, table.compression, {}, wire_dedup, store)
+            self.steps = dict(store.steps)
 
     @classmethod
     def from_state(cls, group: dist.ProcessGroup, parts: list[ShardRange], spec: TableSpec, comp: Compression,
@@ -97,26 +118,25 @@ class ShardedRows:
         return self
 
     def _setup(self, group: dist.ProcessGroup, parts: list[ShardRange], spec: TableSpec, comp: Compression,
-               rows: dict[int, torch.Tensor], wire_dedup: bool) -> None:
+               rows: dict[int, torch.Tensor], wire_dedup: bool, store: OffloadedPart | None = None) -> None:
         self.group, self.parts, self.spec, self.compression = group, parts, spec, comp
         self.local = {lid: r.requires_grad_(True) for lid, r in rows.items()}   # {layer: float32 [n_local, D]}
         self.exp_avg = {lid: torch.zeros_like(r) for lid, r in rows.items()}
         self.exp_avg_sq = {lid: torch.zeros_like(r) for lid, r in rows.items()}
-        self.steps = dict.fromkeys(rows, 0)
+        self.steps = dict.fromkeys(spec.layer_ids, 0)
+        self._offload = store                        # the rows on disk, or None (in `local`)
+        self._lead = torch.zeros(0, requires_grad=True)   # makes offloaded lookups differentiable
+        self._track = True                           # the lookup in progress keeps its rows for the step
         self._exchange = RowExchange(group, parts, wire_dedup)
         self._hasher = NgramHasher(spec, comp)
         self._offsets = {lid: np.asarray(spec.head_offsets(lid), np.int64) for lid in spec.layer_ids}
-        self._grads: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {lid: [] for lid in rows}
+        self._grads: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {lid: [] for lid in spec.layer_ids}
         self._touched: set[int] = set()
 
     def set_optimizer(self, *, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
         """Set the rows' Adam settings (e.g. from a learning-rate schedule between steps)."""
-        check_real("lr", lr, 0.0)
-        if not (isinstance(betas, tuple) and len(betas) == 2 and all(is_real(b) and 0.0 <= b < 1.0 for b in betas)):
-            raise InputError(f"betas={betas!r} is invalid: expected two floats in [0, 1)")
-        if not is_real(eps) or not eps > 0:
-            raise InputError(f"eps={eps!r} is invalid: expected a float > 0")
-        self.lr, self.betas, self.eps = float(lr), (float(betas[0]), float(betas[1])), float(eps)
+        self._settings = AdamSettings.checked(lr, betas, eps)
+        self.lr, self.betas, self.eps = self._settings.lr, self._settings.betas, self._settings.eps
 
     @property
     def shard(self) -> ShardRange:
@@ -150,15 +170,20 @@ class ShardedRows:
             raise problem
         B, T = x.shape
         rows = self._hasher.hash_compressed(x, layer_id) + self._offsets[layer_id]     # [B, T, H] global rows
-        lead = self.local[layer_id]                       # carries requires_grad for the autograd Function
+        lead = self._lead if self._offload is not None else self.local[layer_id]   # requires_grad for the Function
+        self._track = torch.is_grad_enabled()
         out = _Lookup.apply(lead, self, layer_id, rows.reshape(-1))                     # [B*T*H, D]
         out = out.view(B, T, self.spec.embed_dim)                                       # [B, T, E]
         return out if dtype is None or dtype == out.dtype else out.to(dtype)
 
     def _forward(self, layer_id: int, rows: np.ndarray) -> tuple[torch.Tensor, Routed]:
         routed = self._exchange.route(layer_id, rows, torch.float32, OP_LOOKUP)
-        local = self.local[layer_id]
-        uniq = self._exchange.answer(routed, lambda idx: local[torch.from_numpy(idx)])   # [u, D]
+        store, track = self._offload, self._track
+        if store is None:
+            local = self.local[layer_id]
+            uniq = self._exchange.answer(routed, lambda idx: local[torch.from_numpy(idx)])   # [u, D]
+        else:
+            uniq = self._exchange.answer(routed, lambda idx: store.read(layer_id, idx, track))
         return (uniq if routed.inverse is None else uniq[routed.inverse]), routed           # [n, D]
 
     def _backward(self, layer_id: int, routed: Routed, grad: torch.Tensor) -> None:
@@ -182,37 +207,59 @@ class ShardedRows:
         for pending in self._grads.values():
             pending.clear()
         self._touched.clear()
+        if self._offload is not None:
+            self._offload.advance()
 
     @torch.no_grad()
     def step(self) -> None:
         """Adam on the rows touched since the last step, as torch.optim.SparseAdam (see module doc)."""
-        beta1, beta2 = self.betas
-        for layer_id in sorted(self._touched):
-            self.steps[layer_id] += 1
-            pending = self._grads[layer_id]
-            if not pending:
-                continue
-            idx = torch.cat([i for i, _ in pending])
-            grads = torch.cat([g for _, g in pending])
-            rows, inverse = torch.unique(idx, sorted=True, return_inverse=True)
-            grad = torch.zeros((rows.numel(), grads.shape[1]), dtype=torch.float32)
-            grad.index_add_(0, inverse, grads)                                # one summed gradient per row
-            param, m, v = self.local[layer_id], self.exp_avg[layer_id], self.exp_avg_sq[layer_id]
-            old_m, old_v = m[rows], v[rows]
-            m_update = grad.sub(old_m).mul_(1 - beta1)
-            m[rows] = old_m + m_update
-            v_update = grad.pow(2).sub_(old_v).mul_(1 - beta2)
-            v[rows] = old_v + v_update
-            numer = m_update.add_(old_m)
-            denom = v_update.add_(old_v).sqrt_().add_(self.eps)
-            step = self.steps[layer_id]
-            step_size = self.lr * math.sqrt(1 - beta2**step) / (1 - beta1**step)
-            param[rows] = param[rows] + (-step_size * numer.div_(denom))
+        store = self._offload
+        with contextlib.nullcontext() if store is None else store.stepping():
+            for layer_id in sorted(self._touched):
+                self.steps[layer_id] += 1
+                pending = self._grads[layer_id]
+                if not pending:
+                    continue
+                rows, grad = sum_by_row(torch.cat([i for i, _ in pending]), torch.cat([g for _, g in pending]))
+                if store is not None:
+                    store.adam(layer_id, rows, grad, self.steps[layer_id], self._settings)
+                else:
+                    sparse_adam_(self.local[layer_id], self.exp_avg[layer_id], self.exp_avg_sq[layer_id], rows, grad,
+                                 self.steps[layer_id], self._settings)
         self.zero_grad()
 
     # -- save and load ----------------------------------------------------------------------
+    def _offloaded(self, what: str) -> OffloadedPart:
+        if self._offload is None:
+            raise InputError(f"{what} is for rows offloaded to disk (ShardedRows(..., offload=workdir)); these rows "
+                             "are in memory: save them with rows.save(prefix)")
+        return self._offload
+
+    def flush(self) -> None:
+        """Offloaded rows: this rank's rows, moments and step counts durable in its working copy (see
+        `engram.OffloadedRows.flush`). Each rank flushes its own part; call it on every rank at one step."""
+        self._offloaded("flush()").flush(self.steps, self._settings)
+
+    def snapshot(self, path: str | os.PathLike[str], *, dtype: str | None = None, overwrite: bool = False,
+                 progress: bool | None = None) -> str:
+        """Offloaded rows: flush, then publish this rank's rows as its part of a sharded table at `path`
+        (one path per rank; `ShardedTable` serves the parts together)."""
+        return self._offloaded("snapshot()").snapshot(path, dtype, overwrite, progress, self.steps, self._settings)
+
+    def offload_stats(self) -> OffloadStats:
+        """Offloaded rows: the cache's counters (see `engram.OffloadedRows.stats`)."""
+        return self._offloaded("offload_stats()").stats()
+
+    def close(self, flush: bool = True) -> None:
+        """Offloaded rows: flush (unless flush=False) and release the working copy; in memory: nothing to do."""
+        if self._offload is not None:
+            self._offload.close(self.steps, self._settings, flush)
+
     def save(self, prefix: str | os.PathLike[str]) -> str:
         """Write this rank's rows and optimizer state (every rank calls; see `engram.distributed.state`)."""
+        if self._offload is not None:
+            raise InputError(f"these rows are offloaded to {self._offload.path!r}: they are saved there by "
+                             "rows.flush() (and published by rows.snapshot(path)), not by save")
         return save_rows(self, prefix)
 
     @classmethod
