@@ -3,6 +3,7 @@
     python tools/train_tiny.py                          # stdlib sources, Engram at block 1
     python tools/train_tiny.py --engram-layers none     # the same model without Engram
     python tools/train_tiny.py --data notes/ --steps 500 --engram-layers 1,3 --json
+    python tools/train_tiny.py --save tiny/          # a checkpoint the quality gate can load
 
 Text: the Python standard library's .py files by default, or any files given with --data,
 tokenized with the shipped 4k byte-level BPE; files are read in a fixed random order up to
@@ -10,13 +11,20 @@ tokenized with the shipped 4k byte-level BPE; files are read in a fixed random o
 Engram rows train inside the model with Adam at 5x the base learning rate (engram.param_groups).
 Reported: the training loss every --log-every steps, the final validation loss, tokens/s and
 the share of step time spent in the Engram lookup (host hashing + row gather, forward only).
+
+--save DIR writes a checkpoint that `engram quality` and `engram convert --max-kl` load as their
+gate model: table.engram (the trained Engram rows, float32), model.pt (every other weight),
+config.json, tokenizer.json, heldout.txt (the validation texts), and the model code (tiny_lm.py,
+engram_gate.py: `load(directory)` returns `model_fn(token_ids, table) -> logits`).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -27,7 +35,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from tiny_data import TOKENIZER, expand, random_batch, read_texts, split_tokens, stdlib_files  # noqa: E402
+from tiny_data import (  # noqa: E402
+    TOKENIZER,
+    expand,
+    held_out_texts,
+    random_batch,
+    read_texts,
+    split_tokens,
+    stdlib_files,
+)
 from tiny_lm import TinyLM, TinyLMConfig  # noqa: E402
 
 import engram  # noqa: E402
@@ -57,6 +73,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--eval-batches", type=int, default=20, help="batches of the validation loss")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a log")
+    p.add_argument("--save", metavar="DIR", help="write a gate checkpoint (table, weights, code, held-out text)")
     args = p.parse_args(argv)
     spec = args.engram_layers.strip().lower()
     try:
@@ -90,7 +107,9 @@ class LookupTimer:
 
 def load_tokens(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray]:
     files = expand(args.data) if args.data else stdlib_files()
-    train, val = split_tokens(read_texts(files, args.max_chars), args.val_fraction)
+    texts = read_texts(files, args.max_chars)
+    train, val = split_tokens(texts, args.val_fraction)
+    args.held_out = held_out_texts(texts, args.val_fraction)
     if min(len(train), len(val)) < args.block_size + 2:
         raise SystemExit(f"only {len(train)} training and {len(val)} validation tokens: give more --data, "
                          "a larger --val-fraction or a smaller --block-size")
@@ -103,6 +122,23 @@ def learning_rate(step: int, args: argparse.Namespace) -> float:
         return args.lr * (step + 1) / args.warmup
     progress = (step - args.warmup) / max(1, args.steps - args.warmup)
     return args.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * progress)))
+
+
+def save_checkpoint(model: TinyLM, config: TinyLMConfig, comp: engram.Compression, args: argparse.Namespace) -> None:
+    """The gate checkpoint of --save (see the module docstring)."""
+    out = Path(args.save)
+    out.mkdir(parents=True, exist_ok=True)
+    here = Path(__file__).resolve().parent
+    mems = model.engram_modules()
+    if mems:
+        engram.build_table(out / "table.engram", mems[0].spec, comp, overwrite=True, progress=False,
+                           weights={m.layer_id: m.export_rows() for m in mems}).close()
+    torch.save({k: v for k, v in model.state_dict().items() if not k.endswith("engram.rows")}, out / "model.pt")
+    (out / "config.json").write_text(json.dumps(dataclasses.asdict(config)))
+    shutil.copyfile(TOKENIZER, out / "tokenizer.json")
+    shutil.copyfile(here / "tiny_lm.py", out / "tiny_lm.py")
+    shutil.copyfile(here / "tiny_gate.py", out / "engram_gate.py")
+    (out / "heldout.txt").write_text("\n".join(args.held_out))
 
 
 @torch.no_grad()
@@ -164,6 +200,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "lookup_share": timer.lookup_s / step_s, "hash_share": timer.hash_s / step_s,
         "loss_curve": curve,
     }
+    if args.save:
+        save_checkpoint(model, config, comp, args)
     if args.json:
         print(json.dumps(result))
     else:

@@ -17,6 +17,7 @@ import numpy as np
 
 from engram.cli.common import (
     BLOCK_DTYPE,
+    EXIT_CHECK_FAILED,
     EXIT_INTERRUPTED,
     EXIT_REFUSED,
     EXIT_USAGE,
@@ -29,10 +30,11 @@ from engram.cli.common import (
     int_at_least,
 )
 from engram.cli.corpus import cmd_hash, cmd_stats
+from engram.cli.quality import add_gate, add_max_kl, cmd_quality
 from engram.cli.read import cmd_bench, cmd_inspect, cmd_verify
 from engram.cli.shard import cmd_shard, shard_arg
 from engram.cli.write import cmd_build, cmd_convert, cmd_import
-from engram.errors import EngramError
+from engram.errors import EngramError, QualityGateError
 
 
 # -- parser ------------------------------------------------------------------------------------
@@ -137,7 +139,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int_at_least(0), default=0, metavar="S", help="seed of the error sample")
     p.add_argument("--dry-run", action="store_true", help="print the bytes before and after; write nothing")
     p.add_argument("--overwrite", action="store_true", help="replace an existing table at DST")
+    add_max_kl(p)
     p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("quality", help="what a table's conversion does to a model: KL, NLL, top-1 on a held-out text")
+    p.add_argument("table_a", metavar="SRC", help="the source table")
+    p.add_argument("table_b", metavar="CONVERTED", help="a conversion of SRC (engram convert)")
+    add_gate(p, required=True)
+    p.set_defaults(func=cmd_quality)
 
     p = sub.add_parser("inspect", help="describe a table, or a DeepSeek-V4.1 checkpoint directory")
     p.add_argument("path", metavar="PATH", help="table directory, or checkpoint directory (config.json, shards)")
@@ -222,6 +231,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     func: Callable[[argparse.Namespace], Output] = args.func
     try:
         out = func(args)
+    except QualityGateError as exc:          # a measured refusal, like a failed check: exit 1
+        return _fail(args, EXIT_CHECK_FAILED, str(exc), type(exc).__name__)
     except (EngramError, OSError) as exc:   # OSError: a file engram was not the first to look at
         return _fail(args, EXIT_REFUSED, _flag_wording(str(exc)), type(exc).__name__)
     except KeyboardInterrupt:

@@ -142,9 +142,15 @@ def cmd_convert(args: argparse.Namespace) -> Output:
             lines.append("  it would NOT fit on this disk")
         return Output(payload, "\n".join(lines), EXIT_OK if needed <= free else EXIT_REFUSED)
     check_disk(args.dst, needed, free)
+    from engram.cli.quality import convert_gate, report_lines
+
+    gate = convert_gate(args)
     report = convert(args.src, args.dst, dtype=args.dtype, scale_block=args.scale_block, overwrite=args.overwrite,
-                     sample_rows=args.sample_rows, seed=args.seed, progress=None if not args.json else False)
+                     sample_rows=args.sample_rows, seed=args.seed, progress=None if not args.json else False,
+                     accept=gate)
     payload = report.to_dict()
+    if gate is not None:
+        payload["quality"] = gate.report.to_dict()
     payload.update(disk_bytes_before=sum(r.disk_bytes_before for r in report.layers.values()),
                    disk_bytes_after=sum(r.disk_bytes_after for r in report.layers.values()), dry_run=False)
     lines = [f"converted {report.src} ({report.src_dtype}) -> {report.dst} ({target}) in {report.seconds:.1f} s"
@@ -162,6 +168,8 @@ def cmd_convert(args: argparse.Namespace) -> Output:
     lines.append(f"  total: {human_bytes(report.bytes_before)} -> {human_bytes(report.bytes_after)} "
                  f"({report.bytes_after / max(1, report.bytes_before):.2f}x), "
                  f"{human_bytes(payload['disk_bytes_after'])} on disk")
+    if gate is not None:
+        lines += ["  the gate model's next-token distributions, converted against source:", *report_lines(gate.report)]
     return Output(payload, "\n".join(lines))
 
 
