@@ -40,8 +40,10 @@ import torch.distributed as dist
 
 from engram.addressing.compression import Compression
 from engram.addressing.hashing import NgramHasher
+from engram.addressing.history import NgramHistory
 from engram.addressing.spec import TableSpec
 from engram.distributed.agreement import agree
+from engram.distributed.decode import context_grams
 from engram.distributed.exchange import OP_GRAD, OP_LOOKUP, Routed, RowExchange
 from engram.distributed.state import load_rows, save_rows
 from engram.distributed.table import compressed_ids, new_group
@@ -155,21 +157,24 @@ class ShardedRows:
         return f"ShardedRows(rank={self._exchange.rank} of {self._exchange.world}, {self.shard})"
 
     # -- lookup and backward ----------------------------------------------------------------
-    def lookup(self, token_ids: Any, layer_id: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+    def lookup(self, token_ids: Any, layer_id: int, dtype: torch.dtype | None = None, *,
+               history: NgramHistory | None = None, mask: Any = None, doc_start: Any = None) -> torch.Tensor:
         """The rows `token_ids` [B, T] address in one layer, [B, T, E], differentiable; every rank
-        calls together (its backward, too, runs on every rank together)."""
+        calls together (its backward, too, runs on every rank together). `history`, `mask` and
+        `doc_start` as for `ShardedTable.lookup` (each rank decodes its own sequences)."""
         problem: Exception | None = None
         try:
             x = compressed_ids(token_ids, self.compression)
             layer_id = self.spec.check_layer(layer_id)
             check_dtype(dtype)
+            grams = context_grams(self._hasher, x, history, mask, doc_start)          # N x [B, T]
         except EngramError as exc:
             problem = exc
         if problem is not None:
             self._exchange.refuse(OP_LOOKUP)
             raise problem
         B, T = x.shape
-        rows = self._hasher.hash_compressed(x, layer_id) + self._offsets[layer_id]     # [B, T, H] global rows
+        rows = self._hasher.hash_grams(grams, layer_id) + self._offsets[layer_id]      # [B, T, H] global rows
         lead = self._lead if self._offload is not None else self.local[layer_id]   # requires_grad for the Function
         self._track = torch.is_grad_enabled()
         out = _Lookup.apply(lead, self, layer_id, rows.reshape(-1))                     # [B*T*H, D]

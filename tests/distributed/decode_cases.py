@@ -109,4 +109,4 @@ def case_mixed_histories(rank: int, world: int, root: Path, group) -> list:
     return refused
 
 
-CASES = {"decode_table": case_decode_table, "mixed_histories": case_mixed_histories}
+CASES = {"decode_table": case_decode_table, "decode_rows": case_decode_rows, "mixed_histories": case_mixed_histories}

@@ -458,6 +458,7 @@ def test_four_processes_mapping_one_table_hold_one_copy(four):
 
 def test_decoding_step_by_step_on_each_rank_equals_the_whole_tables_full_sequence(two):
     assert _outcome(two, "decode_table") == ["ok"] * 2
+    assert _outcome(two, "decode_rows") == ["ok"] * 2
 
 
 def test_a_history_another_rank_decoded_with_is_refused_on_every_rank(two):
