@@ -4,9 +4,17 @@ One gather of n rows: deduplicate and sort the rows (skipped when the caller pas
 and distinct, as the table's gather engine does), which puts them in file-offset order; turn
 them into block-aligned extents of their chunk files (rows sharing a 4 KiB block, or in blocks
 at most GAP_BYTES apart, are read together: one read covers them and the gap; extents never
-cross an `EXTENT_BYTES` boundary); read the extents with `io_threads` `preadv` calls in flight (a
-thread pool of that size, each thread issuing its share one call at a time; the GIL is released
-during each call); then copy every row out of the staging buffer.
+cross an `EXTENT_BYTES` boundary); read the extents with `io_threads` reads in flight; then copy
+every row out of the staging buffer.
+
+How the reads are issued (`DirectReader.io_engine`):
+- "io_uring" where the kernel offers it (`engram.serving.uring`): the calling thread writes one
+  submission entry per extent and one system call submits them and waits for them, so a decode
+  step's few dozen reads cost one trip into the kernel, not a Python hand-off each; larger
+  gathers keep `io_threads` in flight, refilling as reads complete. Each thread has its own ring.
+- "threads" elsewhere (no io_uring, or refused by a seccomp profile or sysctl): a thread pool of
+  `io_threads` threads, each issuing its share of the extents one `preadv` at a time (the GIL is
+  released during each call).
 
 Why read through gaps: on SSDs and virtual disks a small read costs about as much as a few
 blocks (a fixed per-read cost dominates until reads grow large), so two blocks read apart cost
@@ -34,20 +42,23 @@ from collections.abc import Iterator
 
 import numpy as np
 import torch
-import xxhash
 
+from engram.serving.extent_reads import Job, read_pool, read_ring
 from engram.serving.mapping import MAP_PRIVATE, PROT_READ, PROT_WRITE, Region
+from engram.serving.uring import Ring
 from engram.storage.chunks import block_error, chunk_error, fadvise, open_chunk
 from engram.storage.format import CHECKED_BLOCK, LayerLayout
 from engram.storage.tabledir import TableDir
 
-__all__ = ["DirectReader", "BLOCK", "EXTENT_BYTES"]
+__all__ = ["DirectReader", "BLOCK", "EXTENT_BYTES", "IO_ENGINES"]
 
 BLOCK = CHECKED_BLOCK       # 4096: alignment of O_DIRECT offsets, lengths and buffers; one block digest each
 EXTENT_BYTES = 128 << 10    # extents never cross a multiple of this (bounds one read)
 GAP_BYTES = 8 << 10         # rows up to this far apart are read in one extent, gap included
 STAGE_BYTES = 32 << 20      # staging buffer per window of extents (bounds memory per call)
+SMALL_GATHER = 64           # gathers of at most this many rows are planned without numpy (`_gather_few`)
 _O_DIRECT = getattr(os, "O_DIRECT", 0)
+IO_ENGINES = ("io_uring", "threads")
 
 
 class DirectReader:
@@ -67,6 +78,7 @@ class DirectReader:
         self._layouts = layouts
         self._io_threads = io_threads
         self._fds: dict[int, list[int]] = {}
+        self._fd_arrays: dict[int, np.ndarray] = {}     # the same, as int64 arrays (io_uring entries)
         self._local = threading.local()
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._pool_pid = -1
@@ -80,6 +92,10 @@ class DirectReader:
         except BaseException:
             self.close()
             raise
+        self._fd_arrays = {lid: np.array(fds, np.int64) for lid, fds in self._fds.items()}
+        # "io_uring" where this process can have a ring, else "threads"; set it to "threads" to
+        # compare the two (both read the same extents and check the same blocks).
+        self.io_engine = "io_uring" if self._ring() is not None else "threads"
 
     # -- files ------------------------------------------------------------------------------
     def _open_all(self, tdir: TableDir, o_direct: bool | None) -> bool:
@@ -136,7 +152,14 @@ class DirectReader:
             self._pool.shutdown(wait=True)
             self._pool = None
         self._close_fds()
-        self._local = threading.local()   # drops every thread's staging buffer
+        self._local = threading.local()   # drops every thread's staging buffer and ring
+
+    def _ring(self) -> Ring | None:
+        """This thread's io_uring ring (made on first use, again after fork), None where refused."""
+        ring = getattr(self._local, "ring", None)
+        if ring is None or ring.pid != os.getpid():
+            ring = self._local.ring = Ring.create(self._io_threads)
+        return ring
 
     def _executor(self) -> concurrent.futures.ThreadPoolExecutor:
         with self._pool_lock:   # threads do not survive fork: a forked child makes its own pool
@@ -165,6 +188,9 @@ class DirectReader:
         if rows.size == 0:
             return 0, 0
         out_bytes = out.view(torch.uint8).view(rows.size, lay.row_bytes)          # [n, row_bytes]
+        ring = self._ring() if self.io_engine == "io_uring" else None
+        if ring is not None and rows.size <= SMALL_GATHER:
+            return self._gather_few(ring, lay, rows.tolist(), out_bytes, sorted_unique)
         if sorted_unique:
             uniq, inverse, dest = rows, None, out_bytes
         else:
@@ -173,7 +199,7 @@ class DirectReader:
             dest = torch.empty((uniq.size, lay.row_bytes), dtype=torch.uint8)
         plan = _plan_extents(uniq, lay)
         for window in _windows(plan, STAGE_BYTES):
-            self._read_window(lay, self._fds[layer_id], plan, window, dest)
+            self._read_window(ring, lay, plan, window, dest)
         if inverse is not None:   # expand the unique rows to the requested order, byte for byte
             torch.index_select(dest, 0, inverse, out=out_bytes)
         return int(plan["ext_len"].sum()), int(plan["ext_len"].size)
@@ -183,7 +209,7 @@ class DirectReader:
         non-decreasing): rows with the same id are read by one call when read together."""
         return _plan_extents(uniq, self._layouts[layer_id])["row_ext"]
 
-    def _read_window(self, lay: LayerLayout, fds: list[int], plan: dict[str, np.ndarray],
+    def _read_window(self, ring: Ring | None, lay: LayerLayout, plan: dict[str, np.ndarray],
                      window: tuple[int, int, int, int], dest: torch.Tensor) -> None:
         first_ext, stop_ext, first_row, stop_row = window
         ext_start = plan["ext_start"][first_ext:stop_ext]
@@ -196,69 +222,86 @@ class DirectReader:
         want = np.minimum(ext_len, lay.chunk_bytes - ext_start)
         jobs = list(zip(ext_chunk.tolist(), ext_start.tolist(), ext_len.tolist(), stage_off.tolist(), want.tolist(),
                         strict=True))
-        # Reads in flight: `io_threads` tasks, each issuing its share of the extents one preadv at a
-        # time, so exactly min(io_threads, extents) reads are outstanding until the last ones land.
-        n_tasks = min(self._io_threads, len(jobs))
-        view = staging.data
-        # Each block read is checked against its recorded digest by the thread that read it, while the
-        # other reads are still in flight, before any row of it is used.
-        digests = self.block_digests.get(lay.layer_id) if self.verify_blocks else None
-        check = None if digests is None else (digests.reshape(-1).data.cast("B").cast("Q"), digests.shape[1])
-        tasks = [self._executor().submit(_read_extents, fds, jobs[t::n_tasks], view, check) for t in range(n_tasks)]
-        concurrent.futures.wait(tasks)      # every read has landed (or failed) before we go on
-        for task in tasks:
-            bad = task.result()
-            if bad is not None and len(bad) == 3:
-                chunk, got, want = bad
-                raise chunk_error(lay, chunk, lay.chunk_path(self._root, chunk),
-                                  f"returned {got} of {want} bytes (truncated after the table was opened?)")
-            if bad is not None:
-                chunk, block, got, want = bad
-                raise block_error(lay, lay.chunk_path(self._root, chunk), chunk, block, got, want)
-        if not self.o_direct:
-            for chunk in np.unique(ext_chunk).tolist():
-                fadvise(fds[chunk], "DONTNEED")
-        # Each row's bytes sit at stage_off[extent] + (its file offset - extent start). Staging and
-        # file offsets of an extent agree modulo BLOCK, so when BLOCK is a multiple of row_bytes and
-        # the rows start at a multiple of it in the file, they start at one in the staging buffer:
-        # one index_select of whole rows. Rows at other offsets (a tensor inside a checkpoint
-        # shard) are gathered from a view whose row i is staging bytes [i, i + row_bytes).
+        sqes = None if ring is None else \
+            Ring.reads(self._fd_arrays[lay.layer_id][ext_chunk], ext_start, ext_len, staging.ctypes.data + stage_off)
+        self._read(ring, sqes, lay, jobs, staging)
+        # Each row's bytes sit at stage_off[extent] + (its file offset - extent start).
         ext_of_row = plan["row_ext"][first_row:stop_row] - first_ext
         pos = stage_off[ext_of_row] + plan["row_byte"][first_row:stop_row] - ext_start[ext_of_row]
-        R = lay.row_bytes
-        if math.gcd(R, BLOCK, lay.file_offset) == R:
-            rows_in = torch.from_numpy(staging[: staging.size // R * R]).view(-1, R)            # [*, R]
-            index = pos // R
+        rows_in, R = _rows_view(staging, lay)
+        torch.index_select(rows_in, 0, torch.from_numpy(pos // R), out=dest[first_row:stop_row])
+
+    def _gather_few(self, ring: Ring, lay: LayerLayout, rows: list[int], out_bytes: torch.Tensor,
+                    sorted_unique: bool) -> tuple[int, int]:
+        """`gather` of a few rows (a decode step's) planned with Python integers, where numpy's cost
+        per call would exceed the work: the extents of `_plan_extents`, read with one submission."""
+        R, B = lay.row_bytes, BLOCK
+        extents: list[list[int]] = []              # [chunk, first byte, end byte]
+        at: dict[int, tuple[int, int]] = {}        # row -> (its extent, its offset in the file)
+        prev_chunk = prev_first = prev_last = -1
+        for row in (rows if sorted_unique else sorted(set(rows))):
+            chunk, r = divmod(row, lay.chunk_rows)
+            byte = lay.file_offset + r * R
+            first, last = byte - byte % B, -(-(byte + R) // B) * B
+            if (chunk != prev_chunk or first > prev_last + GAP_BYTES
+                    or first // EXTENT_BYTES != prev_first // EXTENT_BYTES):       # the rule of `_plan_extents`
+                extents.append([chunk, first, last])
+            extents[-1][2] = last
+            at[row] = (len(extents) - 1, byte)
+            prev_chunk, prev_first, prev_last = chunk, first, last
+        jobs, stage = [], 0
+        for chunk, first, last in extents:
+            jobs.append((chunk, first, last - first, stage, min(last, lay.chunk_bytes) - first))
+            stage += last - first
+        staging = self._staging(stage)
+        fds, base = self._fds[lay.layer_id], staging.ctypes.data
+        sqes = np.array([Ring.entry(fds[c], start, n, base + to, i) for i, (c, start, n, to, _) in enumerate(jobs)],
+                        np.int64)
+        self._read(ring, sqes, lay, jobs, staging)
+        rows_in, R = _rows_view(staging, lay)
+        index = []
+        for row in rows:
+            ext, byte = at[row]
+            index.append((jobs[ext][3] + byte - jobs[ext][1]) // R)
+        torch.index_select(rows_in, 0, torch.tensor(index), out=out_bytes)
+        return stage, len(jobs)
+
+    def _read(self, ring: Ring | None, sqes: np.ndarray | None, lay: LayerLayout, jobs: list[Job],
+              staging: np.ndarray) -> None:
+        """Read the jobs into `staging` (through `ring` with its entries `sqes`, else the thread
+        pool), checking every block against its recorded digest; raise on a short read or bad block."""
+        digests = self.block_digests.get(lay.layer_id) if self.verify_blocks else None
+        check = None if digests is None else (digests.reshape(-1).data.cast("B").cast("Q"), digests.shape[1])
+        fds = self._fds[lay.layer_id]
+        if ring is not None and sqes is not None:
+            bad = read_ring(ring, sqes, jobs, staging.data, check, self._io_threads,
+                            lambda chunk: os.fspath(lay.chunk_path(self._root, chunk)))
         else:
-            rows_in = torch.from_numpy(staging).as_strided((staging.size - R + 1, R), (1, 1))   # [*, R]
-            index = pos
-        torch.index_select(rows_in, 0, torch.from_numpy(index), out=dest[first_row:stop_row])
+            bad = read_pool(self._executor(), self._io_threads, fds, jobs, staging.data, check)
+        if bad is not None and len(bad) == 3:
+            chunk, got, want = bad
+            raise chunk_error(lay, chunk, lay.chunk_path(self._root, chunk),
+                              f"returned {got} of {want} bytes (truncated after the table was opened?)")
+        if bad is not None:
+            chunk, block, got, recorded = bad
+            raise block_error(lay, lay.chunk_path(self._root, chunk), chunk, block, got, recorded)
+        if not self.o_direct:
+            for chunk in sorted({job[0] for job in jobs}):
+                fadvise(fds[chunk], "DONTNEED")
 
 
-def _read_extents(fds: list[int], jobs: list[tuple[int, int, int, int, int]], view: memoryview,
-                  check: tuple[memoryview, int] | None) -> tuple | None:
-    """Read each (chunk, file offset, length, staging offset, bytes the file holds there) and, with
-    `check` (the recorded block digests, flat, and blocks per chunk file), check every block read;
-    return the first short read (chunk, got, wanted) or bad block (chunk, block, digest, recorded),
-    if any."""
-    preadv, digest = os.preadv, xxhash.xxh3_64_intdigest
-    for chunk, start, length, stage, want in jobs:
-        buf = view[stage: stage + length]
-        got = preadv(fds[chunk], [buf], start)
-        if got < want:
-            return chunk, got, want
-        if check is not None:
-            recorded, per_chunk = check
-            first = chunk * per_chunk + start // BLOCK
-            if length == BLOCK:                  # the common case: one block, no slicing
-                if digest(buf) != recorded[first]:
-                    return chunk, start // BLOCK, digest(buf), recorded[first]
-                continue
-            for k in range(length // BLOCK):
-                block = buf[k * BLOCK: (k + 1) * BLOCK]
-                if digest(block) != recorded[first + k]:
-                    return chunk, start // BLOCK + k, digest(block), recorded[first + k]
-    return None
+def _rows_view(staging: np.ndarray, lay: LayerLayout) -> tuple[torch.Tensor, int]:
+    """A torch view of the staging buffer whose row i // step holds the row read at byte i, and step.
+
+    Staging and file offsets of an extent agree modulo BLOCK, so when BLOCK is a multiple of
+    row_bytes and the rows start at a multiple of it in the file, they start at one in the staging
+    buffer: whole rows, step row_bytes. Rows at other offsets (a tensor inside a checkpoint shard)
+    are gathered from a view whose row i is staging bytes [i, i + row_bytes): step 1.
+    """
+    R = lay.row_bytes
+    if math.gcd(R, BLOCK, lay.file_offset) == R:
+        return torch.from_numpy(staging[: staging.size // R * R]).view(-1, R), R               # [*, R]
+    return torch.from_numpy(staging).as_strided((staging.size - R + 1, R), (1, 1)), 1          # [*, R]
 
 
 def _plan_extents(uniq: np.ndarray, lay: LayerLayout) -> dict[str, np.ndarray]:
