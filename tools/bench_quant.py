@@ -10,7 +10,8 @@ total to the float32 baseline; decoded rows are first checked against a decode o
 Tables (`--tables`): a float32 table (N=3, K=8: 16 heads, base size `--table-base` per order) is
 built once per D and converted with `engram.convert` to every other dtype, so all tables hold the
 same rows; then `table.lookup(ids, layer)` of random [B, T] ids is timed per dtype and tier ("ram",
-and "mmap" with the page cache hot), as tokens/s and relative to float32 on the same tier. The
+and "mmap" with the page cache hot), as tokens/s and relative to float32, bfloat16 and float8_e4m3
+on the same tier in the same run (int4 / int2 use groups of `--block` values, as FP8 its blocks). The
 dequantization share is the time of `quant.decode` alone on one lookup's gathered rows (values and
 scales already in memory) over the lookup's time.
 
@@ -33,7 +34,8 @@ import engram
 from engram.cli.bench import best_time
 from engram.storage import quant
 
-DTYPES = ("float32", "bfloat16", "int8", "float8_e4m3")
+DTYPES = ("float32", "bfloat16", "int8", "float8_e4m3", "int4", "int2")
+BASELINES = ("float32", "bfloat16", "float8_e4m3")    # each dtype's lookup speed is reported relative to these
 
 
 def bench_dtype(dtype: str, rows: torch.Tensor, idx: torch.Tensor, block: int, out_dtype: torch.dtype,
@@ -48,7 +50,7 @@ def bench_dtype(dtype: str, rows: torch.Tensor, idx: torch.Tensor, block: int, o
     q = quant.encode(rows, dtype, block)
     values = torch.from_numpy(q.values)
     scales = None if q.scales is None else torch.from_numpy(q.scales)
-    g_values = torch.empty((n, D), dtype=values.dtype)
+    g_values = torch.empty((n, values.shape[1]), dtype=values.dtype)      # [n, W]: packed int4 / int2 codes
     g_scales = None if scales is None else torch.empty((n, *scales.shape[1:]), dtype=scales.dtype)
 
     def gather() -> None:
@@ -75,7 +77,7 @@ def bench_dtype(dtype: str, rows: torch.Tensor, idx: torch.Tensor, block: int, o
 def time_decode(q: quant.QuantizedRows, repeats: int) -> float:
     """Best time of decoding stored rows to float32 into a reused buffer."""
     values, scales = torch.from_numpy(q.values), torch.from_numpy(q.scales)
-    out = torch.empty(values.shape, dtype=torch.float32)
+    out = torch.empty(quant.decoded_shape(tuple(values.shape), q.dtype), dtype=torch.float32)
     return best_time(lambda: quant.decode(values, scales, q.dtype, block=q.block, out=out), repeats)
 
 
@@ -111,7 +113,8 @@ def bench_tables(D: int, args: argparse.Namespace, root: Path) -> dict:
             entry[tier] = {"tokens_per_s": tokens / seconds, "decode_share": decode_s / seconds}
     for entry in out["dtypes"].values():
         for tier in args.tiers.split(","):
-            entry[tier]["vs_float32"] = entry[tier]["tokens_per_s"] / out["dtypes"]["float32"][tier]["tokens_per_s"]
+            for base in BASELINES:
+                entry[tier][f"vs_{base}"] = entry[tier]["tokens_per_s"] / out["dtypes"][base][tier]["tokens_per_s"]
     for path in paths.values():
         shutil.rmtree(path)
     return out
@@ -183,10 +186,11 @@ def main_tables(args: argparse.Namespace) -> dict:
           f"{args.threads} thread(s); same rows in every dtype (engram.convert from float32)")
     for D, res in results["dims"].items():
         print(f"D={D}, {res['rows']} rows: {'dtype':12s} {'B/row':>6s} {'rms err':>8s} "
-              + " ".join(f"{t + ' Mtok/s':>12s} {'vs f32':>6s} {'decode':>6s}" for t in tiers))
+              + " ".join(f"{t + ' Mtok/s':>12s} {'vs f32':>6s} {'vs bf16':>7s} {'vs fp8':>6s} {'decode':>6s}"
+                         for t in tiers))
         for dtype, e in res["dtypes"].items():
-            cells = " ".join(f"{e[t]['tokens_per_s'] / 1e6:12.3f} {e[t]['vs_float32']:6.2f} "
-                             f"{e[t]['decode_share']:6.0%}" for t in tiers)
+            cells = " ".join(f"{e[t]['tokens_per_s'] / 1e6:12.3f} {e[t]['vs_float32']:6.2f} {e[t]['vs_bfloat16']:7.2f} "
+                             f"{e[t]['vs_float8_e4m3']:6.2f} {e[t]['decode_share']:6.0%}" for t in tiers)
             print(f"{'':{len(D) + 15}s}{dtype:12s} {e['bytes_per_row']:6d} {e['rms_rel_error']:8.2e} {cells}")
     return results
 

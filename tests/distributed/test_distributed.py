@@ -138,7 +138,7 @@ def _case_lookup(rank: int, world: int, root: Path, group) -> str:
 def _case_quantized_and_built(rank: int, world: int, root: Path, group) -> str:
     from engram.distributed import ShardedTable
 
-    tables = [(root / q, shard_path(root / q, rank, world)) for q in ("fp8", "int8")]
+    tables = [(root / q, shard_path(root / q, rank, world)) for q in ("fp8", "int8", "int4")]
     for whole, part in [*tables, (root / "full", root / f"built-{rank}")]:
         full = engram.open(whole)
         with ShardedTable(part, group, timeout=TIMEOUT) as st:
@@ -363,6 +363,7 @@ def root(tmp_path_factory):
         engram.build_table(root / f"built-{r}", _spec(), comp, seed=3, shard=(r, 2)).close()
     shard_table(engram.build_table(root / "fp8", _spec(dtype="float8_e4m3"), comp, seed=3), root / "fp8", 2)
     shard_table(engram.build_table(root / "int8", _spec(dtype="int8"), comp, seed=3), root / "int8", 2)
+    shard_table(engram.build_table(root / "int4", _spec(dtype="int4"), comp, seed=3), root / "int4", 2)
     shard_table(engram.build_table(root / "other", _spec(seed=1), comp, seed=3), root / "other", 2)
     lookup = np.arange(VOCAB)
     lookup[[6, 7]] = [7, 6]                                     # same spec, another compression
