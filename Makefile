@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 TORCH  := torch==2.13.0
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint bench clean setup
+.PHONY: demo test lint docs bench clean setup
 
 setup: $(STAMP)
 
@@ -26,8 +26,12 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check engram tests tools
 	$(VENV)/bin/mypy
 
+# The manual into site/; --strict (also set in mkdocs.yml): a broken link, anchor or reference fails.
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
+
 bench: $(STAMP)
 	$(PY) tools/bench_hash.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) build site *.egg-info .pytest_cache

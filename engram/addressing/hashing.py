@@ -273,7 +273,7 @@ class NgramHasher:
         return self.hash_grams(ngram_columns(x, self.spec.max_ngram_size, self._pad, self.comp.lookup), layer_id, out)
 
     def hash_grams(self, grams: list[np.ndarray], layer_id: int, out: np.ndarray | None = None) -> np.ndarray:
-        """Head rows int64 [B,T,H] of n-grams given by their columns: grams[k] [B,T] holds the
+        """Head rows int64 [B,T,H] of n-grams given by their columns: grams[k], shape [B,T], holds the
         compressed id k positions back (k = 0..N-1, from `context_grams`). `out` as for
         `hash_compressed`."""
         spec = self.spec
