@@ -8,7 +8,8 @@ values [rows, D] and E8M0 scales [rows, D/32], row-major, exactly the bytes an e
 
 - "mmap": each tensor's byte range of its shard is mapped read-only (from the page holding its
   first byte; MADV_RANDOM; `prefault` populates it), and viewed as [rows, width] uint8;
-- "ram": each range is read into an anonymous hugepage-backed buffer, then made read-only;
+- "ram": each range is read into an anonymous hugepage-backed buffer, then made read-only (and
+  dropped from the page cache);
 - "direct": values are read with pread at their offsets in the shard (`engram.serving.direct`), scales
   read into memory at open, as for engram tables.
 
@@ -89,6 +90,8 @@ def _loaded(tdir: TableDir, t: TensorRange) -> torch.Tensor:
     fd = _open_checked(tdir, t)
     try:
         _read_range(fd, t, data, os.fspath(tdir.path / t.file))
+        if hasattr(os, "posix_fadvise"):       # the range is in the region now: its cached copy goes
+            os.posix_fadvise(fd, t.offset, t.nbytes, os.POSIX_FADV_DONTNEED)
     finally:
         os.close(fd)
     region.protect(PROT_READ)

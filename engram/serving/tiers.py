@@ -1,7 +1,8 @@
 """Storage tiers: where a table's rows are read from.
 
 - "ram": every layer loaded into one anonymous, hugepage-backed buffer (checksums verified while
-  loading), then made read-only.
+  loading), then made read-only; the files' pages are then dropped from the page cache
+  (POSIX_FADV_DONTNEED), so the table takes its size in memory once, not twice.
 - "mmap": the chunk files of each layer mapped back to back into one contiguous read-only
   address range (MADV_RANDOM; `prefault` populates every page at open).
 - "direct": no mapping; rows are read with `pread` from a thread pool, bypassing the page cache
@@ -33,7 +34,7 @@ import torch
 from engram.dtypes import row_dtype, storage_dtype, storage_torch_dtype, torch_dtype
 from engram.serving.direct import DirectReader
 from engram.serving.mapping import PROT_READ, Region, anonymous, stitch_files
-from engram.storage.chunks import ChunkWatch, open_chunk, progress_bar, read_chunk
+from engram.storage.chunks import ChunkWatch, fadvise, open_chunk, progress_bar, read_chunk
 from engram.storage.format import LayerLayout, TableMeta
 from engram.storage.tabledir import TableDir
 
@@ -80,6 +81,11 @@ def _load_array(tdir: TableDir, lay: LayerLayout, bar: Any = None) -> Region:
     data = region.array(np.uint8, (region.length,), writable=True)
     for index in range(lay.n_chunks):
         read_chunk(tdir, lay, index, data[index * lay.chunk_bytes: (index + 1) * lay.chunk_bytes])
+        fd = open_chunk(tdir, lay, index)      # its bytes are in the region now: the cached copy goes
+        try:
+            fadvise(fd, "DONTNEED")
+        finally:
+            os.close(fd)
         if bar is not None:
             bar.update(lay.chunk_bytes)
     region.protect(PROT_READ)
