@@ -90,7 +90,7 @@ class ShardedTable:
             (`dedup`: the owner reads each distinct row asked of it once).
         wire_dedup: send each distinct row of a lookup to its owner once (and get it back
             once): fewer bytes on the wire for a sort of the lookup's rows, which pays only on
-            slow links (see the README's sharding figures); off by default.
+            slow links (see docs/performance.md, "Sharded lookups"); off by default.
 
     Raises:
         ShardMismatchError: the parts opened on the ranks are not the parts of one table (other

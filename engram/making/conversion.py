@@ -158,7 +158,7 @@ def convert(src: str | os.PathLike[str] | Table, dst: str | os.PathLike[str], *,
     Args:
         src: the source table's path, opened on the "direct" tier (reads bypass the page cache,
             so neither the process nor the cache grows with the source, and it is faster than
-            "mmap": see README, "Design measurements"); or an open Table, read through its own tier.
+            "mmap": see docs/performance.md, "Design measurements"); or an open Table, read through its own tier.
         dst: the path of the converted table.
         dtype: the new row dtype: "float32", "bfloat16", "float16", "int8", "float8_e4m3", "int4"
             or "int2".

@@ -22,8 +22,8 @@ two read slots while one extent across a small gap costs one slightly larger rea
 `engram.open(path, tier="direct", io_threads=32)` keeps exactly min(io_threads, extents) reads
 outstanding per gather, since such disks serve random reads several times faster with many in
 flight than one at a time. Concurrent gathers of one table share the pool, so io_threads also
-bounds the table's reads in flight as a whole. The figures behind these choices are in the
-README ("Design measurements").
+bounds the table's reads in flight as a whole. The figures behind these choices are in
+docs/performance.md ("Design measurements").
 
 Files are opened with O_DIRECT where the filesystem allows it (reads go straight to the device;
 buffers, offsets and lengths are 4 KiB-aligned). Elsewhere (tmpfs, some network filesystems)

@@ -19,7 +19,7 @@ straight into the lookup's output.
 
 When dedup pays: `torch.unique` over a batch's ids costs about as much as gathering every row
 from memory, and gathering only the unique rows then scattering them back costs as much or more
-even when few rows are distinct (README, "Design measurements"). So dedup never pays where a
+even when few rows are distinct (docs/performance.md, "Design measurements"). So dedup never pays where a
 row read is a memory copy, and always where it is a disk read (microseconds):
 DEDUP_TIERS = ("direct",) by default; `engram.open(..., dedup=True|False)` overrides.
 """
