@@ -88,7 +88,7 @@ def make_working_copy(source: Any, workdir: Path, *, dtype: str | None, settings
         shard = table.shard
         if shard is not None and not part:
             raise InputError(
-                f"source={os.fspath(path)!r} is part {shard} of a sharded table: OffloadedRows trains a whole table; "
+                f"source={os.fspath(path)!r} is {shard} of a sharded table: OffloadedRows trains a whole table; "
                 "train the parts with engram.distributed.ShardedRows(part, offload=workdir, ...) on every rank, or "
                 "offload the whole table")
         if shard is None and part:

@@ -48,7 +48,7 @@ class OpenedCopy:
         ident, state, comp = read_workdir(workdir)
         check_expected(workdir, ident, comp, spec, compression, shard)
         if shard is None and ident.shard is not None:
-            raise InputError(f"workdir={os.fspath(workdir)!r} holds part {ident.shard} of a sharded table: open it "
+            raise InputError(f"workdir={os.fspath(workdir)!r} holds {ident.shard} of a sharded table: open it "
                              "with engram.distributed.ShardedRows(part, offload=workdir, ...) on its rank")
         if cache_rows(cache_bytes, ident.layout) < 1:
             raise InputError(f"cache_bytes={cache_bytes} holds no row: a row of {ident.spec.head_dim} values with its "

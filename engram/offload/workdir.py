@@ -207,9 +207,9 @@ def check_expected(workdir: Path, ident: Identity, comp: Compression, spec: Tabl
             f"{comp.fingerprint!r}, expected {compression.fingerprint!r}; made from {ident.source!r}): choose the "
             "workdir of this table, or make one with OffloadedRows.create")
     if shard is not None and ident.ranges != dict(shard.ranges):
-        held = "the whole table" if ident.shard is None else f"part {ident.shard}"
+        held = "the whole table" if ident.shard is None else str(ident.shard)
         raise SpecMismatchError(f"workdir={os.fspath(workdir)!r} holds {held} (made from {ident.source!r}), not "
-                                f"part {shard}: give each rank its own workdir, or start over with a new one")
+                                f"{shard}: give each rank its own workdir, or start over with a new one")
 
 
 def lock_workdir(workdir: Path) -> int:
