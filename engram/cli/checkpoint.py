@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 from typing import Any
 
@@ -37,7 +38,9 @@ def cmd_inspect_checkpoint(args: argparse.Namespace) -> Output:
     lines = [f"{args.path}: DeepSeek-V4.1 checkpoint, rows served in place (engram.open(path, tier=...))",
              f"  {len(layers)} Engram layer(s), {spec.heads_per_layer} heads of D={spec.head_dim} FP8 E4M3 values + "
              f"{spec.scales_per_row} E8M0 scales per row ({spec.stored_row_bytes} B); compressed vocabulary "
-             f"{fmt_int(spec.compressed_vocab_size)}, pad_id {spec.pad_id}"]
+             f"{fmt_int(spec.compressed_vocab_size)}, pad_id {spec.pad_id}",
+             f"  spec (what config.json implies; `--spec {os.path.join(args.path, 'config.json')}` reads it): "
+             f"{json.dumps(spec.to_dict())}"]
     for lid, e in layers.items():
         lines.append(f"  layer {lid}: {fmt_int(e['rows'])} rows, {human_bytes(e['bytes'])}")
         for t in e["tensors"]:

@@ -49,9 +49,18 @@ def _read_spec(path: str, comp: Compression | None) -> Any:
     except RecursionError:
         raise SpecError(f"--spec file {path!r} nests too deeply to be a spec: pass a JSON object of "
                         "TableSpec fields") from None
+    if isinstance(d, dict) and is_hf_config(d):      # a model's config.json: its Engram fields fix the spec
+        return TableSpec.from_hf_config(d, compression=comp).to_dict()
     if isinstance(d, dict) and "compressed_vocab_size" not in d and comp is not None:
         d["compressed_vocab_size"] = comp.compressed_vocab_size
     return d
+
+
+def is_hf_config(d: dict[str, Any]) -> bool:
+    """A model's config.json (DeepSeek-V4.1's), not TableSpec fields: it has "text_config", "model_type",
+    "architectures" or the config's own "engram_layer_ids" (read as `TableSpec.from_hf_config` reads them, with its
+    checks against the compression's compressed vocabulary and its errors)."""
+    return any(k in d for k in ("text_config", "model_type", "architectures", "engram_layer_ids"))
 
 
 def load_spec(path: str, comp: Compression | None) -> TableSpec:

@@ -738,3 +738,52 @@ def test_import_finds_the_v41_release_names_unaided(capsys, v41_release, tmp_pat
 def test_version_prints_the_package_version(capsys):
     assert main(["--version"]) == 0
     assert capsys.readouterr().out.strip() == f"engram {engram.__version__}"
+
+
+def test_a_released_config_json_is_a_spec_for_import_build_hash_and_stats(capsys, v41_release, tmp_path, corpus):
+    import torch
+
+    ck = v41_release(naming="hf")
+    config, tok = str(ck.path / "config.json"), str(ck.path / "tokenizer.json")
+    path = tmp_path / "v41.engram"
+    code, _, err = run(capsys, "import", str(path), "--spec", config, "--tokenizer", tok, "--weights", str(ck.path))
+    assert code == 0, err
+    ids = np.random.default_rng(0).integers(0, ck.comp.vocab_size, (2, 30))
+    with engram.open(path) as imported, engram.open(ck.path) as in_place:
+        assert imported.spec == ck.spec == engram.TableSpec.from_hf_config(config)
+        assert torch.equal(imported.lookup(ids, 14), in_place.lookup(ids, 14))
+    code, out, err = run(capsys, "build", str(tmp_path / "b.engram"), "--spec", config, "--tokenizer", tok,
+                         "--dry-run", "--json")
+    assert code == 0, err
+    assert engram.TableSpec.from_dict(json.loads(out)["spec"]) == ck.spec
+    code, out, err = run(capsys, "hash", "--spec", config, "--tokenizer", tok, "--text", "Hello world", "--json")
+    assert code == 0, err
+    word = json.loads(out)
+    assert word["layers"]["14"][0]["rows"] == engram.NgramHasher(ck.spec, ck.comp).hash(np.array([word["ids"]]), 14)[
+        0, :, 0].tolist()
+    code, _, err = run(capsys, "stats", "--spec", config, "--tokenizer", tok, corpus, "--json")
+    assert code == 0, err
+
+
+def test_a_config_json_is_checked_as_from_hf_config_checks_it(capsys, v41_release, tmp_path):
+    ck = v41_release()
+    text = ck.config["text_config"]
+    bad = tmp_path / "config.json"
+    bad.write_text(json.dumps({**ck.config, "text_config": {**text, "engram_num_embeddings": [5, 7]}}))
+    code, out, err = run(capsys, "build", str(tmp_path / "t.engram"), "--spec", str(bad), "--tokenizer",
+                         str(ck.path / "tokenizer.json"), "--dry-run")
+    assert code == 3 and re.search(r"engram_num_embeddings\[0\]=5 \(layer 1\) differs from the \d+ rows", err)
+    code, out, err = run(capsys, "hash", "--spec", str(ck.path / "config.json"), "--tokenizer", TOKENIZER,
+                         "--text", "hi")
+    assert code == 0, err                                     # the same tokenizer: the same compressed vocabulary
+    code, out, err = run(capsys, "build", str(tmp_path / "t.engram"), "--spec", str(ck.path / "config.json"),
+                         "--vocab-size", "5000", "--dry-run")
+    assert code == 3 and "engram_compressed_vocab_size=2693 differs from the compression's" in err
+
+
+def test_inspect_on_a_release_folder_prints_the_spec_its_config_implies(capsys, v41_release):
+    ck = v41_release()
+    code, out, err = run(capsys, "inspect", str(ck.path), "--probe-reads", "0")
+    assert code == 0, err
+    line = next(x for x in out.splitlines() if x.strip().startswith("spec (what config.json implies"))
+    assert engram.TableSpec.from_dict(json.loads(line[line.index("{"):])) == ck.spec
