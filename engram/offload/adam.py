@@ -54,12 +54,13 @@ def sparse_adam_(param: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.T
     """Adam on `rows` [u] (distinct) of param, exp_avg and exp_avg_sq [n, D], in place, with their
     summed gradient `grad` [u, D] at step `step` (>= 1), as torch.optim.SparseAdam computes it."""
     beta1, beta2 = settings.betas
-    old_m, old_v = exp_avg[rows], exp_avg_sq[rows]
+    # index_select / index_copy_ move the same values as indexing does, several times faster
+    old_m, old_v = exp_avg.index_select(0, rows), exp_avg_sq.index_select(0, rows)
     m_update = grad.sub(old_m).mul_(1 - beta1)
-    exp_avg[rows] = old_m + m_update
+    exp_avg.index_copy_(0, rows, old_m + m_update)
     v_update = grad.pow(2).sub_(old_v).mul_(1 - beta2)
-    exp_avg_sq[rows] = old_v + v_update
+    exp_avg_sq.index_copy_(0, rows, old_v + v_update)
     numer = m_update.add_(old_m)
     denom = v_update.add_(old_v).sqrt_().add_(settings.eps)
     step_size = settings.lr * math.sqrt(1 - beta2**step) / (1 - beta1**step)
-    param[rows] = param[rows] + (-step_size * numer.div_(denom))
+    param.index_copy_(0, rows, param.index_select(0, rows) + (-step_size * numer.div_(denom)))

@@ -38,12 +38,12 @@ from engram.offload.records import RecordLayout
 from engram.offload.stats import OffloadStats
 from engram.offload.undo import UndoLog
 from engram.offload.workdir import ROWS, STATE, UNDO, Identity, State, write_json
-from engram.offload.writeback import WriteBack
+from engram.offload.writeback import Batch, WriteBack
 
 __all__ = ["RowStore", "cache_rows", "cache_bytes_for", "PIECE_BYTES", "WRITEBACK_SHARE"]
 
 PIECE_BYTES = 1 << 20          # records read or written per piece (one staging buffer per thread)
-WRITEBACK_SHARE = 8            # 1/8 of cache_bytes holds evicted records on their way to disk
+WRITEBACK_SHARE = 4            # 1/4 of cache_bytes holds evicted records on their way to disk
 
 
 def _slot_bytes(layout: RecordLayout) -> int:
@@ -78,7 +78,7 @@ class RowStore:
             raise
         self.cache = RowCache(cache_rows(cache_bytes, self.layout), self.layout.head_dim)
         self.cond = threading.Condition()
-        self.writer = WriteBack(self.cond, self._write_rows)
+        self.writer = WriteBack(self.cond, self._write_batches)
         self.tick = 1                  # the step in progress (step pins); advanced when gradients are dropped
         self.prefetch_seq = 0          # the latest prefetch's number (prefetch pins)
         self._stepping = 0
@@ -221,7 +221,7 @@ class RowStore:
         c.loading[slots] = True
         from_disk = np.ones(keys.size, bool)
         for idx, batch, pos in self.writer.newest(keys):
-            self.layout.unpack_into(batch.records[torch.from_numpy(pos)], c.rows, c.moments,
+            self.layout.unpack_into(batch.records.index_select(0, torch.from_numpy(pos)), c.rows, c.moments,
                                     torch.from_numpy(slots[idx]))
             from_disk[idx] = False
         c.loading[slots[~from_disk]] = False
@@ -239,7 +239,7 @@ class RowStore:
         """Hand the records of dirty `slots` to the write-back thread (under the lock)."""
         s = torch.from_numpy(slots)
         records = torch.empty((slots.size, self.layout.record_bytes), dtype=torch.uint8)
-        self.layout.pack(self.cache.rows[s], self.cache.moments[s], records)
+        self.layout.pack(self.cache.rows.index_select(0, s), self.cache.moments.index_select(0, s), records)
         self.writer.submit(self.cache.key[slots].copy(), records)
 
     def _staging(self, rows: int) -> torch.Tensor:
@@ -270,17 +270,21 @@ class RowStore:
         return self.cache.rows.index_select(0, torch.from_numpy(slots))
 
     # -- writing back -------------------------------------------------------------------------
-    def _write_rows(self, keys: np.ndarray, records: torch.Tensor) -> None:
-        """Write records [k, R] of rows `keys` [k] in place, each piece's old records logged first."""
-        written = 0
-        for a in range(0, keys.size, self._piece):
-            b = min(a + self._piece, keys.size)
-            old = self.data.read(keys[a:b], self._staging(b - a))
-            written += self.undo.append(self.generation, keys[a:b], old.numpy())
-            self.data.write(keys[a:b], records[a:b])
-            written += records[a:b].numel()
+    def _write_batches(self, batches: list[Batch]) -> None:
+        """Write batches of records in place, in order, after logging the records they replace (one sync)."""
+        written = rows = 0
+        for batch in batches:
+            for a in range(0, batch.keys.size, self._piece):
+                b = min(a + self._piece, batch.keys.size)
+                old = self.data.read(batch.keys[a:b], self._staging(b - a))
+                written += self.undo.append(self.generation, batch.keys[a:b], old.numpy())
+        self.undo.sync()
+        for batch in batches:
+            self.data.write(batch.keys, batch.records)
+            written += batch.records.numel()
+            rows += batch.keys.size
         self.data.release()
-        self.count(rows_written=keys.size, bytes_written=written)
+        self.count(rows_written=rows, bytes_written=written)
 
     # -- stepping and flushing ------------------------------------------------------------------
     @contextlib.contextmanager
@@ -305,7 +309,7 @@ class RowStore:
             c = self.cache
             sparse_adam_(c.rows, c.exp_avg, c.exp_avg_sq, s, grad, step, settings)
             if self.layout.dtype != "float32":        # stored rounded: the cache holds what the file will
-                c.rows[s] = c.rows[s].to(self.layout.torch_dtype).to(torch.float32)
+                c.rows.index_copy_(0, s, c.rows.index_select(0, s).to(self.layout.torch_dtype).to(torch.float32))
         finally:
             with self.cond:
                 self.cache.dirty[slots] = True
@@ -338,7 +342,8 @@ class RowStore:
                     part = dirty[a: a + self._piece]
                     s = torch.from_numpy(part)
                     records = torch.empty((part.size, self.layout.record_bytes), dtype=torch.uint8)
-                    self._write_rows(c.key[part], self.layout.pack(c.rows[s], c.moments[s], records))
+                    self.layout.pack(c.rows.index_select(0, s), c.moments.index_select(0, s), records)
+                    self._write_batches([Batch(c.key[part], records)])
                 c.dirty[dirty] = False
                 self.data.sync()
                 write_json(self.workdir / STATE, State(self.generation + 1, dict(steps), settings).to_dict())

@@ -47,7 +47,8 @@ class UndoLog:
         self.end = os.fstat(self._fd).st_size        # appends go here (0 once reset)
 
     def append(self, generation: int, keys: np.ndarray, records: np.ndarray) -> int:
-        """Log `records` uint8 [k, record_bytes] (the bytes of rows `keys` [k] now) durably; returns bytes written."""
+        """Log `records` uint8 [k, record_bytes] (the bytes of rows `keys` [k] now); returns bytes written.
+        Durable once `sync` returns."""
         keys_bytes = np.ascontiguousarray(keys, dtype="<i8").data.cast("B")
         records_bytes = np.ascontiguousarray(records).data.cast("B")
         body = xxhash.xxh3_64()
@@ -59,9 +60,12 @@ class UndoLog:
         written = os.pwritev(self._fd, [header, keys_bytes, records_bytes], self.end)
         if written != total:
             raise OSError(f"short write to {os.fspath(self.path)!r}: {written} of {total} bytes")
-        os.fdatasync(self._fd)
         self.end += total
         return total
+
+    def sync(self) -> None:
+        """Everything appended so far is on disk."""
+        os.fdatasync(self._fd)
 
     def intact(self, generation: int) -> list[tuple[int, int]]:
         """The log's intact batches of `generation`, in the order they were written: (offset, rows).

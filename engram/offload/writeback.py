@@ -4,7 +4,8 @@ Evicting a dirty row copies its record out of the cache into a batch and hands t
 thread, so the evicting call (a prefetch, or a lookup that missed) does not wait for the disk.
 Until a batch is written, its rows are "in flight": a call that needs one of them again takes its
 record from the batch (`newest`), not from the file, which does not hold it yet. One thread writes
-the batches in the order they were made, so a row evicted twice ends up with its newer record.
+the batches in the order they were made (all those queued at once: their old records go to the undo
+log with one sync), so a row evicted twice ends up with its newer record.
 A failed write stops the thread; its batches stay in flight (their rows are not lost) and the
 error is raised by the store's next call.
 """
@@ -32,7 +33,7 @@ class Batch:
 class WriteBack:
     """The write-back thread of one store; every method but the thread's own runs under `cond`."""
 
-    def __init__(self, cond: threading.Condition, write: Callable[[np.ndarray, torch.Tensor], None]) -> None:
+    def __init__(self, cond: threading.Condition, write: Callable[[list[Batch]], None]) -> None:
         self._cond, self._write = cond, write
         self._queue: list[Batch] = []          # oldest first; the first is being written
         self.pending_bytes = 0
@@ -43,7 +44,7 @@ class WriteBack:
     def submit(self, keys: np.ndarray, records: torch.Tensor) -> None:
         """Queue records [k, record_bytes] of rows `keys` [k] (distinct) for writing."""
         order = np.argsort(keys)
-        self._queue.append(Batch(keys[order], records[torch.from_numpy(order)]))
+        self._queue.append(Batch(keys[order], records.index_select(0, torch.from_numpy(order))))
         self.pending_bytes += records.numel()
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name="engram-writeback", daemon=True)
@@ -84,15 +85,15 @@ class WriteBack:
                 self._cond.wait_for(lambda: bool(self._queue) or self._stop)
                 if not self._queue:
                     return
-                batch = self._queue[0]
+                batches = list(self._queue)    # every batch queued: written with one sync of the undo log
             try:
-                self._write(batch.keys, batch.records)
+                self._write(batches)
             except BaseException as exc:       # kept in flight; raised by the store's next call
                 with self._cond:
                     self.error = exc
                     self._cond.notify_all()
                 return
             with self._cond:
-                self._queue.pop(0)
-                self.pending_bytes -= batch.records.numel()
+                del self._queue[: len(batches)]
+                self.pending_bytes -= sum(b.records.numel() for b in batches)
                 self._cond.notify_all()
