@@ -15,7 +15,13 @@ new token per sequence, three ways, interleaved in one run on one thread (a "ram
 Reported: the median microseconds per step of each and the ratios history/bare and
 recompute/history; the three are checked to return the same rows first.
 
-    python tools/bench_decode.py [--context 1024 --steps 400 --json]
+With --hf (transformers installed), also a B = 1 decode step of a tiny LlamaForCausalLM with two
+Engram layers added by `add_engram`, against the same model without them and against the two
+Engram layers stepped by engram's own loop: what the integration (hooks, the state in transformers'
+cache) adds to the Engram part of a step. With --sharded, a B = 1 lookup + append step on the table
+sharded over 2 gloo ranks against the whole table (see tools/decode_paths.py).
+
+    python tools/bench_decode.py [--context 1024 --steps 400 --hf --sharded --json]
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import pickle
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -32,6 +39,9 @@ import numpy as np
 import torch
 
 import engram
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from decode_paths import hf_step_costs, sharded_step_costs  # noqa: E402
 
 
 def median_us(fn: Callable[[], object], steps: int) -> float:
@@ -94,6 +104,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--context", type=int, default=1024, help="tokens per sequence before the step")
     parser.add_argument("--steps", type=int, default=400, help="timed steps per way and batch size")
     parser.add_argument("--batches", default="1,8,64", help="batch sizes B")
+    parser.add_argument("--hf", action="store_true", help="also the transformers path against engram's own loop")
+    parser.add_argument("--sharded", action="store_true", help="also a step on 2 gloo ranks against the whole table")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
@@ -107,8 +119,17 @@ def main(argv: list[str] | None = None) -> dict:
         engram.build_table(path, spec, comp, seed=0)
         with engram.open(path, tier="ram") as table:
             rows = table.rows(1, np.arange(spec.rows(1)))                   # the layer's rows, in a tensor
-            for B in (int(b) for b in args.batches.split(",")):
+            for B in (int(b) for b in args.batches.split(",") if b):
                 results["batches"][B] = measure(table, rows, B, args.context, args.steps, 1)
+        if args.hf or args.sharded:
+            small_comp = engram.Compression.identity(4096)         # a small model vocabulary: a cheap LM head
+            two = spec.replace(engram_vocab_size=(5_000, 5_000), layer_ids=(1, 2), compressed_vocab_size=4096)
+            engram.build_table(Path(tmp) / "two.engram", two, small_comp, seed=0).close()   # two Engram layers
+            if args.hf:
+                with engram.open(Path(tmp) / "two.engram", tier="ram") as small:
+                    results["hf"] = hf_step_costs(small, min(args.context, 256), max(20, args.steps // 10))
+            if args.sharded:
+                results["sharded"] = sharded_step_costs(two, small_comp, max(20, args.steps // 5))
     if args.json:
         print(json.dumps(results, indent=2))
         return results
@@ -120,6 +141,16 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{B:>4} {r['history']:9.1f} {r['history_and_append']:9.1f} {r['bare']:9.1f} {r['plain']:9.1f} "
               f"{r['recompute']:10.1f} {r['history_over_bare']:12.2f}x {r['history_over_plain']:13.2f}x "
               f"{r['recompute_over_history']:17.1f}x")
+    if "hf" in results:
+        r = results["hf"]
+        print(f"transformers, B=1, 2 Engram layers: a step {r['transformers_with_engram']:.0f} us with them "
+              f"({r['engram_in_transformers']:.0f} us in add_engram's hooks), {r['transformers_without']:.0f} us "
+              f"without; the same 2 layers in engram's own loop {r['engram_own_loop']:.0f} us: integration "
+              f"overhead {r['integration_overhead']:+.0%}")
+    if "sharded" in results:
+        r = results["sharded"]
+        print(f"sharded decode step (lookup + append, B=1): {r['sharded_2_ranks']:.0f} us on 2 ranks against "
+              f"{r['unsharded']:.0f} us on the whole table ({r['sharded_over_unsharded']:.2f}x)")
     return results
 
 

@@ -11,7 +11,7 @@ Nothing else about the cache changes (it stays an instance of its class); `is_co
 False, since the Engram step hashes on the host.
 
 The state also keeps, for the last `max_rollback` positions, which were tokens and which padding
-(`attention_mask` 0): a crop counts positions, a history rolls back tokens.
+(`attention_mask` 0), while any padding is in reach: a crop counts positions, a history rolls back tokens.
 """
 
 from __future__ import annotations
@@ -41,7 +41,8 @@ class EngramCacheState:
         self.batch_size = first.batch_size
         self.max_rollback = first.history.max_rollback
         self.seen = 0                                              # positions appended, padding included
-        self.recent = np.zeros((self.batch_size, 0), np.bool_)    # [B, <= max_rollback]: token (True) or padding
+        self.undoable = 0                                          # of them, how many a crop may take back
+        self.padding: np.ndarray | None = None    # [B, undoable]: token (True) or padding; None: all tokens
         self.step: object = None                                   # the forward whose positions were counted last
 
     def begin(self, step: object, batch: int, flags: np.ndarray | None, T: int, kv_length: int) -> None:
@@ -55,11 +56,14 @@ class EngramCacheState:
             raise InputError(f"the cache's keys and values hold {kv_length} positions but its Engram state "
                              f"{self.seen}: the cache was changed without it (e.g. cropped layer by layer); pass a "
                              "fresh cache, or change it only through the Cache's own methods")
-        new = np.ones((batch, T), np.bool_) if flags is None else flags
-        self.recent = np.concatenate([self.recent, new], axis=1)[:, -self.max_rollback:] if self.max_rollback else (
-            np.zeros((batch, 0), np.bool_))
-        self.seen += T
-        self.step = step
+        undoable = min(self.undoable + T, self.max_rollback)
+        if flags is not None or self.padding is not None:        # a step with padding in reach: keep the flags
+            old = np.ones((batch, self.undoable), np.bool_) if self.padding is None else self.padding
+            new = np.ones((batch, T), np.bool_) if flags is None else flags
+            self.padding = np.concatenate([old, new], axis=1)[:, old.shape[1] + T - undoable:]
+            if self.padding.all():
+                self.padding = None
+        self.seen, self.undoable, self.step = self.seen + T, undoable, step
 
     def crop(self, tokens_to_remove: int) -> None:
         """Remove the last positions: -n removes n; 0 nothing; a positive n keeps the first n (the older rule)."""
@@ -68,16 +72,18 @@ class EngramCacheState:
         n = -tokens_to_remove
         if n == 0:
             return
-        if n > self.recent.shape[1]:
+        if n > self.undoable:
             raise InputError(f"cannot crop {n} positions from the Engram state: it can undo at most "
-                             f"{self.recent.shape[1]} (max_rollback={self.max_rollback}); pass "
+                             f"{self.undoable} (max_rollback={self.max_rollback}); pass "
                              "add_engram(..., max_rollback=) at least as large as the drafts")
-        tokens = self.recent[:, -n:].sum(axis=1).astype(np.int64)         # [B] tokens among those positions
+        if self.padding is None:
+            tokens: Any = n                                                # every position a token
+        else:
+            tokens = self.padding[:, -n:].sum(axis=1).astype(np.int64)     # [B] tokens among those positions
+            self.padding = self.padding[:, :-n]
         for cache in self.layers.values():
             cache.rollback(tokens)
-        self.recent = self.recent[:, :-n]
-        self.seen -= n
-        self.step = None
+        self.seen, self.undoable, self.step = self.seen - n, self.undoable - n, None
 
     def reorder(self, index: Any) -> None:
         """Sequence i becomes old sequence index[i] (ints, or a [B] bool mask of those kept)."""
@@ -86,15 +92,15 @@ class EngramCacheState:
             idx = np.flatnonzero(idx)
         for cache in self.layers.values():
             cache.reorder(idx)
-        self.recent = self.recent[idx]
+        if self.padding is not None:
+            self.padding = self.padding[idx]
         self.batch_size = int(idx.size)
 
     def reset(self) -> None:
         """Every sequence starts over."""
         for cache in self.layers.values():
             cache.reset()
-        self.seen, self.step = 0, None
-        self.recent = np.zeros((self.batch_size, 0), np.bool_)
+        self.seen, self.undoable, self.step, self.padding = 0, 0, None, None
 
 
 _Base: Any = object

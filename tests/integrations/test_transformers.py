@@ -172,3 +172,16 @@ def test_add_engram_refuses_bad_arguments():
 def test_importing_engram_does_not_import_transformers():
     code = "import sys, engram; engram.Table; engram.EngramMemory; assert 'transformers' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_a_crop_takes_back_tokens_not_padding():
+    model = with_engram(seed=6)
+    ids, mask = prompt(2, 5, seed=6), torch.ones(2, 5, dtype=torch.long)
+    mask[1, 3] = 0                                                   # padding inside what is cropped
+    with torch.no_grad():
+        cache = getattr(model(ids, attention_mask=mask, use_cache=True), CACHE)
+    cache.crop(-3)
+    assert [c.history.lengths.tolist() for c in cache.engram_state.layers.values()] == [[2, 2], [2, 2]]
+    with pytest.raises(engram.InputError, match=r"cannot crop 3 positions from the Engram state: it can undo at "
+                                                r"most 2 \(max_rollback=64\)"):
+        cache.crop(-3)
