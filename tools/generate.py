@@ -2,6 +2,7 @@
 EngramCache per Engram layer, checked against recomputing the whole sequence every step.
 
     python tools/generate.py --prompt "def main(" --tokens 24
+    python tools/generate.py --hf        # the same through Hugging Face transformers' generate()
 
 Each step feeds only the newest token: attention reads the cached keys and values, each Engram
 layer hashes the token against its cache's n-gram history and continues its ShortConv from the
@@ -121,6 +122,36 @@ def table_backed(model: TinyLM, comp: engram.Compression, path: Path) -> TinyLM:
     return twin
 
 
+def generate_hf(prompt: torch.Tensor, comp: engram.Compression, n: int, layers: tuple[int, ...]) -> dict[str, Any]:
+    """Greedy and 3-beam generate() of a tiny LlamaForCausalLM with Engram layers, with and without a cache."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from engram.integrations.transformers import add_engram
+
+    spec = engram.TableSpec(engram_vocab_size=(5000, 5000), max_ngram_size=3, n_head_per_ngram=4,
+                            n_embed_per_ngram=128, layer_ids=layers, compressed_vocab_size=comp.compressed_vocab_size)
+    config = LlamaConfig(vocab_size=comp.vocab_size, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
+                         pad_token_id=0, eos_token_id=None)
+    model = add_engram(LlamaForCausalLM(config).eval(), spec=spec, compression=comp, at_layers=layers)
+    for layer in model.model.layers:
+        if hasattr(layer, "engram"):                 # a fresh ShortConv is zero: give it weights to carry state
+            torch.nn.init.normal_(layer.engram.short_conv.weight, std=0.2)
+    timings, outs = {}, {}
+    for beams in (1, 3):
+        for use_cache in (True, False):
+            name = f"{'greedy' if beams == 1 else '3 beams'}, {'cached' if use_cache else 'full recompute'}"
+            start = time.perf_counter()
+            with torch.no_grad():
+                outs[name] = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n,
+                                            num_beams=beams, do_sample=False, use_cache=use_cache)
+            timings[name] = time.perf_counter() - start
+    same = all(torch.equal(outs[f"{w}, cached"], outs[f"{w}, full recompute"]) for w in ("greedy", "3 beams"))
+    print(f"transformers generate(), {n} tokens, Engram layers before decoder layers {list(layers)}: "
+          + "; ".join(f"{k}: {s / n * 1e3:.2f} ms/token" for k, s in timings.items()) + f"; same tokens: {same}")
+    return {"same": same, "tokens": outs["greedy, cached"][0].tolist(), **timings}
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -128,6 +159,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--tokens", type=int, default=24, help="tokens to generate")
     parser.add_argument("--seed", type=int, default=0, help="seed of the (untrained) weights")
     parser.add_argument("--engram-layers", default="1,3", help="blocks with an Engram layer")
+    parser.add_argument("--hf", action="store_true", help="a transformers LlamaForCausalLM with add_engram instead")
     args = parser.parse_args(argv)
     from tokenizers import Tokenizer
 
@@ -140,6 +172,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for mem in model.engram_modules():          # a fresh ShortConv is zero: give it weights to carry state
         torch.nn.init.normal_(mem.short_conv.weight, std=0.2)
     prompt = torch.tensor([tokenizer.encode(args.prompt).ids])
+    if args.hf:
+        return generate_hf(prompt, comp, args.tokens, config.engram_layers)
     n = min(args.tokens, config.block_size - prompt.shape[1])
     with tempfile.TemporaryDirectory() as tmp:
         backed = table_backed(model, comp, Path(tmp) / "rows.engram")

@@ -185,3 +185,14 @@ def test_a_crop_takes_back_tokens_not_padding():
     with pytest.raises(engram.InputError, match=r"cannot crop 3 positions from the Engram state: it can undo at "
                                                 r"most 2 \(max_rollback=64\)"):
         cache.crop(-3)
+
+
+def test_the_generate_tool_through_transformers_chooses_the_same_tokens_with_and_without_a_cache(monkeypatch, capsys):
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[2] / "tools"))
+    import generate
+
+    out = generate.main(["--hf", "--tokens", "5"])
+    assert out["same"] and len(out["tokens"]) > 5 and "same tokens: True" in capsys.readouterr().out
+    sys.modules.pop("generate", None)
