@@ -7,7 +7,9 @@ values [rows, D] and E8M0 scales [rows, D/32], row-major, exactly the bytes an e
 "float8_e4m3" table stores in its chunk files. So the tiers serve them the same way:
 
 - "mmap": each tensor's byte range of its shard is mapped read-only (from the page holding its
-  first byte; MADV_RANDOM; `prefault` populates it), and viewed as [rows, width] uint8;
+  first byte, at an address that agrees with its file offset modulo 2 MiB; advised as the "mmap"
+  tier advises tables: MADV_HUGEPAGE where the rows are to stay in memory, else MADV_RANDOM;
+  `prefault` populates it), and viewed as [rows, width] uint8;
 - "ram": each range is read into an anonymous hugepage-backed buffer, then made read-only (and
   dropped from the page cache);
 - "direct": values are read with pread at their offsets in the shard (`engram.serving.direct`), scales
@@ -33,7 +35,7 @@ from engram.release.folder import ReleaseCheckpoint, ReleaseLayer, read_release
 from engram.serving.direct import DirectReader
 from engram.serving.mapping import PROT_READ, anonymous, map_file_range
 from engram.serving.table import Table
-from engram.serving.tiers import DirectTier, Tier
+from engram.serving.tiers import DirectTier, Tier, resident
 from engram.storage.chunks import ChunkWatch, progress_bar
 from engram.storage.format import TableMeta
 from engram.storage.safetensors_header import TensorRange, read_header
@@ -62,12 +64,13 @@ def _open_checked(tdir: TableDir, t: TensorRange) -> int:
     return fd
 
 
-def _mapped(tdir: TableDir, t: TensorRange, prefault: bool, watch: ChunkWatch, layer_id: int) -> torch.Tensor:
+def _mapped(tdir: TableDir, t: TensorRange, prefault: bool, watch: ChunkWatch, layer_id: int,
+            hugepages: bool) -> torch.Tensor:
     fd = _open_checked(tdir, t)
     try:
         lay: Any = RangeLayout(layer_id, t)          # what ChunkWatch needs of a LayerLayout
         watch.add(fd, lay, 0)                         # a shard written in place is refused, not read
-        region, delta = map_file_range(fd, t.offset, t.nbytes, populate=prefault)
+        region, delta = map_file_range(fd, t.offset, t.nbytes, populate=prefault, hugepages=hugepages)
     finally:
         os.close(fd)                 # the mapping keeps the file open
     arr = region.array(np.uint8, t.shape, offset=delta, writable=True)   # pages are read-only
@@ -106,10 +109,13 @@ class InPlaceMemoryTier:
         self.weights: dict[int, torch.Tensor] = {}
         self.scales: dict[int, torch.Tensor] = {}
         self.watch = ChunkWatch(tdir) if name == "mmap" else None     # "ram" reads nothing after open
+        huge = resident(sum(t.nbytes for layer in release.layers.values() for t in (layer.values, layer.scales)),
+                        prefault)
         try:
             for lid, layer in release.layers.items():
                 for t, into in ((layer.values, self.weights), (layer.scales, self.scales)):
-                    into[lid] = _loaded(tdir, t) if self.watch is None else _mapped(tdir, t, prefault, self.watch, lid)
+                    into[lid] = _loaded(tdir, t) if self.watch is None else \
+                        _mapped(tdir, t, prefault, self.watch, lid, huge)
         except BaseException:
             self.close()
             raise

@@ -3,6 +3,13 @@
 Python's `mmap` module cannot place a mapping at a chosen address, so this module calls libc's
 `mmap`, `munmap`, `madvise` and `mprotect` through ctypes (Linux and other POSIX systems).
 
+Huge pages: reservations for file mappings are 2 MiB-aligned and each file is mapped where its
+address and its file offset agree modulo 2 MiB, so the kernel can map every whole 2 MiB of a file
+held in the page cache as one huge page (FilePmdMapped in /proc/self/smaps). It does so where the
+mapping is advised MADV_HUGEPAGE (`hugepages=True`), and then a fault also reads the whole 2 MiB
+around it; without, the mapping is advised MADV_RANDOM and a fault reads one 4 KiB page.
+`hugepage_bytes` says how much of a range is mapped with huge pages.
+
 A `Region` owns one range of address space. Numpy arrays made by `Region.array` keep the region
 alive, and the range is unmapped only when the region and every array (and every torch tensor
 made from one) are gone, so no view can ever outlive its pages.
@@ -19,7 +26,7 @@ from collections.abc import Sequence
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["Region", "stitch_files", "anonymous", "HUGEPAGE"]
+__all__ = ["Region", "stitch_files", "anonymous", "HUGEPAGE", "hugepage_bytes"]
 
 PROT_NONE, PROT_READ, PROT_WRITE = 0, mmap.PROT_READ, mmap.PROT_WRITE
 MAP_SHARED, MAP_PRIVATE = mmap.MAP_SHARED, mmap.MAP_PRIVATE
@@ -30,6 +37,7 @@ MAP_POPULATE = getattr(mmap, "MAP_POPULATE", 0)
 MADV_RANDOM = mmap.MADV_RANDOM
 MADV_DONTNEED = mmap.MADV_DONTNEED
 MADV_HUGEPAGE = getattr(mmap, "MADV_HUGEPAGE", None)
+MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22 if os.uname().sysname == "Linux" else None)  # 5.14
 HUGEPAGE = 2 << 20  # transparent hugepage size on x86-64 and arm64 with 4 KiB pages
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -103,12 +111,13 @@ class Region:
             raise _os_error("mprotect")
 
 
-def stitch_files(fds: Sequence[int], file_bytes: int, populate: bool = False) -> Region:
+def stitch_files(fds: Sequence[int], file_bytes: int, populate: bool = False, hugepages: bool = False) -> Region:
     """Map `len(fds)` files of `file_bytes` bytes each back to back into one read-only region.
 
-    Reserves a PROT_NONE range, then maps each file at its offset with MAP_FIXED, and asks for
-    random access (no readahead). `populate` pre-faults every page at map time (MAP_POPULATE).
-    `file_bytes` must be a multiple of the page size.
+    Reserves a 2 MiB-aligned PROT_NONE range, then maps each file at its offset with MAP_FIXED (so
+    files of whole 2 MiB multiples start at 2 MiB boundaries), and advises the range: MADV_HUGEPAGE
+    with `hugepages` (2 MiB pages, a fault reads 2 MiB), else MADV_RANDOM (no readahead).
+    `populate` pre-faults every page. `file_bytes` must be a multiple of the page size.
 
     Example:
         >>> region = stitch_files([fd0, fd1], 1 << 20)       # 2 MiB of contiguous addresses
@@ -116,12 +125,52 @@ def stitch_files(fds: Sequence[int], file_bytes: int, populate: bool = False) ->
     """
     if file_bytes % mmap.PAGESIZE:
         raise ValueError(f"file_bytes={file_bytes} is not a multiple of the page size {mmap.PAGESIZE}")
-    region = Region(len(fds) * file_bytes, PROT_NONE, MAP_PRIVATE | MAP_NORESERVE)
-    flags = MAP_SHARED | MAP_FIXED | (MAP_POPULATE if populate else 0)
+    region = Region(len(fds) * file_bytes, PROT_NONE, MAP_PRIVATE | MAP_NORESERVE, align=HUGEPAGE)
     for index, fd in enumerate(fds):
-        _mmap(region.addr + index * file_bytes, file_bytes, PROT_READ, flags, fd, 0)
-    region.advise(MADV_RANDOM)
+        _mmap(region.addr + index * file_bytes, file_bytes, PROT_READ, MAP_SHARED | MAP_FIXED, fd, 0)
+    _advise_and_populate(region, 0, region.length, populate, hugepages)
     return region
+
+
+def _advise_and_populate(region: Region, offset: int, length: int, populate: bool, hugepages: bool) -> None:
+    """Advise MADV_HUGEPAGE (where the kernel has it) or MADV_RANDOM, then pre-fault if asked: after
+    the advice, so that the faults already use 2 MiB pages."""
+    advised = False
+    if hugepages and MADV_HUGEPAGE is not None:
+        try:
+            region.advise(MADV_HUGEPAGE, offset, length)
+            advised = True
+        except OSError:       # no transparent huge pages in this kernel: plain pages
+            pass
+    if not advised:
+        region.advise(MADV_RANDOM, offset, length)
+    if not populate:
+        return
+    try:
+        if MADV_POPULATE_READ is None:
+            raise OSError("no MADV_POPULATE_READ")
+        region.advise(MADV_POPULATE_READ, offset, length)
+    except OSError:           # kernels before 5.14: touch one byte of every page
+        region.array(np.uint8, (length,), offset=offset)[::mmap.PAGESIZE].sum()
+
+
+def hugepage_bytes(addr: int, length: int) -> int:
+    """Bytes backed by 2 MiB pages (file pages mapped whole, FilePmdMapped, and anonymous ones,
+    AnonHugePages, from /proc/self/smaps) in this process's mappings that overlap [addr, addr +
+    length), each counted whole; 0 where the system has no smaps."""
+    total, inside = 0, False
+    try:
+        with open("/proc/self/smaps") as f:
+            for line in f:
+                head = line.split(None, 2)
+                if "-" in head[0] and not head[0].endswith(":"):
+                    start, _, stop = head[0].partition("-")
+                    inside = int(start, 16) < addr + length and addr < int(stop, 16)
+                elif inside and head[0] in ("FilePmdMapped:", "AnonHugePages:", "ShmemPmdMapped:"):
+                    total += int(head[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return 0
+    return total
 
 
 def anonymous(length: int, hugepages: bool = True) -> Region:
@@ -153,19 +202,22 @@ def release_pages(arr: np.ndarray) -> None:
         madvise(first, last - first, MADV_DONTNEED)
 
 
-def map_file_range(fd: int, offset: int, length: int, populate: bool = False) -> tuple[Region, int]:
+def map_file_range(fd: int, offset: int, length: int, populate: bool = False,
+                   hugepages: bool = False) -> tuple[Region, int]:
     """Map bytes [offset, offset + length) of a file read-only; returns (region, where they start in it).
 
-    The mapping starts at the page holding `offset` (mmap offsets are page-aligned), so the bytes
-    begin `offset % PAGESIZE` into the region. The caller checks that the file holds the range: a
-    page wholly past the end of the file would fault (SIGBUS) when touched. Random access (no
-    readahead); `populate` pre-faults every page (MAP_POPULATE).
+    The mapping starts at the page holding `offset` (mmap offsets are page-aligned), placed so that
+    its addresses and file offsets agree modulo 2 MiB (whole 2 MiB of the file can then be huge
+    pages); the bytes begin at the returned offset into the region. The caller checks that the
+    file holds the range: a page wholly past the end of the file would fault (SIGBUS) when touched.
+    Advised as `stitch_files` does (MADV_HUGEPAGE with `hugepages`, else MADV_RANDOM); `populate`
+    pre-faults every page.
     """
     start = offset - offset % mmap.PAGESIZE
-    delta = offset - start
-    span = -(-(delta + length) // mmap.PAGESIZE) * mmap.PAGESIZE
-    region = Region(max(span, mmap.PAGESIZE), PROT_NONE, MAP_PRIVATE | MAP_NORESERVE)
+    lead = start % HUGEPAGE                     # where the mapping starts past a 2 MiB boundary
+    span = -(-(offset - start + length) // mmap.PAGESIZE) * mmap.PAGESIZE
+    region = Region(lead + max(span, mmap.PAGESIZE), PROT_NONE, MAP_PRIVATE | MAP_NORESERVE, align=HUGEPAGE)
     if span:
-        _mmap(region.addr, span, PROT_READ, MAP_SHARED | MAP_FIXED | (MAP_POPULATE if populate else 0), fd, start)
-        region.advise(MADV_RANDOM, 0, span)
-    return region, delta
+        _mmap(region.addr + lead, span, PROT_READ, MAP_SHARED | MAP_FIXED, fd, start)
+        _advise_and_populate(region, lead, span, populate, hugepages)
+    return region, lead + offset - start

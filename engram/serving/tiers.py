@@ -4,7 +4,12 @@
   loading), then made read-only; the files' pages are then dropped from the page cache
   (POSIX_FADV_DONTNEED), so the table takes its size in memory once, not twice.
 - "mmap": the chunk files of each layer mapped back to back into one contiguous read-only
-  address range (MADV_RANDOM; `prefault` populates every page at open).
+  address range, 2 MiB-aligned (`prefault` populates every page at open). Where the table is to
+  stay in memory (`prefault`, or its files fit in available memory) the range is advised
+  MADV_HUGEPAGE: whole 2 MiB of the files are then mapped as huge pages (new tables' chunk files
+  are whole multiples of 2 MiB), as the "ram" tier's buffer is, and lookups cost what they cost
+  there. A table larger than memory is advised MADV_RANDOM instead: a fault reads 4 KiB, not the
+  2 MiB around it (see `engram.serving.mapping`).
 - "direct": no mapping; rows are read with `pread` from a thread pool, bypassing the page cache
   (see `engram.serving.direct`).
 
@@ -33,7 +38,8 @@ import torch
 
 from engram.dtypes import row_dtype, storage_dtype, storage_torch_dtype, torch_dtype
 from engram.serving.direct import DirectReader
-from engram.serving.mapping import PROT_READ, Region, anonymous, stitch_files
+from engram.serving.mapping import PROT_READ, Region, anonymous, hugepage_bytes, stitch_files
+from engram.serving.placement import HEADROOM, memory_info
 from engram.storage.chunks import ChunkWatch, fadvise, open_chunk, progress_bar, read_chunk
 from engram.storage.format import LayerLayout, TableMeta
 from engram.storage.tabledir import TableDir
@@ -116,6 +122,11 @@ class _InAddressSpace:
             self.watch.check()
         torch.index_select(self.weights[layer_id], 0, torch.from_numpy(rows), out=out)
 
+    def hugepage_bytes(self) -> int:
+        """Bytes of the rows (values and scales) mapped with 2 MiB pages now (see `mapping.hugepage_bytes`)."""
+        return sum(hugepage_bytes(t.data_ptr(), t.numel() * t.element_size())
+                   for t in (*self.weights.values(), *self.scales.values()))
+
     def close(self) -> None:
         # The address range is released once no tensor refers to it any more (see mapping.Region).
         self.weights = {}
@@ -136,7 +147,13 @@ class RamTier(_InAddressSpace):
                     self.scales[lay.layer_id] = _scales_tensor(_load_array(tdir, lay.scales, bar), lay.scales, meta)
 
 
-def _map_array(tdir: TableDir, lay: LayerLayout, prefault: bool, watch: ChunkWatch) -> Region:
+def resident(nbytes: int, prefault: bool) -> bool:
+    """Whether a mapping of `nbytes` is meant to stay in memory, so 2 MiB pages pay: `prefault`
+    asked for, or it fits in available memory (with placement.HEADROOM to spare)."""
+    return prefault or nbytes <= HEADROOM * memory_info()["ram_available"]
+
+
+def _map_array(tdir: TableDir, lay: LayerLayout, prefault: bool, watch: ChunkWatch, hugepages: bool) -> Region:
     """Map every chunk file of one array back to back (sizes checked: a short file would SIGBUS),
     each watched for changes from now on."""
     fds: list[int] = []
@@ -144,7 +161,7 @@ def _map_array(tdir: TableDir, lay: LayerLayout, prefault: bool, watch: ChunkWat
         for index in range(lay.n_chunks):
             fds.append(open_chunk(tdir, lay, index))
             watch.add(fds[-1], lay, index)
-        return stitch_files(fds, lay.chunk_bytes, populate=prefault)
+        return stitch_files(fds, lay.chunk_bytes, populate=prefault, hugepages=hugepages)
     finally:
         for fd in fds:      # the mappings keep the files open
             os.close(fd)
@@ -156,12 +173,14 @@ class MmapTier(_InAddressSpace):
     def __init__(self, tdir: TableDir, meta: TableMeta, prefault: bool = False) -> None:
         super().__init__()
         self.watch = ChunkWatch(tdir)
+        self.hugepages = resident(sum(lay.disk_bytes for lay in meta.layers.values()), prefault)
         try:
             for lay in meta.layers.values():
-                self.weights[lay.layer_id] = _values_tensor(_map_array(tdir, lay, prefault, self.watch), lay, meta)
+                values = _map_array(tdir, lay, prefault, self.watch, self.hugepages)
+                self.weights[lay.layer_id] = _values_tensor(values, lay, meta)
                 if lay.scales is not None:
-                    self.scales[lay.layer_id] = _scales_tensor(_map_array(tdir, lay.scales, prefault, self.watch),
-                                                               lay.scales, meta)
+                    scales = _map_array(tdir, lay.scales, prefault, self.watch, self.hugepages)
+                    self.scales[lay.layer_id] = _scales_tensor(scales, lay.scales, meta)
         except BaseException:
             self.close()
             raise

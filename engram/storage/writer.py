@@ -47,6 +47,10 @@ __all__ = ["Chunk", "DEFAULT_CHUNK_BYTES", "ENCODE_VALUES", "plan_layout", "writ
            "encode_into", "as_torch", "codec_attributes"]
 
 DEFAULT_CHUNK_BYTES = 64 << 20  # default chunk file size (rounded down to whole CHUNK_ALIGN rows)
+# Default chunk files of layers of at least HUGE_LAYER_BYTES are whole multiples of HUGE_ALIGN (a
+# 2 MiB huge page): mapped back to back, every 2 MiB of them can then be one huge page ("mmap" tier).
+HUGE_ALIGN = 2 << 20
+HUGE_LAYER_BYTES = 16 << 20
 ENCODE_VALUES = 1 << 17         # float32 values encoded per piece into quantized chunks (512 KiB)
 
 # One chunk of a layer as written: the values [chunk_rows, W] (W = spec.value_width: D, or packed
@@ -146,15 +150,24 @@ def _plan_layer(spec: TableSpec, layer_id: int, chunk_rows: int | None, rows: in
     # the smallest rows giving whole CHUNK_ALIGNs, for the values and (quantized rows) the scales
     align_rows = math.lcm(*(CHUNK_ALIGN // math.gcd(CHUNK_ALIGN, b) for b in (row_bytes, scale_bytes) if b))
     if chunk_rows is None:   # about DEFAULT_CHUNK_BYTES, split evenly so the last chunk has little padding
-        n_chunks = -(-rows // (max(1, DEFAULT_CHUNK_BYTES // (align_rows * row_bytes)) * align_rows))
-        chunk_rows = -(-rows // (n_chunks * align_rows)) * align_rows
-    elif not is_int(chunk_rows) or chunk_rows < 1 or chunk_rows % align_rows:
+        unit = align_rows    # in rows; whole 2 MiB of values where the layer is large enough for it to pay
+        huge = math.lcm(align_rows, HUGE_ALIGN // math.gcd(HUGE_ALIGN, row_bytes))
+        if rows * row_bytes >= HUGE_LAYER_BYTES and huge * row_bytes <= DEFAULT_CHUNK_BYTES:
+            unit = huge
+        n_chunks = -(-rows // (max(1, DEFAULT_CHUNK_BYTES // (unit * row_bytes)) * unit))
+        return _layer_layout(spec, layer_id, rows, -(-rows // (n_chunks * unit)) * unit)
+    if not is_int(chunk_rows) or chunk_rows < 1 or chunk_rows % align_rows:
         with_scales = f" and {scale_bytes} bytes of scales" if scale_bytes else ""
         raise InputError(
             f"chunk_rows={chunk_rows!r} is invalid: chunk files must be whole multiples of {CHUNK_ALIGN} bytes "
             f"so they map at page boundaries; with {row_bytes}-byte rows{with_scales} use a positive multiple of "
             f"{align_rows} (or None for about 64 MiB chunks)")
-    chunk_rows = min(int(chunk_rows), -(-rows // align_rows) * align_rows)
+    return _layer_layout(spec, layer_id, rows, min(int(chunk_rows), -(-rows // align_rows) * align_rows))
+
+
+def _layer_layout(spec: TableSpec, layer_id: int, rows: int, chunk_rows: int) -> LayerLayout:
+    """The layout of one layer of `rows` rows in chunks of `chunk_rows` (values, scales, block digests)."""
+    row_bytes, scale_bytes = spec.row_bytes, spec.scale_row_bytes
     scales = None
     if spec.quantized:
         scales = LayerLayout(layer_id, array_name(layer_id, scales=True), rows, scale_bytes, chunk_rows, role="scales")
