@@ -156,8 +156,8 @@ def _begin(hooks: _Hooks, module: nn.Module, args: tuple[Any, ...], kwargs: dict
             shape = tuple(mask.shape) if torch.is_tensor(mask) else type(mask).__name__
             raise InputError(f"attention_mask {shape} is not a [B, >= T] = [{B}, >= {T}] mask: the Engram layers "
                              "read padding from a 2-D mask (1 = token, 0 = padding); pass one")
-        new = mask[:, -T:].detach().cpu().numpy().astype(np.bool_)
-        flags = None if new.all() else new
+        new = mask[:, -T:]
+        flags = None if bool(new.all()) else new.detach().cpu().numpy().astype(np.bool_)   # all tokens: no flags
     hooks.step = _Step(to_numpy_ids(ids), flags)
 
 
