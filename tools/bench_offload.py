@@ -10,8 +10,9 @@ then Adam on the rows touched. Rows-only: no model, so the rows' own cost is all
 - offload: OffloadedRows with a cache of --cache-mib, the table 1x, 4x and 16x the rows the cache
   holds, each without and with `prefetch` of the next step's ids (issued before the step computes).
 
-Steps/s are the median of --repeats timed runs of --steps steps after --warmup steps; the ratio is
-to the "ram" run of the same table size. Also reported: the cache's hit rate (rows a lookup found
+Each of --repeats rounds times the three back to back (--steps steps after --warmup steps), so a
+busy moment of the machine slows all three; the ratio reported is the median over rounds of each
+run's steps/s over its round's "ram" run, on the same table. Also reported: the cache's hit rate (rows a lookup found
 in the cache) and the seconds a step waited for rows. The working copies live in --dir (default: a
 temporary directory, removed at the end); the machine's page cache holds them unless they exceed RAM.
 
@@ -124,14 +125,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             table = make_table(root, int(ratio * slots), args.vocab)
             run: dict[str, Any] = {"ratio": ratio, "table_rows": table.spec.total_rows,
                                    "working_copy_mib": table.spec.total_rows * 12 * D / 2**20}
-            ram = [time_ram(table, batches, args.warmup, 5e-3)["steps_per_s"] for _ in range(args.repeats)]
-            run["ram_steps_per_s"] = statistics.median(ram)
-            for prefetch in (False, True):
-                outs = [time_offload(table, root / "work", cache_bytes, batches, args.warmup, 5e-3, prefetch)
-                        for _ in range(args.repeats)]
-                best = sorted(outs, key=lambda o: o["steps_per_s"])[len(outs) // 2]
-                name = "prefetch" if prefetch else "no_prefetch"
-                run[name] = {**best, "ratio_to_ram": best["steps_per_s"] / run["ram_steps_per_s"]}
+            rounds = []
+            for _ in range(args.repeats):         # interleaved, so a slow moment of the machine hits all three
+                ram = time_ram(table, batches, args.warmup, 5e-3)["steps_per_s"]
+                outs = {name: time_offload(table, root / "work", cache_bytes, batches, args.warmup, 5e-3, prefetch)
+                        for name, prefetch in (("no_prefetch", False), ("prefetch", True))}
+                rounds.append((ram, outs))
+            run["ram_steps_per_s"] = statistics.median(r for r, _ in rounds)
+            for name in ("no_prefetch", "prefetch"):
+                ratios = [o[name]["steps_per_s"] / r for r, o in rounds]
+                mid = sorted(range(len(rounds)), key=lambda i: ratios[i])[len(rounds) // 2]
+                run[name] = {**rounds[mid][1][name], "ratio_to_ram": ratios[mid], "ratios": ratios}
             results["runs"].append(run)
             table.close()
             shutil.rmtree(root / "work", ignore_errors=True)
