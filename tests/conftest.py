@@ -58,3 +58,16 @@ def v41_release(tmp_path):
         return write_release(root, naming=naming, index=index)
 
     return make
+
+
+@pytest.fixture(params=["batched", "compiled"])
+def lookup_path(request, monkeypatch):
+    """Run a test twice: table lookups on the batched path only, then on the compiled path of
+    small lookups (engram.serving.decode_step) wherever it applies, whatever their size (skipped
+    without numba). Both must give the same rows and counters."""
+    from engram.serving import compiled, decode_step
+
+    if request.param == "compiled" and not compiled.COMPILED:
+        pytest.skip("the compiled path needs numba (the 'fast' extra)")
+    monkeypatch.setattr(decode_step, "SMALL_LOOKUP_TOKENS", 1 << 62 if request.param == "compiled" else 0)
+    return request.param

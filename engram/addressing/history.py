@@ -29,7 +29,7 @@ from engram.args import check_int, is_int
 from engram.errors import InputError, SpecMismatchError
 from engram.tensors import check_ids_2d, is_torch, to_numpy_ids
 
-__all__ = ["NgramHistory", "PrefetchContext", "check_history", "check_flags", "last_valid_columns",
+__all__ = ["NgramHistory", "PrefetchContext", "check_history", "check_flags", "history_arrays", "last_valid_columns",
            "lookback_columns", "ngram_columns", "prefetch_context"]
 
 
@@ -245,6 +245,13 @@ def _show(n: Any) -> str:
 
 def _or_zeros(flags: np.ndarray | None, shape: tuple[int, ...]) -> np.ndarray:
     return np.zeros(shape, np.bool_) if flags is None else flags
+
+
+def history_arrays(history: NgramHistory) -> tuple[np.ndarray, np.ndarray]:
+    """The history's own arrays, for compiled code that reads them (never write to them): raw ids
+    and document starts, each [B, N-1 + max_rollback], newest last. A later append, rollback or
+    reorder replaces them; reset(which) changes them in place."""
+    return history._ids, history._starts
 
 
 def check_flags(name: str, flags: Any, shape: tuple[int, ...]) -> np.ndarray | None:

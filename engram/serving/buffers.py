@@ -22,15 +22,20 @@ import torch
 __all__ = ["OutputPool", "Scratch"]
 
 
-def _refcounts(bufs: list[np.ndarray]) -> list[int]:
-    return [sys.getrefcount(buf) for buf in bufs]
-
-
 # numpy dtype holding each torch dtype's values (bfloat16 as its uint16 bits)
 _STORAGE: dict[torch.dtype, np.dtype[Any]] = {torch.float32: np.dtype(np.float32), torch.float16: np.dtype(np.float16),
             torch.bfloat16: np.dtype(np.uint16)}
-# The count of a buffer referenced only by the pool's list, measured the same way it is checked.
-_UNREFERENCED = _refcounts([np.empty(0)])[0]
+
+
+def _loop_refcount(bufs: list[np.ndarray]) -> int:
+    for buf in bufs:
+        return sys.getrefcount(buf)
+    return 0
+
+
+# The count of a buffer referenced only by the pool's list, measured as take_array checks it: the
+# list, the loop variable and getrefcount's argument.
+_UNREFERENCED = _loop_refcount([np.empty(0)])
 
 
 class OutputPool:
@@ -49,23 +54,28 @@ class OutputPool:
 
     def take(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         """A tensor of `shape` and `dtype` that no one else references (contents undefined)."""
-        storage = _STORAGE[dtype]
+        tensor = torch.from_numpy(self.take_array(shape, dtype))   # holds a reference to the array while it lives
+        return tensor.view(torch.bfloat16) if dtype == torch.bfloat16 else tensor
+
+    def take_array(self, shape: tuple[int, ...], dtype: torch.dtype) -> np.ndarray:
+        """The numpy array behind `take` (bfloat16 as uint16 bits): make the tensor with
+        `torch.from_numpy` before the array is dropped, or the buffer counts as free again."""
         key = (shape, dtype)
         with self._lock:
-            bufs = self._bufs.setdefault(key, [])
-            self._bufs.move_to_end(key)
-            counts = _refcounts(bufs)
-            free = [i for i, count in enumerate(counts) if count == _UNREFERENCED]
-            if free:
-                buf = bufs[free[0]]   # this reference marks it taken for concurrent callers
-            else:
-                buf = np.empty(shape, storage)
-                if len(bufs) < self._per_shape:
-                    bufs.append(buf)
+            bufs = self._bufs.get(key)
+            if bufs is None:
+                bufs = self._bufs[key] = []
                 while len(self._bufs) > self._shapes:
                     self._bufs.popitem(last=False)
-        tensor = torch.from_numpy(buf)   # holds a reference to `buf` for as long as it lives
-        return tensor.view(torch.bfloat16) if dtype == torch.bfloat16 else tensor
+            else:
+                self._bufs.move_to_end(key)
+            for buf in bufs:
+                if sys.getrefcount(buf) == _UNREFERENCED:
+                    return buf      # the caller's reference marks it taken for concurrent callers
+            buf = np.empty(shape, _STORAGE[dtype])
+            if len(bufs) < self._per_shape:
+                bufs.append(buf)
+            return buf
 
     def clear(self) -> None:
         with self._lock:

@@ -18,6 +18,7 @@ larger ones a bitmap of the cached rows (1 bit per table row) that sends only th
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable
 from typing import Any
@@ -61,6 +62,16 @@ class LayerCache:
         """Bytes held: row data plus the probe structure."""
         probe = self._slots.nbytes if self.dense else self._bits.nbytes + self.rows.nbytes
         return self.data.numel() * self.data.element_size() + probe
+
+    @functools.cached_property
+    def kernel_args(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """The cache as compiled code reads it (`engram.serving.compiled.step_gather_cached`): the
+        dense int32 slot of every table row (empty for a bitmap), the bitmap (empty for dense
+        slots), the sorted cached rows, and their data as a numpy array (16-bit floats as uint16 bits)."""
+        data = (self.data.view(torch.uint16) if self.data.element_size() == 2 else self.data).numpy()
+        if self.dense:
+            return self._slots, np.zeros(0, np.uint8), self.rows, data
+        return np.zeros(0, np.int32), self._bits, self.rows, data
 
     def probe(self, keys: np.ndarray) -> np.ndarray:
         """The slot of each id in `keys` (int64 [n], in range), -1 where it is not cached."""

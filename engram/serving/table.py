@@ -6,7 +6,8 @@
 A lookup validates and compresses the ids, hashes them (NgramHasher), adds each head's row
 offset while transposing the hasher's head-major [H, B, T] rows to [B, T, H], and gathers those
 rows in one call (`Table._gather`, the single place every row read goes through: batch dedup,
-the hot-row cache, then the tier; see `engram.serving.gather`).
+the hot-row cache, then the tier; see `engram.serving.gather`). Small lookups (decode steps) do
+all of it in one compiled call where numba is installed (`engram.serving.decode_step`).
 
 Quantized tables ("int8", "float8_e4m3") dequantize on every read: lookups return float32 by
 default (`Table.dtype`), or bfloat16 with `dtype=torch.bfloat16` (decoded straight into it, one
@@ -21,12 +22,10 @@ values and scales unchanged.
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
 import functools
 import os
-import threading
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -38,6 +37,7 @@ from engram.dtypes import storage_torch_dtype, torch_dtype
 from engram.errors import InputError
 from engram.serving.buffers import OutputPool, Scratch
 from engram.serving.cache import HotRowCache, select_hot_rows
+from engram.serving.decode_step import DecodeStep
 from engram.serving.gather import DEDUP_TIERS, DecodingGatherer, RowGatherer
 from engram.serving.hotrows import HotRowPlan
 from engram.serving.lookup_args import check_dtype, check_out, check_row_indices, check_whole
@@ -45,6 +45,7 @@ from engram.serving.prefetch import CudaTransfer, Prefetch, Prefetcher
 from engram.serving.stats import LookupStats, StatsCounter
 from engram.serving.table_info import TableInfo
 from engram.serving.tiers import Tier, open_tier
+from engram.serving.usage import Usage
 from engram.storage.chunks import verify_chunks
 from engram.storage.format import TableMeta
 from engram.storage.metadata import open_published
@@ -72,50 +73,33 @@ class Table(TableInfo):
         self._stored_dtype = storage_torch_dtype(meta.spec.dtype)    # what the tier gathers
         self._outputs = OutputPool()
         self._scratch = Scratch()
-        self._state = threading.Condition()
-        self._active = 0
-        self._closed = False
+        self._usage = Usage(functools.partial(_closed_error, os.fspath(tdir.path)))   # calls in flight
         self._tier = open_tier(tier, tdir, meta, prefault, io_threads) if rows is None else rows
         self._finalizer = weakref.finalize(self, _release, self._tier, tdir)
         self._stats = StatsCounter()
         self._engine = RowGatherer(self._tier, tier in DEDUP_TIERS if dedup is None else dedup, self._stats)
         self._decoder = DecodingGatherer(self._engine, meta.spec) if meta.spec.quantized else None
         self._prefetcher = Prefetcher()
+        self._fast = DecodeStep.create(meta, self._tier, self._engine, self._decoder, self._stats, self._outputs,
+                                       self._scratch, self._usage, self._dtype)      # small lookups, compiled
 
     def __repr__(self) -> str:
-        state = "closed" if self._closed else f"tier={self._tier_name!r}"
+        state = "closed" if self.closed else f"tier={self._tier_name!r}"
         part = "" if self.shard is None else f", shard={str(self.shard)!r}"
         return (f"Table(path={os.fspath(self._path)!r}, {state}, layer_ids={self.spec.layer_ids}, "
                 f"dtype={self.spec.dtype!r}, rows={self.spec.total_rows}x{self.spec.head_dim}{part})")
 
     # -- lifetime ---------------------------------------------------------------------------
-    @contextlib.contextmanager
-    def _in_use(self, cancel_if_closed: bool = False) -> Iterator[None]:
-        with self._state:
-            if self._closed and cancel_if_closed:
-                raise concurrent.futures.CancelledError(f"table at {os.fspath(self._path)!r} was closed")
-            if self._closed:
-                path = os.fspath(self._path)
-                raise InputError(f"table at {path!r} is closed: open it again with engram.open({path!r})")
-            self._active += 1
-        try:
-            yield
-        finally:
-            with self._state:
-                self._active -= 1
-                self._state.notify_all()
-
     def close(self) -> None:
         """Release the rows (mapping, memory, files); waits for lookups in flight. Idempotent.
 
         Prefetches not started yet are cancelled (their `result()` raises
         concurrent.futures.CancelledError); a running one finishes first and keeps its rows.
         """
-        with self._state:
-            self._closed = True
+        self._usage.refuse()
         self._prefetcher.shutdown()
-        with self._state:
-            self._state.wait_for(lambda: self._active == 0)
+        self._usage.wait_idle()
+        self._fast = None
         self._finalizer()
         self._outputs.clear()
         self._engine.cache = None
@@ -158,7 +142,12 @@ class Table(TableInfo):
             >>> with engram.open("table.engram") as table:
             ...     e = table.lookup(np.array([[5, 17, 42]]), layer_id=1)   # [1, 3, E]
         """
-        with self._in_use():
+        fast = self._fast                   # a decode step: one compiled call (engram.serving.decode_step)
+        if fast is not None and mask is None and doc_start is None and out is None:
+            rows = fast.lookup(token_ids, layer_id, dtype, history)
+            if rows is not None:
+                return rows
+        with self._usage:
             x = self._ngrams(token_ids, history, mask, doc_start)        # N x [B, T] n-gram columns
             if layer_id is None:
                 if out is not None:
@@ -178,17 +167,21 @@ class Table(TableInfo):
         self.compression.check_ids(ids)
         return self._hasher.context_grams(self.compression.lookup[ids], history, mask, doc_start)
 
-    def _lookup_layer(self, x: list[np.ndarray], layer_id: int, out: torch.Tensor | None,
+    def _lookup_layer(self, x: list[np.ndarray] | dict[int, np.ndarray], layer_id: int, out: torch.Tensor | None,
                       dtype: torch.dtype | None) -> torch.Tensor:
-        B, T = x[0].shape
+        # x: the n-gram columns N x [B, T], or each layer's global rows [B, T, H] (DecodeStep.rows)
+        B, T = x[layer_id].shape[:2] if isinstance(x, dict) else x[0].shape
         H, D = self.spec.heads_per_layer, self.spec.head_dim
         check_dtype(dtype)
         want = self._dtype if dtype is None else dtype
         if out is not None:
             check_out(out, (B, T, H * D), want)
-        heads_buf, rows = self._scratch.get(H, B, T)
-        heads = self._hasher.hash_grams(x, layer_id, out=heads_buf)               # [B, T, H] view of [H, B, T]
-        np.add(heads, self._offsets[layer_id], out=rows)                         # [B, T, H] global rows
+        if isinstance(x, dict):
+            rows = x[layer_id]
+        else:
+            heads_buf, rows = self._scratch.get(H, B, T)
+            heads = self._hasher.hash_grams(x, layer_id, out=heads_buf)           # [B, T, H] view of [H, B, T]
+            np.add(heads, self._offsets[layer_id], out=rows)                     # [B, T, H] global rows
         gathered = self.gathered_dtype(want)
         if out is not None and want == gathered:
             result = out
@@ -201,16 +194,13 @@ class Table(TableInfo):
 
     def _gather(self, layer_id: int, rows: np.ndarray, out: torch.Tensor) -> None:
         """out[i] = row rows[i] of the layer's table (decoded, for quantized tables). Every row read
-        of the table passes here."""
-        if self._decoder is None:
-            self._engine.gather(layer_id, rows, out)
-        else:
-            self._decoder.gather(layer_id, rows, out)
+        of the table passes here, but the row copies of the compiled path of small lookups."""
+        (self._engine if self._decoder is None else self._decoder).gather(layer_id, rows, out)
 
     def gather_local(self, layer_id: int, rows: np.ndarray, out: torch.Tensor) -> None:
         """Unchecked, for `engram.distributed`: out [n, D] (of `gathered_dtype`) = rows [n] of the
         layer's stored array (a part's rows by local index), through dedup, cache and counters."""
-        with self._in_use():
+        with self._usage:
             self._gather(layer_id, rows, out)
 
     def rows(self, layer_id: int, row_indices: Any, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -226,7 +216,7 @@ class Table(TableInfo):
         Example:
             >>> table.rows(1, [0, table.spec.rows(1) - 1])     # first and last row of layer 1
         """
-        with self._in_use():
+        with self._usage:
             layer_id, idx = self._row_indices(layer_id, row_indices)
             check_dtype(dtype)
             want = self._dtype if dtype is None else dtype
@@ -252,7 +242,7 @@ class Table(TableInfo):
         Example:
             >>> q = table.stored_rows(1, [0, 1, 2])             # a float8_e4m3 table: uint8 [3, 256], [3, 8]
         """
-        with self._in_use():
+        with self._usage:
             layer_id, idx = self._row_indices(layer_id, row_indices)
             spec = self.spec
             if self._decoder is not None:
@@ -296,8 +286,9 @@ class Table(TableInfo):
             >>> ...                                           # layers 0 and 1 compute meanwhile
             >>> e = handle.result(2)                          # [B, T, E] at the Engram layer
         """
-        with self._in_use():
-            x = self._ngrams(token_ids, history, mask, doc_start)         # N x [B, T] n-gram columns, a copy
+        with self._usage:
+            rows = None if self._fast is None else self._fast.rows(token_ids, layer_ids, history, mask, doc_start)
+            x = self._ngrams(token_ids, history, mask, doc_start) if rows is None else rows   # or N x [B, T] grams
             if layer_ids is None:
                 layers = self.spec.layer_ids
             else:
@@ -306,26 +297,31 @@ class Table(TableInfo):
                 layers = tuple(self.spec.check_layer(i) for i in requested)
             check_dtype(dtype)
             target = self._prefetcher.target(device)
-            with self._state:     # close() either sees this prefetch pending or refuses it here
-                if self._closed:
+            with self._usage.lock:     # close() either sees this prefetch pending or refuses it here
+                if self._usage.closed:
                     raise InputError(f"table at {os.fspath(self._path)!r} is closed: open it again")
                 future = self._prefetcher.submit(lambda: self._prefetch_work(x, layers, dtype, target))
             self._stats.add(prefetches=1)
             return Prefetch(future, layers, self._stats, self._path, prefetch_context(token_ids, history, mask))
 
-    def _prefetch_work(self, x: list[np.ndarray], layers: tuple[int, ...], dtype: torch.dtype | None,
-                       target: torch.device | CudaTransfer | None) -> dict[int, Any]:
+    def _prefetch_work(self, x: list[np.ndarray] | dict[int, np.ndarray], layers: tuple[int, ...],
+                       dtype: torch.dtype | None, target: torch.device | CudaTransfer | None) -> dict[int, Any]:
         """Runs on the prefetch thread: every layer's rows, on the device asked for."""
-        with self._in_use(cancel_if_closed=True):
+        if not self._usage.enter():
+            raise concurrent.futures.CancelledError(f"table at {os.fspath(self._path)!r} was closed")
+        try:
             out: dict[int, Any] = {}
             for layer_id in layers:
                 if isinstance(target, CudaTransfer):                     # (device tensor, copy event)
                     fill = functools.partial(self._lookup_layer, x, layer_id, dtype=dtype)     # fill(host rows)
-                    out[layer_id] = target.fill_and_copy((*x[0].shape, self.spec.embed_dim), dtype or self._dtype, fill)
+                    B, T = x[layer_id].shape[:2] if isinstance(x, dict) else x[0].shape
+                    out[layer_id] = target.fill_and_copy((B, T, self.spec.embed_dim), dtype or self._dtype, fill)
                 else:
                     rows = self._lookup_layer(x, layer_id, None, dtype)
                     out[layer_id] = rows if target is None else rows.to(target)
             return out
+        finally:
+            self._usage.exit()
 
     # -- hot-row cache and counters ---------------------------------------------------------
     def load_hot_rows(self, plan: HotRowPlan | str | os.PathLike[str], *, fraction: float | None = None,
@@ -350,7 +346,7 @@ class Table(TableInfo):
             >>> table.load_hot_rows("hot.npz", fraction=0.1)
             {1: 184345, 15: 184572}
         """
-        with self._in_use():
+        with self._usage:
             chosen = select_hot_rows(plan, self.spec, self.compression, fraction, rows, max_bytes)
             if self.shard is not None:     # the hottest rows of the whole table that this part holds
                 spans = self.shard.ranges
@@ -386,8 +382,12 @@ class Table(TableInfo):
             CorruptTableError: naming the first bad chunk (layer, array for scales, chunk, file)
                 and how many chunks are bad in all.
         """
-        with self._in_use():
+        with self._usage:
             verify_chunks(self._tdir, self._meta, progress)
+
+
+def _closed_error(path: str) -> InputError:
+    return InputError(f"table at {path!r} is closed: open it again with engram.open({path!r})")
 
 
 def _release(tier: Any, tdir: TableDir) -> None:

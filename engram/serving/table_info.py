@@ -14,10 +14,19 @@ from engram.addressing.compression import Compression
 from engram.addressing.spec import TableSpec
 from engram.errors import InputError
 from engram.serving.gather import RowGatherer
+from engram.serving.usage import Usage
 from engram.storage.format import LayerLayout, TableMeta
 from engram.storage.shards import ShardRange
 
-__all__ = ["TableInfo"]
+__all__ = ["TableInfo", "gathered_dtype"]
+
+
+def gathered_dtype(spec: TableSpec, dtype: torch.dtype, want: torch.dtype) -> torch.dtype:
+    """The dtype a table of `spec` (whose lookups return `dtype` by default) gathers rows in for a
+    lookup returning `want` (see `TableInfo.gathered_dtype`)."""
+    if not spec.quantized:
+        return dtype
+    return want if want in (torch.float32, torch.bfloat16) else torch.float32
 
 
 class TableInfo:
@@ -27,7 +36,7 @@ class TableInfo:
     _meta: TableMeta
     _tier_name: str
     _dtype: torch.dtype
-    _closed: bool
+    _usage: Usage
     _engine: RowGatherer
 
     @property
@@ -63,7 +72,7 @@ class TableInfo:
 
     @property
     def closed(self) -> bool:
-        return self._closed
+        return self._usage.closed
 
     @property
     def dedup(self) -> bool:
@@ -73,9 +82,7 @@ class TableInfo:
     def gathered_dtype(self, want: torch.dtype) -> torch.dtype:
         """The dtype rows are gathered in for a lookup returning `want`: the stored one for float
         tables, the decoded one (float32 or bfloat16) for quantized tables."""
-        if not self.spec.quantized:
-            return self._dtype
-        return want if want in (torch.float32, torch.bfloat16) else torch.float32
+        return gathered_dtype(self.spec, self._dtype, want)
 
     @property
     def shard(self) -> ShardRange | None:

@@ -188,7 +188,7 @@ def table(tmp_path_factory):
         yield t
 
 
-def test_table_lookup_and_prefetch_with_history_equal_the_full_lookup(table):
+def test_table_lookup_and_prefetch_with_history_equal_the_full_lookup(table, lookup_path):
     ids = torch.from_numpy(np.random.default_rng(3).integers(0, VOCAB, (2, 9)))
     full = table.lookup(ids, 2)
     hist = NgramHistory(table.spec, table.compression, batch_size=2)
@@ -202,7 +202,7 @@ def test_table_lookup_and_prefetch_with_history_equal_the_full_lookup(table):
     assert torch.equal(engram.lookup(ids[:, 8:], table, None, history=fresh)[0], table.lookup(ids[:, 8:], 0))
 
 
-def test_lookups_never_change_the_history(table):
+def test_lookups_never_change_the_history(table, lookup_path):
     hist = NgramHistory(table.spec, table.compression, batch_size=2, max_rollback=2)
     hist.append(np.arange(10).reshape(2, 5))
     before = pickle.dumps(hist)

@@ -129,7 +129,7 @@ def _row(cache, row):
 
 
 @pytest.mark.parametrize("cls", VARIANTS)
-def test_prefetched_decode_steps_equal_the_full_forward(cls, tmp_path):
+def test_prefetched_decode_steps_equal_the_full_forward(cls, tmp_path, lookup_path):
     rows = make(cls).export_rows()
     engram.build_table(tmp_path / "t.engram", SPEC, COMP, weights={0: rows})
     with engram.open(tmp_path / "t.engram") as table:
@@ -173,7 +173,7 @@ def test_cache_errors_name_the_fix():
         cache.rollback(2)
 
 
-def test_greedy_generation_with_caches_equals_full_recompute(monkeypatch, tmp_path):
+def test_greedy_generation_with_caches_equals_full_recompute(monkeypatch, tmp_path, lookup_path):
     monkeypatch.syspath_prepend(str(TOOLS))
     import generate
     from tiny_lm import TinyLM, TinyLMConfig

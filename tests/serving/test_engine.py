@@ -79,7 +79,7 @@ class Gate:
 
 # -- prefetch --------------------------------------------------------------------------------
 @pytest.mark.parametrize("tier", TIERS)
-def test_prefetch_result_equals_lookup(path, tier):
+def test_prefetch_result_equals_lookup(path, tier, lookup_path):
     ids = ids_(0)
     with engram.open(path, tier=tier) as table:
         expected = table.lookup(ids, None)

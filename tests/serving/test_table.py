@@ -4,6 +4,7 @@ processes and integrity checks."""
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import gc
 import multiprocessing
 import os
@@ -87,10 +88,11 @@ def read_array(path, array: str, dtype: np.dtype, width: int, rows: int) -> np.n
     return np.concatenate([np.fromfile(f / "0", dtype) for f in files]).reshape(-1, width)[:rows].copy()
 
 
+@functools.lru_cache(maxsize=32)
 def reference_rows(path, layer_id: int) -> torch.Tensor:
-    """All rows of a layer from the chunk files with numpy (quantized ones decoded by quant.decode)."""
-    with engram.open(path, tier="direct") as table:
-        spec = make_spec(table.spec.dtype)
+    """All rows of a layer from the chunk files with numpy (quantized ones decoded by quant.decode);
+    read once per table and layer (tests that change a table work on a copy at another path)."""
+    spec = spec_of(path)
     values = read_array(path, f"layer_{layer_id}", storage_dtype(spec.dtype), spec.value_width, spec.rows(layer_id))
     if spec.quantized:
         scales = read_array(path, f"layer_{layer_id}_scales", scale_dtype(spec.dtype), spec.scales_per_row,
@@ -100,8 +102,14 @@ def reference_rows(path, layer_id: int) -> torch.Tensor:
     return rows.view(torch_dtype(spec.dtype))
 
 
+@functools.lru_cache(maxsize=32)
+def spec_of(path) -> engram.TableSpec:
+    with engram.open(path, tier="direct") as table:
+        return make_spec(table.spec.dtype)
+
+
 def reference_lookup(path, ids, layer_id: int) -> torch.Tensor:
-    spec = make_spec(engram.open(path, tier="direct").spec.dtype)
+    spec = spec_of(path)
     idx = engram.NgramHasher(spec, COMP).hash(np.asarray(ids), layer_id) + np.asarray(spec.head_offsets(layer_id))
     B, T = idx.shape[:2]
     return reference_rows(path, layer_id)[torch.from_numpy(idx)].reshape(B, T, spec.embed_dim)
@@ -114,7 +122,7 @@ def token_ids(seed: int, shape=(3, 37)) -> np.ndarray:
 # -- the contract, per tier ---------------------------------------------------------------
 @tiers
 @pytest.mark.parametrize("dtype", list(DTYPES))
-def test_lookup_returns_the_addressed_rows(paths, opener, dtype):
+def test_lookup_returns_the_addressed_rows(paths, opener, dtype, lookup_path):
     ids = token_ids(0)
     expected = reference_lookup(paths[dtype], ids, 5)
     with opener(paths[dtype]) as table:
@@ -139,7 +147,7 @@ def test_rows_returns_raw_rows(paths, opener, dtype):
 
 
 @tiers
-def test_every_layer_at_once(paths, opener):
+def test_every_layer_at_once(paths, opener, lookup_path):
     ids = token_ids(2)
     with opener(paths["float32"]) as table:
         result = table.lookup(ids, None)
@@ -149,7 +157,7 @@ def test_every_layer_at_once(paths, opener):
 
 
 @tiers
-def test_out_and_dtype(paths, opener):
+def test_out_and_dtype(paths, opener, lookup_path):
     ids = token_ids(3)
     expected = reference_lookup(paths["bfloat16"], ids, 1)
     with opener(paths["bfloat16"]) as table:
@@ -281,7 +289,7 @@ def plans():
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int8", "float8_e4m3"])
 @pytest.mark.parametrize("dedup", [None, True, False])
 @pytest.mark.parametrize("cached", [False, True], ids=["no-cache", "cache"])
-def test_every_gather_path_returns_the_addressed_rows(paths, plans, opener, dtype, dedup, cached):
+def test_every_gather_path_returns_the_addressed_rows(paths, plans, opener, dtype, dedup, cached, lookup_path):
     ids = np.concatenate([token_ids(3, (2, 40)), token_ids(3, (2, 40))[:, :25]], axis=1)   # repeats n-grams
     with opener(paths[dtype], dedup=dedup) as table:
         assert table.dedup == (opener.name.startswith("direct") if dedup is None else dedup)
@@ -425,7 +433,7 @@ def test_table_describes_its_storage(paths):
 # -- quantized tables -----------------------------------------------------------------------
 @tiers
 @pytest.mark.parametrize("dtype", QUANTIZED)
-def test_quantized_lookup_dtypes_and_out(paths, opener, dtype):
+def test_quantized_lookup_dtypes_and_out(paths, opener, dtype, lookup_path):
     ids = token_ids(10)
     expected = reference_lookup(paths[dtype], ids, 5)                       # float32, decoded
     E = make_spec(dtype).embed_dim
