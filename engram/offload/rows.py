@@ -77,7 +77,7 @@ class OffloadedRows:
 
     Args:
         workdir: the working copy's directory.
-        cache_bytes: memory for the cache: row slots (12 * D bytes of rows and moments plus about 90
+        cache_bytes: memory for the cache: row slots (12 * D bytes of rows and moments plus about 100
             bytes of state each) and, a quarter of it, rows on their way to disk. It must hold the distinct
             rows of a step's lookups and of the prefetch for the next step.
         io_threads: threads reading a call's missing rows (reads from disk wait in parallel).
