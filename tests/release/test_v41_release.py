@@ -195,7 +195,7 @@ def test_a_truncated_shard_is_refused_before_anything_is_mapped(v41_release, tie
     (lambda h: h.replace(b'"data_offsets":[0,', b'"data_offsets":[1,', 1), CorruptTableError,
      r"has data_offsets \[1, \d+\] \(\d+ bytes\), expected \d+ bytes"),
     (lambda h: b"[]" + b" " * (len(h) - 2), CorruptTableError, "has a header that is not a JSON object"),
-    (lambda h: b"{" * len(h), CorruptTableError, "has an unreadable header"),
+    (lambda h: b"{" * len(h), CorruptTableError, "has a header that is not valid JSON"),
 ])
 def test_an_altered_header_is_refused(v41_release, damage, error, message):
     ck = v41_release()
