@@ -41,7 +41,7 @@ from engram.storage.format import TableMeta
 
 __all__ = ["SMALL_LOOKUP_TOKENS", "DecodeStep"]
 
-SMALL_LOOKUP_TOKENS = 256
+SMALL_LOOKUP_TOKENS = 1024
 _ID_KINDS = frozenset(np.dtype(c).num for c in "ilq")      # int32 / int64 ids: the kernels' specializations
 _MEMORY_TIERS = ("ram", "mmap")
 

@@ -73,7 +73,9 @@ class Table(TableInfo):
         self._stored_dtype = storage_torch_dtype(meta.spec.dtype)    # what the tier gathers
         self._outputs = OutputPool()
         self._scratch = Scratch()
-        self._usage = Usage(functools.partial(_closed_error, os.fspath(tdir.path)))   # calls in flight
+        where = os.fspath(tdir.path)
+        self._usage = Usage(functools.partial(   # calls in flight
+            InputError, f"table at {where!r} is closed: open it again with engram.open({where!r})"))
         self._tier = open_tier(tier, tdir, meta, prefault, io_threads) if rows is None else rows
         self._finalizer = weakref.finalize(self, _release, self._tier, tdir)
         self._stats = StatsCounter()
@@ -384,10 +386,6 @@ class Table(TableInfo):
         """
         with self._usage:
             verify_chunks(self._tdir, self._meta, progress)
-
-
-def _closed_error(path: str) -> InputError:
-    return InputError(f"table at {path!r} is closed: open it again with engram.open({path!r})")
 
 
 def _release(tier: Any, tdir: TableDir) -> None:
