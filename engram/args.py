@@ -7,11 +7,12 @@ Checks run once, where a public call enters; the internals they guard trust thei
 from __future__ import annotations
 
 import numbers
+import os
 from typing import Any
 
 from engram.errors import InputError
 
-__all__ = ["is_int", "is_real", "check_int", "check_real"]
+__all__ = ["is_int", "is_real", "check_int", "check_real", "check_path"]
 
 
 def is_int(value: Any) -> bool:
@@ -36,3 +37,11 @@ def check_real(name: str, value: Any, minimum: float, hint: str = "") -> None:
     a real number at least `minimum` (NaN is refused)."""
     if not is_real(value) or not value >= minimum:
         raise InputError(f"{name}={value!r} is invalid: expected a float >= {minimum}{hint}")
+
+
+def check_path(name: str, path: Any) -> None:
+    """Raise InputError unless `path` is a str or os.PathLike of non-empty text without NUL characters
+    (the operating system cannot name such a file: Python would raise a bare ValueError or TypeError)."""
+    text = os.fspath(path) if isinstance(path, (str, os.PathLike)) else None
+    if not isinstance(text, str) or not text or "\0" in text:
+        raise InputError(f"{name}={path!r} is invalid: expected a non-empty text path without NUL characters")

@@ -14,12 +14,14 @@ import xxhash
 
 from engram.addressing.spec import TableSpec
 from engram.args import check_int
-from engram.errors import InputError, MissingFileError, SpecError, SpecMismatchError, TokenIdError
-from engram.limits import MAX_VOCAB_SIZE
+from engram.errors import InputError, SpecError, SpecMismatchError, TokenIdError
+from engram.limits import MAX_TOKENIZER_BYTES, MAX_VOCAB_SIZE
 from engram.tensors import is_torch, to_numpy_ids
+from engram.untrusted import read_file
 
-__all__ = ["Compression", "load_tokenizer"]
+__all__ = ["Compression", "load_tokenizer", "tokenizer_from_json"]
 
+_TOKENIZER_FIX = "pass the tokenizer.json the table was built with (Hugging Face tokenizers format)"
 # Kept apart from the text through normalization, so a token that is exactly one space survives
 # the strip step (the reference's private-use sentinel).
 _SENTINEL = "\ue000"
@@ -43,22 +45,30 @@ def _normalizer() -> Any:
 def load_tokenizer(path: str | os.PathLike[str]) -> Any:
     """A `tokenizers.Tokenizer` read from a JSON file, with typed errors that name the file.
 
+    The file is read as an input from elsewhere (`engram.untrusted.read_file`): opened
+    non-blocking, a regular file (a FIFO or device in its place is refused, not waited on or read
+    without end), at most `engram.limits.MAX_TOKENIZER_BYTES`.
+
     Raises:
         MissingFileError: nothing at `path` (a FileNotFoundError).
-        InputError: `path` is a folder, unreadable, or not a `tokenizers` JSON file.
+        InputError: `path` is a folder, FIFO or device, too large, unreadable, or not a `tokenizers` JSON file.
+    """
+    raw = read_file(path, "tokenizer file", MAX_TOKENIZER_BYTES, _TOKENIZER_FIX)
+    return tokenizer_from_json(raw, os.fspath(path))
+
+
+def tokenizer_from_json(raw: bytes, where: str) -> Any:
+    """A `tokenizers.Tokenizer` from the bytes of a tokenizer.json read from `where` (named in errors).
+
+    Raises:
+        InputError: not UTF-8, or not a `tokenizers` JSON file.
     """
     from tokenizers import Tokenizer
 
-    path = os.fspath(path)
-    fix = "pass the tokenizer.json the table was built with (Hugging Face tokenizers format)"
-    if not os.path.lexists(path):
-        raise MissingFileError(f"tokenizer file {path!r} does not exist: {fix}")
-    if os.path.isdir(path):
-        raise InputError(f"tokenizer file {path!r} is a folder: {fix}")
     try:
-        return Tokenizer.from_file(path)
-    except Exception as exc:  # tokenizers raises a bare Exception for unreadable and malformed files
-        raise InputError(f"tokenizer file {path!r} cannot be loaded ({exc}): {fix}") from exc
+        return Tokenizer.from_str(raw.decode("utf-8"))
+    except Exception as exc:  # tokenizers raises a bare Exception for malformed files
+        raise InputError(f"tokenizer file {where!r} cannot be loaded ({exc}): {_TOKENIZER_FIX}") from exc
 
 
 class Compression:
@@ -120,7 +130,11 @@ class Compression:
             MissingFileError: no file at `path`.
             InputError: `path` is not a readable `tokenizers` JSON file.
         """
-        tokenizer = load_tokenizer(path)
+        return cls.from_tokenizer(load_tokenizer(path))
+
+    @classmethod
+    def from_tokenizer(cls, tokenizer: Any) -> Compression:
+        """The reference compression of a loaded `tokenizers.Tokenizer` (see `from_tokenizer_file`)."""
         normalizer = _normalizer()
         vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
         canonical: dict[str, int] = {}

@@ -16,7 +16,6 @@ from `default_rng(10007 * layer_id)`), primes by the reference rule: the `TableS
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -24,9 +23,12 @@ from typing import Any
 
 from engram.args import is_int, is_real
 from engram.dtypes import BLOCK_DTYPE, DEFAULT_SCALE_BLOCK
-from engram.errors import InputError, MissingFileError, SpecError, SpecMismatchError
+from engram.errors import InputError, SpecError, SpecMismatchError
+from engram.limits import MAX_CONFIG_BYTES, MAX_NGRAM_SIZE
+from engram.untrusted import loads, read_file
 
-__all__ = ["CONFIG_NAME", "read_hf_config", "text_config", "spec_fields", "check_spec", "model_dims"]
+__all__ = ["CONFIG_NAME", "read_hf_config", "config_from_json", "text_config", "spec_fields", "check_spec",
+           "model_dims"]
 
 CONFIG_NAME = "config.json"
 PAD_FIELDS = ("engram_pad_token_id", "engram_pad_id")
@@ -35,25 +37,34 @@ PAD_FIELDS = ("engram_pad_token_id", "engram_pad_id")
 def read_hf_config(source: str | os.PathLike[str] | Mapping[str, Any]) -> dict[str, Any]:
     """The config as a dict: `source` is a config.json, the directory holding one, or a mapping.
 
+    A file is read as an input from elsewhere (`engram.untrusted`): a regular file (a FIFO or
+    device is refused, not waited on), at most `engram.limits.MAX_CONFIG_BYTES`, strict JSON
+    (no key twice, nesting at most `engram.limits.MAX_JSON_DEPTH` deep).
+
     Raises:
         MissingFileError: no config.json there.
-        InputError: the file is not a JSON object.
+        InputError: the file is not a regular file, too large, or not a JSON object.
     """
     if isinstance(source, Mapping):
         return dict(source)
     path = Path(source)
     if path.is_dir():
         path = path / CONFIG_NAME
-    if not path.is_file():
-        raise MissingFileError(f"config file {os.fspath(path)!r} does not exist: pass the model's config.json or "
-                               "the checkpoint directory holding it")
-    try:
-        doc = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise InputError(f"config file {os.fspath(path)!r} is not readable JSON ({exc}): pass the model's "
-                         "config.json") from exc
+    fix = "pass the model's config.json or the checkpoint directory holding it"
+    raw = read_file(path, "config file", MAX_CONFIG_BYTES, fix)
+    return config_from_json(raw, os.fspath(path))
+
+
+def config_from_json(raw: bytes, where: str, error: type[Exception] = InputError) -> dict[str, Any]:
+    """A config.json's bytes as a dict, read from `where` (named in errors).
+
+    Raises:
+        error: not strict JSON (see `read_hf_config`), or not a JSON object.
+    """
+    fix = "pass the model's config.json"
+    doc = loads(raw, f"config file {where!r}", error, fix)
     if not isinstance(doc, dict):
-        raise InputError(f"config file {os.fspath(path)!r} is not a JSON object: pass the model's config.json")
+        raise error(f"config file {where!r} is not a JSON object: {fix}")
     return doc
 
 
@@ -99,6 +110,9 @@ def spec_fields(source: str | os.PathLike[str] | Mapping[str, Any]) -> tuple[dic
     cfg = text_config(read_hf_config(source))
     layer_ids = _ints(cfg, "engram_layer_ids")
     N = _int(cfg, "engram_max_ngram_size")
+    if not 2 <= N <= MAX_NGRAM_SIZE:        # before one base size per order is repeated N-1 times
+        raise SpecError(f"config field engram_max_ngram_size={N!r} is invalid: expected an int in "
+                        f"[2, {MAX_NGRAM_SIZE}] (the largest n-gram order N; engram.limits.MAX_NGRAM_SIZE)")
     K, D = _int(cfg, "engram_n_heads"), _int(cfg, "engram_head_dim")
     base = _field(cfg, "engram_vocab_size")
     bases = (int(base),) * (N - 1) if is_int(base) else _ints(cfg, "engram_vocab_size")

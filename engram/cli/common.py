@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from collections.abc import Callable
 from typing import Any
@@ -14,9 +13,10 @@ from engram.dtypes import BLOCK_DTYPE as BLOCK_DTYPE
 from engram.dtypes import BLOCK_DTYPES as BLOCK_DTYPES
 from engram.dtypes import ROW_DTYPES as _ROW_DTYPES
 from engram.errors import InputError, SpecError, SpecMismatchError
+from engram.limits import MAX_SPEC_BYTES
+from engram.untrusted import loads, read_file
 
 EXIT_OK, EXIT_CHECK_FAILED, EXIT_USAGE, EXIT_REFUSED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
-_MAX_SPEC_BYTES = 1 << 20   # a spec file is a few hundred bytes
 ROW_DTYPES = tuple(_ROW_DTYPES)   # every row dtype a table can store: the choices of --dtype
 
 
@@ -35,20 +35,11 @@ def load_compression(args: argparse.Namespace) -> Compression:
 
 
 def _read_spec(path: str, comp: Compression | None) -> Any:
-    """The JSON of a --spec file; `compressed_vocab_size` may be left out and is then taken from `comp`."""
-    if not os.path.isfile(path):
-        raise SpecError(f"--spec file {path!r} does not exist: pass a JSON file of TableSpec fields")
-    if os.path.getsize(path) > _MAX_SPEC_BYTES:
-        raise SpecError(f"--spec file {path!r} has {os.path.getsize(path)} bytes, more than a spec's "
-                        f"{_MAX_SPEC_BYTES}: pass a JSON file of TableSpec fields")
-    try:
-        with open(path) as f:
-            d = json.load(f)
-    except ValueError as exc:  # json.JSONDecodeError, UnicodeDecodeError
-        raise SpecError(f"--spec file {path!r} is not valid JSON: {exc}") from exc
-    except RecursionError:
-        raise SpecError(f"--spec file {path!r} nests too deeply to be a spec: pass a JSON object of "
-                        "TableSpec fields") from None
+    """The JSON of a --spec file; `compressed_vocab_size` may be left out and is then taken from `comp`.
+
+    Read as an input from elsewhere (`engram.untrusted`): a FIFO or device is refused, not waited on."""
+    fix = "pass a JSON file of TableSpec fields"
+    d = loads(read_file(path, "--spec file", MAX_SPEC_BYTES, fix, SpecError), f"--spec file {path!r}", SpecError, fix)
     if isinstance(d, dict) and is_hf_config(d):      # a model's config.json: its Engram fields fix the spec
         return TableSpec.from_hf_config(d, compression=comp).to_dict()
     if isinstance(d, dict) and "compressed_vocab_size" not in d and comp is not None:

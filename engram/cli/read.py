@@ -118,7 +118,8 @@ def cmd_verify(args: argparse.Namespace) -> Output:
                 sum(arr.n_chunks for lid in table.spec.layer_ids for arr in table.layout(lid).arrays())
             table.verify(progress=None if not args.json else False)
     except CorruptTableError as exc:
-        payload = {"path": args.path, "ok": False, "error": str(exc)}
+        payload = {"path": args.path, "ok": False, "error": str(exc), "error_type": type(exc).__name__,
+                   "exit_code": EXIT_CHECK_FAILED}
         return Output(payload, f"{args.path}: CORRUPT: {exc}", EXIT_CHECK_FAILED)
     seconds = time.perf_counter() - start
     payload = {"path": args.path, "ok": True, "chunks": chunks, "seconds": seconds}

@@ -18,25 +18,34 @@ call a scale "weight_scale_inv"; both are read):
 Opening reads config.json, the index, and the headers of the shards that hold Engram tensors
 (two small reads each), and checks every row tensor's dtype, shape and byte range against the
 config; no row is read. Nothing is ever written into the directory.
+
+The folder may come from elsewhere, so every file of it is opened as a table's files are
+(`engram.storage.tabledir.TableDir`): relative to one directory handle, never through a
+symbolic link, non-blocking, regular files only; config.json, the index and tokenizer.json are
+read whole only under their caps (`engram.limits`) and their JSON strictly (`engram.untrusted`);
+shard headers are checked by the safetensors library's rules (`engram.storage.safetensors_header`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
 from pathlib import Path
 from typing import Any
 
-from engram.addressing.compression import Compression
-from engram.addressing.hf_config import CONFIG_NAME, read_hf_config
+import xxhash
+
+from engram.addressing.compression import Compression, tokenizer_from_json
+from engram.addressing.hf_config import CONFIG_NAME, config_from_json
 from engram.addressing.spec import TableSpec
 from engram.dtypes import BLOCK_DTYPE, ROW_DTYPES
 from engram.errors import CorruptTableError, MissingFileError
+from engram.limits import MAX_CONFIG_BYTES, MAX_INDEX_BYTES, MAX_TOKENIZER_BYTES
 from engram.storage.checkpoint_files import INDEX_NAME, SCALE_SUFFIXES
 from engram.storage.safetensors_header import TensorRange, read_header
 from engram.storage.tabledir import TableDir
+from engram.untrusted import loads
 
 __all__ = ["ReleaseCheckpoint", "ReleaseLayer", "read_release", "is_release_dir", "engram_name",
            "TOKENIZER_NAME", "INDEX_NAME", "PREFIXES", "SCALE_SUFFIXES"]
@@ -107,43 +116,73 @@ class ReleaseCheckpoint:
 
 
 def is_release_dir(path: str | os.PathLike[str]) -> bool:
-    """True for a directory with a config.json and no engram table metadata (zarr.json)."""
+    """True for a directory with a config.json (any kind of file: a FIFO there is refused when it
+    is read, not taken for a table) and no engram table metadata (zarr.json)."""
     p = Path(path)
-    return p.is_dir() and (p / CONFIG_NAME).is_file() and not (p / "zarr.json").exists()
+    return p.is_dir() and os.path.lexists(p / CONFIG_NAME) and not os.path.lexists(p / "zarr.json")
+
+
+class _TokenizerBytes:
+    """The bytes of a tokenizer.json, hashed and compared by their xxh3 digest (a cache key)."""
+
+    def __init__(self, raw: bytes, where: str) -> None:
+        self.raw, self.where, self.digest = raw, where, xxhash.xxh3_128_hexdigest(raw)
+
+    def __hash__(self) -> int:
+        return hash(self.digest)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _TokenizerBytes) and other.digest == self.digest
 
 
 @functools.lru_cache(maxsize=4)
-def cached_compression(path: str, size: int, mtime_ns: int) -> Compression:
-    return Compression.from_tokenizer_file(path)
+def cached_compression(tokenizer: _TokenizerBytes) -> Compression:
+    return Compression.from_tokenizer(tokenizer_from_json(tokenizer.raw, tokenizer.where))
 
 
-def tokenizer_compression(directory: Path) -> Compression:
-    """The compression of the directory's tokenizer.json (derived once per file version per process)."""
-    path = directory / TOKENIZER_NAME
+def tokenizer_compression(tdir: TableDir) -> Compression:
+    """The compression of the directory's tokenizer.json (derived once per file content per process)."""
     try:
-        st = path.stat()
+        raw = tdir.read_bytes(TOKENIZER_NAME, MAX_TOKENIZER_BYTES)
     except FileNotFoundError:
-        raise MissingFileError(f"checkpoint {os.fspath(directory)!r} has no {TOKENIZER_NAME}: the hash needs the "
+        raise MissingFileError(f"checkpoint {os.fspath(tdir.path)!r} has no {TOKENIZER_NAME}: the hash needs the "
                                "tokenizer's compression; download it with the shards") from None
-    return cached_compression(os.fspath(path.resolve()), st.st_size, st.st_mtime_ns)
+    return cached_compression(_TokenizerBytes(raw, os.fspath(tdir.path / TOKENIZER_NAME)))
+
+
+def _read_json(tdir: TableDir, name: str, limit: int) -> Any:
+    """A JSON file of the checkpoint folder, read through `tdir` and parsed strictly (engram.untrusted)."""
+    where = os.fspath(tdir.path / name)
+    return loads(tdir.read_bytes(name, limit), f"checkpoint file {where!r}", CorruptTableError,
+                 "the file is damaged; download it again")
 
 
 def _shard_files(tdir: TableDir) -> list[str]:
     """The shards to read headers from: those the index names for Engram tensors, else every shard."""
-    index = tdir.path / INDEX_NAME
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-            files = sorted({str(f) for name, f in weight_map.items() if ".engram." in str(name)})
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise CorruptTableError(f"checkpoint index {os.fspath(index)!r} has no valid \"weight_map\" ({exc!r}): "
-                                    "download it again, or remove it to search every shard") from exc
-        for f in files:
-            if os.path.isabs(f) or ".." in Path(f).parts:
-                raise CorruptTableError(f"checkpoint index {os.fspath(index)!r} names shard {f!r} outside the "
-                                        "checkpoint directory: the index is damaged; download it again")
-        return files
-    return sorted(p.name for p in tdir.path.glob("*.safetensors"))
+    try:
+        doc = _read_json(tdir, INDEX_NAME, MAX_INDEX_BYTES)
+    except FileNotFoundError:
+        return sorted(p.name for p in tdir.path.glob("*.safetensors"))
+    index = os.fspath(tdir.path / INDEX_NAME)
+    weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+        raise CorruptTableError(f"checkpoint index {index!r} has no valid \"weight_map\" (an object of tensor "
+                                "names to shard file names): download it again, or remove it to search every shard")
+    files = sorted({f for name, f in weight_map.items() if ".engram." in name})
+    for f in files:
+        if os.path.isabs(f) or ".." in Path(f).parts or "\0" in f or not f:
+            raise CorruptTableError(f"checkpoint index {index!r} names shard {f!r}, not a file name inside the "
+                                    "checkpoint directory: the index is damaged; download it again")
+    return files
+
+
+def _config(tdir: TableDir) -> dict[str, Any]:
+    try:
+        raw = tdir.read_bytes(CONFIG_NAME, MAX_CONFIG_BYTES)
+    except FileNotFoundError:
+        raise MissingFileError(f"config file {os.fspath(tdir.path / CONFIG_NAME)!r} does not exist: pass the "
+                               "checkpoint directory holding the model's config.json") from None
+    return config_from_json(raw, os.fspath(tdir.path / CONFIG_NAME), CorruptTableError)
 
 
 def _engram_tensors(tdir: TableDir) -> dict[str, TensorRange]:
@@ -199,11 +238,11 @@ def read_release(path: str | os.PathLike[str], tdir: TableDir | None = None) -> 
             dtype, shape or byte range does not match the config.
     """
     own = tdir is None
-    tdir = TableDir(path) if tdir is None else tdir
+    tdir = TableDir(path, checkpoint=True) if tdir is None else tdir
     try:
         where = os.fspath(tdir.path)
-        config = read_hf_config(tdir.path)
-        compression = tokenizer_compression(tdir.path)
+        config = _config(tdir)
+        compression = tokenizer_compression(tdir)
         spec = TableSpec.from_hf_config(config, compression=compression)
         found = _engram_tensors(tdir)
         prefix = _prefix(found, spec, where)

@@ -220,7 +220,7 @@ class ReleaseTable(Table):
             CorruptTableError: a changed header or file size, or a NaN value (E4M3 0x7F/0xFF) or
                 scale (E8M0 0xFF) in the rows, naming the tensor and the first bad row.
         """
-        tdir = TableDir(self.path)
+        tdir = TableDir(self.path, checkpoint=True)
         try:
             total = sum(t.nbytes for layer in self.release.layers.values() for t in (layer.values, layer.scales))
             with progress_bar(total, "verify", progress) as bar:
@@ -262,7 +262,7 @@ def _scan(tdir: TableDir, t: TensorRange, nan_bits: int, bar: Any) -> None:
 def open_release(path: str | os.PathLike[str], tier: str, prefault: bool, io_threads: int,
                  dedup: bool | None) -> ReleaseTable:
     """Open a V4.1 checkpoint directory's rows in place (the headers are checked first; see `engram.open`)."""
-    tdir = TableDir(path)
+    tdir = TableDir(path, checkpoint=True)
     try:
         release = read_release(tdir.path, tdir)
         return ReleaseTable(tdir, release, tier, prefault, io_threads, dedup)

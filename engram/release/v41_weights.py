@@ -17,6 +17,7 @@ import torch
 from engram.errors import CorruptTableError
 from engram.release.folder import ReleaseCheckpoint
 from engram.storage.safetensors_header import TensorRange
+from engram.storage.tabledir import TableDir
 
 __all__ = ["read_tensor", "dequantize_blocks", "read_layer_weights", "WKV_BLOCK"]
 
@@ -32,9 +33,17 @@ def read_tensor(directory: str | os.PathLike[str], t: TensorRange) -> torch.Tens
                                 f"{sorted(_TORCH)}")
     path = os.path.join(directory, t.file)
     buf = np.empty(t.nbytes, np.uint8)                   # read once, straight into the tensor's memory
-    with open(path, "rb") as f:
-        f.seek(t.offset)
-        got = f.readinto(buf.data)
+    with TableDir(directory, checkpoint=True) as tdir:
+        fd = tdir.open(t.file)                           # as every file of the folder: no link, no FIFO
+    try:
+        got = 0
+        while got < t.nbytes:
+            n = os.preadv(fd, [buf.data[got:]], t.offset + got)
+            if n == 0:
+                break
+            got += n
+    finally:
+        os.close(fd)
     if got != t.nbytes:
         raise CorruptTableError(f"checkpoint shard {path!r} ended inside tensor {t.name!r}: the file was truncated; "
                                 "download it again")

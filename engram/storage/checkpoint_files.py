@@ -8,7 +8,7 @@ range) and `close()`.
 
 from __future__ import annotations
 
-import json
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -16,6 +16,8 @@ from typing import Any
 import torch
 
 from engram.errors import CorruptTableError, InputError, MissingFileError
+from engram.limits import MAX_INDEX_BYTES
+from engram.untrusted import check_regular, loads, read_file
 
 __all__ = ["INDEX_NAME", "SCALE_SUFFIXES", "SafetensorsFile", "TorchFile", "open_file", "read_index", "expand_path"]
 
@@ -86,54 +88,68 @@ def _flatten(obj: Any, prefix: str = "") -> dict[str, torch.Tensor]:
 
 
 def open_file(path: Path) -> SafetensorsFile | TorchFile:
-    """The file at `path`, by its first bytes: a torch.save zip or a safetensors header."""
-    with open(path, "rb") as f:
-        head = f.read(9)
+    """The file at `path`, by its first bytes: a torch.save zip or a safetensors header.
+
+    Opened non-blocking and refused unless a regular file: a FIFO in a shard's place is refused,
+    not waited on."""
+    fix = f"pass *.safetensors shards, their {INDEX_NAME}, or torch.save files"
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except FileNotFoundError:
+        raise MissingFileError(f"checkpoint file {str(path)!r} does not exist: {fix}") from None
+    try:
+        check_regular(fd, str(path), "checkpoint file", None, fix, InputError)
+        head = os.pread(fd, 9, 0)
+    finally:
+        os.close(fd)
     if head[:4] == b"PK\x03\x04":
         return TorchFile(path)
     if len(head) == 9 and head[8:9] == b"{":
         return SafetensorsFile(path)
-    raise InputError(f"checkpoint file {str(path)!r} is neither safetensors nor a torch.save (zip) file: "
-                     f"pass *.safetensors shards, their {INDEX_NAME}, or torch.save files")
+    raise InputError(f"checkpoint file {str(path)!r} is neither safetensors nor a torch.save (zip) file: {fix}")
 
 
 # -- finding the files --------------------------------------------------------------------------
 
 def read_index(path: Path) -> dict[str, Path]:
-    """{tensor name: shard file} from a safetensors index, every shard checked to exist."""
-    try:
-        weight_map = json.loads(path.read_text())["weight_map"]
-        if not isinstance(weight_map, dict):
-            raise TypeError("weight_map is not an object")
-    except (ValueError, KeyError, TypeError) as exc:
-        raise CorruptTableError(f"checkpoint index {str(path)!r} has no valid \"weight_map\": {exc!r}") from exc
-    resolved = {str(name): path.parent / str(file) for name, file in weight_map.items()}
+    """{tensor name: shard file} from a safetensors index, every shard checked to exist.
+
+    The index is read as an input from elsewhere (`engram.untrusted`): a regular file of at most
+    `engram.limits.MAX_INDEX_BYTES`, strict JSON; it may name only shards in its own folder."""
+    fix = "download the index again"
+    doc = loads(read_file(path, "checkpoint index", MAX_INDEX_BYTES, fix, CorruptTableError),
+                f"checkpoint index {str(path)!r}", CorruptTableError, fix)
+    weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+        raise CorruptTableError(f"checkpoint index {str(path)!r} has no valid \"weight_map\" (an object of tensor "
+                                f"names to shard file names): {fix}")
     folder = path.parent.resolve()
-    for name, file in resolved.items():     # an index names shards beside it, never files elsewhere
-        if not file.resolve().is_relative_to(folder):
+    for name, file in weight_map.items():     # an index names shards beside it, never files elsewhere
+        if "\0" in file or not file or not (path.parent / file).resolve().is_relative_to(folder):
             raise CorruptTableError(
-                f"checkpoint index {str(path)!r} maps {name!r} to {str(weight_map[name])!r}, outside the index's "
-                f"folder {str(folder)!r}: an index may name only shards in its own folder; fix or replace the index")
+                f"checkpoint index {str(path)!r} maps {name!r} to {file!r}, outside the index's folder "
+                f"{str(folder)!r}: an index may name only shards in its own folder; fix or replace the index")
+    resolved = {name: path.parent / file for name, file in weight_map.items()}
     for file in sorted(set(resolved.values())):
-        if not file.is_file():
+        if not os.path.lexists(file):
             raise MissingFileError(f"checkpoint shard {str(file)!r} named in {str(path)!r} does not exist: "
-                                     f"download every shard the index lists")
+                                   f"download every shard the index lists")
     return resolved
 
 
 def expand_path(path: Path) -> tuple[list[Path], dict[str, Path]]:
     """A path -> (files to list, names already mapped by an index)."""
     if path.is_dir():
-        if (path / INDEX_NAME).is_file():
+        if os.path.lexists(path / INDEX_NAME):
             return [], read_index(path / INDEX_NAME)
         files = sorted(path.glob("*.safetensors")) or sorted(p for p in path.iterdir() if p.suffix in _TORCH_SUFFIXES)
         if not files:
             raise MissingFileError(f"checkpoint directory {str(path)!r} holds no *.safetensors, {INDEX_NAME} or "
                                      f"torch.save ({', '.join(_TORCH_SUFFIXES)}) files")
         return files, {}
-    if not path.is_file():
+    if not os.path.lexists(path):
         raise MissingFileError(f"checkpoint path {str(path)!r} does not exist: pass checkpoint files, "
-                                 f"their directory or {INDEX_NAME}")
+                               f"their directory or {INDEX_NAME}")
     if path.suffix == ".json":
         return [], read_index(path)
     return [path], {}

@@ -5,6 +5,9 @@ what its name says: nothing is opened through a symbolic link, nothing blocks on
 regular files are read (a FIFO or device in a file's place is refused, not waited on or read
 without end). Callers check the sizes they expect (`engram.storage.chunks` for chunk files; size caps in
 `engram.storage.format` for the files read whole).
+
+A checkpoint folder (`checkpoint=True`: config.json, tokenizer.json, the index and the shards of a
+model as released) is opened the same way; only the messages differ.
 """
 
 from __future__ import annotations
@@ -29,8 +32,9 @@ class TableDir:
         TableNotFoundError: nothing, or no directory, at `path`.
     """
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, checkpoint: bool = False) -> None:
         self.path = Path(path)
+        self.kind = "checkpoint" if checkpoint else "table"
         try:
             self.fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY)
         except FileNotFoundError:
@@ -52,8 +56,10 @@ class TableDir:
             FileNotFoundError: no such file.
             CorruptTableError: a symbolic link, or something other than a regular file.
         """
-        *folders, name = relpath.split("/")
         where = os.fspath(self.path / relpath)
+        if "\0" in relpath:
+            raise CorruptTableError(f"{where!r} is not a file name (it holds a NUL character): {self._damaged()}")
+        *folders, name = relpath.split("/")
         dir_fd, opened = self.fd, []
         try:
             for folder in folders:
@@ -62,33 +68,41 @@ class TableDir:
             fd = os.open(name, flags | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=dir_fd)
         except OSError as exc:
             if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                fix = ("rebuild the table or copy it without links (cp -rL)" if self.kind == "table" else
+                       "copy the folder without links (cp -rL: a Hugging Face cache snapshot links every file "
+                       "into its blobs folder)")
                 raise CorruptTableError(
-                    f"{where!r} is not a plain file of the table (a symbolic link, or under one): a table's "
-                    "files must be its own, not links to files elsewhere; rebuild the table or copy it without "
-                    "links (cp -rL)") from None
+                    f"{where!r} is not a plain file of the {self.kind} (a symbolic link, or under one): a "
+                    f"{self.kind}'s files must be its own, not links to files elsewhere; {fix}") from None
             raise
         finally:
             for fd_ in opened:
                 os.close(fd_)
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             os.close(fd)
-            raise CorruptTableError(f"{where!r} is not a regular file (a FIFO, device or directory): the table is "
-                                    "damaged or not an engram table; rebuild it")
+            raise CorruptTableError(f"{where!r} is not a regular file (a FIFO, device or directory): "
+                                    f"{self._damaged()}")
         return fd
+
+    def _damaged(self) -> str:
+        if self.kind == "table":
+            return "the table is damaged or not an engram table; rebuild it"
+        return "the checkpoint is damaged; download the file again"
 
     def read_bytes(self, relpath: str, limit: int) -> bytes:
         """The whole file `relpath`, refused (CorruptTableError) if larger than `limit` bytes."""
         fd = self.open(relpath)
         try:
             size = os.fstat(fd).st_size
-            if size > limit:
-                raise CorruptTableError(
-                    f"{os.fspath(self.path / relpath)!r} has {size} bytes, more than the {limit} a table's "
-                    "file of this kind can have: the table is damaged or not an engram table; rebuild it")
             with os.fdopen(fd, "rb", closefd=False) as f:
-                return f.read(limit + 1)
+                data = f.read(limit + 1) if size <= limit else b""
         finally:
             os.close(fd)
+        if size > limit or len(data) > limit:
+            raise CorruptTableError(
+                f"{os.fspath(self.path / relpath)!r} has {max(size, len(data))} bytes, more than the {limit} a "
+                f"{self.kind}'s file of this kind can have: {self._damaged()}")
+        return data
 
     def replaced(self) -> bool:
         """True if the path no longer leads to the directory this TableDir holds open (the table

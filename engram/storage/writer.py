@@ -24,7 +24,7 @@ import torch
 
 from engram.addressing.compression import Compression
 from engram.addressing.spec import TableSpec
-from engram.args import is_int
+from engram.args import check_path, is_int
 from engram.dtypes import ROW_DTYPES, scale_dtype, storage_dtype, storage_torch_dtype, torch_dtype
 from engram.errors import EngramError, InputError, TableExistsError
 from engram.storage import chunks as chunk_files
@@ -227,6 +227,7 @@ def zero_tail(chunk: Chunk, rows: int) -> Chunk:
             part[rows:] = 0
     return chunk
 
+    check_path("path", os.fspath(target))
 
 def piece_rows(spec: TableSpec) -> int:
     """Rows of one float32 piece encoded at a time into a quantized chunk (about ENCODE_VALUES values)."""

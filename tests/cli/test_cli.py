@@ -435,7 +435,7 @@ def test_spec_file_that_is_not_text_exits_3(capsys, tmp_path):
     spec = tmp_path / "spec.json"
     spec.write_bytes(b"\xff\xfe{")
     code, _, err = run(capsys, "hash", "--spec", str(spec), "--tokenizer", TOKENIZER, "--text", "x")
-    assert code == 3 and "is not valid JSON: 'utf-8' codec can't decode byte 0xff" in err
+    assert code == 3 and "is not UTF-8 text ('utf-8' codec can't decode byte 0xff" in err
 
 
 # -- quantized tables: int8 and float8_e4m3 --------------------------------------------------------

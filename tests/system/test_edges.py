@@ -91,7 +91,7 @@ def test_cli_deeply_nested_spec_is_a_json_error(capsys, tmp_path):
     spec.write_text("[" * 100_000 + "]" * 100_000)
     code, error = run_json(capsys, "build", str(tmp_path / "t.engram"), "--spec", str(spec), "--vocab-size", "10")
     assert code == 3 and error["error_type"] == "SpecError"
-    assert "nests too deeply to be a spec" in error["error"]
+    assert "nests JSON arrays or objects more than 64 deep: pass a JSON file of TableSpec fields" in error["error"]
 
 
 def test_cli_huge_vocab_size_is_a_json_error(capsys, tmp_path):
