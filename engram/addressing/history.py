@@ -23,11 +23,12 @@ from typing import Any
 
 import numpy as np
 
-from engram.addressing.compression import Compression, check_id_range, check_pair
+from engram.addressing.compression import Compression, check_pair
+from engram.addressing.history_checks import check_state, rollback_steps, step_ids
 from engram.addressing.spec import TableSpec
-from engram.args import check_int, is_int
+from engram.args import check_int
 from engram.errors import InputError, SpecMismatchError
-from engram.tensors import check_ids_2d, is_torch, to_numpy_ids
+from engram.tensors import is_torch, to_numpy_ids
 
 __all__ = ["NgramHistory", "PrefetchContext", "check_history", "check_flags", "history_arrays", "last_valid_columns",
            "lookback_columns", "ngram_columns", "prefetch_context"]
@@ -121,7 +122,7 @@ class NgramHistory:
             InputError: ids not [B, T] with this history's B; mask or doc_start of another shape.
             TokenIdError: an id outside the compression's vocabulary.
         """
-        ids = self._check_ids(token_ids)
+        ids = step_ids(token_ids, self.batch_size, self.vocab_size)
         B, T = ids.shape
         mask = check_flags("mask", mask, (B, T))
         doc_start = check_flags("doc_start", doc_start, (B, T))
@@ -157,7 +158,7 @@ class NgramHistory:
             InputError: n negative, past max_rollback, past what the sequence can undo, or of
                 another shape.
         """
-        n = self._check_rollback(n)
+        n = rollback_steps(n, self.batch_size, self.max_rollback, self._undo)
         width = self._ids.shape[1]
         cols = np.arange(width) - n[:, None]                          # [B, W]: old column of each new one
         before = cols < 0                                             # no longer known: never read again
@@ -203,44 +204,10 @@ class NgramHistory:
             self._lengths[flags], self._undo[flags] = 0, 0
         self.version += 1
 
-    # -- argument checks -----------------------------------------------------------------------
-    def _check_ids(self, token_ids: Any) -> np.ndarray:
-        if not (is_torch(token_ids) or isinstance(token_ids, np.ndarray)):
-            token_ids = np.asarray(token_ids, dtype=np.int64)
-        check_ids_2d(token_ids)
-        ids = to_numpy_ids(token_ids)
-        if ids.shape[0] != self.batch_size:
-            raise InputError(f"token_ids has shape {tuple(ids.shape)} but the history tracks batch_size="
-                             f"{self.batch_size} sequences: pass [{self.batch_size}, T] ids, or reorder() "
-                             "the history to the new batch")
-        check_id_range(ids, self.vocab_size)
-        return ids
-
-    def _check_rollback(self, n: Any) -> np.ndarray:
-        B = self.batch_size
-        if is_int(n):
-            steps = np.full(B, int(n), np.int64)
-        else:
-            steps = to_numpy_ids(n, "n")
-            if steps.shape != (B,):
-                raise InputError(f"rollback n has shape {tuple(steps.shape)}: pass one int, or [{B}] ints "
-                                 "(one per sequence)")
-        if B and int(steps.min()) < 0:
-            raise InputError(f"rollback n={_show(n)} is negative: pass how many tokens to undo (>= 0)")
-        if B and int(steps.max()) > self.max_rollback:
-            raise InputError(f"rollback n={_show(n)} exceeds max_rollback={self.max_rollback}: make the history "
-                             f"with max_rollback>={int(steps.max())}, or append fewer draft tokens per step")
-        short = np.flatnonzero(steps > self._undo)
-        if short.size:
-            b = int(short[0])
-            raise InputError(
-                f"rollback n={_show(n)}: sequence {b} can undo only {int(self._undo[b])} tokens (those appended since "
-                f"its start, last reset or rollback, at most max_rollback={self.max_rollback}): undo at most that")
-        return steps
-
-
-def _show(n: Any) -> str:
-    return repr(n.tolist() if hasattr(n, "tolist") else n)
+    # -- pickling -----------------------------------------------------------------------------
+    def __setstate__(self, state: Any) -> None:
+        """Adopt a pickled state only if it is one a history could hold (`history_checks.check_state`)."""
+        self.__dict__.update(check_state(state))
 
 
 def _or_zeros(flags: np.ndarray | None, shape: tuple[int, ...]) -> np.ndarray:

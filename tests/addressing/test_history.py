@@ -256,3 +256,127 @@ def test_bad_masks_ids_and_sizes_are_refused():
     with pytest.raises(engram.InputError, match=r"batch_size=0 is invalid: expected an int >= 1"):
         NgramHistory(make_spec(3), COMP, batch_size=0)
     assert hist.lengths.tolist() == [0, 0]
+
+
+# -- 5. reorder, reset and unpickling keep every part of the state consistent -------------------------
+def _state(hist: NgramHistory) -> tuple:
+    return (hist.batch_size, hist.lengths.tolist(), hist.undoable.tolist(), hist.tail()[0].tolist(),
+            hist.tail()[1].tolist())
+
+
+def test_reorder_carries_each_sequences_undo_count_and_rollback_matches_a_recompute():
+    hasher = engram.NgramHasher(make_spec(3), COMP)
+    rng = np.random.default_rng(7)
+    ids = rng.integers(0, VOCAB, (3, 6))
+    mask = np.array([[True] * 6, [True, False, False, False, False, True], [True, True, True, False, True, True]])
+    hist = NgramHistory(hasher.spec, COMP, batch_size=3, max_rollback=4)
+    hist.append(ids, mask=mask)                                # 6, 2 and 5 tokens: undoable 4, 2, 4
+    beams = np.array([1, 2, 1, 0])
+    hist.reorder(beams)
+    assert hist.undoable.tolist() == [2, 4, 2, 4] and hist.lengths.tolist() == [2, 5, 2, 6]
+    hist.rollback(np.array([2, 3, 1, 4]))
+    for b, (src, undone) in enumerate(zip(beams, [2, 3, 1, 4], strict=True)):
+        kept = ids[src][mask[src]][: mask[src].sum() - undone]         # what a fresh history would have seen
+        fresh = NgramHistory(hasher.spec, COMP, batch_size=1, max_rollback=4)
+        fresh.append(kept[None])
+        probe = rng.integers(0, VOCAB, (1, 3))
+        np.testing.assert_array_equal(hasher.hash(probe, 0, history=_row(hist, b))[0], hasher.hash(probe, 0,
+                                                                                                  history=fresh)[0])
+        assert hist.lengths[b] == kept.size
+    with pytest.raises(engram.InputError, match=r"sequence 0 can undo only 0 tokens"):
+        hist.rollback(np.array([1, 0, 0, 0]))
+
+
+def _row(hist: NgramHistory, b: int) -> NgramHistory:
+    single = pickle.loads(pickle.dumps(hist))
+    single.reorder([b])
+    return single
+
+
+def test_reset_without_which_equals_a_fresh_history():
+    spec = make_spec(4)
+    hist = NgramHistory(spec, COMP, batch_size=2, max_rollback=3)
+    hist.append(np.random.default_rng(8).integers(0, VOCAB, (2, 7)), doc_start=np.eye(2, 7, 3, dtype=bool))
+    hist.rollback(1)
+    hist.reset()
+    fresh = NgramHistory(spec, COMP, batch_size=2, max_rollback=3)
+    assert _state(hist) == _state(fresh)
+    probe = np.arange(6).reshape(2, 3)
+    hasher = engram.NgramHasher(spec, COMP)
+    np.testing.assert_array_equal(hasher.hash(probe, 2, history=hist), hasher.hash(probe, 2, history=fresh))
+
+
+# -- 6. a pickled state is checked as the constructor and append check theirs ------------------------
+def _tampered(hist: NgramHistory, **changes) -> bytes:
+    state = dict(hist.__dict__, **changes)
+    clone = NgramHistory.__new__(NgramHistory)
+    clone.__dict__.update(state)                   # what a damaged or altered pickle would carry
+    return pickle.dumps(clone)
+
+
+@pytest.mark.parametrize("changes, message", [
+    (lambda h: {"_ids": np.where(h._ids == h._ids[0, -1], -3, h._ids)}, r"holds token id -3, outside \[0, 90\)"),
+    (lambda h: {"_ids": np.full_like(h._ids, 90)}, r"holds token id 90, outside \[0, 90\) and not the pad id 7"),
+    (lambda h: {"_ids": h._ids[:, 1:]}, r"field _ids is a ndarray of dtype int64 and shape \(2, 4\), expected int64 "
+                                        r"of shape \(2, 5\)"),
+    (lambda h: {"_ids": h._ids.astype(np.int32)}, r"field _ids is a ndarray of dtype int32"),
+    (lambda h: {"_ids": h._ids.tolist()}, r"field _ids is a list, expected int64 of shape \(1, 5\)"),
+    (lambda h: {"_starts": h._starts.astype(np.int8)}, r"field _starts is a ndarray of dtype int8"),
+    (lambda h: {"_lengths": h._lengths[:1]}, r"field _lengths is a ndarray of dtype int64 and shape \(1,\)"),
+    (lambda h: {"_undo": h._undo + 5}, r"has lengths \[5, 5\] and undoable counts \[8, 8\]: expected 0 <= "
+                                       r"undoable <= min\(length, max_rollback=3\)"),
+    (lambda h: {"_lengths": h._lengths * 0 - 1}, r"has lengths \[-1, -1\]"),
+    (lambda h: {"max_rollback": -1}, r"has max_rollback=-1"),
+    (lambda h: {"context_size": 5}, r"has vocab_size=90 and context_size=5, expected a vocabulary in "
+                                    r"\[1, 134217728\] and the spec's N-1=2"),
+    (lambda h: {"vocab_size": 2**40}, r"has vocab_size=1099511627776 and context_size=2"),
+    (lambda h: {"fingerprint": None}, r"has fingerprint=None"),
+    (lambda h: {"decoding_rank": -2}, r"has decoding_rank=-2"),
+    (lambda h: {"spec": "spec"}, r"field spec is a str, expected an engram.TableSpec"),
+    (lambda h: {"extra": 1}, r"has fields \[.*'extra'.*\], expected"),
+])
+def test_a_tampered_pickle_is_refused(changes, message):
+    hist = NgramHistory(make_spec(3), COMP, batch_size=2, max_rollback=3)
+    hist.append(np.arange(10).reshape(2, 5) + 3)
+    blob = _tampered(hist, **changes(hist))
+    with pytest.raises(engram.InputError, match=rf"NgramHistory state {message}.*the pickled history is damaged or "
+                                                r"was altered"):
+        pickle.loads(blob)
+    assert _state(pickle.loads(pickle.dumps(hist))) == _state(hist)        # an honest pickle still loads
+
+
+def test_a_tampered_spec_in_the_pickle_is_refused():
+    hist = NgramHistory(make_spec(3), COMP, batch_size=1)
+    spec = make_spec(3)
+    object.__setattr__(spec, "n_head_per_ngram", -4)          # a frozen dataclass, edited as a pickle could be
+    with pytest.raises(engram.SpecError, match=r"n_head_per_ngram=-4 is invalid"):
+        pickle.loads(_tampered(hist, spec=spec))
+
+
+# -- 7. typed errors for ids and counts that are not ids and counts ---------------------------------------
+@pytest.mark.parametrize("ids, message", [
+    ([[1, 2], [3]], r"token_ids is a ragged list \(rows of different lengths\)"),
+    (None, r"token_ids must be integers, got dtype=object"),
+    ("abc", r"token_ids must be integers, got dtype=<U3"),
+    ([[1.5, 2.0], [3.0, 4.0]], r"token_ids must be integers, got dtype=float64"),
+    ([1, 2], r"token_ids must be shaped \[B, T\]"),
+])
+def test_append_refuses_what_is_not_a_batch_of_ids(ids, message):
+    hist = NgramHistory(make_spec(3), COMP, batch_size=2)
+    with pytest.raises(engram.InputError, match=message):
+        hist.append(ids)
+    assert hist.lengths.tolist() == [0, 0]
+
+
+@pytest.mark.parametrize("n, message", [
+    (2**63, r"rollback n=9223372036854775808 exceeds max_rollback=3"),
+    (2**70, r"rollback n=1180591620717411303424 exceeds max_rollback=3"),
+    (-2**64, r"rollback n=-18446744073709551616 is negative"),
+    ([2**63, 0], r"rollback n=\[9223372036854775808, 0\] exceeds max_rollback=3"),
+])
+def test_rollback_counts_past_int64_are_typed_errors(n, message):
+    hist = NgramHistory(make_spec(3), COMP, batch_size=2, max_rollback=3)
+    hist.append(np.ones((2, 4), np.int64))
+    with pytest.raises(engram.InputError, match=message):
+        hist.rollback(n)
+    assert hist.undoable.tolist() == [3, 3]
