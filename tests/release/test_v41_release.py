@@ -263,3 +263,33 @@ def test_open_checkpoint_finds_both_namings_without_patterns(v41_release, naming
         assert (c.dtype(1), c.block(1), c.shape(1)) == ("float8_e4m3", 32, (ck.spec.rows(1), 256))
         values, scales = c.read(14, 0, ck.spec.rows(14))
         assert values.tobytes() == ck.rows[14][0].tobytes() and scales.tobytes() == ck.rows[14][1].tobytes()
+
+
+@pytest.mark.parametrize("where, code, tensor", [("values", 0x7F, "embed.weight"), ("values", 0xFF, "embed.weight"),
+                                                 ("scales", 0xFF, "embed.scale")])
+def test_verify_finds_each_nan_code_alone(v41_release, where, code, tensor):
+    ck = v41_release()
+    os.chmod(shard(ck, 2), 0o644)
+    with engram.open(ck.path, tier="mmap") as table:
+        t = getattr(table.tensors(14), where)
+    data = bytearray(shard(ck, 2).read_bytes())
+    data[t.offset + 7 * (t.nbytes // t.shape[0]) + 1] = code                  # row 7
+    shard(ck, 2).write_bytes(bytes(data))
+    with engram.open(ck.path, tier="mmap") as table:
+        with pytest.raises(CorruptTableError, match=rf"tensor 'layers.14.engram.{tensor}' row 7 holds a NaN code"):
+            table.verify()
+
+
+def test_a_shard_grown_by_one_byte_is_refused(v41_release):
+    ck = v41_release()
+    os.chmod(shard(ck, 1), 0o644)
+    size = shard(ck, 1).stat().st_size
+    with engram.open(ck.path, tier="ram") as table:
+        with open(shard(ck, 1), "ab") as f:
+            f.write(b"\0")
+        with pytest.raises(CorruptTableError, match=rf"model-00001-of-00002.safetensors' has {size + 1} bytes, but "
+                                                    rf"{size} when its header was read"):
+            table.verify()
+    with pytest.raises(CorruptTableError, match=r"model-00001-of-00002.safetensors' has 1 bytes after its last tensor "
+                                                r"ends"):
+        engram.open(ck.path)

@@ -62,3 +62,33 @@ def test_other_blocks_decode_exactly(block):
 
 def test_compiled_loop_is_installed_by_the_dev_setup():
     assert fp8.COMPILED, "numba (the 'fast' extra) is part of the dev install: make setup"
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["torch-passes", "compiled"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("scale", [0, 9, 10, 120, 133, 134, 135, 136, 245, 246, 247, 254, 255])
+def test_every_scale_alone_decodes_exactly_on_either_path(dtype, scale, compiled, monkeypatch):
+    """One scale for the whole call, so the lowest and highest scale are that one: each path's limits
+    (the compiled loop's [10, 246], the one-step torch pass below 135) are met exactly at their edges."""
+    monkeypatch.setattr(fp8, "COMPILED", compiled and fp8.COMPILED)
+    values, e = every_code_and_scale(range(scale, scale + 1))
+    values = values.repeat(3, 1)                                            # [3, 256]
+    e = e.repeat(3, 1)
+    out = torch.empty(values.shape, dtype=dtype)
+    fp8.decode_fp8(values, e, out, 32)
+    assert same_bits(out, exact(values, e, dtype))
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["torch-passes", "compiled"])
+@pytest.mark.parametrize("half", ["positive", "negative"])
+def test_nan_codes_of_either_sign_decode_to_nan_alone(half, compiled, monkeypatch):
+    """0x7F without any 0xFF in the call (and 0xFF without 0x7F): each NaN code is found on its own."""
+    monkeypatch.setattr(fp8, "COMPILED", compiled and fp8.COMPILED)
+    codes = torch.arange(128, dtype=torch.uint8) + (0 if half == "positive" else 128)      # 0x00..0x7F or 0x80..0xFF
+    values = codes.repeat(4, 2)                                                               # [4, 256]
+    e = torch.full((4, 8), 127, dtype=torch.uint8)
+    for dtype in (torch.float32, torch.bfloat16):
+        out = fp8.decode_fp8(values, e, torch.empty(values.shape, dtype=dtype), 32)
+        nan = out.isnan()
+        assert nan.sum() == 8 and bool(nan[:, [127, 255]].all())                            # the 0x7F / 0xFF slots
+        assert same_bits(out, exact(values, e, dtype))
