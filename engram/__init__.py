@@ -12,6 +12,7 @@ from engram.errors import EngramError as EngramError
 from engram.errors import InputError as InputError
 from engram.errors import MissingFileError as MissingFileError
 from engram.errors import QualityGateError as QualityGateError
+from engram.errors import RankFailureError as RankFailureError
 from engram.errors import ShardMismatchError as ShardMismatchError
 from engram.errors import SpecError as SpecError
 from engram.errors import SpecMismatchError as SpecMismatchError
@@ -80,5 +81,5 @@ def __dir__() -> list[str]:
 
 
 __all__ = sorted([*_LAZY, "CorruptTableError", "EngramError", "InputError", "MissingFileError", "QualityGateError",
-                  "ShardMismatchError",
+                  "RankFailureError", "ShardMismatchError",
                   "SpecError", "SpecMismatchError", "TableExistsError", "TableNotFoundError", "TokenIdError"])

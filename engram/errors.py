@@ -14,6 +14,7 @@ __all__ = [
     "CorruptTableError",
     "ShardMismatchError",
     "QualityGateError",
+    "RankFailureError",
 ]
 
 
@@ -59,3 +60,7 @@ class ShardMismatchError(SpecMismatchError):
 
 class QualityGateError(EngramError, ValueError):
     """A converted table changes a model's predictions more than allowed (engram.quality's gate)."""
+
+
+class RankFailureError(EngramError, RuntimeError):
+    """A rank of a process group failed or left during a collective: the group cannot be used again."""

@@ -16,6 +16,7 @@ import engram
     (engram.TableNotFoundError, (engram.MissingFileError, FileNotFoundError)),
     (engram.TableExistsError, (FileExistsError,)),
     (engram.CorruptTableError, (OSError,)),
+    (engram.RankFailureError, (RuntimeError,)),
 ])
 def test_every_error_is_an_engram_error_and_its_builtin(error, builtins):
     assert issubclass(error, engram.EngramError)

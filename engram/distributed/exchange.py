@@ -25,17 +25,37 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from engram.errors import InputError
+from engram.errors import EngramError, InputError, RankFailureError
 from engram.serving.gather import unique_inverse
 from engram.storage.shards import ShardRange, owners
 
-__all__ = ["RowExchange", "Routed", "WireCounter", "DTYPE_CODES"]
+__all__ = ["RowExchange", "Routed", "WireCounter", "DTYPE_CODES", "all_to_all"]
 
 # Wire codes of the dtypes rows and gradients travel in (headers carry the code, payloads raw bytes).
 DTYPE_CODES = {torch.float32: 1, torch.bfloat16: 2, torch.float16: 3, torch.int8: 4, torch.uint8: 5,
                torch.float64: 6}
 OP_REFUSED, OP_LOOKUP, OP_GRAD = 0, 1, 2
 _OP_NAMES = {OP_LOOKUP: "lookup", OP_GRAD: "backward"}
+
+
+def all_to_all(out: torch.Tensor, send: torch.Tensor, group: dist.ProcessGroup | None, what: str,
+               out_split: list[int] | None = None, in_split: list[int] | None = None) -> None:
+    """`dist.all_to_all_single`, with a rank lost mid-exchange reported as RankFailureError.
+
+    When a rank dies or leaves during a collective, the backend raises a bare RuntimeError on the
+    others (gloo: "Connection closed by peer", "Connection reset by peer", a timeout). The group is
+    then unusable: every later collective on it fails or hangs, so the error says to rebuild it.
+    """
+    try:
+        dist.all_to_all_single(out, send, out_split, in_split, group=group)
+    except RuntimeError as exc:
+        if isinstance(exc, EngramError):
+            raise
+        rank, world = dist.get_rank(group), dist.get_world_size(group)
+        raise RankFailureError(
+            f"rank {rank} of {world}: the all_to_all of {what} failed ({str(exc).strip()[:300]}): another rank of "
+            "the group died or left mid-exchange; the process group cannot be used again: destroy it, restart "
+            "the failed rank, and build the group and the ShardedTable / ShardedRows anew") from exc
 
 
 class WireCounter:
@@ -113,7 +133,8 @@ class RowExchange:
         local = uniq_np - self._starts[layer_id][slot]
         send_counts = np.bincount(owner, minlength=self.world).tolist()
         recv_counts = self.headers(send_counts, layer_id, dtype, op)
-        recv_local = self._all_to_all(torch.from_numpy(np.ascontiguousarray(local)), recv_counts, send_counts)
+        recv_local = self._all_to_all(torch.from_numpy(np.ascontiguousarray(local)), recv_counts, send_counts,
+                                      f"the row ids of layer {layer_id}")
         self.counter.add(exchanges=1, rows_requested=int(rows.size), rows_unique=int(uniq_np.size),
                          rows_remote=int(uniq_np.size - send_counts[self.rank]),
                          bytes_sent=8 * (sum(send_counts) - send_counts[self.rank]),
@@ -125,7 +146,7 @@ class RowExchange:
         mine = [layer_id, DTYPE_CODES[dtype], op]
         send = torch.tensor([[c, *mine] for c in send_counts], dtype=torch.int64)      # [W, 4]
         recv = torch.empty_like(send)
-        dist.all_to_all_single(recv, send, group=self.group)                            # [W, 4]: one row per peer
+        all_to_all(recv, send, self.group, f"the {_OP_NAMES.get(op, 'refused call')} headers of layer {layer_id}")
         rows = recv.tolist()                                                            # [W][count, layer, dtype, op]
         refused = [r for r, row in enumerate(rows) if row[3] == OP_REFUSED]
         if refused:
@@ -144,12 +165,13 @@ class RowExchange:
     def refuse(self, op: int) -> None:
         """Take part in one exchange's headers for a call this rank refused, so no peer waits."""
         send = torch.tensor([[0, -1, 0, OP_REFUSED]] * self.world, dtype=torch.int64)
-        dist.all_to_all_single(torch.empty_like(send), send, group=self.group)
+        all_to_all(torch.empty_like(send), send, self.group, f"the headers of a refused {_OP_NAMES.get(op, op)}")
 
-    def _all_to_all(self, send: torch.Tensor, recv_counts: list[int], send_counts: list[int]) -> torch.Tensor:
+    def _all_to_all(self, send: torch.Tensor, recv_counts: list[int], send_counts: list[int],
+                    what: str = "row ids") -> torch.Tensor:
         """all_to_all_single of rows of `send` [sum(send_counts), ...] split by rank."""
         out = send.new_empty((sum(recv_counts), *send.shape[1:]))
-        dist.all_to_all_single(out, send, recv_counts, send_counts, group=self.group)
+        all_to_all(out, send, self.group, what, recv_counts, send_counts)
         return out
 
     # -- payloads ---------------------------------------------------------------------------
@@ -167,10 +189,10 @@ class RowExchange:
         width = rows.shape[1]
         raw = rows.contiguous().view(torch.uint8).reshape(rows.shape[0], -1)  # [n, D*itemsize]
         if out is None:
-            back = self._all_to_all(raw, recv_counts, send_counts)
+            back = self._all_to_all(raw, recv_counts, send_counts, "rows")
         else:
             back = out.view(torch.uint8).reshape(sum(recv_counts), raw.shape[1])
-            dist.all_to_all_single(back, raw, recv_counts, send_counts, group=self.group)
+            all_to_all(back, raw, self.group, "rows", recv_counts, send_counts)
         row_bytes = raw.shape[1]
         self.counter.add(bytes_sent=row_bytes * (sum(send_counts) - send_counts[self.rank]),
                          bytes_received=row_bytes * (sum(recv_counts) - recv_counts[self.rank]))
