@@ -39,11 +39,12 @@ from engram.serving.tiers import Tier
 from engram.serving.usage import Usage
 from engram.storage.format import TableMeta
 
-__all__ = ["SMALL_LOOKUP_TOKENS", "DecodeStep"]
+__all__ = ["SMALL_LOOKUP_TOKENS", "PREFETCH_NOW_TOKENS", "DecodeStep"]
 
 SMALL_LOOKUP_TOKENS = 1024
 _ID_KINDS = frozenset(np.dtype(c).num for c in "ilq")      # int32 / int64 ids: the kernels' specializations
 _MEMORY_TIERS = ("ram", "mmap")
+PREFETCH_NOW_TOKENS = 16   # prefetches of small lookups up to this many tokens from memory run at once (runs_now)
 
 
 class DecodeStep:
@@ -155,6 +156,13 @@ class DecodeStep:
             if compiled.step_rows(ids, hist[0], hist[1], self._lookup, self._consts[lid], rows) < 0:
                 return None
         return out
+
+    def runs_now(self, rows: dict[int, np.ndarray]) -> bool:
+        """Whether a prefetch of these rows (from `rows`) should run on the calling thread: up to
+        PREFETCH_NOW_TOKENS tokens on a memory tier cost microseconds, less than waking the prefetch
+        thread (tens of microseconds idle, milliseconds on a loaded machine)."""
+        tokens = next(iter(rows.values())).shape[:2]
+        return self._tier.name in _MEMORY_TIERS and tokens[0] * tokens[1] <= PREFETCH_NOW_TOKENS
 
     def _layer(self, ids: np.ndarray, hist: tuple[np.ndarray, np.ndarray], layer_id: int, consts: np.ndarray,
                gathered: torch.dtype, want: torch.dtype) -> torch.Tensor | None:

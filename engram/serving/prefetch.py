@@ -147,6 +147,17 @@ class Prefetcher:
         future.add_done_callback(self._finished)
         return future
 
+    @staticmethod
+    def finished(fn: Callable[[], Any]) -> concurrent.futures.Future:
+        """`fn()` run on the calling thread, as a finished future: for work that costs less than
+        waking the prefetch thread (a decode step's few rows from memory)."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        try:
+            future.set_result(fn())
+        except Exception as exc:          # raised again by result(), as from the thread
+            future.set_exception(exc)
+        return future
+
     def _finished(self, future: concurrent.futures.Future) -> None:
         with self._lock:
             self._pending.discard(future)

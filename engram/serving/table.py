@@ -170,8 +170,7 @@ class Table(TableInfo):
         return self._hasher.context_grams(self.compression.lookup[ids], history, mask, doc_start)
 
     def _lookup_layer(self, x: list[np.ndarray] | dict[int, np.ndarray], layer_id: int, out: torch.Tensor | None,
-                      dtype: torch.dtype | None) -> torch.Tensor:
-        # x: the n-gram columns N x [B, T], or each layer's global rows [B, T, H] (DecodeStep.rows)
+                      dtype: torch.dtype | None) -> torch.Tensor:    # x: N x [B, T] grams, or rows [B, T, H] by layer
         B, T = x[layer_id].shape[:2] if isinstance(x, dict) else x[0].shape
         H, D = self.spec.heads_per_layer, self.spec.head_dim
         check_dtype(dtype)
@@ -299,10 +298,13 @@ class Table(TableInfo):
                 layers = tuple(self.spec.check_layer(i) for i in requested)
             check_dtype(dtype)
             target = self._prefetcher.target(device)
+            work = functools.partial(self._prefetch_work, x, layers, dtype, target)
+            now = rows is not None and target is None and self._fast.runs_now(rows)   # type: ignore[union-attr]
             with self._usage.lock:     # close() either sees this prefetch pending or refuses it here
                 if self._usage.closed:
                     raise InputError(f"table at {os.fspath(self._path)!r} is closed: open it again")
-                future = self._prefetcher.submit(lambda: self._prefetch_work(x, layers, dtype, target))
+                future = None if now else self._prefetcher.submit(work)
+            future = future or Prefetcher.finished(work)    # a few rows from memory: less than a hand-off
             self._stats.add(prefetches=1)
             return Prefetch(future, layers, self._stats, self._path, prefetch_context(token_ids, history, mask))
 

@@ -194,6 +194,7 @@ def check_target(target: Path, overwrite: bool) -> None:
         InputError: an ancestor of `target` is not a folder.
         TableExistsError: something is at `target` and `overwrite` is False, or it is not a table.
     """
+    check_path("path", os.fspath(target))
     ancestor = target.parent
     while not os.path.lexists(ancestor) and ancestor != ancestor.parent:
         ancestor = ancestor.parent
@@ -227,7 +228,6 @@ def zero_tail(chunk: Chunk, rows: int) -> Chunk:
             part[rows:] = 0
     return chunk
 
-    check_path("path", os.fspath(target))
 
 def piece_rows(spec: TableSpec) -> int:
     """Rows of one float32 piece encoded at a time into a quantized chunk (about ENCODE_VALUES values)."""

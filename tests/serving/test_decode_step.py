@@ -208,3 +208,19 @@ def test_rows_and_counters_equal_the_batched_path(paths, tier, dedup, probe, mon
     assert got["batched"][1] == got["compiled"][1]
     stats = got["compiled"][1]
     assert (stats.rows_from_cache > 0) == (probe != "none") and (stats.rows_unique < stats.rows_requested) == dedup
+
+
+@pytest.mark.parametrize("tier", TIERS)
+def test_prefetches_of_a_few_tokens_from_memory_run_at_once(paths, tier):
+    """Cheaper than waking the prefetch thread; disk tiers and larger prefetches still go to it."""
+    ids = np.random.default_rng(3).integers(0, VOCAB, (4, 8))
+    with engram.open(paths["float32"], tier=tier) as table:
+        hist = engram.NgramHistory(table.spec, table.compression, batch_size=4)
+        hist.append(ids[:, :4])
+        small = table.prefetch(ids[:, 4:5], history=hist)
+        if tier != "direct":                                           # done, and no thread was started
+            assert small.done() and table._prefetcher._pool is None
+        assert torch.equal(small.result(5), batched(table, ids[:, 4:5], 5, history=hist))
+        large = table.prefetch(np.tile(ids, (1, 4)), history=hist)          # 128 tokens: on the thread
+        assert torch.equal(large.result(1), batched(table, np.tile(ids, (1, 4)), 1, history=hist))
+        assert table.stats().prefetches == 2
