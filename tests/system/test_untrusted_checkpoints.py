@@ -160,7 +160,8 @@ def test_a_tokenizer_linked_to_dev_zero_is_refused_in_the_folder_and_as_a_file(v
     os.remove(writable(ck.path) / "tokenizer.json")
     os.symlink("/dev/zero", ck.path / "tokenizer.json")
     with pytest.raises(engram.CorruptTableError, match=r"tokenizer.json' is not a plain file of the checkpoint \(a "
-                                                       r"symbolic link.*copy the folder without links \(cp -rL\)"):
+                                                       r"symbolic link.*copy the folder without links \(cp -rL: a "
+                                                       r"Hugging Face cache snapshot links every file"):
         engram.open(ck.path)
     with pytest.raises(engram.InputError, match=r"tokenizer file '/dev/zero' is not a regular file \(a FIFO, socket "
                                                 r"or device\)"):
