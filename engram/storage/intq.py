@@ -28,7 +28,7 @@ check it):
 - compiled (numba, the "fast" extra; CPU, groups of whole 32-bit words: G*b a multiple of 32,
   as with the default G=32): each row's codes are read as little-endian 32-bit words, each word
   giving 32/b values with a constant lane count so that the loop vectorizes: shift, mask,
-  convert, multiply, add; a bfloat16 output is rounded from the float32 row in the same pass.
+  convert, multiply, add; a bfloat16 output is rounded from that float32 row, still in cache.
   Each code byte is read once and each result written once.
 - torch passes (any device, other groups, or without numba): the codes are shifted into one
   uint8 per value, converted into the output (a float32 scratch for bfloat16), then one
