@@ -73,25 +73,24 @@ _C1, _C2 = _U(0x87C37B91114253D5), _U(0x4CF5AD432745937F)
 _F1, _F2 = _U(0xFF51AFD7ED558CCD), _U(0xC4CEB9FE1A85EC53)
 
 
-def _decorators() -> tuple[Any, Any]:
-    """numba's njit for kernels and for helpers inlined into them; without numba, decorators that
-    leave the functions as they are (never called: COMPILED is False)."""
+def _decorator() -> Any:
+    """numba's njit (LLVM inlines the small helpers into the kernels); without numba, a decorator that
+    leaves the functions as they are (never called: COMPILED is False)."""
     if _NUMBA is None:
-        return (lambda fn: fn), (lambda fn: fn)
-    return (_NUMBA.njit(nogil=True, cache=True, boundscheck=False),
-            _NUMBA.njit(nogil=True, cache=True, boundscheck=False, inline="always"))
+        return lambda fn: fn
+    return _NUMBA.njit(nogil=True, cache=True, boundscheck=False)
 
 
 # One module holds every kernel: numba's disk cache notices changes to the file that defines a
 # kernel, not to the files of the functions it calls.
-jit, inline = _decorators()
+jit = _decorator()
 
 
-@inline
+@jit
 def _rotl(x: Any, r: int) -> Any:
     return (x << _U(r)) | (x >> _U(64 - r))
 
-@inline
+@jit
 def _xxh_round(acc: Any, lane: Any) -> Any:
     return _rotl(acc + lane * _P2, 31) * _P1
 
@@ -129,7 +128,7 @@ def xxh64_words(words: np.ndarray, n: int, seed: Any) -> Any:
     h ^= h >> _U(32)
     return h
 
-@inline
+@jit
 def _fmix(k: Any) -> Any:
     k ^= k >> _U(33)
     k *= _F1
