@@ -107,7 +107,7 @@ def test_assisted_decoding_with_a_draft_model_equals_greedy_recompute():
     assert torch.equal(assisted, full)
 
 
-def test_rows_from_a_table_equal_the_same_rows_in_the_module(tmp_path):
+def test_rows_from_a_table_equal_the_same_rows_in_the_module(tmp_path, lookup_path):
     model = with_engram(seed=5)
     weights = {m.layer_id: m.export_rows() for m in (model.model.layers[0].engram, model.model.layers[2].engram)}
     table = engram.build_table(tmp_path / "rows.engram", SPEC, COMP, weights=weights)
