@@ -88,8 +88,8 @@ class DecodeStep:
                history: Any) -> torch.Tensor | dict[int, torch.Tensor] | None:
         """`table.lookup(token_ids, layer_id, dtype=dtype, history=history)`, or None where this path
         does not apply (nothing was read or counted then)."""
-        ids = token_ids if type(token_ids) is np.ndarray else _tensor_ids(token_ids)
-        if ids is None or ids.ndim != 2 or ids.dtype.num not in _ID_KINDS or not 0 < ids.size <= SMALL_LOOKUP_TOKENS:
+        ids = _small_ids(token_ids)
+        if ids is None:
             return None
         hist = self._history(history, ids.shape[0])
         if hist is None:
@@ -142,8 +142,8 @@ class DecodeStep:
         a prefetch; None where this path does not apply (a mask or document starts among them)."""
         if mask is not None or doc_start is not None:
             return None
-        ids = token_ids if type(token_ids) is np.ndarray else _tensor_ids(token_ids)
-        if ids is None or ids.ndim != 2 or ids.dtype.num not in _ID_KINDS or not 0 < ids.size <= SMALL_LOOKUP_TOKENS:
+        ids = _small_ids(token_ids)
+        if ids is None:
             return None
         hist = self._history(history, ids.shape[0])
         layers = self.spec.layer_ids if layer_ids is None else (layer_ids,) if type(layer_ids) is int else ()
@@ -230,6 +230,16 @@ class DecodeStep:
         if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
             return None
         return gathered_dtype(self.spec, self._dtype, dtype), dtype
+
+
+def _small_ids(token_ids: Any) -> np.ndarray | None:
+    """`token_ids` as a numpy array the kernels take (int32 / int64 in native byte order, [B, T] with
+    0 < B*T <= SMALL_LOOKUP_TOKENS), or None."""
+    ids = token_ids if type(token_ids) is np.ndarray else _tensor_ids(token_ids)
+    if (ids is None or ids.ndim != 2 or ids.dtype.num not in _ID_KINDS or not ids.dtype.isnative
+            or not 0 < ids.size <= SMALL_LOOKUP_TOKENS):
+        return None
+    return ids
 
 
 def _tensor_ids(token_ids: Any) -> np.ndarray | None:

@@ -131,7 +131,12 @@ def test_small_lookups_take_the_compiled_path(paths, tier, dtype, monkeypatch):
         assert calls.take() == []
         assert torch.equal(table.lookup(ids[:, 5:], 1, history=hist), expected)          # a non-contiguous view
         assert torch.equal(table.lookup(torch.from_numpy(ids[:, 5:]).int(), 1, history=hist), expected)
-        assert calls.take() == [kernel, kernel]
+        frozen = ids[:, 5:].copy()
+        frozen.flags.writeable = False
+        assert torch.equal(table.lookup(frozen, 1, history=hist), expected)
+        assert calls.take() == [kernel, kernel, kernel]
+        assert torch.equal(table.lookup(ids[:, 5:].astype(">i8"), 1, history=hist), expected)   # byte-swapped:
+        assert calls.take() == []                                                                # the checked path
         every = table.lookup(ids[:, 5:], None, history=hist)
         assert torch.equal(every[1], expected) and calls.take() == [kernel, kernel]
         assert torch.equal(table.prefetch(ids[:, 5:], 1, history=hist).result(1), expected)
