@@ -19,6 +19,7 @@ from engram.serving.table import Table
 from engram.serving.tiers import TIERS
 from engram.storage.format import TableMeta
 from engram.storage.metadata import open_published
+from engram.storage.shard_set import check_part
 from engram.storage.tabledir import TableDir
 
 __all__ = ["open", "lookup"]
@@ -51,6 +52,9 @@ def open(path: str | os.PathLike[str], tier: str = "mmap", *, prefault: bool = F
         TableNotFoundError: no table at `path`.
         CorruptTableError: unknown format version, damaged metadata, missing or short chunk files.
         SpecMismatchError: the table was built with another spec or compression.
+        ShardMismatchError: `path` is a part of a shard set whose manifest, beside it, names
+            another part there (a split that replaced the set was interrupted; see
+            `engram.storage.shard_set`).
 
     Example:
         >>> with engram.open("table.engram", tier="ram") as table:
@@ -73,6 +77,7 @@ def open(path: str | os.PathLike[str], tier: str = "mmap", *, prefault: bool = F
         return table
     def make(tdir: TableDir, meta: TableMeta) -> Table:
         _check_expected(tdir.path, meta, spec, compression)
+        check_part(tdir.path, meta)        # a part of a shard set: the one its manifest names
         return Table(tdir, meta, tier, prefault, io_threads, dedup)
 
     return open_published(path, make)

@@ -33,7 +33,7 @@ from engram.addressing.compression import Compression
 from engram.addressing.hashing import NgramHasher
 from engram.addressing.history import NgramHistory, prefetch_context
 from engram.addressing.spec import TableSpec
-from engram.distributed.agreement import agree
+from engram.distributed.agreement import agree, describe_part
 from engram.distributed.decode import context_grams
 from engram.distributed.exchange import OP_LOOKUP, Routed, RowExchange
 from engram.errors import EngramError, InputError
@@ -94,8 +94,8 @@ class ShardedTable:
 
     Raises:
         ShardMismatchError: the parts opened on the ranks are not the parts of one table (other
-            specs or compressions, other part counts, rows in no part or in two), raised on
-            every rank alike.
+            specs, compressions or table ids, other part counts, rows in no part or in two),
+            raised on every rank alike.
         The error any rank met opening its part (e.g. TableNotFoundError), on every rank.
 
     Example:
@@ -115,9 +115,7 @@ class ShardedTable:
                 raise InputError(f"wire_dedup={wire_dedup!r} is invalid: expected True or False")
             table = open_table(path, tier, prefault=prefault, io_threads=io_threads, dedup=dedup)
             opened.append(table)
-            shard = None if table.shard is None else table.shard.to_dict()
-            return {"path": os.fspath(path), "spec": table.spec.to_dict(),
-                    "compression": table.compression.fingerprint, "shard": shard}
+            return describe_part(table, path)
 
         try:
             self.parts = agree(self._group, describe)

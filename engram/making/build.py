@@ -32,6 +32,7 @@ from engram.opening import open as open_table
 from engram.serving.mapping import release_pages
 from engram.serving.table import Table
 from engram.storage.format import LayerLayout
+from engram.storage.identity import check_table_id, derived_table_id
 from engram.storage.publish import restore_aside
 from engram.storage.shards import plan_shards
 from engram.storage.writer import (
@@ -55,7 +56,7 @@ INIT_BLOCK_ROWS = 1024          # rows drawn from one seeded generator (independ
 def build_table(path: str | os.PathLike[str], spec: TableSpec, comp: Compression, init: str = "normal",
                 std: float = 0.02, seed: int = 0, weights: Mapping[int, Any] | None = None,
                 overwrite: bool = False, chunk_rows: int | None = None, progress: bool | None = None,
-                shard: tuple[int, int] | None = None) -> Table:
+                shard: tuple[int, int] | None = None, table_id: str | None = None) -> Table:
     """Write a table for `spec` and `comp` at `path` and open it.
 
     Rows are written chunk by chunk; memory use does not grow with the table. The table appears
@@ -93,6 +94,10 @@ def build_table(path: str | os.PathLike[str], spec: TableSpec, comp: Compression
         shard: (rank, parts): write only part `rank` of the table split into `parts` (the rows
             `engram.storage.shards.plan_shards(spec, parts)[rank]` holds), equal to the same rows of the
             whole build, for `engram.distributed.ShardedTable`; `weights` are still whole layers.
+        table_id: the table's id (32 lowercase hex digits, `engram.storage.identity`). None: a
+            seeded build (no `weights`) gets the id derived from spec, compression, init, std and
+            seed, so parts built separately share the whole table's; a build from `weights` gets
+            a random one, and a part built from `weights` needs it given (the same on every part).
 
     Returns:
         The new table, opened with `engram.open(path)`.
@@ -100,7 +105,7 @@ def build_table(path: str | os.PathLike[str], spec: TableSpec, comp: Compression
     Raises:
         TableExistsError: something is at `path` and `overwrite` is False (or it is not a table).
         InputError: bad arguments, or `weights` of the wrong shape or dtype (or, for quantized
-            tables, rows with NaN or inf).
+            tables, rows with NaN or inf), or a part built from `weights` without `table_id`.
 
     Example:
         >>> comp = engram.Compression.identity(1000)
@@ -110,7 +115,7 @@ def build_table(path: str | os.PathLike[str], spec: TableSpec, comp: Compression
     """
     restore_aside(path)       # a table a killed build left aside belongs at `path`: it is there again
     layouts = check_build(path, spec, comp, init=init, std=std, seed=seed, weights=weights, overwrite=overwrite,
-                          chunk_rows=chunk_rows, shard=shard)
+                          chunk_rows=chunk_rows, shard=shard, table_id=table_id)
     sources = {int(layer_id): rows for layer_id, rows in (weights or {}).items()}
     target = Path(path)
     part = None if shard is None else plan_shards(spec, shard[1])[shard[0]]
@@ -121,13 +126,15 @@ def build_table(path: str | os.PathLike[str], spec: TableSpec, comp: Compression
             return _source_chunks(sources[lay.layer_id], lay, spec, first)
         return _init_chunks(lay, spec, init, std, seed, first)
 
-    write_table(target, spec, comp, layouts, chunks, overwrite, progress, shard=part)
+    write_table(target, spec, comp, layouts, chunks, overwrite, progress, shard=part,
+                table_id=build_id(spec, comp, init, std, seed, weights, table_id))
     return open_table(target)
 
 
 def check_build(path: str | os.PathLike[str], spec: TableSpec, comp: Compression, *, init: str = "normal",
                 std: float = 0.02, seed: int = 0, weights: Mapping[int, Any] | None = None, overwrite: bool = False,
-                chunk_rows: int | None = None, shard: tuple[int, int] | None = None) -> dict[int, LayerLayout]:
+                chunk_rows: int | None = None, shard: tuple[int, int] | None = None,
+                table_id: str | None = None) -> dict[int, LayerLayout]:
     """Every check `build_table` makes before it writes, writing nothing: a dry run.
 
     Arguments as `build_table` (`weights` are checked for layers, shapes and dtypes, not read).
@@ -147,9 +154,24 @@ def check_build(path: str | os.PathLike[str], spec: TableSpec, comp: Compression
                 and 0 <= shard[0] < shard[1]):
             raise InputError(f"shard={shard!r} is invalid: expected (rank, parts) with 0 <= rank < parts, e.g. (0, 4)")
         part = plan_shards(spec, shard[1])[shard[0]]
+    check_table_id(table_id)
+    if part is not None and weights and table_id is None:
+        raise InputError(f"shard={shard!r} with weights= needs table_id=: every part of one table must name the "
+                         "same id (e.g. secrets.token_hex(16), made once and passed to the build of every part), "
+                         "so that parts of other tables are refused beside them")
     layouts = plan_layout(spec, chunk_rows, part)
     check_target(Path(path), overwrite)     # a table a killed build left aside counts as at `path`
     return layouts
+
+
+def build_id(spec: TableSpec, comp: Compression, init: str, std: float, seed: int,
+             weights: Mapping[int, Any] | None, table_id: str | None) -> str | None:
+    """The id `build_table` writes: `table_id` if given; derived from the recipe of a seeded build
+    (so each part built alone names the whole table's id); None (a random one) for one from weights."""
+    if table_id is not None or weights:
+        return table_id
+    return derived_table_id("seeded build", {"spec": spec.to_dict(), "compression": comp.fingerprint,
+                                             "init": init, "std": float(std), "seed": int(seed)})
 
 
 # ------------------------------------------------------------------------------------------

@@ -154,6 +154,7 @@ def convert(src: str | os.PathLike[str] | Table, dst: str | os.PathLike[str], *,
     Streams chunk by chunk (memory stays about one chunk of the new table, whatever the size)
     and publishes `dst` atomically, as `build_table` does: a failed or killed conversion leaves
     nothing at `dst`. `dst` may be `src` itself with `overwrite=True` (replaced atomically).
+    The converted table gets a new `table_id`; its `source_id` is the source's.
 
     Args:
         src: the source table's path, opened on the "direct" tier (reads bypass the page cache,
@@ -214,7 +215,7 @@ def convert(src: str | os.PathLike[str] | Table, dst: str | os.PathLike[str], *,
                     accept(converted, table)
 
         write_table(target, spec, table.compression, layouts, chunks, overwrite, progress, desc="convert",
-                    before_publish=gate)
+                    before_publish=gate, source_id=table.table_id)      # a new table_id, linked to its source
         layers = {lid: errors[lid].report(lid, lay.rows, table.spec.layer_bytes(lid), spec.layer_bytes(lid),
                                           table.layout(lid).disk_bytes, lay.disk_bytes)
                   for lid, lay in layouts.items()}

@@ -1,15 +1,24 @@
 """shard_table: split a table into parts of contiguous row ranges, one table per part.
 
 Each part is an ordinary table of its rows (the stored bytes copied unchanged: values and scales
-of quantized rows alike) whose metadata records the rows it holds (`engram.storage.shards.ShardRange`).
+of quantized rows alike) whose metadata records the rows it holds (`engram.storage.shards.ShardRange`)
+and the source table's id (`engram.storage.identity`: the parts are that table, split).
 `engram.distributed.ShardedTable` serves the parts together, one per rank; `engram.open` on a
 part reports its range (`table.shard`).
+
+The parts are published as a set (`engram.storage.shard_set`): every part is written and synced
+into a partial directory first, then the parts are published one after another, then the set's
+manifest "{prefix}-set-of-{parts}.json" last. A split killed at any point leaves the old parts
+(whole: nothing is replaced before every new part is complete), the new ones, or, if it died
+while publishing them, a mix that `engram.open` and `ShardedTable` refuse (ShardMismatchError)
+until the split is run again. Disk: the new set is written whole beside the old one.
 
     paths = engram.making.sharding.shard_table("big.engram", "big", parts=4)   # big-0-of-4 ... big-3-of-4
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 from collections.abc import Iterator
@@ -21,16 +30,18 @@ from engram.errors import InputError
 from engram.making.build import check_build
 from engram.opening import open as open_table
 from engram.serving.table import Table
-from engram.storage.format import LayerLayout
+from engram.storage.format import LayerLayout, TableMeta
+from engram.storage.identity import new_table_id
+from engram.storage.shard_set import part_path, write_manifest
 from engram.storage.shards import ShardRange, plan_shards
-from engram.storage.writer import Chunk, chunk_buffers, plan_layout, write_table, zero_tail
+from engram.storage.writer import Chunk, chunk_buffers, plan_layout, publish_table, written_table, zero_tail
 
 __all__ = ["shard_table", "shard_path", "check_shard_table"]
 
 
 def shard_path(prefix: str | os.PathLike[str], rank: int, parts: int) -> Path:
     """Where `shard_table` writes part `rank` of `parts`: "{prefix}-{rank}-of-{parts}"."""
-    return Path(f"{os.fspath(prefix)}-{rank}-of-{parts}")
+    return part_path(prefix, rank, parts)
 
 
 def check_shard_table(src: Table, prefix: str | os.PathLike[str], parts: int,
@@ -63,7 +74,9 @@ def shard_table(src: Table | str | os.PathLike[str], prefix: str | os.PathLike[s
         progress: show a progress bar (None: only on a terminal, after a second).
 
     Returns:
-        The paths of the parts, in rank order. Each is published atomically when complete.
+        The paths of the parts, in rank order. Every part is complete before the first is
+        published; the set's manifest ("{prefix}-set-of-{parts}.json") is published last (see the
+        module doc for what a crash leaves).
 
     Raises:
         InputError: bad `parts`, or `src` is itself a part.
@@ -77,13 +90,18 @@ def shard_table(src: Table | str | os.PathLike[str], prefix: str | os.PathLike[s
         with open_table(src) as table:
             return shard_table(table, prefix, parts, overwrite=overwrite, progress=progress)
     shards = check_shard_table(src, prefix, parts, overwrite)
-    paths = []
-    for part in shards:
-        path = shard_path(prefix, part.rank, part.parts)
-        layouts = plan_layout(src.spec, shard=part)
-        write_table(path, src.spec, src.compression, layouts, functools.partial(_copied_chunks, src, part=part),
-                    overwrite, progress, desc=f"shard {part.rank}/{part.parts}", shard=part)
-        paths.append(path)
+    table_id = src.table_id or new_table_id()       # the parts are the source table, split
+    paths = [shard_path(prefix, part.rank, part.parts) for part in shards]
+    with contextlib.ExitStack() as stack:
+        written: list[tuple[Path, TableMeta]] = []
+        for part, path in zip(shards, paths, strict=True):       # every part complete, none published yet
+            chunks = functools.partial(_copied_chunks, src, part=part)
+            written.append(stack.enter_context(written_table(
+                path, src.spec, src.compression, plan_layout(src.spec, shard=part), chunks, progress,
+                desc=f"shard {part.rank}/{part.parts}", shard=part, table_id=table_id)))
+        for (tmp, _), path in zip(written, paths, strict=True):
+            publish_table(tmp, path, overwrite)
+        write_manifest(prefix, [meta for _, meta in written])    # last: the set is complete
     return paths
 
 

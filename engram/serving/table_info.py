@@ -92,6 +92,17 @@ class TableInfo:
         return self._meta.shard
 
     @property
+    def table_id(self) -> str | None:
+        """The table's id, fixed when it was written (every part of a sharded table has the whole
+        table's; `engram.storage.identity`); None for tables written before ids."""
+        return self._meta.table_id
+
+    @property
+    def source_id(self) -> str | None:
+        """The id of the table this one was converted from (`engram convert`), else None."""
+        return self._meta.source_id
+
+    @property
     def nbytes(self) -> int:
         """Bytes of rows over all layers, scales included (chunk padding excluded)."""
         return self.spec.total_bytes

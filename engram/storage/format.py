@@ -49,7 +49,10 @@ as canonical JSON (`metadata_checksum`), so an edit to a field that changes addr
 `hash`, `pad_id`, a prime's base size, ...) is refused at open and by `verify` instead of
 silently changing every lookup; and per layer `"blocks": {"array": "layer_1_blocks",
 "checksums": [...]}`. Tables written before either keep opening without those checks (and older
-engram ignores both, so the format version stays).
+engram ignores both, so the format version stays). Tables written since also record
+`"table_id"` (32 hex digits fixed when the table is written; every part of a sharded table holds
+the whole table's: `engram.storage.identity`) and, for a conversion, `"source_id"` (the id of the
+table it was made from); both are under the checksum, and tables without them still open.
 
 Format version 2 adds, per layer of a quantized table, `"scales": {"array": "layer_1_scales",
 "checksums": [...]}`; version 3 marks a part of a sharded table (`engram.storage.shards`): `"shard": {"rank":
@@ -212,6 +215,8 @@ class TableMeta:
     compression: Compression
     layers: dict[int, LayerLayout]
     shard: ShardRange | None = None      # the rows a part of a sharded table holds; None: every row
+    table_id: str | None = None          # fixed when written (engram.storage.identity); None: written before ids
+    source_id: str | None = None         # the id of the table this one was converted from, if any
 
     def to_attributes(self) -> dict[str, Any]:
         """The group attribute "engram" (JSON-ready), sealed by its `metadata_checksum`."""
@@ -221,6 +226,8 @@ class TableMeta:
             "compression": {"array": COMPRESSION_ARRAY, "xxh3": self.compression.fingerprint},
             "layers": [_layer_attributes(lay) for lay in self.layers.values()],
             **({} if self.shard is None else {"shard": self.shard.to_dict()}),
+            **({} if self.table_id is None else {"table_id": self.table_id}),
+            **({} if self.source_id is None else {"source_id": self.source_id}),
         }
         attrs[METADATA_CHECKSUM] = metadata_checksum(attrs)
         return attrs

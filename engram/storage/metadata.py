@@ -34,6 +34,7 @@ from engram.storage.format import (
     format_version_for,
     metadata_checksum,
 )
+from engram.storage.identity import is_table_id
 from engram.storage.shards import ShardRange, read_shard
 from engram.storage.tabledir import TableDir
 
@@ -139,7 +140,17 @@ def read_metadata(table: TableDir | str | os.PathLike[str]) -> TableMeta:
         raise CorruptTableError(
             f"{where} stores a compression with compressed_vocab_size={comp.compressed_vocab_size} but its "
             f"spec says {spec.compressed_vocab_size}: rebuild the table")
-    return TableMeta(version, spec, comp, layers, shard)
+    return TableMeta(version, spec, comp, layers, shard, _read_id(attrs, "table_id", where),
+                     _read_id(attrs, "source_id", where))
+
+
+def _read_id(attrs: dict[str, Any], key: str, where: str) -> str | None:
+    """A table id of the metadata (tables written before ids have none)."""
+    value = attrs.get(key)
+    if value is not None and not is_table_id(value):
+        raise CorruptTableError(f"{where} has {key}={value!r}, not 32 lowercase hex digits: the metadata is "
+                                "damaged; rebuild the table")
+    return value
 
 
 T = TypeVar("T")

@@ -37,12 +37,14 @@ from engram.storage.format import (
     blocks_layout,
     format_version_for,
 )
+from engram.storage.identity import new_table_id
 from engram.storage.metadata import is_table
 from engram.storage.publish import aside_table, clean_stale, fsync_tree, make_read_only, partial_dir, publish
 from engram.storage.quant import encode, finite_rows
 from engram.storage.shards import ShardRange
 
-__all__ = ["Chunk", "DEFAULT_CHUNK_BYTES", "ENCODE_VALUES", "plan_layout", "write_table", "check_target",
+__all__ = ["Chunk", "DEFAULT_CHUNK_BYTES", "ENCODE_VALUES", "plan_layout", "write_table", "written_table",
+           "publish_table", "check_target",
            "write_metadata", "write_attributes", "chunk_buffers", "zero_tail", "piece_rows", "store_rows",
            "encode_into", "as_torch", "codec_attributes"]
 
@@ -62,7 +64,8 @@ Chunk = tuple[np.ndarray, "np.ndarray | None"]
 def write_table(target: Path, spec: TableSpec, comp: Compression, layouts: dict[int, LayerLayout],
                 chunks: Callable[[LayerLayout], Iterator[Chunk]], overwrite: bool, progress: bool | None,
                 desc: str = "build_table", shard: ShardRange | None = None,
-                before_publish: Callable[[Path], None] | None = None) -> dict[int, LayerLayout]:
+                before_publish: Callable[[Path], None] | None = None, table_id: str | None = None,
+                source_id: str | None = None) -> dict[int, LayerLayout]:
     """Write a table whose chunks `chunks(layout)` yields, layer by layer, and publish it atomically.
 
     Args:
@@ -78,38 +81,68 @@ def write_table(target: Path, spec: TableSpec, comp: Compression, layouts: dict[
             layouts then have `shard.rows(layer_id)` rows); None for a whole table.
         before_publish: called with the complete, synced partial directory just before it is
             published; if it raises, nothing is published (the partial directory is removed).
+        table_id: the table's id (`engram.storage.identity`; every part of one sharded table
+            has the whole table's); None: a new random one.
+        source_id: the id of the table this one was made from, if any (a conversion).
 
     Returns:
         The layouts with their checksums.
     """
-    clean_stale(target)
-    version = format_version_for(spec, shard)
-    with partial_dir(target) as tmp, _naming_the_table(target):
-        write_metadata(tmp, TableMeta(version, spec, comp, layouts, shard))
-        written = {}
-        with _progress_bar(layouts, progress, desc) as bar:
-            for lid, lay in layouts.items():
-                sums: list[str] = []
-                scale_sums: list[str] = []
-                block_sums: list[str] = []
-                for index, (values, scales) in enumerate(chunks(lay)):
-                    sums.append(chunk_files.write_chunk(lay.chunk_path(tmp, index), values, bar))
-                    if lay.scales is not None:
-                        assert scales is not None, "a quantized layer's chunk has scales"
-                        scale_sums.append(chunk_files.write_chunk(lay.scales.chunk_path(tmp, index), scales, bar))
-                    if lay.blocks is not None:
-                        block_sums.append(chunk_files.write_chunk(lay.blocks.chunk_path(tmp, index),
-                                                                  chunk_files.block_digests(values), bar))
-                if len(sums) != lay.n_chunks:
-                    raise RuntimeError(f"layer {lid}: {len(sums)} chunks produced for {lay.n_chunks}")
-                written[lid] = lay.with_checksums(tuple(sums), tuple(scale_sums), tuple(block_sums))
-        write_attributes(tmp, TableMeta(version, spec, comp, written, shard))
-        make_read_only(tmp)
-        fsync_tree(tmp)
+    with written_table(target, spec, comp, layouts, chunks, progress, desc, shard, table_id, source_id) as done:
+        tmp, meta = done
         if before_publish is not None:
             before_publish(tmp)
-        publish(tmp, target, overwrite, replaceable=_replaceable)
-    return written
+        publish_table(tmp, target, overwrite)
+    return meta.layers
+
+
+@contextlib.contextmanager
+def written_table(target: Path, spec: TableSpec, comp: Compression, layouts: dict[int, LayerLayout],
+                  chunks: Callable[[LayerLayout], Iterator[Chunk]], progress: bool | None,
+                  desc: str = "build_table", shard: ShardRange | None = None, table_id: str | None = None,
+                  source_id: str | None = None) -> Iterator[tuple[Path, TableMeta]]:
+    """The table of `write_table`, written and synced into a locked partial directory beside
+    `target`, but not published: yields (partial directory, its metadata as written); the block
+    publishes it (`publish_table`). The directory is removed if the block raises; one the block
+    leaves unpublished is removed by the next build of `target` (`clean_stale`)."""
+    clean_stale(target)
+    version = format_version_for(spec, shard)
+    table_id = new_table_id() if table_id is None else table_id
+    with partial_dir(target) as tmp:
+        with _naming_the_table(target):
+            write_metadata(tmp, TableMeta(version, spec, comp, layouts, shard, table_id, source_id))
+            written = {}
+            with _progress_bar(layouts, progress, desc) as bar:
+                for lid, lay in layouts.items():
+                    written[lid] = _write_layer(tmp, lay, chunks(lay), bar)
+            meta = TableMeta(version, spec, comp, written, shard, table_id, source_id)
+            write_attributes(tmp, meta)
+            make_read_only(tmp)
+            fsync_tree(tmp)
+        yield tmp, meta
+
+
+def _write_layer(tmp: Path, lay: LayerLayout, chunks: Iterator[Chunk], bar: Any) -> LayerLayout:
+    """Write one layer's chunk files (values, scales, block digests) into `tmp`; its layout with checksums."""
+    sums: list[str] = []
+    scale_sums: list[str] = []
+    block_sums: list[str] = []
+    for index, (values, scales) in enumerate(chunks):
+        sums.append(chunk_files.write_chunk(lay.chunk_path(tmp, index), values, bar))
+        if lay.scales is not None:
+            assert scales is not None, "a quantized layer's chunk has scales"
+            scale_sums.append(chunk_files.write_chunk(lay.scales.chunk_path(tmp, index), scales, bar))
+        if lay.blocks is not None:
+            block_sums.append(chunk_files.write_chunk(lay.blocks.chunk_path(tmp, index),
+                                                      chunk_files.block_digests(values), bar))
+    if len(sums) != lay.n_chunks:
+        raise RuntimeError(f"layer {lay.layer_id}: {len(sums)} chunks produced for {lay.n_chunks}")
+    return lay.with_checksums(tuple(sums), tuple(scale_sums), tuple(block_sums))
+
+
+def publish_table(partial: Path, target: Path, overwrite: bool) -> None:
+    """Publish a table written by `written_table` at `target` (replacing only a table or an empty folder)."""
+    publish(partial, target, overwrite, replaceable=_replaceable)
 
 
 @contextlib.contextmanager
