@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from engram.errors import CorruptTableError as CorruptTableError
 from engram.errors import EngramError as EngramError
+from engram.errors import IncompleteSaveError as IncompleteSaveError
 from engram.errors import InputError as InputError
 from engram.errors import MissingFileError as MissingFileError
 from engram.errors import QualityGateError as QualityGateError
@@ -80,6 +81,7 @@ def __dir__() -> list[str]:
     return sorted(set(globals()) | set(_LAZY) | set(_SUBPACKAGES))
 
 
-__all__ = sorted([*_LAZY, "CorruptTableError", "EngramError", "InputError", "MissingFileError", "QualityGateError",
-                  "RankFailureError", "ShardMismatchError",
+__all__ = sorted([*_LAZY, "CorruptTableError", "EngramError", "IncompleteSaveError", "InputError", "MissingFileError",
+                  "QualityGateError", "RankFailureError",
+                  "ShardMismatchError",
                   "SpecError", "SpecMismatchError", "TableExistsError", "TableNotFoundError", "TokenIdError"])

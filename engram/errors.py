@@ -13,6 +13,7 @@ __all__ = [
     "TableExistsError",
     "CorruptTableError",
     "ShardMismatchError",
+    "IncompleteSaveError",
     "QualityGateError",
     "RankFailureError",
 ]
@@ -55,7 +56,11 @@ class CorruptTableError(EngramError, OSError):
 
 
 class ShardMismatchError(SpecMismatchError):
-    """The shards opened together do not form one table: other specs, compressions or row ranges."""
+    """The shards opened together do not form one table: other specs, compressions, table ids or row ranges."""
+
+
+class IncompleteSaveError(CorruptTableError):
+    """A multi-rank save is incomplete or mixed: a rank died or failed while it was written."""
 
 
 class QualityGateError(EngramError, ValueError):

@@ -17,6 +17,7 @@ import engram
     (engram.TableExistsError, (FileExistsError,)),
     (engram.CorruptTableError, (OSError,)),
     (engram.RankFailureError, (RuntimeError,)),
+    (engram.IncompleteSaveError, (engram.CorruptTableError, OSError)),
 ])
 def test_every_error_is_an_engram_error_and_its_builtin(error, builtins):
     assert issubclass(error, engram.EngramError)

@@ -42,7 +42,7 @@ from engram.addressing.compression import Compression
 from engram.addressing.hashing import NgramHasher
 from engram.addressing.history import NgramHistory
 from engram.addressing.spec import TableSpec
-from engram.distributed.agreement import agree
+from engram.distributed.agreement import agreed, describe_part
 from engram.distributed.decode import context_grams
 from engram.distributed.exchange import OP_GRAD, OP_LOOKUP, Routed, RowExchange
 from engram.distributed.state import load_rows, save_rows
@@ -53,6 +53,7 @@ from engram.offload.part import OffloadedPart
 from engram.offload.stats import OffloadStats
 from engram.opening import open as open_table
 from engram.serving.lookup_args import check_dtype
+from engram.storage.identity import new_table_id
 from engram.storage.shards import ShardRange
 
 __all__ = ["ShardedRows"]
@@ -77,6 +78,8 @@ class ShardedRows:
         ShardMismatchError: the parts opened on the ranks are not the parts of one table (on every rank).
     """
 
+    table_id: str | None
+
     def __init__(self, path: str | os.PathLike[str], group: dist.ProcessGroup | None = None, *, lr: float,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, wire_dedup: bool = False,
                  timeout: datetime.timedelta | None = None, offload: str | os.PathLike[str] | None = None,
@@ -91,11 +94,10 @@ class ShardedRows:
         def describe() -> dict[str, Any]:
             table = open_table(path)
             opened.append(table)
-            return {"path": os.fspath(path), "spec": table.spec.to_dict(), "compression": table.compression.fingerprint,
-                    "shard": None if table.shard is None else table.shard.to_dict()}
+            return {**describe_part(table, path), "run_id": new_table_id()[:16]}
 
         try:
-            parts = agree(group, describe)
+            parts, seen = agreed(group, describe)
             table = opened[0]
             part = parts[dist.get_rank(group)]
             if offload is None:
@@ -110,6 +112,7 @@ class ShardedRows:
                                   cache_bytes=cache_bytes, io_threads=io_threads, settings=self._settings)
             self._setup(group, parts, table.spec, table.compression, {}, wire_dedup, store)
             self.steps = dict(store.steps)
+        self.table_id, self.run_id = seen[0]["table_id"], seen[0]["run_id"]   # rank 0's: one per run, on every rank
 
     @classmethod
     def from_state(cls, group: dist.ProcessGroup, parts: list[ShardRange], spec: TableSpec, comp: Compression,
@@ -134,6 +137,9 @@ class ShardedRows:
         self._offsets = {lid: np.asarray(spec.head_offsets(lid), np.int64) for lid in spec.layer_ids}
         self._grads: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {lid: [] for lid in spec.layer_ids}
         self._touched: set[int] = set()
+        self.table_id = None                 # the id of the table the rows came from (saved with them)
+        self.run_id = ""                     # agreed by the ranks at open or load: names this run's saves
+        self.saves = 0                       # saves made in this run (a save's id: "{run_id}-{saves}")
 
     def set_optimizer(self, *, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
         """Set the rows' Adam settings (e.g. from a learning-rate schedule between steps)."""
@@ -261,7 +267,8 @@ class ShardedRows:
             self._offload.close(self.steps, self._settings, flush)
 
     def save(self, prefix: str | os.PathLike[str]) -> str:
-        """Write this rank's rows and optimizer state (every rank calls; see `engram.distributed.state`)."""
+        """Write this rank's rows and optimizer state, then commit the save with the other ranks
+        (every rank calls; see `engram.distributed.state`); returns this rank's file."""
         if self._offload is not None:
             raise InputError(f"these rows are offloaded to {self._offload.path!r}: they are saved there by "
                              "rows.flush() (and published by rows.snapshot(path)), not by save")
@@ -269,9 +276,16 @@ class ShardedRows:
 
     @classmethod
     def load(cls, prefix: str | os.PathLike[str], group: dist.ProcessGroup | None = None, *,
-             wire_dedup: bool = False, timeout: datetime.timedelta | None = None) -> ShardedRows:
-        """Rows and optimizer state saved by `save` with any number of ranks, split for this group."""
-        return load_rows(cls, prefix, new_group(group, timeout), wire_dedup)
+             wire_dedup: bool = False, timeout: datetime.timedelta | None = None,
+             fallback: bool = False) -> ShardedRows:
+        """Rows and optimizer state of the last committed `save` (made with any number of ranks),
+        split for this group; every rank calls.
+
+        Raises:
+            IncompleteSaveError: a later save was interrupted (unless `fallback=True`, which loads
+                the last committed one), or the save's files are mixed; on every rank.
+        """
+        return load_rows(cls, prefix, new_group(group, timeout), wire_dedup, fallback)
 
 
 class _Lookup(torch.autograd.Function):

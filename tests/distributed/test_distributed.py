@@ -245,7 +245,8 @@ def _case_train(rank: int, world: int, root: Path, group) -> dict:
     opt = torch.optim.Adam(model.parameters(), lr=lr)
 
     def batch(r: int, step: int) -> tuple[np.ndarray, torch.Tensor]:
-        ids = np.random.default_rng([r, step, 7]).integers(0, VOCAB, (2, 6))
+        ids = np.random.default_rng([r, step, 7]).integers(0, VOCAB, (2, 3))
+        ids = np.concatenate([ids, ids], axis=1)            # a b c a b c: n-grams repeat, so rows repeat in a batch
         return ids, torch.randn(2, 6, 1, C, generator=torch.Generator().manual_seed(100 * step + r))
 
     def loss(net: torch.nn.Module, ids: np.ndarray, h: torch.Tensor) -> torch.Tensor:
@@ -334,6 +335,7 @@ CASES = {
     "refused_calls": _case_refused_calls,
     "open_other_spec": _open_case(lambda r, w: f"full-{r}-of-{w}" if r == 0 else f"other-{r}-of-{w}"),
     "open_other_compression": _open_case(lambda r, w: f"full-{r}-of-{w}" if r == 0 else f"comp-{r}-of-{w}"),
+    "open_other_table": _open_case(lambda r, w: f"full-{r}-of-{w}" if r == 0 else f"twin-{r}-of-{w}"),
     "open_overlap": _open_case(lambda r, w: f"full-0-of-{w}"),
     "open_other_parts": _open_case(lambda r, w: f"full-{r}-of-{w}" if r == 0 else f"full-{r}-of-{2 * w}"),
     "open_whole": _open_case(lambda r, w: f"full-{r}-of-{w}" if r == 0 else "full"),
@@ -365,6 +367,7 @@ def root(tmp_path_factory):
     shard_table(engram.build_table(root / "int8", _spec(dtype="int8"), comp, seed=3), root / "int8", 2)
     shard_table(engram.build_table(root / "int4", _spec(dtype="int4"), comp, seed=3), root / "int4", 2)
     shard_table(engram.build_table(root / "other", _spec(seed=1), comp, seed=3), root / "other", 2)
+    shard_table(engram.build_table(root / "twin", _spec(), comp, seed=4), root / "twin", 2)   # same spec, other rows
     lookup = np.arange(VOCAB)
     lookup[[6, 7]] = [7, 6]                                     # same spec, another compression
     shard_table(engram.build_table(root / "comp", _spec(), engram.Compression(lookup), seed=3), root / "comp", 2)
@@ -425,6 +428,8 @@ def test_a_refused_call_raises_on_every_rank_and_leaves_the_group_in_step(two, f
 @pytest.mark.parametrize("case, kind, match", [
     ("open_other_spec", "ShardMismatchError", r"rank 1's part .* another spec than rank 0's: seed=1 \(rank 0: 0\)"),
     ("open_other_compression", "ShardMismatchError", "rank 1's part .* another compression"),
+    ("open_other_table", "ShardMismatchError", r"parts of different tables .*rank 0: .*full-0-of-2' \(table id "
+                                               r"\w{32}\); rank 1: .*twin-1-of-2' \(table id \w{32}\)"),
     ("open_overlap", "ShardMismatchError", r"rows \[0, \d+\) of layer 1 are in two shards"),
     ("open_other_parts", "ShardMismatchError", "part 1 of 4 .* in a group of 2 ranks"),
     ("open_whole", "ShardMismatchError", "a whole table, in a group of 2 ranks"),
@@ -443,7 +448,8 @@ def test_training_equals_one_process_with_sparse_adam(two, four):
     for results, world in ((two, 2), (four, 4)):
         out = _outcome(results, "train")
         assert all(o["worst"] < 1e-6 for o in out)
-        assert [Path(o["path"]).name for o in out] == [f"rows-{r}-of-{world}.safetensors" for r in range(world)]
+        assert [Path(o["path"]).name for o in out] == [f"rank-{r}-of-{world}.safetensors" for r in range(world)]
+        assert len({Path(o["path"]).parent for o in out}) == 1                  # one save, one folder
 
 
 def test_rows_saved_on_two_ranks_load_on_four(four):
