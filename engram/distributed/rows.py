@@ -254,8 +254,12 @@ class ShardedRows:
     def snapshot(self, path: str | os.PathLike[str], *, dtype: str | None = None, overwrite: bool = False,
                  progress: bool | None = None) -> str:
         """Offloaded rows: flush, then publish this rank's rows as its part of a sharded table at `path`
-        (one path per rank; `ShardedTable` serves the parts together)."""
-        return self._offloaded("snapshot()").snapshot(path, dtype, overwrite, progress, self.steps, self._settings)
+        (every rank calls, one path per rank; the parts share one new table id, so `ShardedTable`
+        serves them together)."""
+        part = self._offloaded("snapshot()")
+        ids: list[Any] = [None] * dist.get_world_size(self.group)
+        dist.all_gather_object(ids, new_table_id(), group=self.group)
+        return part.snapshot(path, dtype, overwrite, progress, self.steps, self._settings, ids[0])
 
     def offload_stats(self) -> OffloadStats:
         """Offloaded rows: the cache's counters (see `engram.OffloadedRows.stats`)."""

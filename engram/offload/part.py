@@ -85,11 +85,12 @@ class OffloadedPart:
         self._store.flush(steps, settings)
 
     def snapshot(self, path: Any, dtype: str | None, overwrite: bool, progress: bool | None,
-                 steps: dict[int, int], settings: AdamSettings) -> str:
-        """Flush, then publish this part as a part of a sharded table at `path`."""
+                 steps: dict[int, int], settings: AdamSettings, table_id: str) -> str:
+        """Flush, then publish this part as a part of the sharded table `table_id` at `path`."""
         target, dtype = check_snapshot(path, dtype, overwrite, self._copy.ident)
         self.flush(steps, settings)
-        write_snapshot(self._store.data, self._copy.ident, self._copy.compression, target, dtype, overwrite, progress)
+        write_snapshot(self._store.data, self._copy.ident, self._copy.compression, target, dtype, overwrite, progress,
+                       table_id)
         return os.fspath(target)
 
     def stats(self) -> OffloadStats:

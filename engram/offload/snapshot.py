@@ -51,8 +51,9 @@ def check_snapshot(path: Any, dtype: Any, overwrite: Any, ident: Identity) -> tu
 
 
 def write_snapshot(data: DataFile, ident: Identity, comp: Compression, target: Path, dtype: str, overwrite: bool,
-                   progress: bool | None) -> None:
-    """Write the rows of `data` (flushed) as a table of `dtype` at `target`."""
+                   progress: bool | None, table_id: str | None = None) -> None:
+    """Write the rows of `data` (flushed) as a table of `dtype` at `target`; `table_id`: the id every
+    part of one sharded snapshot shares (None: a new one)."""
     spec = ident.spec.replace(dtype=dtype)
     layout, bases = ident.layout, ident.bases
     step = max(1, PIECE_BYTES // layout.record_bytes)
@@ -74,4 +75,4 @@ def write_snapshot(data: DataFile, ident: Identity, comp: Compression, target: P
 
     clean_stale(target)
     write_table(target, spec, comp, plan_layout(spec, None, ident.shard), chunks, overwrite, progress,
-                desc="snapshot", shard=ident.shard)
+                desc="snapshot", shard=ident.shard, table_id=table_id)

@@ -47,6 +47,7 @@ def _rank(rank: int, world: int, port: int, root: str) -> None:
                                       ).abs().max()) for lid in LAYERS)
         snap = offloaded.snapshot(Path(root) / f"snap-{rank}-of-{world}")
         with engram.open(snap) as table:
+            out["snapshot_id"] = table.table_id
             out["snapshot_equal"] = all(torch.equal(table.rows(lid, np.arange(*table.shard.ranges[lid])),
                                                     got["rows"][lid]) for lid in LAYERS)
         offloaded.close()
@@ -73,8 +74,9 @@ def test_offloaded_parts_train_as_parts_in_memory_and_resume(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     mp.start_processes(_rank, args=(2, port, os.fspath(tmp_path)), nprocs=2, join=True, start_method="spawn")
-    for rank in range(2):
-        out = json.loads((tmp_path / f"out-{rank}.json").read_text())
+    outs = [json.loads((tmp_path / f"out-{rank}.json").read_text()) for rank in range(2)]
+    assert outs[0].get("snapshot_id") and outs[0].get("snapshot_id") == outs[1].get("snapshot_id")   # one table
+    for out in outs:
         assert "error" not in out, out.get("error")
         assert out["worst"] < 1e-6 and out["moved"] > 1e-3 and out["snapshot_equal"]
         assert out["steps"] == {str(lid): 5 for lid in LAYERS}
