@@ -27,7 +27,10 @@ def test_resident_memory_is_bounded_by_the_cache_not_the_table(tmp_path):
     assert stats["rows_read"] * 768 > 2 * work_bytes          # the table went through the cache twice over
     assert stats["evictions"] > 5 * stats["cache_rows"]
     # once the cache is full (a quarter of the steps), streaming the table through it again and again adds
-    # no resident memory (pages of the rows file would: the table is 36 MiB)
-    assert got["end"] - got["warm"] < 16 * MIB, got
+    # none of the process's own memory (RssAnon; holding the rows would add 36 MiB). Pages of the working
+    # copy mapped while rows are read or written back count in VmRSS as RssFile (with the libraries'
+    # code): page cache the kernel reclaims under pressure, not memory the process holds
+    growth = {k: (got[f"end{k}"] - got[f"warm{k}"]) / MIB for k in ("", "_anon", "_file")}
+    assert got["end_anon"] - got["warm_anon"] < 24 * MIB, growth
     # the cache, and a constant: threads and their allocator arenas, staging buffers, first-use imports
     assert got["flushed"] - got["before"] < cache + 80 * MIB, got

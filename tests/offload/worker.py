@@ -33,8 +33,14 @@ def train_step(lookup, step: int, embed_dim: int) -> None:
 
 
 def rss() -> int:
+    return resident("VmRSS")
+
+
+def resident(field: str) -> int:
+    """A resident-set figure of /proc/self/status in bytes: VmRSS (all), RssAnon (the process's own
+    memory) or RssFile (pages of mapped files, which the kernel may drop at any time)."""
     with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(f"{field}:"))
 
 
 def crash(workdir: str, cache_bytes: int, steps: int) -> None:
@@ -67,9 +73,11 @@ def memory(workdir: str, cache_bytes: int, steps: int) -> None:
         rows.step()
         ids = nxt
         if step + 1 in (steps // 4, steps):
-            marks.append(rss())
+            marks.append({k: resident(k) for k in ("VmRSS", "RssAnon", "RssFile")})
     rows.flush()
-    print(json.dumps({"before": before, "warm": marks[0], "end": marks[1], "flushed": rss(),
+    print(json.dumps({"before": before, "warm": marks[0]["VmRSS"], "end": marks[1]["VmRSS"], "flushed": rss(),
+                      "warm_anon": marks[0]["RssAnon"], "end_anon": marks[1]["RssAnon"],
+                      "warm_file": marks[0]["RssFile"], "end_file": marks[1]["RssFile"],
                       "stats": rows.stats().to_dict()}), flush=True)
     rows.close()
 
