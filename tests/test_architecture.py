@@ -15,7 +15,7 @@ PACKAGE = Path(engram.__file__).parent
 
 # Rank of each part of the package: a module may import only from its own rank or a lower one.
 RANKS = {
-    "engram.errors": 0, "engram.args": 0, "engram.limits": 0, "engram.tensors": 0, "engram.dtypes": 0,
+    "engram.errors": 0, "engram.args": 0, "engram.limits": 0, "engram.tensors": 0, "engram.dtypes": 0, "engram.fast": 0,
     "engram.data": 0, "engram.untrusted": 0,
     "engram.addressing": 1,
     "engram.storage": 2,

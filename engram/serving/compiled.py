@@ -32,6 +32,7 @@ import numpy as np
 from engram.addressing.compression import Compression
 from engram.addressing.hashing import NgramHasher, layer_seed
 from engram.addressing.spec import HASH_FAMILIES
+from engram.fast import NUMBA
 
 __all__ = ["COMPILED", "BAD_IDS", "BAD_BATCH", "step_constants", "step_rows", "step_gather", "step_gather_cached",
            "xxh64_words", "murmur3_words"]
@@ -55,15 +56,7 @@ def step_constants(spec: Any, comp: Compression, layer_id: int, dedup: bool = Fa
                            np.asarray(spec.head_offsets(layer_id), np.int64)])
 
 
-def _numba() -> Any:
-    try:
-        import numba
-    except ImportError:
-        return None
-    return numba
-
-
-_NUMBA = _numba()
+_NUMBA = NUMBA
 COMPILED = _NUMBA is not None        # whether the kernels exist (numba installed)
 
 _U = np.uint64

@@ -31,6 +31,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from engram.fast import NUMBA
+
 __all__ = ["E4M3_MAX", "pow2_float32", "round_e4m3", "encode_fp8", "decode_fp8", "CHUNK_VALUES", "COMPILED",
            "COMPILED_BLOCK"]
 
@@ -122,15 +124,7 @@ COMPILED_BLOCK = 32    # the block the compiled loop serves (DeepSeek-V4.1's): a
 _FACTORS = np.array([2.0 ** (e - 136) for e in range(256)], np.float32)
 
 
-def _numba() -> Any:
-    try:
-        import numba
-    except ImportError:
-        return None
-    return numba
-
-
-_NUMBA = _numba()
+_NUMBA = NUMBA
 COMPILED = _NUMBA is not None      # whether the compiled loop is available (numba installed)
 
 

@@ -44,6 +44,7 @@ import numpy as np
 import torch
 
 from engram.errors import InputError
+from engram.fast import NUMBA
 
 __all__ = ["AFFINE_BITS", "HALF_MAX", "CHUNK_VALUES", "COMPILED", "affine_params", "encode_affine",
            "decode_affine", "pack_codes", "unpack_codes"]
@@ -158,15 +159,7 @@ def _decode_chunk(codes: torch.Tensor, pairs: torch.Tensor, out: torch.Tensor, b
 _HALVES = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
 
 
-def _numba() -> Any:
-    try:
-        import numba
-    except ImportError:
-        return None
-    return numba
-
-
-_NUMBA = _numba()
+_NUMBA = NUMBA
 COMPILED = _NUMBA is not None      # whether the compiled loop is available (numba installed)
 
 
