@@ -7,6 +7,7 @@ the table's lifetime and its reads.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -35,6 +36,7 @@ class TableInfo:
     _path: Path
     _meta: TableMeta
     _tier_name: str
+    _tier: Any
     _dtype: torch.dtype
     _usage: Usage
     _engine: RowGatherer
@@ -64,6 +66,15 @@ class TableInfo:
         """The torch dtype lookups return by default: the rows' dtype for float tables (bfloat16
         tables: torch.bfloat16), torch.float32 for quantized ones (int8, float8_e4m3)."""
         return self._dtype
+
+    def hugepage_bytes(self) -> int | None:
+        """Bytes of the rows (and scales) in memory on 2 MiB pages now: the "ram" and "mmap" tiers of
+        an engram table (see docs/tables.md, "Huge pages on mmap"); 0 on "direct", which keeps no rows
+        mapped; None where the tier cannot tell (rows served in place from a release folder)."""
+        if self._tier_name == "direct":
+            return 0
+        measure = getattr(self._tier, "hugepage_bytes", None)
+        return None if measure is None else int(measure())
 
     @property
     def format_version(self) -> int:

@@ -89,6 +89,16 @@ def thp_enabled() -> bool:
         return False
 
 
+def test_a_table_says_how_much_of_it_is_on_huge_pages_on_every_tier(huge_table):
+    with engram.open(huge_table, tier="direct") as t:
+        assert t.hugepage_bytes() == 0                   # nothing kept mapped
+    for tier in ("ram", "mmap"):
+        with engram.open(huge_table, tier=tier, prefault=True) as t:
+            got = t.hugepage_bytes()
+            padded = (t.nbytes // HUGEPAGE + len(t.spec.layer_ids)) * HUGEPAGE    # a layer's last page padded
+            assert isinstance(got, int) and 0 <= got <= padded and got % HUGEPAGE == 0
+
+
 def test_the_tier_reports_its_rows_on_huge_pages(huge_table):
     if not thp_enabled():
         pytest.skip("transparent huge pages are off on this system")
@@ -101,6 +111,7 @@ def test_the_tier_reports_its_rows_on_huge_pages(huge_table):
     with engram.open(huge_table, tier="mmap", prefault=True) as t:
         assert t._tier.hugepages
         on_huge = t._tier.hugepage_bytes()
+        assert t.hugepage_bytes() == on_huge
         weight = t._tier.weights[1]
         assert on_huge == hugepage_bytes(weight.data_ptr(), weight.numel() * weight.element_size())
         if on_huge == 0:
