@@ -4,9 +4,10 @@ crash it with a built-in error.
 A file named by a caller (a tokenizer.json, a config.json, a --spec file) is opened non-blocking
 and must be a regular file: a FIFO in its place would block `open` (or `read`) forever and a
 device such as /dev/zero reads without end, so both are refused before a byte is read; so is a
-file over its size cap. A link named by the caller is followed (the caller chose the path);
-files found inside a table or checkpoint folder go through `engram.storage.tabledir.TableDir`,
-which refuses links too.
+file over its size cap. A link named by the caller is followed (the caller chose the path); a
+file found beside others (a shard set's manifest, a save's record) is read with `follow=False`,
+which refuses a link; files found inside a table or checkpoint folder go through
+`engram.storage.tabledir.TableDir`, which refuses links too.
 
 JSON from such files is parsed strictly: UTF-8 only, no key twice in one object (Python keeps the
 last, other readers the first: two readers would see two files), no NaN or Infinity (not JSON),
@@ -40,29 +41,33 @@ def check_regular(fd: int, where: str, what: str, limit: int | None, fix: str, e
 
 
 def read_file(path: str | os.PathLike[str], what: str, limit: int, fix: str,
-              error: type[Exception] = InputError) -> bytes:
+              error: type[Exception] = InputError, follow: bool = True) -> bytes:
     """The whole regular file at `path`, opened non-blocking (a FIFO never blocks the call).
 
     Args:
-        path: the file (a link is followed: the caller named it).
+        path: the file.
         what: what the file is, for messages ("tokenizer file", "config file", ...).
         limit: the most bytes it may have.
         fix: what the caller should do, ending every message.
         error: the error for a file that is not a regular file or is too large.
+        follow: whether a link at `path` is followed (the caller named it) or refused (the
+            caller found the file beside others).
 
     Raises:
         MissingFileError: nothing at `path`.
-        error: a FIFO, device or folder at `path`, a file over `limit` bytes, or an unreadable one.
+        error: a FIFO, device or folder at `path`, a file over `limit` bytes, an unreadable one, or
+            a link if not `follow`.
     """
     where = os.fspath(path)
     if not isinstance(where, str) or "\0" in where:
         raise InputError(f"{what} {where!r} is not a valid path (it holds a NUL character): {fix}")
     try:
-        fd = os.open(where, os.O_RDONLY | os.O_NONBLOCK)
+        fd = os.open(where, os.O_RDONLY | os.O_NONBLOCK | (0 if follow else os.O_NOFOLLOW))
     except FileNotFoundError:
         raise MissingFileError(f"{what} {where!r} does not exist: {fix}") from None
     except OSError as exc:
-        raise error(f"{what} {where!r} cannot be opened ({exc.strerror}): {fix}") from None
+        hint = "" if follow else "; a symbolic link is refused"
+        raise error(f"{what} {where!r} cannot be opened ({exc.strerror}{hint}): {fix}") from None
     try:
         check_regular(fd, where, what, limit, fix, error)
         with os.fdopen(fd, "rb", closefd=False) as f:

@@ -17,7 +17,6 @@ import json
 import os
 import re
 import shutil
-import stat
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +24,7 @@ import torch.distributed as dist
 
 from engram.errors import CorruptTableError, IncompleteSaveError, MissingFileError
 from engram.storage.publish import fsync_path
+from engram.untrusted import loads, read_file
 
 __all__ = ["save_folder", "record_path", "exchange", "write_record", "remove_other_saves", "committed_files"]
 
@@ -166,24 +166,15 @@ def _read_record(prefix: str | os.PathLike[str]) -> dict[str, Any] | None:
     where = record_path(prefix)
     fix = "restore it, or remove it to load the saves written before commit records"
     try:
-        fd = os.open(where, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-    except FileNotFoundError:
+        raw = read_file(where, "save record", MAX_RECORD_BYTES, fix, CorruptTableError, follow=False)
+    except MissingFileError:
         return None
-    except OSError as exc:
-        raise CorruptTableError(f"save record {os.fspath(where)!r} cannot be opened ({exc.strerror}): {fix}") from None
+    doc = loads(raw, f"save record {os.fspath(where)!r}", CorruptTableError, fix)
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise CorruptTableError(f"save record {os.fspath(where)!r} is not a regular file: {fix}")
-        with os.fdopen(fd, "rb", closefd=False) as f:
-            raw = f.read(MAX_RECORD_BYTES + 1)
-    finally:
-        os.close(fd)
-    try:
-        doc = json.loads(raw)
-        ok = (len(raw) <= MAX_RECORD_BYTES and doc["engram_rows_save"] == RECORD_VERSION
-              and isinstance(doc["save_id"], str) and isinstance(doc["files"], list)
-              and len(doc["files"]) == doc["world"] and all(isinstance(f, str) and "/" in f for f in doc["files"]))
-    except (ValueError, RecursionError, KeyError, TypeError):
+        ok = (doc["engram_rows_save"] == RECORD_VERSION and isinstance(doc["save_id"], str)
+              and isinstance(doc["files"], list) and len(doc["files"]) == doc["world"]
+              and all(isinstance(f, str) and "/" in f for f in doc["files"]))
+    except (KeyError, TypeError):
         ok = False
     if not ok or any(".." in f.split("/") or f.startswith("/") for f in doc["files"]):
         raise CorruptTableError(f"save record {os.fspath(where)!r} is damaged (not the JSON ShardedRows.save "

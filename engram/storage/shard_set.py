@@ -21,13 +21,13 @@ from __future__ import annotations
 import json
 import os
 import re
-import stat
 from pathlib import Path
 from typing import Any
 
-from engram.errors import CorruptTableError, ShardMismatchError
+from engram.errors import CorruptTableError, MissingFileError, ShardMismatchError
 from engram.storage.format import METADATA_CHECKSUM, TableMeta
 from engram.storage.publish import fsync_path
+from engram.untrusted import loads, read_file
 
 __all__ = ["part_path", "manifest_path", "write_manifest", "check_part"]
 
@@ -93,27 +93,15 @@ def _read_manifest(where: Path, parts: int) -> dict[str, Any] | None:
     """The manifest of a set of `parts` at `where` (checked), or None if there is none."""
     fix = "split the table again with engram shard --overwrite, or remove the manifest"
     try:
-        fd = os.open(where, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-    except FileNotFoundError:
+        raw = read_file(where, "shard set manifest", MAX_MANIFEST_BYTES, fix, CorruptTableError, follow=False)
+    except MissingFileError:
         return None
-    except OSError as exc:
-        raise CorruptTableError(f"shard set manifest {os.fspath(where)!r} cannot be opened ({exc.strerror}; a "
-                                f"symbolic link is refused): {fix}") from None
+    doc = loads(raw, f"shard set manifest {os.fspath(where)!r}", CorruptTableError, fix)
     try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_MANIFEST_BYTES:
-            raise CorruptTableError(f"shard set manifest {os.fspath(where)!r} is not a regular file of at most "
-                                    f"{MAX_MANIFEST_BYTES} bytes: {fix}")
-        with os.fdopen(fd, "rb", closefd=False) as f:
-            raw = f.read(MAX_MANIFEST_BYTES + 1)
-    finally:
-        os.close(fd)
-    try:
-        doc = json.loads(raw)
         ok = (doc["engram_shard_set"] == MANIFEST_VERSION and isinstance(doc["members"], list)
               and doc["parts"] == parts and len(doc["members"]) == parts
               and all(isinstance(m, dict) and {"name", "metadata_xxh3"} <= set(m) for m in doc["members"]))
-    except (ValueError, RecursionError, KeyError, TypeError):
+    except (KeyError, TypeError):
         ok = False
     if not ok:
         raise CorruptTableError(f"shard set manifest {os.fspath(where)!r} is damaged (not the JSON engram shard "

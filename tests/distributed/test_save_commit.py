@@ -86,6 +86,28 @@ def test_no_committed_save_and_a_damaged_record_are_refused(tmp_path):
         committed_files(tmp_path / "nothing", fallback=True)
 
 
+def test_a_linked_fifo_or_loose_json_record_is_refused_with_a_typed_error(tmp_path):
+    prefix = tmp_path / "rows"
+    _save(prefix, "run-1", steps=1)
+    record = record_path(prefix)
+    good = record.read_text()
+    os.replace(record, tmp_path / "elsewhere.json")
+    os.symlink(tmp_path / "elsewhere.json", record)                # the same record, through a link
+    with pytest.raises(engram.CorruptTableError, match=r"save record .*rows.json' cannot be opened \(.*; a "
+                                                       r"symbolic link is refused\)"):
+        committed_files(prefix, fallback=True)
+    os.unlink(record)
+    os.mkfifo(record)                                              # would block a blocking open forever
+    with pytest.raises(engram.CorruptTableError, match=r"save record .*rows.json' is not a regular file"):
+        committed_files(prefix, fallback=True)
+    os.unlink(record)
+    record.write_text(good[:-1] + ', "world": 2}')                 # a key twice: read two ways by two readers
+    with pytest.raises(engram.CorruptTableError, match=r"save record .*rows.json' is ambiguous JSON"):
+        committed_files(prefix, fallback=True)
+    record.write_text(good)
+    assert len(committed_files(prefix, fallback=True)) == 2
+
+
 def test_saves_written_before_records_load_only_at_one_step(tmp_path):
     prefix = tmp_path / "old"
     for r, steps in ((0, 2), (1, 1)):                   # rank 0 replaced its file at step 2, rank 1 did not

@@ -90,6 +90,28 @@ def test_a_part_of_another_table_is_refused_by_open_and_by_the_ranks_check(sourc
             check_parts([describe_part(p0, p0.path), describe_part(p1, p1.path)])
 
 
+def test_a_linked_fifo_or_loose_json_manifest_is_refused_with_a_typed_error(sources, tmp_path):
+    shard_table(sources / "A", tmp_path / "a", 2)
+    manifest = manifest_path(tmp_path / "a", 2)
+    good = manifest.read_text()
+    part = shard_path(tmp_path / "a", 0, 2)
+    os.replace(manifest, tmp_path / "elsewhere.json")
+    os.symlink(tmp_path / "elsewhere.json", manifest)              # the same manifest, through a link
+    with pytest.raises(engram.CorruptTableError, match=r"shard set manifest .*a-set-of-2.json' cannot be opened "
+                                                       r"\(.*; a symbolic link is refused\)"):
+        engram.open(part)
+    os.unlink(manifest)
+    os.mkfifo(manifest)                                            # would block a blocking open forever
+    with pytest.raises(engram.CorruptTableError, match=r"a-set-of-2.json' is not a regular file"):
+        engram.open(part)
+    os.unlink(manifest)
+    manifest.write_text(good[:-1] + ', "parts": 2}')               # a key twice: read two ways by two readers
+    with pytest.raises(engram.CorruptTableError, match=r"a-set-of-2.json' is ambiguous JSON"):
+        engram.open(part)
+    manifest.write_text(good)
+    engram.open(part).close()
+
+
 def test_parts_built_alone_combine_and_parts_without_ids_combine_only_with_each_other(sources, tmp_path):
     built = [engram.build_table(tmp_path / f"b-{r}-of-2", SPEC, COMP, seed=1, shard=(r, 2)) for r in range(2)]
     assert len(check_parts([describe_part(t, t.path) for t in built])) == 2
