@@ -26,7 +26,7 @@ __all__ = ["open", "lookup"]
 
 def open(path: str | os.PathLike[str], tier: str = "mmap", *, prefault: bool = False,
          compression: Compression | None = None, spec: TableSpec | None = None, io_threads: int = 32,
-         dedup: bool | None = None) -> Table:
+         dedup: bool | None = None, verify_reads: bool = True) -> Table:
     """Open a table read-only.
 
     Args:
@@ -44,6 +44,12 @@ def open(path: str | os.PathLike[str], tier: str = "mmap", *, prefault: bool = F
         dedup: read each distinct row of a batch once and scatter it back; None (default) turns
             it on for "direct" only (it costs more than it saves where rows are in memory; see
             `engram.serving.gather`).
+        verify_reads: check the bytes served against the digests recorded when the table was
+            written: "mmap" checks each 4 KiB block (each chunk file, for scales and tables
+            written before block digests) the first time a row in it is served, "direct" every
+            block it reads; a bad block is `CorruptTableError`, never served. False serves the
+            bytes unchecked ("ram" checks every chunk while loading, either way; a checkpoint
+            folder served in place has no digests to check). See docs/reliability.md.
 
     Returns:
         The open Table (a context manager).
@@ -66,6 +72,8 @@ def open(path: str | os.PathLike[str], tier: str = "mmap", *, prefault: bool = F
         raise InputError(f"io_threads={io_threads!r} is invalid: expected an int >= 1")
     if dedup not in (None, True, False):
         raise InputError(f"dedup={dedup!r} is invalid: expected True, False or None (per tier)")
+    if not isinstance(verify_reads, bool):
+        raise InputError(f"verify_reads={verify_reads!r} is invalid: expected True (check served bytes) or False")
     path = _check_path(path)
     if is_release_dir(path):          # a DeepSeek-V4.1 checkpoint directory: its rows in place
         table = open_release(path, tier, prefault, io_threads, dedup)
@@ -78,7 +86,7 @@ def open(path: str | os.PathLike[str], tier: str = "mmap", *, prefault: bool = F
     def make(tdir: TableDir, meta: TableMeta) -> Table:
         _check_expected(tdir.path, meta, spec, compression)
         check_part(tdir.path, meta)        # a part of a shard set: the one its manifest names
-        return Table(tdir, meta, tier, prefault, io_threads, dedup)
+        return Table(tdir, meta, tier, prefault, io_threads, dedup, verify_reads=verify_reads)
 
     return open_published(path, make)
 

@@ -86,8 +86,8 @@ class ShardedTable:
             of its own). A group passed in should carry nothing else while prefetches run.
         timeout: for group=None, how long the new group's collectives wait for a rank that does
             not come (a `datetime.timedelta`; None: torch's default for new groups, 30 minutes).
-        tier, prefault, io_threads, dedup: how this rank reads its part, as for `engram.open`
-            (`dedup`: the owner reads each distinct row asked of it once).
+        tier, prefault, io_threads, dedup, verify_reads: how this rank reads its part, as for
+            `engram.open` (`dedup`: the owner reads each distinct row asked of it once).
         wire_dedup: send each distinct row of a lookup to its owner once (and get it back
             once): fewer bytes on the wire for a sort of the lookup's rows, which pays only on
             slow links (see docs/performance.md, "Sharded lookups"); off by default.
@@ -106,14 +106,16 @@ class ShardedTable:
 
     def __init__(self, path: str | os.PathLike[str], group: dist.ProcessGroup | None = None, tier: str = "mmap", *,
                  prefault: bool = False, io_threads: int = 32, dedup: bool | None = None,
-                 wire_dedup: bool = False, timeout: datetime.timedelta | None = None) -> None:
+                 wire_dedup: bool = False, timeout: datetime.timedelta | None = None,
+                 verify_reads: bool = True) -> None:
         self._group = new_group(group, timeout)
         opened: list[Table] = []
 
         def describe() -> dict[str, Any]:       # what this rank opened; its errors reach every rank
             if not isinstance(wire_dedup, bool):
                 raise InputError(f"wire_dedup={wire_dedup!r} is invalid: expected True or False")
-            table = open_table(path, tier, prefault=prefault, io_threads=io_threads, dedup=dedup)
+            table = open_table(path, tier, prefault=prefault, io_threads=io_threads, dedup=dedup,
+                               verify_reads=verify_reads)
             opened.append(table)
             return describe_part(table, path)
 

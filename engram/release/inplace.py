@@ -193,8 +193,7 @@ class ReleaseTable(Table):
 
     def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
         # By path and tier, as a Table: the receiving process opens the checkpoint in place itself.
-        return open_release, (os.path.abspath(self.path), self._tier_name, self._prefault, self._io_threads,
-                              self._dedup_arg)
+        return open_release, (os.path.abspath(self.path), self._tier_name, *self._open_args[:3])
 
     def tensors(self, layer_id: int) -> ReleaseLayer:
         """Where one layer's rows are: its values and scales tensors (shard file, byte offset, size)."""

@@ -13,12 +13,14 @@ Here it is one loop per token, in one compiled call:
   xxhash and mmh3 libraries by the tests);
 - `step_gather` / `step_gather_cached`: those rows copied from a layer's rows in memory into the
   output [B, T, E] (the cached one reads rows the hot-row cache holds from the cache, as the
-  gather engine does), returning the counters of the gather.
+  gather engine does), returning the counters of the gather; a row of the "mmap" tier in a unit
+  not checked yet (`engram.serving.verified`) stops the copy with `UNVERIFIED`;
+- `first_unverified`: the first row of a gather in a unit not checked yet, or -1.
 
 The per-layer constants travel as one int64 array (`step_constants`), so a call passes few
 arguments (numba's dispatch costs about 0.1 us per array). Ids outside the vocabulary and a
 history of another batch size are reported, not raised (`BAD_IDS`, `BAD_BATCH`): the caller then
-takes the checked path, which raises the error it names.
+takes the checked path, which raises the error it names (or, after `UNVERIFIED`, checks the units).
 
 Without numba `COMPILED` is False and nothing here is compiled: lookups take the batched path.
 """
@@ -34,10 +36,11 @@ from engram.addressing.hashing import NgramHasher, layer_seed
 from engram.addressing.spec import HASH_FAMILIES
 from engram.fast import NUMBA
 
-__all__ = ["COMPILED", "BAD_IDS", "BAD_BATCH", "step_constants", "step_rows", "step_gather", "step_gather_cached",
-           "xxh64_words", "murmur3_words"]
+__all__ = ["COMPILED", "BAD_IDS", "BAD_BATCH", "UNVERIFIED", "step_constants", "step_rows", "step_gather",
+           "step_gather_cached", "first_unverified", "xxh64_words", "murmur3_words"]
 
-BAD_IDS, BAD_BATCH = -1, -2          # step kernels' status: an id outside the vocabulary, B != history's B
+# step kernels' status: an id outside the vocabulary, B != history's B, a row in a unit not checked yet
+BAD_IDS, BAD_BATCH, UNVERIFIED = -1, -2, -3
 _HEADER = 8                          # step_constants: header slots before the multipliers
 
 
@@ -211,11 +214,31 @@ def _distinct(rows: np.ndarray) -> Any:
 
 
 @jit
+def _unverified(row: int, row_bytes: int, unit: int, verified: np.ndarray) -> bool:
+    """Whether a unit holding a byte of `row` is not checked yet (`verified`: a byte per unit)."""
+    start = row * row_bytes
+    for u in range(start // unit, (start + row_bytes - 1) // unit + 1):
+        if not verified[u]:
+            return True
+    return False
+
+
+@jit
+def first_unverified(rows: np.ndarray, row_bytes: int, unit: int, verified: np.ndarray) -> int:
+    """The index of the first of `rows` [n] with a byte in a unit not checked yet, or -1."""
+    for i in range(rows.size):
+        if _unverified(rows[i], row_bytes, unit, verified):
+            return i
+    return -1
+
+
+@jit
 def step_gather(ids: np.ndarray, hist: np.ndarray, starts: np.ndarray, lookup: np.ndarray, c: np.ndarray,
-                weights: np.ndarray, out: np.ndarray) -> int:
+                weights: np.ndarray, out: np.ndarray, verified: np.ndarray, unit: int) -> int:
     """out[b, t, h*D:(h+1)*D] = weights[row of head h] (`weights` [rows, D] and `out` [B, T, H*D]
     C-contiguous); returns the rows' distinct count (all of them unless the constants ask for
-    dedup), or step_rows' error status."""
+    dedup), or step_rows' error status, or UNVERIFIED if a row lies in a unit of `unit` bytes whose
+    byte in `verified` is 0 (an empty `verified`: rows are not checked)."""
     B, T = ids.shape
     H, D = (c[1] - 1) * c[2], weights.shape[1]
     rows = np.empty((B, T, H), np.int64)
@@ -223,8 +246,11 @@ def step_gather(ids: np.ndarray, hist: np.ndarray, starts: np.ndarray, lookup: n
     if status < 0:
         return status
     flat, dst = rows.reshape(-1), out.reshape(-1)
+    row_bytes = D * weights.itemsize
     for i in range(flat.size):
         row = flat[i]
+        if verified.size and _unverified(row, row_bytes, unit, verified):
+            return UNVERIFIED
         for d in range(D):                          # a loop-invariant row: the copy vectorizes
             dst[i * D + d] = weights[row, d]
     return _distinct(flat) if c[6] else flat.size
@@ -242,10 +268,11 @@ def _slot_of(row: int, slots: np.ndarray, bits: np.ndarray, cached: np.ndarray) 
 
 @jit
 def step_gather_cached(ids: np.ndarray, hist: np.ndarray, starts: np.ndarray, lookup: np.ndarray,
-                       c: np.ndarray, weights: np.ndarray, out: np.ndarray, slots: np.ndarray, bits: np.ndarray,
-                       cached: np.ndarray, data: np.ndarray) -> int:
-    """step_gather, reading the rows a hot-row cache holds from its `data` [n, D] (C-contiguous);
-    returns distinct rows << 32 | distinct cached rows (as the gather engine counts), or an error status."""
+                       c: np.ndarray, weights: np.ndarray, out: np.ndarray, verified: np.ndarray, unit: int,
+                       slots: np.ndarray, bits: np.ndarray, cached: np.ndarray, data: np.ndarray) -> int:
+    """step_gather, reading the rows a hot-row cache holds from its `data` [n, D] (C-contiguous; its
+    rows were checked when the cache was filled); returns distinct rows << 32 | distinct cached rows
+    (as the gather engine counts), or an error status."""
     B, T = ids.shape
     H, D = (c[1] - 1) * c[2], weights.shape[1]
     rows = np.empty((B, T, H), np.int64)
@@ -256,6 +283,8 @@ def step_gather_cached(ids: np.ndarray, hist: np.ndarray, starts: np.ndarray, lo
     hits = 0
     for i in range(flat.size):
         slot = _slot_of(flat[i], slots, bits, cached)
+        if slot < 0 and verified.size and _unverified(flat[i], D * weights.itemsize, unit, verified):
+            return UNVERIFIED
         src, row = (weights, flat[i]) if slot < 0 else (data, slot)
         hits += slot >= 0
         for d in range(D):

@@ -6,7 +6,8 @@ tokens per sequence) without `mask`, `doc_start` or `out` takes this path when n
 
 - float rows on the "ram" and "mmap" tiers: hashing (with the history's look-back), the hot-row
   cache probe and the row copies are one compiled call (`step_gather`, `step_gather_cached`)
-  writing into an output buffer of the table's pool;
+  writing into an output buffer of the table's pool; on "mmap" a row in a unit not checked yet
+  (`engram.serving.verified`) sends the lookup to the checked path, which checks it;
 - every other table (the "direct" tier, quantized rows): one compiled call computes the rows, and
   the table's gather engine reads them as for any lookup (dedup, hot-row cache, verified reads,
   decoding through the codec).
@@ -44,6 +45,7 @@ __all__ = ["SMALL_LOOKUP_TOKENS", "PREFETCH_NOW_TOKENS", "DecodeStep"]
 SMALL_LOOKUP_TOKENS = 1024
 _ID_KINDS = frozenset(np.dtype(c).num for c in "ilq")      # int32 / int64 ids: the kernels' specializations
 _MEMORY_TIERS = ("ram", "mmap")
+_NO_CHECKS = (np.zeros(0, np.uint8), 1)      # the kernels' (verified, unit) of rows served unchecked
 PREFETCH_NOW_TOKENS = 16   # prefetches of small lookups up to this many tokens from memory run at once (runs_now)
 
 
@@ -73,6 +75,8 @@ class DecodeStep:
         # layer -> its rows as numpy, on memory tiers (empty otherwise: the gather engine reads them)
         self._weights = {lid: _as_numpy(rows) for lid, rows in tier.weights.items()} if memory else {}  # type: ignore
         self._watch = getattr(tier, "watch", None)
+        # layer -> (a byte per unit: checked, unit bytes) of the "mmap" tier's first-serve checks
+        self._checks = {lid: (c.verified, c.unit) for lid, c in getattr(tier, "checks", {}).items()}
         self._bits = self._default if self._default.itemsize == 2 else None    # 16-bit rows: copied as uint16
         self._specs: list[TableSpec] = []                # other spec objects that address rows as this one
         self._empty: dict[int, tuple[np.ndarray, np.ndarray]] = {}    # B -> an empty history's arrays
@@ -108,7 +112,8 @@ class DecodeStep:
             out = self._outputs.take_array((B, T, E), self._default)
             if self._bits is not None:
                 out = out.view(weights.dtype)                # 16-bit floats: their uint16 bits
-            unique = compiled.step_gather(ids, hist[0], hist[1], self._lookup, self._consts[layer_id], weights, out)
+            unique = compiled.step_gather(ids, hist[0], hist[1], self._lookup, self._consts[layer_id], weights, out,
+                                          *self._checks.get(layer_id, _NO_CHECKS))
             if unique < 0:
                 return None
             self._stats.add_memory_gather(B * T * self._shape[0], unique, 0)
@@ -129,7 +134,7 @@ class DecodeStep:
             out = {}
             for lid in self.spec.layer_ids if layer_id is None else (layer_id,):
                 rows = self._layer(ids, hist, lid, self._consts[lid], *dtypes)
-                if rows is None:                     # bad ids: the same for every layer, so the first
+                if rows is None:                     # bad ids (the same for every layer), rows not checked yet
                     return None
                 out[lid] = rows
             return out if layer_id is None else out[layer_id]
@@ -194,12 +199,14 @@ class DecodeStep:
             self._watch.check()
         cache = self._engine.cache
         layer_cache = None if cache is None else cache.layers.get(layer_id)
+        checks = self._checks.get(layer_id, _NO_CHECKS)
         if layer_cache is None:
-            unique = compiled.step_gather(ids, hist[0], hist[1], self._lookup, consts, weights, out.view(weights.dtype))
+            unique = compiled.step_gather(ids, hist[0], hist[1], self._lookup, consts, weights, out.view(weights.dtype),
+                                          *checks)
             hits = 0
         else:
             got = compiled.step_gather_cached(ids, hist[0], hist[1], self._lookup, consts, weights,
-                                              out.view(weights.dtype), *layer_cache.kernel_args)
+                                              out.view(weights.dtype), *checks, *layer_cache.kernel_args)
             unique, hits = got >> 32, got & 0xFFFFFFFF
         if unique < 0:
             return False

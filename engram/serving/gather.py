@@ -182,6 +182,9 @@ class DecodingGatherer:
         W = self.width
         values = self._buffer("values", n * W * self.value_dtype.itemsize).view(self.value_dtype).view(n, W)
         self.engine.gather(layer_id, rows, values)
+        checks = getattr(self.engine.tier, "scale_checks", {}).get(layer_id)   # "mmap": first-serve checks
+        if checks is not None:
+            checks.check(rows)
         S = table.shape[1]
         scales = self._buffer("scales", n * S * table.element_size()).view(table.dtype).view(n, S)
         torch.index_select(table, 0, torch.from_numpy(rows), out=scales)

@@ -26,7 +26,7 @@ from collections.abc import Sequence
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["Region", "stitch_files", "anonymous", "HUGEPAGE", "hugepage_bytes"]
+__all__ = ["Region", "stitch_files", "anonymous", "HUGEPAGE", "hugepage_bytes", "MADV_WILLNEED"]
 
 PROT_NONE, PROT_READ, PROT_WRITE = 0, mmap.PROT_READ, mmap.PROT_WRITE
 MAP_SHARED, MAP_PRIVATE = mmap.MAP_SHARED, mmap.MAP_PRIVATE
@@ -36,6 +36,7 @@ MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000 if os.uname().sysname == "
 MAP_POPULATE = getattr(mmap, "MAP_POPULATE", 0)
 MADV_RANDOM = mmap.MADV_RANDOM
 MADV_DONTNEED = mmap.MADV_DONTNEED
+MADV_WILLNEED = mmap.MADV_WILLNEED
 MADV_HUGEPAGE = getattr(mmap, "MADV_HUGEPAGE", None)
 MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22 if os.uname().sysname == "Linux" else None)  # 5.14
 HUGEPAGE = 2 << 20  # transparent hugepage size on x86-64 and arm64 with 4 KiB pages

@@ -16,7 +16,6 @@ values and scales unchanged.
 
     handle = table.prefetch(token_ids)        # the same lookup on the table's prefetch thread
     table.load_hot_rows("hot.npz", fraction=0.1)   # most-used rows kept in RAM, probed first
-    table.stats()                             # LookupStats: rows requested/unique/cached/read, ...
 """
 
 from __future__ import annotations
@@ -63,10 +62,10 @@ class Table(TableInfo):
     """
 
     def __init__(self, tdir: TableDir, meta: TableMeta, tier: str, prefault: bool, io_threads: int,
-                 dedup: bool | None = None, rows: Tier | None = None) -> None:
+                 dedup: bool | None = None, rows: Tier | None = None, verify_reads: bool = True) -> None:
         # rows: an open tier serving the rows (default: open `tier` over the table's chunk files)
         self._tdir, self._path, self._meta, self._tier_name = tdir, tdir.path, meta, tier
-        self._prefault, self._io_threads, self._dedup_arg = prefault, io_threads, dedup
+        self._open_args = (prefault, io_threads, dedup, verify_reads)      # what a pickle reopens it with
         self._hasher = NgramHasher(meta.spec, meta.compression)
         self._offsets = {lid: np.asarray(meta.spec.head_offsets(lid), np.int64) for lid in meta.spec.layer_ids}
         self._dtype = torch_dtype(meta.spec.dtype)                  # what lookups return by default
@@ -76,7 +75,7 @@ class Table(TableInfo):
         where = os.fspath(tdir.path)
         self._usage = Usage(functools.partial(   # calls in flight
             InputError, f"table at {where!r} is closed: open it again with engram.open({where!r})"))
-        self._tier = open_tier(tier, tdir, meta, prefault, io_threads) if rows is None else rows
+        self._tier = open_tier(tier, tdir, meta, prefault, io_threads, verify_reads) if rows is None else rows
         self._finalizer = weakref.finalize(self, _release, self._tier, tdir)
         self._stats = StatsCounter()
         self._engine = RowGatherer(self._tier, tier in DEDUP_TIERS if dedup is None else dedup, self._stats)
@@ -117,8 +116,7 @@ class Table(TableInfo):
 
     def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
         # By path and tier, never by content: the receiving process opens the table itself.
-        return reopen_table, (os.path.abspath(self._path), self._tier_name, self._prefault, self._io_threads,
-                         self._dedup_arg)
+        return reopen_table, (os.path.abspath(self._path), self._tier_name, *self._open_args)
 
     # -- lookups ----------------------------------------------------------------------------
     def lookup(self, token_ids: Any, layer_id: int | None, out: torch.Tensor | None = None,
@@ -395,6 +393,8 @@ def _release(tier: Any, tdir: TableDir) -> None:
     tdir.close()
 
 
-def reopen_table(path: str, tier: str, prefault: bool, io_threads: int, dedup: bool | None = None) -> Table:
+def reopen_table(path: str, tier: str, prefault: bool, io_threads: int, dedup: bool | None = None,
+                 verify_reads: bool = True) -> Table:
     """Open the table at `path` again: how a pickled Table is rebuilt in the receiving process."""
-    return open_published(path, lambda tdir, meta: Table(tdir, meta, tier, prefault, io_threads, dedup))
+    return open_published(path, lambda tdir, meta: Table(tdir, meta, tier, prefault, io_threads, dedup,
+                                                         verify_reads=verify_reads))

@@ -4,14 +4,16 @@
   loading), then made read-only; the files' pages are then dropped from the page cache
   (POSIX_FADV_DONTNEED), so the table takes its size in memory once, not twice.
 - "mmap": the chunk files of each layer mapped back to back into one contiguous read-only
-  address range, 2 MiB-aligned (`prefault` populates every page at open). Where the table is to
+  address range, 2 MiB-aligned (`prefault` populates every page at open). Each 4 KiB block (each
+  chunk file, for scales and older tables) is checked against its recorded digest the first time
+  a row in it is served (`engram.serving.verified`; `verify_reads=False` turns that off). Where the table is to
   stay in memory (`prefault`, or its files fit in available memory) the range is advised
   MADV_HUGEPAGE: whole 2 MiB of the files are then mapped as huge pages (new tables' chunk files
   are whole multiples of 2 MiB), as the "ram" tier's buffer is, and lookups cost what they cost
   there. A table larger than memory is advised MADV_RANDOM instead: a fault reads 4 KiB, not the
   2 MiB around it (see `engram.serving.mapping`).
 - "direct": no mapping; rows are read with `pread` from a thread pool, bypassing the page cache
-  (see `engram.serving.direct`).
+  (see `engram.serving.direct`); every 4 KiB block read is checked (`verify_reads=False`: not).
 
 Every tier answers `gather(layer_id, rows, out, sorted_unique=False)`: out[i] = stored row
 rows[i] of the layer (`sorted_unique`: the caller promises sorted, distinct rows), in the stored
@@ -40,6 +42,7 @@ from engram.dtypes import row_dtype, storage_dtype, storage_torch_dtype, torch_d
 from engram.serving.direct import DirectReader
 from engram.serving.mapping import PROT_READ, Region, anonymous, hugepage_bytes, stitch_files
 from engram.serving.placement import HEADROOM, memory_info
+from engram.serving.verified import UnitChecks
 from engram.storage.chunks import ChunkWatch, fadvise, open_chunk, progress_bar, read_chunk
 from engram.storage.format import LayerLayout, TableMeta
 from engram.storage.tabledir import TableDir
@@ -116,10 +119,16 @@ class _InAddressSpace:
         self.weights: dict[int, torch.Tensor] = {}
         self.scales: dict[int, torch.Tensor] = {}
         self.watch: ChunkWatch | None = None      # files read after open: refuse them once changed
+        # layer -> the first-serve checks of its values / scales ("mmap" with verify_reads; else empty)
+        self.checks: dict[int, UnitChecks] = {}
+        self.scale_checks: dict[int, UnitChecks] = {}
 
     def gather(self, layer_id: int, rows: np.ndarray, out: torch.Tensor, sorted_unique: bool = False) -> None:
         if self.watch is not None:
             self.watch.check()
+        checks = self.checks.get(layer_id)
+        if checks is not None:
+            checks.check(rows)
         torch.index_select(self.weights[layer_id], 0, torch.from_numpy(rows), out=out)
 
     def hugepage_bytes(self) -> int:
@@ -128,9 +137,9 @@ class _InAddressSpace:
                    for t in (*self.weights.values(), *self.scales.values()))
 
     def close(self) -> None:
-        # The address range is released once no tensor refers to it any more (see mapping.Region).
-        self.weights = {}
-        self.scales = {}
+        # The address range is released once no tensor (or check) refers to it any more (see mapping.Region).
+        self.weights, self.scales = {}, {}
+        self.checks, self.scale_checks = {}, {}
         if self.watch is not None:
             self.watch.close()
 
@@ -170,29 +179,46 @@ def _map_array(tdir: TableDir, lay: LayerLayout, prefault: bool, watch: ChunkWat
 class MmapTier(_InAddressSpace):
     name = "mmap"
 
-    def __init__(self, tdir: TableDir, meta: TableMeta, prefault: bool = False) -> None:
+    def __init__(self, tdir: TableDir, meta: TableMeta, prefault: bool = False, verify_reads: bool = True) -> None:
         super().__init__()
-        self.watch = ChunkWatch(tdir)
+        self.watch = ChunkWatch(tdir, self._forget)
         self.hugepages = resident(sum(lay.disk_bytes for lay in meta.layers.values()), prefault)
         try:
             for lay in meta.layers.values():
                 values = _map_array(tdir, lay, prefault, self.watch, self.hugepages)
                 self.weights[lay.layer_id] = _values_tensor(values, lay, meta)
+                if verify_reads:
+                    digests = None if lay.blocks is None else _load_block_digests(tdir, lay.blocks)
+                    self.checks[lay.layer_id] = UnitChecks(values, lay, tdir.path, digests)
                 if lay.scales is not None:
                     scales = _map_array(tdir, lay.scales, prefault, self.watch, self.hugepages)
                     self.scales[lay.layer_id] = _scales_tensor(scales, lay.scales, meta)
+                    if verify_reads:
+                        self.scale_checks[lay.layer_id] = UnitChecks(scales, lay.scales, tdir.path)
         except BaseException:
             self.close()
             raise
+
+    def _forget(self, lay: LayerLayout, index: int) -> bool:
+        """The watch's recheck: a chunk file touched or rewritten in place is checked again when next served."""
+        checks = (self.checks if lay.role == "rows" else self.scale_checks).get(lay.layer_id)
+        if checks is None:
+            return False
+        checks.forget(index)
+        return True
 
 
 class DirectTier:
     name = "direct"
 
-    def __init__(self, tdir: TableDir, meta: TableMeta, io_threads: int = 32, o_direct: bool | None = None) -> None:
+    def __init__(self, tdir: TableDir, meta: TableMeta, io_threads: int = 32, o_direct: bool | None = None,
+                 verify_reads: bool = True) -> None:
         self.scales: dict[int, torch.Tensor] = {}
         self.reader = DirectReader(tdir, meta.layers, io_threads=io_threads, o_direct=o_direct)
-        self.watch = ChunkWatch(tdir)
+        self.reader.verify_blocks = verify_reads
+        # a chunk file touched or rewritten in place: its blocks are checked as they are read
+        self.watch = ChunkWatch(tdir, lambda lay, index: self.reader.verify_blocks and
+                                lay.layer_id in self.reader.block_digests)
         try:
             for lay, index, fd in self.reader.files():
                 self.watch.add(fd, lay, index)
@@ -220,10 +246,11 @@ class DirectTier:
         self.scales = {}
 
 
-def open_tier(tier: str, tdir: TableDir, meta: TableMeta, prefault: bool, io_threads: int) -> Tier:
+def open_tier(tier: str, tdir: TableDir, meta: TableMeta, prefault: bool, io_threads: int,
+              verify_reads: bool = True) -> Tier:
     """Open the rows of the table in `tdir` in one of TIERS."""
     if tier == "ram":
         return RamTier(tdir, meta)
     if tier == "mmap":
-        return MmapTier(tdir, meta, prefault=prefault)
-    return DirectTier(tdir, meta, io_threads=io_threads)
+        return MmapTier(tdir, meta, prefault=prefault, verify_reads=verify_reads)
+    return DirectTier(tdir, meta, io_threads=io_threads, verify_reads=verify_reads)

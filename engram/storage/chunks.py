@@ -12,6 +12,7 @@ import ctypes
 import os
 import select
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -93,8 +94,9 @@ def read_chunk(tdir: TableDir, lay: LayerLayout, index: int, dest: np.ndarray) -
         raise chunk_error(lay, index, path, f"has xxh3 {digest}, recorded {lay.checksums[index]}")
 
 
-def check_chunk(tdir: TableDir, lay: LayerLayout, index: int) -> CorruptTableError | None:
-    """The problem with one chunk file, if any: missing, wrong size or wrong checksum."""
+def check_chunk(tdir: TableDir, lay: LayerLayout, index: int, keep_cache: bool = False) -> CorruptTableError | None:
+    """The problem with one chunk file, if any: missing, wrong size or wrong checksum (`keep_cache`:
+    leave its pages in the page cache, as for a file a tier serves)."""
     try:
         fd = open_chunk(tdir, lay, index)
     except CorruptTableError as exc:
@@ -104,7 +106,8 @@ def check_chunk(tdir: TableDir, lay: LayerLayout, index: int) -> CorruptTableErr
         digest = xxhash.xxh3_64()
         while block := os.read(fd, _VERIFY_READ):
             digest.update(block)
-        fadvise(fd, "DONTNEED")   # a full check should not flush the page cache
+        if not keep_cache:
+            fadvise(fd, "DONTNEED")   # a full check should not flush the page cache
     finally:
         os.close(fd)
     if digest.hexdigest() != lay.checksums[index]:
@@ -219,12 +222,17 @@ class _Inotify:
 
 
 class ChunkWatch:
-    """Notices chunk files changed in place under an open table (truncated, rewritten, touched).
+    """Notices chunk files changed in place under an open table (truncated or rewritten; touched is no change).
 
     A mapped file truncated under a reader kills it with SIGBUS at the next read of a lost page, and
     one rewritten in place changes rows silently. The tiers that read files after open ("mmap",
     "direct") call `check()` before every gather: it raises CorruptTableError once a watched file's
-    size or modification time differs from what they were at open, instead of reading it.
+    size differs from what it was at open, instead of reading it. A file whose modification time
+    alone changed (touched by a backup tool, or rewritten in place with as many bytes) may hold the
+    same bytes: `recheck(layout, index)`, the tier's, returns True if the tier checks that chunk's
+    bytes again before it serves them (the "mmap" tier's first-serve checks, the "direct" tier's
+    block checks); otherwise the whole file is checked against its recorded checksum once, here.
+    Either way the file is served again if its bytes are the recorded ones, and refused if not.
 
     The check is cheap: an inotify descriptor watching each file's inode, which the kernel marks
     when a watched file is modified, is polled (one system call per gather, nothing read); only
@@ -237,8 +245,8 @@ class ChunkWatch:
     What no check can close: a file truncated after the check, while the gather reads it.
     """
 
-    def __init__(self, tdir: TableDir) -> None:
-        self._tdir = tdir
+    def __init__(self, tdir: TableDir, recheck: Callable[[LayerLayout, int], bool] | None = None) -> None:
+        self._tdir, self._recheck = tdir, recheck
         self._files: list[tuple[LayerLayout, int, tuple[int, int, int]]] = []
         self._notify = _Inotify.create()
         self._lock = threading.Lock()
@@ -253,7 +261,8 @@ class ChunkWatch:
             self._notify = None
 
     def check(self) -> None:
-        """Raise CorruptTableError if a watched file changed since it was opened (and at every later call)."""
+        """Raise CorruptTableError if a watched file changed since it was opened (and at every later
+        call); a file only touched (its bytes the recorded ones) is no change."""
         notify = self._notify
         if self._error is None and notify is not None and notify.pid == os.getpid():
             if not notify.pending():
@@ -268,22 +277,37 @@ class ChunkWatch:
                 raise self._error
 
     def _find_change(self) -> CorruptTableError | None:
-        for lay, index, (ino, size, mtime) in self._files:
+        for i, (lay, index, (ino, size, mtime)) in enumerate(self._files):
             try:
                 st = os.stat(lay.chunk_relpath(index), dir_fd=self._tdir.fd, follow_symlinks=False)
             except FileNotFoundError:
                 continue              # unlinked (a replaced table deleted): the inode read is whole
-            if st.st_ino != ino:
-                continue              # another file renamed over it: the inode read is unchanged
-            if (st.st_size, st.st_mtime_ns) != (size, mtime):
-                what = f"its size went from {size} to {st.st_size} bytes" if st.st_size != size else \
-                    "it was rewritten or touched (its modification time changed)"
-                return CorruptTableError(
-                    f"layer {lay.layer_id} chunk {index} ({os.fspath(lay.chunk_path(self._tdir.path, index))!r}) "
-                    f"changed after the table was opened: {what}. A file of an open table was written in place (cp "
-                    "or rsync --inplace over it?): its rows are not read; replace tables only by engram's atomic "
-                    "publish (overwrite=True), and open the table again")
+            if st.st_ino != ino or (st.st_size, st.st_mtime_ns) == (size, mtime):
+                continue              # another file renamed over it (the inode read is unchanged), or no change
+            if st.st_size == size and self._same_bytes(lay, index):
+                self._files[i] = (lay, index, (ino, size, st.st_mtime_ns))     # touched: served as before
+                continue
+            if st.st_size != size:
+                what = f"its size went from {size} to {st.st_size} bytes"
+            elif len(getattr(lay, "checksums", ())) <= index:
+                what = "its modification time changed (no checksum is recorded to tell a touch from a rewrite)"
+            else:
+                what = "it was rewritten in place (its modification time changed, its bytes are not the recorded ones)"
+            return CorruptTableError(
+                f"layer {lay.layer_id} chunk {index} ({os.fspath(lay.chunk_path(self._tdir.path, index))!r}) "
+                f"changed after the table was opened: {what}. A file of an open table was written in place (cp "
+                "or rsync --inplace over it?): its rows are not read; replace tables only by engram's atomic "
+                "publish (overwrite=True), and open the table again")
         return None
+
+    def _same_bytes(self, lay: LayerLayout, index: int) -> bool:
+        """Whether chunk `index` of `lay`, whose modification time changed, may be served again: the
+        tier checks its bytes before serving them, or they are the recorded ones now."""
+        if self._recheck is not None and self._recheck(lay, index):
+            return True
+        if len(getattr(lay, "checksums", ())) <= index:    # nothing recorded to compare (a checkpoint shard)
+            return False
+        return check_chunk(self._tdir, lay, index, keep_cache=True) is None
 
     def close(self) -> None:
         """Close the inotify descriptor (callers make sure no gather runs)."""
