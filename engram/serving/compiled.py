@@ -15,7 +15,7 @@ Here it is one loop per token, in one compiled call:
   output [B, T, E] (the cached one reads rows the hot-row cache holds from the cache, as the
   gather engine does), returning the counters of the gather; a row of the "mmap" tier in a unit
   not checked yet (`engram.serving.verified`) stops the copy with `UNVERIFIED`;
-- `first_unverified`: the first row of a gather in a unit not checked yet, or -1.
+- `all_checked`: whether every row of a gather lies in units checked already.
 
 The per-layer constants travel as one int64 array (`step_constants`), so a call passes few
 arguments (numba's dispatch costs about 0.1 us per array). Ids outside the vocabulary and a
@@ -37,7 +37,7 @@ from engram.addressing.spec import HASH_FAMILIES
 from engram.fast import NUMBA
 
 __all__ = ["COMPILED", "BAD_IDS", "BAD_BATCH", "UNVERIFIED", "step_constants", "step_rows", "step_gather",
-           "step_gather_cached", "first_unverified", "xxh64_words", "murmur3_words"]
+           "step_gather_cached", "all_checked", "xxh64_words", "murmur3_words"]
 
 # step kernels' status: an id outside the vocabulary, B != history's B, a row in a unit not checked yet
 BAD_IDS, BAD_BATCH, UNVERIFIED = -1, -2, -3
@@ -214,22 +214,49 @@ def _distinct(rows: np.ndarray) -> Any:
 
 
 @jit
-def _unverified(row: int, row_bytes: int, unit: int, verified: np.ndarray) -> bool:
-    """Whether a unit holding a byte of `row` is not checked yet (`verified`: a byte per unit)."""
+def _shift_of(unit: int) -> int:
+    """log2(unit) for a power of two (4 KiB blocks: a shift, not a division per row), else -1."""
+    shift = 0
+    while (1 << shift) < unit:
+        shift += 1
+    return shift if (1 << shift) == unit else -1
+
+
+@jit
+def _unverified(row: int, row_bytes: int, unit: int, shift: int, verified: np.ndarray) -> bool:
+    """Whether a unit holding a byte of `row` is not checked yet (`verified`: a byte per unit;
+    `shift`: `_shift_of(unit)`)."""
     start = row * row_bytes
-    for u in range(start // unit, (start + row_bytes - 1) // unit + 1):
+    if shift >= 0:
+        first, last = start >> shift, (start + row_bytes - 1) >> shift
+    else:
+        first, last = start // unit, (start + row_bytes - 1) // unit
+    for u in range(first, last + 1):
         if not verified[u]:
             return True
     return False
 
 
 @jit
-def first_unverified(rows: np.ndarray, row_bytes: int, unit: int, verified: np.ndarray) -> int:
-    """The index of the first of `rows` [n] with a byte in a unit not checked yet, or -1."""
+def all_checked(rows: np.ndarray, row_bytes: int, unit: int, verified: np.ndarray) -> bool:
+    """Whether every unit holding a byte of `rows` [n] is checked (an empty `verified`: nothing to check)."""
+    if verified.size == 0:
+        return True
+    if unit % row_bytes == 0:                    # no row spans two units: one test per row, no branch
+        per = unit // row_bytes
+        shift, bad = _shift_of(per), 0
+        if shift >= 0:
+            for i in range(rows.size):
+                bad |= verified[rows[i] >> shift] ^ 1
+        else:
+            for i in range(rows.size):
+                bad |= verified[rows[i] // per] ^ 1
+        return bad == 0
+    shift = _shift_of(unit)
     for i in range(rows.size):
-        if _unverified(rows[i], row_bytes, unit, verified):
-            return i
-    return -1
+        if _unverified(rows[i], row_bytes, unit, shift, verified):
+            return False
+    return True
 
 
 @jit
@@ -246,11 +273,10 @@ def step_gather(ids: np.ndarray, hist: np.ndarray, starts: np.ndarray, lookup: n
     if status < 0:
         return status
     flat, dst = rows.reshape(-1), out.reshape(-1)
-    row_bytes = D * weights.itemsize
+    if not all_checked(flat, D * weights.itemsize, unit, verified):
+        return UNVERIFIED
     for i in range(flat.size):
         row = flat[i]
-        if verified.size and _unverified(row, row_bytes, unit, verified):
-            return UNVERIFIED
         for d in range(D):                          # a loop-invariant row: the copy vectorizes
             dst[i * D + d] = weights[row, d]
     return _distinct(flat) if c[6] else flat.size
@@ -281,9 +307,10 @@ def step_gather_cached(ids: np.ndarray, hist: np.ndarray, starts: np.ndarray, lo
         return status
     flat, dst = rows.reshape(-1), out.reshape(-1)
     hits = 0
+    row_bytes, shift = D * weights.itemsize, _shift_of(unit)
     for i in range(flat.size):
         slot = _slot_of(flat[i], slots, bits, cached)
-        if slot < 0 and verified.size and _unverified(flat[i], D * weights.itemsize, unit, verified):
+        if slot < 0 and verified.size and _unverified(flat[i], row_bytes, unit, shift, verified):
             return UNVERIFIED
         src, row = (weights, flat[i]) if slot < 0 else (data, slot)
         hits += slot >= 0

@@ -68,7 +68,7 @@ class UnitChecks:
             CorruptTableError: a unit's bytes are not the recorded ones (naming it and its file).
         """
         if compiled.COMPILED:
-            if compiled.first_unverified(rows, self.row_bytes, self.unit, self.verified) < 0:
+            if compiled.all_checked(rows, self.row_bytes, self.unit, self.verified):
                 return
         elif self._all_verified(rows):
             return
@@ -81,12 +81,14 @@ class UnitChecks:
             self.verified[chunk * self.per_chunk: (chunk + 1) * self.per_chunk] = 0
 
     def _all_verified(self, rows: np.ndarray) -> bool:
-        start = rows * self.row_bytes
-        first = self.verified[start // self.unit]
+        """`compiled.all_checked` in numpy (without numba)."""
         if self.unit % self.row_bytes == 0:              # no row spans two units
-            return bool(first.all())
-        return bool(first.all()) and bool(self.verified[(start + self.row_bytes - 1) // self.unit].all()) \
-            and self.row_bytes <= self.unit            # longer rows may span a unit between first and last
+            per = self.unit // self.row_bytes
+            units = rows >> (per.bit_length() - 1) if per & (per - 1) == 0 else rows // per    # a shift where it can
+            return bool(self.verified.take(units).all())
+        start = rows * self.row_bytes                    # longer rows may span a unit between first and last
+        return self.row_bytes <= self.unit and bool(self.verified[start // self.unit].all()) \
+            and bool(self.verified[(start + self.row_bytes - 1) // self.unit].all())
 
     def _units(self, rows: np.ndarray) -> np.ndarray:
         """Every unit holding a byte of `rows` (with repeats)."""
@@ -99,20 +101,26 @@ class UnitChecks:
         return np.repeat(first - (ends - count), count) + np.arange(int(ends[-1]))
 
     def _verify(self, units: np.ndarray) -> None:
-        unit, digest = self.unit, xxhash.xxh3_64_intdigest
-        for u in units.tolist():
-            with self._lock:
-                if self.verified[u]:
-                    continue
-                if unit > CHECKED_BLOCK:             # a whole chunk: one readahead, not a fault per page
-                    try:
-                        self._region.advise(MADV_WILLNEED, u * unit, unit)
-                    except OSError:
-                        pass
-                got = digest(self._bytes[u * unit: (u + 1) * unit])
-                if got != int(self.digests[u]):
-                    raise self._error(u, got)
-                self.verified[u] = 1
+        """Check `units` (distinct), marking each whose digest is the recorded one; raise at the first that is not."""
+        unit, digest, view, verified = self.unit, xxhash.xxh3_64_intdigest, self._bytes, self.verified
+        good: list[int] = []
+        with self._lock:
+            try:
+                for u, recorded, done in zip(units.tolist(), self.digests[units].tolist(), verified[units].tolist(),
+                                             strict=True):
+                    if done:                         # checked by another thread meanwhile
+                        continue
+                    if unit > CHECKED_BLOCK:         # a whole chunk: one readahead, not a fault per page
+                        try:
+                            self._region.advise(MADV_WILLNEED, u * unit, unit)
+                        except OSError:
+                            pass
+                    got = digest(view[u * unit: (u + 1) * unit])
+                    if got != recorded:
+                        raise self._error(u, got)
+                    good.append(u)
+            finally:
+                verified[good] = 1
 
     def _error(self, u: int, got: int) -> Exception:
         chunk, block = divmod(u, self.per_chunk)
