@@ -244,3 +244,102 @@ def test_a_pickled_table_reopens_with_its_checks_on_or_off(built):
         with engram.open(built["float32"], tier="mmap", verify_reads=verify_reads) as t:
             with pickle.loads(pickle.dumps(t)) as again:
                 assert bool(again._tier.checks) == verify_reads
+
+
+def damage_every_row(path, layer: int = 1) -> None:
+    for chunk in sorted((path / f"layer_{layer}" / "c").iterdir()):       # a bit of every 32-byte row
+        data = np.fromfile(chunk / "0", np.uint8)
+        data[1::32] ^= 0x10
+        os.chmod(chunk / "0", 0o644)
+        data.tofile(chunk / "0")
+
+
+def test_every_layer_and_other_dtypes_on_the_compiled_path_are_checked_too(built, tmp_path):
+    path = copy_of(built, tmp_path)
+    damage_every_row(path)
+    ids = np.random.default_rng(5).integers(0, 200, (1, 1))
+    with engram.open(path, tier="mmap") as t:
+        for _ in range(2):
+            for call in (lambda: t.lookup(ids, None), lambda: t.lookup(ids, 1, dtype=torch.float64)):
+                with pytest.raises(engram.CorruptTableError, match=r"layer 1 chunk \d+ .* block \d+"):
+                    call()
+
+
+def test_a_row_whose_first_block_is_checked_and_last_is_not_is_checked(tmp_path, monkeypatch):
+    """48-byte rows: row 85 (bytes 4080-4127) starts in block 0 and ends in block 1."""
+    monkeypatch.setattr(compiled, "COMPILED", False)                         # the numpy checks
+    spec = SPEC.replace(n_embed_per_ngram=24)
+    path = tmp_path / "t.engram"
+    engram.build_table(path, spec, COMP, seed=1, chunk_rows=4096).close()
+    flip_bit(path / "layer_1" / "c" / "0" / "0", 4096 + 5)
+    with engram.open(path, tier="mmap") as t:
+        t.rows(1, np.array([0]))                                             # block 0 checked
+        for _ in range(2):
+            with pytest.raises(engram.CorruptTableError, match=r"chunk 0 .* block 1 "):
+                t.rows(1, np.array([85]))
+
+
+def test_a_layer_of_one_unit_is_checked(built, tmp_path):
+    """One chunk file and no block digests: one unit for the whole layer, checked like any other."""
+    path = tmp_path / "t.engram"
+    engram.build_table(path, SPEC, COMP, seed=4, chunk_rows=1 << 16).close()
+    drop_block_digests(path)
+    flip_bit(path / "layer_1" / "c" / "0" / "0", 100)
+    ids = np.random.default_rng(6).integers(0, 200, (1, 1))
+    with engram.open(path, tier="mmap") as t:
+        assert t._tier.checks[1].verified.size == 1
+        for _ in range(2):
+            with pytest.raises(engram.CorruptTableError, match=r"layer 1 chunk 0 "):
+                t.lookup(ids, 1)
+
+
+def test_a_scale_file_rewritten_after_it_was_served_is_refused(built, tmp_path):
+    path = copy_of(built, tmp_path, "int8")
+    with engram.open(path, tier="mmap") as t:
+        t.rows(2, np.arange(100))                                            # scales chunk 0 checked
+        flip_bit(path / "layer_2_scales" / "c" / "0" / "0", 9)              # same size, a new mtime
+        for _ in range(2):
+            with pytest.raises(engram.CorruptTableError, match=r"layer 2 scales \(array 'layer_2_scales'\) chunk 0"):
+                t.rows(2, np.array([2]))
+
+
+def test_comparing_a_touched_file_keeps_its_pages_cached(built, tmp_path, monkeypatch):
+    """The file is being served: its check must not evict its pages (POSIX_FADV_DONTNEED), as `verify` does."""
+    path = copy_of(built, tmp_path)
+    advice = []
+    real = chunks.fadvise
+    monkeypatch.setattr(chunks, "fadvise", lambda fd, what: advice.append(what) or real(fd, what))
+    with engram.open(path, tier="mmap", verify_reads=False) as t:
+        os.utime(path / "layer_2" / "c" / "0" / "0", ns=(5, 5))
+        t.rows(2, np.arange(100))
+    assert "SEQUENTIAL" in advice and "DONTNEED" not in advice
+
+
+@pytest.mark.skipif(not compiled.COMPILED, reason="the compiled path needs numba (the 'fast' extra)")
+def test_the_cached_kernel_stops_at_a_row_of_an_unchecked_block(built):
+    ids = np.array([[7]])
+    plan = engram.corpus_stats([np.arange(100, 160)], SPEC, COMP).hot_row_plan()
+    with engram.open(built["float32"], tier="mmap") as t:
+        t.load_hot_rows(plan, rows=8)
+        step, layer_cache = t._fast, t._engine.cache.layers[1]
+        hist = step._history(None, 1)
+        rows = np.empty((1, 1, SPEC.heads_per_layer), np.int64)
+        assert compiled.step_rows(ids, *hist, step._lookup, step._consts[1], rows) == 0
+        target = next(int(r) for r in rows.ravel() if layer_cache.probe(np.array([r]))[0] < 0 and r >= PER_BLOCK)
+        verified = np.ones_like(t._tier.checks[1].verified)
+        out = np.empty((1, 1, SPEC.embed_dim), np.float32)
+
+        def gather():
+            return compiled.step_gather_cached(ids, *hist, step._lookup, step._consts[1], step._weights[1], out,
+                                               verified, 4096, *layer_cache.kernel_args)
+        assert gather() >= 0
+        verified[target // PER_BLOCK] = 0                                    # the block of a row not cached
+        assert gather() == compiled.UNVERIFIED
+
+
+def test_closing_an_mmap_table_lets_go_of_its_checks(built):
+    t = engram.open(built["float32"], tier="mmap")
+    tier = t._tier
+    t.rows(1, np.arange(10))
+    t.close()
+    assert tier.checks == {} and tier.scale_checks == {}
