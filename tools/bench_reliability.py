@@ -15,8 +15,14 @@ Sections (--sections, default all):
 - sigbus: the same window as odds: a child process looks up batches on "mmap" in a loop while
   this one truncates a chunk file at a random moment; per batch shape, how many of --sigbus-trials
   children were refused (CorruptTableError at their next lookup) and how many died of SIGBUS.
+- mmap: the cost of the "mmap" tier's first-serve checks (each 4 KiB block checked against its
+  digest the first time a row in it is served, `engram.serving.verified`). The first pass: one
+  layer read whole, in slices, on a freshly opened table with the checks and without (pages
+  resident: prefault), as a ratio and per block. The hot loop: lookups of a verified working set
+  with the checks on and off, alternating, as the median of paired time ratios (checked /
+  unchecked); once with the compiled checks (numba) and once on the numpy path.
 
-    python tools/bench_reliability.py [--sections blocks window sigbus] [--json]
+    python tools/bench_reliability.py [--sections blocks window sigbus mmap] [--json]
 """
 
 from __future__ import annotations
@@ -39,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from bench_engine import LAYER, global_rows, make_table  # noqa: E402
 from tiny_data import TOKENIZER  # noqa: E402
 
-SECTIONS = ("blocks", "window", "sigbus")
+SECTIONS = ("blocks", "window", "sigbus", "mmap")
 
 
 def blocks(args, path: Path, comp: engram.Compression) -> dict:
@@ -146,6 +152,47 @@ def sigbus(args, comp: engram.Compression) -> dict:
     return out
 
 
+def mmap_checks(args, path: Path, comp: engram.Compression) -> dict:
+    from engram.serving import compiled
+
+    rng = np.random.default_rng(4)
+    out: dict = {"first_pass": {}, "hot": {}}
+    with engram.open(path, tier="mmap", prefault=True) as on, \
+            engram.open(path, tier="mmap", prefault=True, verify_reads=False) as off:
+        rows, step = on.spec.rows(LAYER), 1 << 16
+        on.rows(LAYER, np.arange(1))                          # the compiled checks loaded (one block checked)
+        # unchecked first: the allocator and the pages warm up; then the checked table's first pass
+        for name, table in (("warm-up", off), ("checked", on), ("unchecked", off), ("checked_again", on)):
+            start = time.perf_counter()
+            for first in range(0, rows, step):
+                table.rows(LAYER, np.arange(first, min(rows, first + step)))
+            out["first_pass"][f"{name}_s"] = time.perf_counter() - start
+        blocks = on._tier.checks[LAYER].verified.size
+        out["first_pass"].update(blocks=blocks, ratio=out["first_pass"]["checked_s"] / out["first_pass"]["unchecked_s"],
+                                 us_per_block=(out["first_pass"]["checked_s"] - out["first_pass"]["unchecked_s"])
+                                 / blocks * 1e6)
+    saved = compiled.COMPILED
+    try:
+        for kernels in (True, False) if saved else (False,):
+            compiled.COMPILED = kernels          # tables opened now: with or without the compiled paths
+            with engram.open(path, tier="mmap", prefault=True) as on, \
+                    engram.open(path, tier="mmap", prefault=True, verify_reads=False) as off:
+                for B, T in ((1, 1), (1, 128), (8, 4096)):
+                    ids = rng.integers(0, comp.vocab_size, (B, T))
+                    on.lookup(ids, LAYER)                                # its blocks checked: the working set
+                    repeats = max(3, args.repeats * (20 if B * T <= 128 else 1))
+                    pairs = [(best_time(lambda i=ids: on.lookup(i, LAYER), repeats),
+                              best_time(lambda i=ids: off.lookup(i, LAYER), repeats)) for _ in range(9)]
+                    ratios = [checked / unchecked for checked, unchecked in pairs]
+                    out["hot"][f"{'numba' if kernels else 'numpy'} {B}x{T}"] = {
+                        "checked_s": min(p[0] for p in pairs), "unchecked_s": min(p[1] for p in pairs),
+                        "ratio": float(np.median(ratios)),
+                        "ratio_quartiles": [float(q) for q in np.percentile(ratios, [25, 75])]}
+    finally:
+        compiled.COMPILED = saved
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS), help="default: all")
@@ -169,6 +216,8 @@ def main(argv: list[str] | None = None) -> dict:
         results["window"] = window(args, path, comp)
     if "sigbus" in args.sections:
         results["sigbus"] = sigbus(args, comp)
+    if "mmap" in args.sections:
+        results["mmap"] = mmap_checks(args, path, comp)
     print(json.dumps(results, indent=1) if args.json else report(results))
     return results
 
@@ -194,6 +243,17 @@ def report(r: dict) -> str:
         for name, c in r["sigbus"].items():
             lines.append(f"{name:<22}{c.get('refused', 0):>4} refused {c.get('sigbus', 0):>4} SIGBUS"
                          + (f" {c['other']:>4} other" if c.get("other") else ""))
+    if "mmap" in r:
+        f = r["mmap"]["first_pass"]
+        lines.append(f"\nmmap first-serve checks, first pass over a layer ({f['blocks']} blocks): checked "
+                     f"{f['checked_s']:.3f} s, unchecked {f['unchecked_s']:.3f} s ({f['ratio']:.2f}x, "
+                     f"{f['us_per_block']:.2f} us per block); checked again {f['checked_again_s']:.3f} s")
+        lines.append(f"{'hot lookups':<22}{'checked us':>12}{'unchecked us':>14}"
+                     f"{'ratio (median of pairs, quartiles)':>36}")
+        for name, h in r["mmap"]["hot"].items():
+            q1, q3 = h["ratio_quartiles"]
+            lines.append(f"{name:<22}{h['checked_s'] * 1e6:>12.1f}{h['unchecked_s'] * 1e6:>14.1f}"
+                         f"{h['ratio']:>16.3f} ({q1:.3f}-{q3:.3f})")
     return "\n".join(lines)
 
 
