@@ -23,7 +23,7 @@ from typing import Any
 import torch.distributed as dist
 
 from engram.errors import CorruptTableError, IncompleteSaveError, MissingFileError
-from engram.storage.publish import fsync_path
+from engram.storage.publish import publish_file
 from engram.untrusted import loads, read_file
 
 __all__ = ["save_folder", "record_path", "exchange", "write_record", "remove_other_saves", "committed_files"]
@@ -53,15 +53,7 @@ def exchange(group: dist.ProcessGroup, mine: dict[str, Any]) -> list[dict[str, A
 
 def write_record(prefix: str | os.PathLike[str], fields: dict[str, Any]) -> None:
     """Publish the commit record atomically: temporary file, fsync, rename, fsync of the folder."""
-    target = record_path(prefix)
-    partial = target.with_name(f".{target.name}.partial-{os.getpid()}")
-    try:
-        partial.write_text(json.dumps({"engram_rows_save": RECORD_VERSION, **fields}, indent=1))
-        fsync_path(partial)
-        os.replace(partial, target)
-        fsync_path(target.parent)
-    finally:
-        partial.unlink(missing_ok=True)
+    publish_file(record_path(prefix), json.dumps({"engram_rows_save": RECORD_VERSION, **fields}, indent=1))
 
 
 def remove_other_saves(prefix: str | os.PathLike[str], keep: str) -> None:

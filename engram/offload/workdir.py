@@ -32,7 +32,7 @@ from engram.addressing.spec import TableSpec
 from engram.errors import CorruptTableError, InputError, MissingFileError, SpecMismatchError
 from engram.offload.adam import AdamSettings
 from engram.offload.records import RecordLayout
-from engram.storage.publish import fsync_path
+from engram.storage.publish import fsync_path, publish_file
 from engram.storage.shards import ShardRange
 
 __all__ = ["Identity", "State", "IDENTITY", "STATE", "ROWS", "UNDO", "COMPRESSION", "FORMAT", "read_workdir",
@@ -131,17 +131,7 @@ def _checksum(d: dict[str, Any]) -> str:
 
 def write_json(path: Path, d: dict[str, Any]) -> None:
     """Write `d` with its checksum to `path` atomically (temporary file, fsync, rename, fsync the folder)."""
-    text = json.dumps({**d, "checksum": _checksum(d)}, indent=1)
-    partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
-    try:
-        with open(partial, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(partial, path)
-    finally:
-        partial.unlink(missing_ok=True)
-    fsync_path(path.parent)
+    publish_file(path, json.dumps({**d, "checksum": _checksum(d)}, indent=1))
 
 
 def _read_json(path: Path, what: str, parse: Callable[[dict[str, Any]], Any]) -> Any:

@@ -26,8 +26,8 @@ from pathlib import Path
 
 from engram.errors import TableExistsError
 
-__all__ = ["partial_dir", "publish", "clean_stale", "restore_aside", "aside_table", "fsync_tree", "fsync_path",
-           "make_read_only"]
+__all__ = ["partial_dir", "publish", "publish_file", "clean_stale", "restore_aside", "aside_table", "fsync_tree",
+           "fsync_path", "make_read_only"]
 
 _AT_FDCWD = -100
 _RENAME_EXCHANGE = 2
@@ -45,6 +45,19 @@ def fsync_path(path: str | os.PathLike[str]) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def publish_file(target: Path, text: str) -> None:
+    """Publish one small text file atomically: written beside `target` under a temporary name,
+    fsynced, renamed over `target`, then the folder fsynced (readers see the old file or the new)."""
+    partial = target.with_name(f"{_partial_prefix(target)}{os.getpid()}")
+    try:
+        partial.write_text(text)
+        fsync_path(partial)
+        os.replace(partial, target)
+        fsync_path(target.parent)
+    finally:
+        partial.unlink(missing_ok=True)
 
 
 def fsync_tree(root: str | os.PathLike[str]) -> None:

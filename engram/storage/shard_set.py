@@ -26,7 +26,7 @@ from typing import Any
 
 from engram.errors import CorruptTableError, MissingFileError, ShardMismatchError
 from engram.storage.format import METADATA_CHECKSUM, TableMeta
-from engram.storage.publish import fsync_path
+from engram.storage.publish import publish_file
 from engram.untrusted import loads, read_file
 
 __all__ = ["part_path", "manifest_path", "write_manifest", "check_part"]
@@ -53,14 +53,7 @@ def write_manifest(prefix: str | os.PathLike[str], metas: list[TableMeta]) -> Pa
     doc = {"engram_shard_set": MANIFEST_VERSION, "table_id": metas[0].table_id, "parts": parts,
            "members": [{"name": part_path(prefix, r, parts).name, "metadata_xxh3": m.to_attributes()[METADATA_CHECKSUM]}
                        for r, m in enumerate(metas)]}
-    partial = target.with_name(f".{target.name}.partial-{os.getpid()}")
-    try:
-        partial.write_text(json.dumps(doc, indent=1))
-        fsync_path(partial)
-        os.replace(partial, target)
-        fsync_path(target.parent)
-    finally:
-        partial.unlink(missing_ok=True)
+    publish_file(target, json.dumps(doc, indent=1))
     return target
 
 
