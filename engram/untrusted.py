@@ -25,7 +25,7 @@ from typing import Any
 from engram.errors import InputError, MissingFileError
 from engram.limits import MAX_JSON_DEPTH
 
-__all__ = ["read_file", "check_regular", "loads"]
+__all__ = ["read_file", "read_json", "check_regular", "loads"]
 
 
 def check_regular(fd: int, where: str, what: str, limit: int | None, fix: str, error: type[Exception]) -> int:
@@ -77,6 +77,14 @@ def read_file(path: str | os.PathLike[str], what: str, limit: int, fix: str,
     if len(data) > limit:
         raise error(f"{what} {where!r} grew past the {limit} bytes a {what} can have while it was read: {fix}")
     return data
+
+
+def read_json(path: str | os.PathLike[str], what: str, limit: int, fix: str, error: type[Exception] = InputError,
+              follow: bool = True) -> Any:
+    """`read_file`, then strict `loads`: the JSON document of the file at `path` (errors name it as
+    "{what} {path!r}")."""
+    raw = read_file(path, what, limit, fix, error, follow)
+    return loads(raw, f"{what} {os.fspath(path)!r}", error, fix)
 
 
 class _DuplicateKey(ValueError):

@@ -14,7 +14,7 @@ from engram.dtypes import BLOCK_DTYPES as BLOCK_DTYPES
 from engram.dtypes import ROW_DTYPES as _ROW_DTYPES
 from engram.errors import InputError, SpecError, SpecMismatchError
 from engram.limits import MAX_SPEC_BYTES
-from engram.untrusted import loads, read_file
+from engram.untrusted import read_json
 
 EXIT_OK, EXIT_CHECK_FAILED, EXIT_USAGE, EXIT_REFUSED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 ROW_DTYPES = tuple(_ROW_DTYPES)   # every row dtype a table can store: the choices of --dtype
@@ -39,7 +39,7 @@ def _read_spec(path: str, comp: Compression | None) -> Any:
 
     Read as an input from elsewhere (`engram.untrusted`): a FIFO or device is refused, not waited on."""
     fix = "pass a JSON file of TableSpec fields"
-    d = loads(read_file(path, "--spec file", MAX_SPEC_BYTES, fix, SpecError), f"--spec file {path!r}", SpecError, fix)
+    d = read_json(path, "--spec file", MAX_SPEC_BYTES, fix, SpecError)
     if isinstance(d, dict) and is_hf_config(d):      # a model's config.json: its Engram fields fix the spec
         return TableSpec.from_hf_config(d, compression=comp).to_dict()
     if isinstance(d, dict) and "compressed_vocab_size" not in d and comp is not None:

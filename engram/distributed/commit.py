@@ -24,7 +24,7 @@ import torch.distributed as dist
 
 from engram.errors import CorruptTableError, IncompleteSaveError, MissingFileError
 from engram.storage.publish import publish_file
-from engram.untrusted import loads, read_file
+from engram.untrusted import read_json
 
 __all__ = ["save_folder", "record_path", "exchange", "write_record", "remove_other_saves", "committed_files"]
 
@@ -158,10 +158,9 @@ def _read_record(prefix: str | os.PathLike[str]) -> dict[str, Any] | None:
     where = record_path(prefix)
     fix = "restore it, or remove it to load the saves written before commit records"
     try:
-        raw = read_file(where, "save record", MAX_RECORD_BYTES, fix, CorruptTableError, follow=False)
+        doc = read_json(where, "save record", MAX_RECORD_BYTES, fix, CorruptTableError, follow=False)
     except MissingFileError:
         return None
-    doc = loads(raw, f"save record {os.fspath(where)!r}", CorruptTableError, fix)
     try:
         ok = (doc["engram_rows_save"] == RECORD_VERSION and isinstance(doc["save_id"], str)
               and isinstance(doc["files"], list) and len(doc["files"]) == doc["world"]

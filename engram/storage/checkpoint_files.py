@@ -17,7 +17,7 @@ import torch
 
 from engram.errors import CorruptTableError, InputError, MissingFileError
 from engram.limits import MAX_INDEX_BYTES
-from engram.untrusted import check_regular, loads, read_file
+from engram.untrusted import check_regular, read_json
 
 __all__ = ["INDEX_NAME", "SCALE_SUFFIXES", "SafetensorsFile", "TorchFile", "open_file", "read_index", "expand_path"]
 
@@ -117,8 +117,7 @@ def read_index(path: Path) -> dict[str, Path]:
     The index is read as an input from elsewhere (`engram.untrusted`): a regular file of at most
     `engram.limits.MAX_INDEX_BYTES`, strict JSON; it may name only shards in its own folder."""
     fix = "download the index again"
-    doc = loads(read_file(path, "checkpoint index", MAX_INDEX_BYTES, fix, CorruptTableError),
-                f"checkpoint index {str(path)!r}", CorruptTableError, fix)
+    doc = read_json(path, "checkpoint index", MAX_INDEX_BYTES, fix, CorruptTableError)
     weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
     if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
         raise CorruptTableError(f"checkpoint index {str(path)!r} has no valid \"weight_map\" (an object of tensor "

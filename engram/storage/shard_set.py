@@ -27,7 +27,7 @@ from typing import Any
 from engram.errors import CorruptTableError, MissingFileError, ShardMismatchError
 from engram.storage.format import METADATA_CHECKSUM, TableMeta
 from engram.storage.publish import publish_file
-from engram.untrusted import loads, read_file
+from engram.untrusted import read_json
 
 __all__ = ["part_path", "manifest_path", "write_manifest", "check_part"]
 
@@ -86,10 +86,9 @@ def _read_manifest(where: Path, parts: int) -> dict[str, Any] | None:
     """The manifest of a set of `parts` at `where` (checked), or None if there is none."""
     fix = "split the table again with engram shard --overwrite, or remove the manifest"
     try:
-        raw = read_file(where, "shard set manifest", MAX_MANIFEST_BYTES, fix, CorruptTableError, follow=False)
+        doc = read_json(where, "shard set manifest", MAX_MANIFEST_BYTES, fix, CorruptTableError, follow=False)
     except MissingFileError:
         return None
-    doc = loads(raw, f"shard set manifest {os.fspath(where)!r}", CorruptTableError, fix)
     try:
         ok = (doc["engram_shard_set"] == MANIFEST_VERSION and isinstance(doc["members"], list)
               and doc["parts"] == parts and len(doc["members"]) == parts
