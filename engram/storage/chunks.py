@@ -284,12 +284,13 @@ class ChunkWatch:
                 continue              # unlinked (a replaced table deleted): the inode read is whole
             if st.st_ino != ino or (st.st_size, st.st_mtime_ns) == (size, mtime):
                 continue              # another file renamed over it (the inode read is unchanged), or no change
-            if st.st_size == size and self._same_bytes(lay, index):
+            recorded = index < len(getattr(lay, "checksums", ()))    # a checkpoint shard records none
+            if st.st_size == size and self._same_bytes(lay, index, recorded):
                 self._files[i] = (lay, index, (ino, size, st.st_mtime_ns))     # touched: served as before
                 continue
             if st.st_size != size:
                 what = f"its size went from {size} to {st.st_size} bytes"
-            elif len(getattr(lay, "checksums", ())) <= index:
+            elif not recorded:
                 what = "its modification time changed (no checksum is recorded to tell a touch from a rewrite)"
             else:
                 what = "it was rewritten in place (its modification time changed, its bytes are not the recorded ones)"
@@ -300,14 +301,13 @@ class ChunkWatch:
                 "publish (overwrite=True), and open the table again")
         return None
 
-    def _same_bytes(self, lay: LayerLayout, index: int) -> bool:
+    def _same_bytes(self, lay: LayerLayout, index: int, recorded: bool) -> bool:
         """Whether chunk `index` of `lay`, whose modification time changed, may be served again: the
-        tier checks its bytes before serving them, or they are the recorded ones now."""
+        tier checks its bytes before serving them, or they are the recorded ones now (`recorded`: a
+        checksum of the file is recorded to compare with)."""
         if self._recheck is not None and self._recheck(lay, index):
             return True
-        if len(getattr(lay, "checksums", ())) <= index:    # nothing recorded to compare (a checkpoint shard)
-            return False
-        return check_chunk(self._tdir, lay, index, keep_cache=True) is None
+        return recorded and check_chunk(self._tdir, lay, index, keep_cache=True) is None
 
     def close(self) -> None:
         """Close the inotify descriptor (callers make sure no gather runs)."""
