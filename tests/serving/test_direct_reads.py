@@ -15,6 +15,8 @@ import engram
 from engram.serving.extent_reads import read_ring
 from engram.serving.uring import Ring
 
+from .damage import flip_bit
+
 COMP = engram.Compression.identity(300)
 SPEC = engram.TableSpec(engram_vocab_size=(5000, 5000), max_ngram_size=3, n_head_per_ngram=4, n_embed_per_ngram=64,
                         layer_ids=(1, 2), compressed_vocab_size=300)      # 64-byte rows, 8 heads a token
@@ -81,21 +83,12 @@ def test_lookups_and_counters_agree_between_engines(built, shape):
     assert len(set(stats.values())) == 1          # the same extents, whichever engine reads them
 
 
-def flip_bit(path, offset: int) -> None:
-    os.chmod(path, 0o644)
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        byte = f.read(1)[0]
-        f.seek(offset)
-        f.write(bytes([byte ^ 0x01]))
-
-
 @pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("n", [1, 200])
 def test_a_flipped_block_is_refused_by_both_engines(built, expected, tmp_path, engine, n):
     path = tmp_path / "t.engram"
     shutil.copytree(built, path)
-    flip_bit(path / "layer_2" / "c" / "1" / "0", 3 * 4096 + 100)        # chunk 1, block 3: rows 4096+192..
+    flip_bit(path / "layer_2" / "c" / "1" / "0", 3 * 4096 + 100, 0x01)  # chunk 1, block 3: rows 4096+192..
     bad_row = 4096 + 3 * 64 + 1
     rows = np.sort(np.random.default_rng(n).choice(SPEC.rows(2), n, replace=False))
     rows[0] = bad_row

@@ -5,7 +5,6 @@ on the batched and the compiled path; a chunk file touched under an open table i
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 
@@ -16,7 +15,8 @@ import torch
 import engram
 from engram.serving import compiled
 from engram.storage import chunks
-from engram.storage.format import METADATA_CHECKSUM
+
+from .damage import drop_block_digests, flip_bit
 
 COMP = engram.Compression.identity(200)
 SPEC = engram.TableSpec(engram_vocab_size=(3000, 3000), max_ngram_size=3, n_head_per_ngram=2, n_embed_per_ngram=16,
@@ -42,28 +42,17 @@ def copy_of(built, tmp_path, dtype="float32"):
     return path
 
 
-def flip_bit(path, offset: int) -> None:
-    os.chmod(path, 0o644)
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        byte = f.read(1)[0]
-        f.seek(offset)
-        f.write(bytes([byte ^ 0x10]))
+def damage_every_row(path, layer: int = 1) -> None:
+    for chunk in sorted((path / f"layer_{layer}" / "c").iterdir()):       # a bit of every 32-byte row
+        data = np.fromfile(chunk / "0", np.uint8)
+        data[1::32] ^= 0x10
+        os.chmod(chunk / "0", 0o644)
+        data.tofile(chunk / "0")
 
 
 def reference(built, dtype="float32", layer=1):
     with engram.open(built[dtype], tier="ram") as t:
         return t.rows(layer, np.arange(t.spec.rows(layer)))
-
-
-def drop_block_digests(path) -> None:
-    """The table as written before block digests: no "blocks" entries or arrays, no metadata checksum."""
-    doc = json.loads((path / "zarr.json").read_text())
-    attrs = doc["attributes"]["engram"]
-    attrs.pop(METADATA_CHECKSUM)
-    for layer in attrs["layers"]:
-        shutil.rmtree(path / layer.pop("blocks")["array"])
-    (path / "zarr.json").write_text(json.dumps(doc))
 
 
 def test_a_block_damaged_before_open_is_refused_on_first_serve_and_the_rest_served(built, tmp_path, lookup_path):
@@ -95,11 +84,7 @@ def test_small_lookups_on_the_compiled_path_never_copy_a_damaged_block(built, tm
     """Every block of layer 1 damaged: every decode step of layer 1 is refused, on the compiled path
     too (its kernel tests each row's unit); layer 2 is served, from the kernel once its blocks are checked."""
     path = copy_of(built, tmp_path)
-    for chunk in sorted((path / "layer_1" / "c").iterdir()):        # a bit of every row
-        data = np.fromfile(chunk / "0", np.uint8)
-        data[1::32] ^= 0x10
-        os.chmod(chunk / "0", 0o644)
-        data.tofile(chunk / "0")
+    damage_every_row(path)
     ids = np.random.default_rng(2).integers(0, 200, (1, 1))
     with engram.open(path, tier="mmap") as t, engram.open(built["float32"], tier="ram") as ref:
         for _ in range(2):
@@ -244,14 +229,6 @@ def test_a_pickled_table_reopens_with_its_checks_on_or_off(built):
         with engram.open(built["float32"], tier="mmap", verify_reads=verify_reads) as t:
             with pickle.loads(pickle.dumps(t)) as again:
                 assert bool(again._tier.checks) == verify_reads
-
-
-def damage_every_row(path, layer: int = 1) -> None:
-    for chunk in sorted((path / f"layer_{layer}" / "c").iterdir()):       # a bit of every 32-byte row
-        data = np.fromfile(chunk / "0", np.uint8)
-        data[1::32] ^= 0x10
-        os.chmod(chunk / "0", 0o644)
-        data.tofile(chunk / "0")
 
 
 def test_every_layer_and_other_dtypes_on_the_compiled_path_are_checked_too(built, tmp_path):

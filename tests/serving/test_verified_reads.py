@@ -3,8 +3,6 @@ checks each block it reads against it; tables written before them keep opening."
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
 
 import numpy as np
@@ -14,7 +12,8 @@ import xxhash
 import zarr
 
 import engram
-from engram.storage.format import METADATA_CHECKSUM
+
+from .damage import drop_block_digests, flip_bit
 
 COMP = engram.Compression.identity(200)
 SPEC = engram.TableSpec(engram_vocab_size=(3000, 3000), max_ngram_size=3, n_head_per_ngram=2, n_embed_per_ngram=16,
@@ -34,15 +33,6 @@ def table(built, tmp_path):
     path = tmp_path / "t.engram"
     shutil.copytree(built, path)
     return path
-
-
-def flip_bit(path, offset: int) -> None:
-    os.chmod(path, 0o644)
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        byte = f.read(1)[0]
-        f.seek(offset)
-        f.write(bytes([byte ^ 0x10]))
 
 
 def test_the_block_digest_array_holds_the_xxh3_of_every_block(built):
@@ -87,12 +77,7 @@ def test_a_damaged_block_digest_file_is_refused_at_open_and_by_verify(table):
 @pytest.mark.parametrize("tier", ["ram", "mmap", "direct"])
 def test_a_table_without_block_digests_still_opens(built, table, tier):
     """As written before block digests: no "blocks" entries, no arrays, no metadata checksum."""
-    doc = json.loads((table / "zarr.json").read_text())
-    attrs = doc["attributes"]["engram"]
-    attrs.pop(METADATA_CHECKSUM)
-    for layer in attrs["layers"]:
-        shutil.rmtree(table / layer.pop("blocks")["array"])
-    (table / "zarr.json").write_text(json.dumps(doc))
+    drop_block_digests(table)
     with engram.open(table, tier=tier) as old, engram.open(built, tier="mmap") as ref:
         assert old.layout(1).blocks is None
         ids = np.random.default_rng(1).integers(0, 200, (2, 64))
